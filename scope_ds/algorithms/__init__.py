@@ -1,0 +1,78 @@
+"""The maths of SCOPE and its baselines as pure tensor functions (no I/O, no DeepSpeed)."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any
+
+from scope_ds.algorithms.base import Algorithm, Path, Plan, RolloutStats, TokenBatch
+from scope_ds.algorithms.grpo import GRPO
+from scope_ds.algorithms.kd import KD
+from scope_ds.algorithms.scope import OPD, Scope
+
+ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (Scope, OPD, GRPO, KD)}
+
+
+def algorithm_options(name: str) -> dict[str, Any]:
+    """The options of algorithm ``name`` with their defaults."""
+    cls = _lookup(name)
+    return {f.name: f.default for f in dataclasses.fields(cls)}
+
+
+def build_algorithm(name: str, options: dict[str, Any] | None = None) -> Algorithm:
+    """The algorithm ``name`` ('scope' | 'opd' | 'grpo' | 'kd') with ``options`` checked.
+
+    An unknown name or option, or a bad value, raises ValueError naming it and what is allowed.
+    """
+    cls = _lookup(name)
+    options = dict(options or {})
+    allowed = algorithm_options(name)
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown} for algo {name!r}; allowed: {sorted(allowed)}")
+    hints = typing.get_type_hints(cls)
+    for key, value in options.items():
+        _check_type(f"algo.{key}", value, hints[key])
+    return cls(**options)
+
+
+def _check_type(key: str, value: Any, hint: Any) -> None:
+    # bool is an int in Python: accept it only where a bool is asked for; an int is a fine float.
+    accepted = typing.get_args(hint) or (hint,)
+    ok = any(
+        (value is None and t is type(None))
+        or (t is float and isinstance(value, (int, float)) and not isinstance(value, bool))
+        or (
+            t is not float
+            and isinstance(t, type)
+            and isinstance(value, t)
+            and (t is bool or not isinstance(value, bool))
+        )
+        for t in accepted
+    )
+    if not ok:
+        names = " or ".join("null" if t is type(None) else t.__name__ for t in accepted)
+        raise ValueError(f"{key} must be {names}, got {value!r} ({type(value).__name__})")
+
+
+def _lookup(name: str) -> type[Algorithm]:
+    if name not in ALGORITHMS:
+        raise ValueError(f"unknown algo.name {name!r}; choose one of {sorted(ALGORITHMS)}")
+    return ALGORITHMS[name]
+
+
+__all__ = [
+    "ALGORITHMS",
+    "GRPO",
+    "KD",
+    "OPD",
+    "Algorithm",
+    "Path",
+    "Plan",
+    "RolloutStats",
+    "Scope",
+    "TokenBatch",
+    "algorithm_options",
+    "build_algorithm",
+]

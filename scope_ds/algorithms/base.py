@@ -1,0 +1,171 @@
+"""What every algorithm gives the trainer: a plan per rollout, and a loss per micro-batch.
+
+Shape legend: B = rollouts, T = response positions (right-padded), mask_BT = real response tokens.
+
+The trainer calls, in order:
+1. ``teacher_mask(correct_B)``: which rollouts the teacher must score (SCOPE: the incorrect ones);
+2. ``plan(stats)`` once over the whole global batch: each rollout's path, weight and advantage;
+3. ``normalizer(plan, stats)`` once over the whole global batch (see losses.aggregate);
+4. ``loss(batch, normalizer)`` per micro-batch, on every rank; the micro-batch losses of all ranks
+   and micro-batches sum to the whole-batch objective.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import ClassVar
+
+import torch
+
+from scope_ds.algorithms import losses
+from scope_ds.algorithms.weights import check_rollout_vectors
+
+
+class Path(IntEnum):
+    """Where a rollout's tokens go. SKIP rollouts (e.g. zero-length) contribute nothing."""
+
+    SKIP = 0
+    MLE = 1  # correct path of SCOPE, Eq. 2
+    OPD = 2  # incorrect path of SCOPE / the OPD baseline, Eq. 3
+    PG = 3  # GRPO's clipped policy gradient
+    NLL = 4  # KD: supervised NLL on teacher-generated answers
+
+
+@dataclass
+class RolloutStats:
+    """Per-rollout facts of the whole global batch (every group complete)."""
+
+    group_B: torch.Tensor  # prompt-group id of each rollout
+    correct_B: torch.Tensor  # verifier outcome (bool)
+    lengths_B: torch.Tensor  # response tokens (long)
+    reward_B: torch.Tensor | None = None  # scalar reward; defaults to correct_B as 0/1
+    student_seq_logp_B: torch.Tensor | None = None  # sum_t log pi_S(a_t | ...), behaviour policy
+    teacher_seq_logp_B: torch.Tensor | None = None  # sum_t log pi_T(a_t | ...); NaN where unscored
+
+    def __post_init__(self):
+        vecs = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        check_rollout_vectors(**vecs)
+        if bool((self.lengths_B < 0).any()):
+            raise ValueError("lengths_B has negative entries")
+
+
+@dataclass
+class Plan:
+    """What :meth:`Algorithm.plan` decides for each rollout of the global batch."""
+
+    path_B: torch.Tensor  # Path per rollout (long)
+    weight_B: torch.Tensor  # constant weight of the rollout's loss (float64, no gradient)
+    advantage_B: torch.Tensor | None = None  # GRPO's advantage (float64)
+
+
+@dataclass
+class TokenBatch:
+    """One micro-batch of rollouts as the loss sees it. Values at padding are ignored."""
+
+    logp_BT: torch.Tensor  # current student log-probs of the response tokens (with gradient)
+    old_logp_BT: torch.Tensor  # behaviour log-probs (pi_old), from the rollout server
+    mask_BT: torch.Tensor  # real response tokens
+    path_B: torch.Tensor  # from the plan
+    weight_B: torch.Tensor  # from the plan
+    advantage_B: torch.Tensor | None = None  # from the plan (GRPO)
+    teacher_logp_BT: torch.Tensor | None = None  # teacher log-probs of the sampled tokens (OPD paths)
+    ref_logp_BT: torch.Tensor | None = None  # reference policy log-probs (GRPO's KL)
+    kl_BT: torch.Tensor | None = None  # full-vocab KL(student||teacher) per token, with gradient
+
+
+def _zero_padding(t: torch.Tensor | None, m: torch.Tensor) -> torch.Tensor | None:
+    # torch.where, so that NaN/inf padding neither reaches the loss nor its gradient.
+    return None if t is None else torch.where(m, t, torch.zeros_like(t))
+
+
+@dataclass
+class Algorithm:
+    """Base of the registered algorithms; subclasses are dataclasses of their options."""
+
+    name: ClassVar[str] = ""
+    aggregation: str = "seq-sum"  # seq-sum (paper) | token-mean (authors' code) | seq-mean
+
+    def __post_init__(self):
+        if self.aggregation not in losses.AGGREGATIONS:
+            raise ValueError(f"algo.aggregation must be one of {losses.AGGREGATIONS}, got {self.aggregation!r}")
+
+    # ---- what the trainer must compute --------------------------------------------------------
+    uses_teacher_rollouts: ClassVar[bool] = False  # KD trains on answers the teacher generated
+
+    def teacher_mask(self, correct_B: torch.Tensor) -> torch.Tensor:
+        """Rollouts whose teacher log-probs are needed (default: none)."""
+        return torch.zeros_like(correct_B, dtype=torch.bool)
+
+    @property
+    def needs_reference(self) -> bool:
+        return False
+
+    @property
+    def uses_full_kl(self) -> bool:
+        return False
+
+    # ---- global batch -------------------------------------------------------------------------
+    def plan(self, stats: RolloutStats) -> Plan:
+        raise NotImplementedError
+
+    def normalizer(self, plan: Plan, stats: RolloutStats) -> float:
+        trained = (plan.path_B != Path.SKIP) & (plan.weight_B != 0)
+        return losses.global_normalizer(self.aggregation, stats.lengths_B, stats.group_B, trained)
+
+    # ---- micro-batch --------------------------------------------------------------------------
+    def token_terms(self, b: TokenBatch, rho_BT: torch.Tensor) -> torch.Tensor:
+        """Per-token loss term [B, T] of each rollout's path (before weighting and aggregation)."""
+        raise NotImplementedError
+
+    def loss(self, b: TokenBatch, normalizer: float) -> tuple[torch.Tensor, dict[str, float]]:
+        """Weighted, aggregated loss of one micro-batch and its per-path parts (for metrics)."""
+        losses.check_token_tensors(
+            b.mask_BT,
+            logp_BT=b.logp_BT,
+            old_logp_BT=b.old_logp_BT,
+            teacher_logp_BT=self._teacher_on_path(b),
+            ref_logp_BT=b.ref_logp_BT,
+            kl_BT=b.kl_BT,
+        )
+        check_rollout_vectors(path_B=b.path_B, weight_B=b.weight_B)
+        if b.path_B.shape[0] != b.mask_BT.shape[0]:
+            raise ValueError(f"path_B has {b.path_B.shape[0]} entries, expected {b.mask_BT.shape[0]} rows of mask_BT")
+        m = b.mask_BT.bool()
+        b = dataclasses.replace(
+            b,
+            logp_BT=_zero_padding(b.logp_BT, m),
+            old_logp_BT=_zero_padding(b.old_logp_BT, m),
+            teacher_logp_BT=_zero_padding(b.teacher_logp_BT, m),
+            ref_logp_BT=_zero_padding(b.ref_logp_BT, m),
+            kl_BT=_zero_padding(b.kl_BT, m),
+        )
+        rho = losses.importance_ratio(b.logp_BT, b.old_logp_BT, getattr(self, "is_cap", None))
+        term = self.token_terms(b, rho)
+        weight = b.weight_B.detach().to(term.dtype)
+        total = losses.aggregate(term, m, weight, self.aggregation, normalizer)
+        metrics = {}
+        with torch.no_grad():
+            for p in torch.unique(b.path_B).tolist():
+                if p != Path.SKIP:
+                    sel = (b.path_B == p).to(term.dtype)
+                    part = losses.aggregate(term.detach(), m, weight * sel, self.aggregation, normalizer)
+                    metrics[f"loss/{Path(p).name.lower()}"] = float(part)
+            metrics["is/truncated_share"] = float(
+                losses.truncated_share(b.logp_BT, b.old_logp_BT, m, getattr(self, "is_cap", None))
+            )
+        return total, metrics
+
+    def _teacher_on_path(self, b: TokenBatch) -> torch.Tensor | None:
+        # Teacher log-probs are only required (and checked) on rows routed to OPD.
+        if b.teacher_logp_BT is None:
+            return None
+        rows = (b.path_B == Path.OPD)[:, None]
+        return torch.where(rows, b.teacher_logp_BT, torch.zeros_like(b.teacher_logp_BT))
+
+
+def check_option(name: str, value, allowed) -> None:
+    """Raise ValueError naming ``algo.<name>`` when ``value`` is not among ``allowed``."""
+    if value not in allowed:
+        raise ValueError(f"algo.{name} must be one of {tuple(allowed)}, got {value!r}")

@@ -1,0 +1,28 @@
+"""Sequence-level KD: supervised NLL on answers the teacher generated."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from scope_ds.algorithms.base import Algorithm, Path, Plan, RolloutStats, TokenBatch
+
+
+@dataclass
+class KD(Algorithm):
+    name: ClassVar[str] = "kd"
+    uses_teacher_rollouts: ClassVar[bool] = True
+    aggregation: str = "token-mean"  # mean NLL over all teacher-answer tokens of the global batch
+    only_correct: bool = False  # train only on teacher answers the verifier accepts (rejection sampling)
+
+    def plan(self, stats: RolloutStats) -> Plan:
+        keep = stats.lengths_B > 0
+        if self.only_correct:
+            keep = keep & stats.correct_B.bool()
+        path = torch.where(keep, int(Path.NLL), int(Path.SKIP))
+        return Plan(path_B=path, weight_B=keep.double())
+
+    def token_terms(self, b: TokenBatch, rho_BT: torch.Tensor) -> torch.Tensor:
+        return -b.logp_BT

@@ -1,0 +1,105 @@
+"""SCOPE (Eq. 2-6) and the OPD baseline, which is SCOPE's incorrect path on every rollout.
+
+Shape legend: B = rollouts of the global batch; T = response positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from scope_ds.algorithms import losses
+from scope_ds.algorithms.base import Algorithm, Path, Plan, RolloutStats, TokenBatch, check_option
+from scope_ds.algorithms.weights import NORMALIZATIONS, WEIGHT_MODES, ppl_weights
+
+KL_FORMS = ("sampled", "full")
+
+
+@dataclass
+class _DistillBase(Algorithm):
+    normalization: str = "sum"  # sum: a subset's weights sum to 1 (paper) | mean: they average 1 (authors' code)
+    kl: str = "sampled"  # sampled: Eq. 3's single-token estimator (paper) | full: full-vocabulary KL
+    is_cap: float | None = None  # truncate importance ratios above this (stale rollouts); None = no cap
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_option("normalization", self.normalization, NORMALIZATIONS)
+        check_option("kl", self.kl, KL_FORMS)
+        if self.is_cap is not None and not self.is_cap >= 1.0:
+            raise ValueError(f"algo.is_cap must be >= 1 or null, got {self.is_cap}")
+
+    @property
+    def uses_full_kl(self) -> bool:
+        return self.kl == "full"
+
+    def token_terms(self, b: TokenBatch, rho_BT: torch.Tensor) -> torch.Tensor:
+        on_opd = (b.path_B == Path.OPD)[:, None]
+        term = torch.where((b.path_B == Path.MLE)[:, None], losses.mle_term(rho_BT), torch.zeros_like(rho_BT))
+        if bool(on_opd.any()):
+            if self.kl == "full":
+                if b.kl_BT is None:
+                    raise ValueError("kl_BT is required with algo.kl=full on OPD rows")
+                opd = losses.full_kl_term(rho_BT, b.kl_BT)
+            else:
+                if b.teacher_logp_BT is None:
+                    raise ValueError("teacher_logp_BT is required on OPD rows")
+                opd = losses.opd_term(rho_BT, b.logp_BT, b.teacher_logp_BT)
+            term = torch.where(on_opd, opd, term)
+        return term
+
+
+@dataclass
+class Scope(_DistillBase):
+    """Correct rollouts -> MLE weighted by student PPL (Eq. 4); incorrect -> OPD weighted by the
+    teacher's inverse PPL (Eq. 5); both softmaxes within each prompt's group at temperature tau."""
+
+    name: ClassVar[str] = "scope"
+    tau: float = 1.0  # softmax temperature of both weights (paper ablates 0.5, 1, 2)
+    student_weight: str = "on"  # on (Eq. 4) | off (uniform) | reversed (the authors' run scripts)
+    teacher_weight: str = "on"  # on (Eq. 5) | off (uniform) | reversed
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_option("student_weight", self.student_weight, WEIGHT_MODES)
+        check_option("teacher_weight", self.teacher_weight, WEIGHT_MODES)
+        if not self.tau > 0:
+            raise ValueError(f"algo.tau must be > 0, got {self.tau}")
+
+    def teacher_mask(self, correct_B: torch.Tensor) -> torch.Tensor:
+        return ~correct_B.bool()
+
+    def plan(self, stats: RolloutStats) -> Plan:
+        correct = stats.correct_B.bool()
+        nonempty = stats.lengths_B > 0
+        if stats.student_seq_logp_B is None or (stats.teacher_seq_logp_B is None and bool((~correct).any())):
+            raise ValueError("scope needs student_seq_logp_B and, for incorrect rollouts, teacher_seq_logp_B")
+        args = dict(lengths_B=stats.lengths_B, group_B=stats.group_B, tau=self.tau, normalization=self.normalization)
+        w_stu = ppl_weights(stats.student_seq_logp_B, member_B=correct, sign=-1.0, mode=self.student_weight, **args)
+        t_logp = stats.teacher_seq_logp_B
+        if t_logp is None:
+            t_logp = torch.zeros_like(stats.student_seq_logp_B)
+        w_tea = ppl_weights(t_logp, member_B=~correct, sign=+1.0, mode=self.teacher_weight, **args)
+        path = torch.where(correct, int(Path.MLE), int(Path.OPD))
+        path = torch.where(nonempty, path, int(Path.SKIP))
+        return Plan(path_B=path, weight_B=torch.where(correct, w_stu, w_tea))
+
+
+@dataclass
+class OPD(_DistillBase):
+    """The OPD baseline: Eq. 3 on every rollout, uniform weights within each prompt's group."""
+
+    name: ClassVar[str] = "opd"
+
+    def teacher_mask(self, correct_B: torch.Tensor) -> torch.Tensor:
+        return torch.ones_like(correct_B, dtype=torch.bool)
+
+    def plan(self, stats: RolloutStats) -> Plan:
+        everyone = torch.ones_like(stats.correct_B, dtype=torch.bool)
+        zeros = torch.zeros_like(stats.lengths_B, dtype=torch.float64)
+        w = ppl_weights(
+            zeros, stats.lengths_B, everyone, stats.group_B, sign=1.0, mode="off", normalization=self.normalization
+        )
+        path = torch.where(stats.lengths_B > 0, int(Path.OPD), int(Path.SKIP))
+        return Plan(path_B=path, weight_B=w)

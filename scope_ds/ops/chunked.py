@@ -1,0 +1,163 @@
+"""Memory-lean per-token statistics over a large vocabulary.
+
+Shape legend: N = tokens (flattened batch x time), V = vocabulary, D = hidden size, C = chunk of
+tokens. A "logit source" is either logits [N, V] or final hidden states [N, D] plus an LM-head
+weight [V, D]; in both cases logits are materialised C tokens at a time, never [N, V] whole in
+float32. Backward recomputes each chunk's logits instead of saving them, so the autograd graph
+holds only the inputs and one float per token.
+
+Three statistics, each per token, all at a given temperature (logits are divided by it):
+- ``logp``:    log p(token)                              (the chosen token's log-prob)
+- ``entropy``: -sum_v p_v log p_v
+- ``kl``:      sum_v p_v (log p_v - log q_v)              reverse KL(student || teacher)
+The teacher side of ``kl`` is inference-only: it receives no gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+
+STATS = ("logp", "entropy", "kl")
+DEFAULT_CHUNK = 1024
+
+
+def _chunk_logits(x: torch.Tensor, weight: torch.Tensor | None, sl: slice, temperature: float) -> torch.Tensor:
+    """float32 logits [C, V] of rows ``sl``: ``x[sl]`` itself, or ``x[sl] @ weight.T``."""
+    z = x[sl] if weight is None else x[sl] @ weight.t()
+    z = z.float()
+    return z / temperature if temperature != 1.0 else z
+
+
+def _stat_and_grad(
+    stat: str, z_CV: torch.Tensor, tok_C: torch.Tensor | None, q_CV: torch.Tensor | None, need_grad: bool
+):
+    """Value [C] of ``stat`` for the chunk and, if asked, d value / d z [C, V] (z = tempered logits)."""
+    logp_CV = torch.log_softmax(z_CV, dim=-1)
+    if stat == "logp":
+        val = logp_CV.gather(-1, tok_C[:, None]).squeeze(-1)
+        if not need_grad:
+            return val, None
+        g = logp_CV.exp_().neg_()  # d log p_k / d z_j = 1[j=k] - p_j
+        g.scatter_add_(-1, tok_C[:, None], torch.ones_like(val)[:, None])
+        return val, g
+    p_CV = logp_CV.exp()
+    if stat == "entropy":
+        val = -(p_CV * logp_CV).sum(-1)
+        # dH/dz_j = -p_j (log p_j + H)
+        return val, (None if not need_grad else -p_CV * (logp_CV + val[:, None]))
+    # kl: d KL / d z_j = p_j (log p_j - log q_j - KL)
+    diff_CV = logp_CV - torch.log_softmax(q_CV, dim=-1)
+    val = (p_CV * diff_CV).sum(-1)
+    return val, (None if not need_grad else p_CV * (diff_CV - val[:, None]))
+
+
+class _ChunkedStat(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, stat, chunk, temperature, x, weight, tokens, t_x, t_weight):
+        n = x.shape[0]
+        out = torch.empty(n, dtype=torch.float32, device=x.device)
+        for s in range(0, n, chunk):
+            sl = slice(s, min(s + chunk, n))
+            z = _chunk_logits(x, weight, sl, temperature)
+            q = None if t_x is None else _chunk_logits(t_x, t_weight, sl, temperature)
+            tok = None if tokens is None else tokens[sl]
+            out[sl] = _stat_and_grad(stat, z, tok, q, need_grad=False)[0]
+        ctx.save_for_backward(x, weight, tokens, t_x, t_weight)
+        ctx.stat, ctx.chunk, ctx.temperature = stat, chunk, temperature
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_N):
+        x, weight, tokens, t_x, t_weight = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+        grad_x = torch.zeros_like(x) if need_x else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        n, chunk = x.shape[0], ctx.chunk
+        for s in range(0, n, chunk):
+            sl = slice(s, min(s + chunk, n))
+            z = _chunk_logits(x, weight, sl, ctx.temperature)
+            q = None if t_x is None else _chunk_logits(t_x, t_weight, sl, ctx.temperature)
+            tok = None if tokens is None else tokens[sl]
+            _, g_CV = _stat_and_grad(ctx.stat, z, tok, q, need_grad=True)
+            g_CV.mul_(grad_N[sl, None].float() / ctx.temperature)
+            if weight is None:
+                if need_x:
+                    grad_x[sl] = g_CV.to(x.dtype)
+                continue
+            if need_x:
+                grad_x[sl] = (g_CV.to(weight.dtype) @ weight).to(x.dtype)
+            if need_w:
+                grad_w.add_(g_CV.t() @ x[sl].float())
+        if grad_w is not None:
+            grad_w = grad_w.to(weight.dtype)
+        return None, None, None, grad_x, grad_w, None, None, None
+
+
+def _flatten(name: str, t: torch.Tensor | None, lead: tuple[int, ...] | None) -> torch.Tensor | None:
+    if t is None:
+        return None
+    if lead is not None and tuple(t.shape[: len(lead)]) != lead:
+        raise ValueError(f"{name} has leading shape {tuple(t.shape[: len(lead)])}, expected {lead}")
+    return t.reshape(-1, t.shape[-1]) if t.dim() > 1 else t
+
+
+def chunked_stat(
+    stat: str,
+    x: torch.Tensor,
+    tokens: torch.Tensor | None = None,
+    *,
+    weight: torch.Tensor | None = None,
+    teacher_x: torch.Tensor | None = None,
+    teacher_weight: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    chunk: int = DEFAULT_CHUNK,
+) -> torch.Tensor:
+    """Per-token ``stat`` ('logp' | 'entropy' | 'kl') in float32, shaped like ``x`` minus its last dim.
+
+    ``x`` is logits [..., V] (``weight`` None) or hidden states [..., D] with ``weight`` [V, D].
+    ``tokens`` [...] is needed for 'logp'; ``teacher_x`` (+ ``teacher_weight``) for 'kl'.
+    Gradients flow to ``x`` and ``weight``; the teacher is treated as a constant.
+    """
+    if stat not in STATS:
+        raise ValueError(f"stat must be one of {STATS}, got {stat!r}")
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    lead = tuple(x.shape[:-1])
+    if stat == "logp":
+        if tokens is None or tuple(tokens.shape) != lead:
+            raise ValueError(
+                f"tokens must have shape {lead} for 'logp', got {None if tokens is None else tuple(tokens.shape)}"
+            )
+    if stat == "kl" and teacher_x is None:
+        raise ValueError("teacher_x is required for 'kl'")
+    if weight is not None and weight.shape[-1] != x.shape[-1]:
+        raise ValueError(f"weight has shape {tuple(weight.shape)}, expected [V, {x.shape[-1]}]")
+    x_N = _flatten("x", x, lead)
+    t_N = _flatten("teacher_x", teacher_x, lead)
+    tok_N = None if tokens is None else tokens.reshape(-1).long()
+    if t_N is not None:
+        t_N = t_N.detach()
+        vocab_s = x.shape[-1] if weight is None else weight.shape[0]
+        vocab_t = teacher_x.shape[-1] if teacher_weight is None else teacher_weight.shape[0]
+        if vocab_s != vocab_t:
+            raise ValueError(f"teacher vocabulary {vocab_t} differs from the student's {vocab_s}")
+    t_w = None if teacher_weight is None else teacher_weight.detach()
+    out = _ChunkedStat.apply(stat, chunk, float(temperature), x_N, weight, tok_N, t_N, t_w)
+    return out.reshape(lead)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, **kw) -> torch.Tensor:
+    """log p(tokens) from logits [..., V]; see :func:`chunked_stat`."""
+    return chunked_stat("logp", logits, tokens, **kw)
+
+
+def token_entropy(logits: torch.Tensor, **kw) -> torch.Tensor:
+    """Entropy of each position's distribution from logits [..., V]."""
+    return chunked_stat("entropy", logits, **kw)
+
+
+def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, **kw) -> torch.Tensor:
+    """Full-vocabulary KL(student || teacher) per position; gradient only to the student."""
+    return chunked_stat("kl", student_logits, teacher_x=teacher_logits, **kw)

@@ -1,0 +1,394 @@
+"""SCOPE, OPD, GRPO and KD against plain float64 references written here, on fresh random inputs."""
+
+import math
+
+import pytest
+import torch
+
+from scope_ds.algorithms import Path, RolloutStats, TokenBatch, algorithm_options, build_algorithm
+from scope_ds.algorithms.weights import group_advantages, ppl_weights
+
+# ---------------------------------------------------------------- random global batches
+
+
+def make_batch(seed, n_groups=3, n=4, t_max=6, vocab=7, zero_len=False):
+    """A random global batch: logits as the 'policy' (so gradients are exact), ragged lengths."""
+    g = torch.Generator().manual_seed(seed)
+    b = n_groups * n
+    lengths = torch.randint(1, t_max + 1, (b,), generator=g)
+    if zero_len:
+        lengths[1] = 0
+    mask = torch.arange(t_max)[None, :] < lengths[:, None]
+    logits = torch.randn(b, t_max, vocab, generator=g, dtype=torch.float64)
+    tokens = torch.randint(0, vocab, (b, t_max), generator=g)
+    old_logits = logits + 0.3 * torch.randn(b, t_max, vocab, generator=g, dtype=torch.float64)
+    old_logp = torch.log_softmax(old_logits, -1).gather(-1, tokens[..., None]).squeeze(-1)
+    teacher = torch.log_softmax(torch.randn(b, t_max, vocab, generator=g, dtype=torch.float64), -1)
+    teacher_logp = teacher.gather(-1, tokens[..., None]).squeeze(-1)
+    correct = torch.rand(b, generator=g) < 0.5
+    correct[:n] = True  # group 0 all correct
+    correct[n : 2 * n] = False  # group 1 all wrong
+    group = torch.arange(n_groups).repeat_interleave(n) * 10 + 5  # arbitrary ids
+    # NaN/inf at padding must never matter
+    old_logp = torch.where(mask, old_logp, torch.nan)
+    teacher_logp = torch.where(mask, teacher_logp, -torch.inf)
+    return dict(
+        lengths=lengths,
+        mask=mask,
+        logits=logits,
+        tokens=tokens,
+        old_logp=old_logp,
+        teacher_logp=teacher_logp,
+        teacher=teacher,
+        correct=correct,
+        group=group,
+    )
+
+
+def seq_sum(t, mask):
+    return torch.where(mask, t, torch.zeros_like(t)).sum(-1)
+
+
+def stats_of(d):
+    return RolloutStats(
+        group_B=d["group"],
+        correct_B=d["correct"],
+        lengths_B=d["lengths"],
+        student_seq_logp_B=seq_sum(d["old_logp"], d["mask"]),
+        teacher_seq_logp_B=torch.where(d["correct"], torch.nan, seq_sum(d["teacher_logp"], d["mask"])),
+    )
+
+
+def policy_logp(logits, tokens):
+    return torch.log_softmax(logits, -1).gather(-1, tokens[..., None]).squeeze(-1)
+
+
+def run_loss(algo, d, rows, normalizer, plan, logits, **extra):
+    b = TokenBatch(
+        logp_BT=policy_logp(logits[rows], d["tokens"][rows]),
+        old_logp_BT=d["old_logp"][rows],
+        mask_BT=d["mask"][rows],
+        path_B=plan.path_B[rows],
+        weight_B=plan.weight_B[rows],
+        advantage_B=None if plan.advantage_B is None else plan.advantage_B[rows],
+        teacher_logp_BT=d["teacher_logp"][rows],
+        **{k: v[rows] for k, v in extra.items()},
+    )
+    return algo.loss(b, normalizer)
+
+
+# ---------------------------------------------------------------- float64 references
+
+
+def ref_scope_weights(d, tau=1.0, normalization="sum", student="on", teacher="on"):
+    """Eq. 4 / 5 literally: PPL^(+-1/tau) / sum over the subset, one group at a time."""
+    s_lp, t_lp = seq_sum(d["old_logp"], d["mask"]), seq_sum(d["teacher_logp"], d["mask"])
+    w = [0.0] * len(d["lengths"])
+    for gid in d["group"].unique().tolist():
+        for is_correct in (True, False):
+            idx = [
+                i
+                for i in range(len(w))
+                if d["group"][i] == gid and bool(d["correct"][i]) == is_correct and d["lengths"][i] > 0
+            ]
+            mode = student if is_correct else teacher
+            vals = {}
+            for i in idx:
+                ppl = math.exp(-float(s_lp[i] if is_correct else t_lp[i]) / int(d["lengths"][i]))
+                expo = (1 / tau) if is_correct else (-1 / tau)
+                if mode == "reversed":
+                    expo = -expo
+                vals[i] = 1.0 if mode == "off" else ppl**expo
+            total = sum(vals.values())
+            for i in idx:
+                w[i] = vals[i] / total * (len(idx) if normalization == "mean" else 1)
+    return torch.tensor(w, dtype=torch.float64)
+
+
+def ref_scope_loss(d, w, logits, aggregation="seq-sum"):
+    lp = policy_logp(logits, d["tokens"])
+    total = torch.zeros((), dtype=torch.float64)
+    for i in range(len(w)):
+        for t in range(int(d["lengths"][i])):
+            rho = torch.exp(lp[i, t] - d["old_logp"][i, t])
+            if d["correct"][i]:
+                total = total - w[i] * rho
+            else:
+                total = total + w[i] * rho * (lp[i, t].detach() - d["teacher_logp"][i, t])
+    if aggregation == "seq-sum":
+        return total / d["group"].unique().numel()
+    return total / int(d["lengths"][w != 0].sum())
+
+
+# ---------------------------------------------------------------- weights
+
+
+def test_worked_example_of_scope_md():
+    one = torch.zeros(3, dtype=torch.long)
+    lengths = torch.tensor([10, 20, 5])
+    s = -torch.log(torch.tensor([1.2, 2.6, 3.8], dtype=torch.float64)) * lengths
+    t = -torch.log(torch.tensor([4.5, 2.9, 1.7], dtype=torch.float64)) * lengths
+    yes = torch.ones(3, dtype=torch.bool)
+    w_s = ppl_weights(s, lengths, yes, one, sign=-1.0)
+    w_t = ppl_weights(t, lengths, yes, one, sign=+1.0)
+    # SCOPE.md prints 0.510 for the last teacher weight; exactly it is 0.5092 (0.5882 / 1.1553)
+    torch.testing.assert_close(w_s, torch.tensor([0.158, 0.342, 0.500], dtype=torch.float64), atol=1e-3, rtol=0)
+    torch.testing.assert_close(w_t, torch.tensor([0.192, 0.298, 0.510], dtype=torch.float64), atol=1e-3, rtol=0)
+    assert math.isclose(float(w_t[2]), (1 / 1.7) / (1 / 4.5 + 1 / 2.9 + 1 / 1.7), rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize(
+    "opts",
+    [
+        dict(),
+        dict(tau=0.5),
+        dict(tau=2.0, normalization="mean"),
+        dict(student_weight="reversed", teacher_weight="off"),
+        dict(student_weight="off", teacher_weight="reversed", normalization="mean"),
+    ],
+)
+def test_scope_plan_matches_reference(seed, opts):
+    d = make_batch(seed, n_groups=4, zero_len=seed == 1)
+    plan = build_algorithm("scope", opts).plan(stats_of(d))
+    ref = ref_scope_weights(
+        d,
+        opts.get("tau", 1.0),
+        opts.get("normalization", "sum"),
+        opts.get("student_weight", "on"),
+        opts.get("teacher_weight", "on"),
+    )
+    torch.testing.assert_close(plan.weight_B, ref)
+    assert not plan.weight_B.requires_grad and torch.isfinite(plan.weight_B).all()
+    expect_path = torch.where(d["correct"], int(Path.MLE), int(Path.OPD))
+    expect_path[d["lengths"] == 0] = int(Path.SKIP)
+    assert torch.equal(plan.path_B, expect_path)
+
+
+def test_edge_cases_all_correct_all_wrong_singleton_and_zero_length():
+    d = make_batch(5, n_groups=3, n=4, zero_len=True)
+    d["correct"][8:] = torch.tensor([True, False, False, False])  # group 2: a correct subset of one
+    plan = build_algorithm("scope").plan(stats_of(d))
+    w, p = plan.weight_B, plan.path_B
+    assert (p[:4] != Path.OPD).all() and math.isclose(float(w[:4].sum()), 1.0)  # all-correct: MLE only
+    assert (p[4:8] == Path.OPD).all() and math.isclose(float(w[4:8].sum()), 1.0)  # all-wrong: OPD only
+    assert float(w[8]) == 1.0  # subset of one gets weight 1
+    assert float(w[1]) == 0.0 and p[1] == Path.SKIP  # zero-length: no weight, no NaN
+    assert math.isclose(float(w[[0, 2, 3]].sum()), 1.0)  # and it does not dilute its subset
+
+
+def test_grpo_advantages_match_reference():
+    g = torch.Generator().manual_seed(11)
+    reward = torch.randint(0, 2, (12,), generator=g).double()
+    group = torch.arange(3).repeat_interleave(4)
+    adv = group_advantages(reward, group)
+    for k in range(3):
+        r = reward[4 * k : 4 * k + 4].tolist()
+        mean = sum(r) / 4
+        std = math.sqrt(sum((x - mean) ** 2 for x in r) / 3)
+        for j in range(4):
+            assert math.isclose(float(adv[4 * k + j]), (r[j] - mean) / (std + 1e-6), abs_tol=1e-9)
+    torch.testing.assert_close(
+        group_advantages(reward, group, std_normalize=False), reward - reward.view(3, 4).mean(1).repeat_interleave(4)
+    )
+
+
+# ---------------------------------------------------------------- losses and gradients
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+@pytest.mark.parametrize("aggregation,normalization", [("seq-sum", "sum"), ("token-mean", "mean")])
+def test_scope_loss_and_gradient_match_reference(seed, aggregation, normalization):
+    d = make_batch(seed)
+    algo = build_algorithm("scope", {"aggregation": aggregation, "normalization": normalization})
+    stats = stats_of(d)
+    plan = algo.plan(stats)
+    norm = algo.normalizer(plan, stats)
+    z1 = d["logits"].clone().requires_grad_()
+    loss, metrics = run_loss(algo, d, slice(None), norm, plan, z1)
+    loss.backward()
+    z2 = d["logits"].clone().requires_grad_()
+    ref = ref_scope_loss(d, ref_scope_weights(d, normalization=normalization), z2, aggregation)
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(z1.grad, z2.grad)
+    assert math.isclose(metrics["loss/mle"] + metrics["loss/opd"], float(loss.detach()), rel_tol=1e-9, abs_tol=1e-12)
+
+
+def test_on_policy_gradients_are_nll_and_reverse_kl_policy_gradient():
+    """At theta = theta_old: MLE grad = NLL grad; OPD grad = sum_t (log p - log q) grad log p."""
+    d = make_batch(4)
+    d["old_logp"] = torch.where(d["mask"], policy_logp(d["logits"], d["tokens"]), 0.0)
+    algo = build_algorithm("scope")
+    plan = algo.plan(stats_of(d))
+    z = d["logits"].clone().requires_grad_()
+    loss, _ = run_loss(algo, d, slice(None), 1.0, plan, z)
+    loss.backward()
+    p = torch.softmax(d["logits"], -1)
+    onehot = torch.nn.functional.one_hot(d["tokens"], p.shape[-1]).double()
+    dlogp_dz = onehot - p  # d log p(a_t) / d z_t
+    lp = policy_logp(d["logits"], d["tokens"])
+    coef = torch.where(d["correct"][:, None], -torch.ones_like(lp), lp - d["teacher_logp"])  # NLL / k1 advantage
+    coef = torch.where(d["mask"], coef * plan.weight_B[:, None], 0.0)
+    torch.testing.assert_close(z.grad, coef[..., None] * dlogp_dz)
+
+
+def test_full_vocab_kl_path_gradient_is_the_kl_gradient():
+    d = make_batch(8)
+    d["old_logp"] = torch.where(d["mask"], policy_logp(d["logits"], d["tokens"]), 0.0)
+    algo = build_algorithm("opd", {"kl": "full"})
+    assert algo.uses_full_kl and bool(algo.teacher_mask(d["correct"]).all())
+    stats = stats_of(d)
+    plan = algo.plan(stats)
+    z = d["logits"].clone().requires_grad_()
+    logq = d["teacher"]
+    kl = (torch.softmax(z, -1) * (torch.log_softmax(z, -1) - logq)).sum(-1)
+    loss, _ = run_loss(algo, d, slice(None), algo.normalizer(plan, stats), plan, z, kl_BT=kl)
+    loss.backward()
+    z2 = d["logits"].clone().requires_grad_()
+    kl2 = (torch.softmax(z2, -1) * (torch.log_softmax(z2, -1) - logq)).sum(-1)
+    w = torch.full((12,), 0.25, dtype=torch.float64)  # uniform within groups of 4, sum-normalised
+    ref = (w[:, None] * torch.where(d["mask"], kl2, 0.0)).sum() / 3
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(z.grad, z2.grad)
+
+
+def test_grpo_loss_matches_reference():
+    d = make_batch(9)
+    ref_logp = torch.where(d["mask"], d["old_logp"] - 0.1, 0.0)
+    algo = build_algorithm("grpo", {"kl_coef": 0.05})
+    stats = stats_of(d)
+    plan = algo.plan(stats)
+    z = d["logits"].clone().requires_grad_()
+    loss, _ = run_loss(algo, d, slice(None), algo.normalizer(plan, stats), plan, z, ref_logp_BT=ref_logp)
+    lp = policy_logp(z, d["tokens"])
+    adv = group_advantages(d["correct"].double(), d["group"])
+    total, count = 0.0, 0
+    for i in range(12):
+        for t in range(int(d["lengths"][i])):
+            rho = torch.exp(lp[i, t] - d["old_logp"][i, t])
+            pg = -torch.minimum(rho * adv[i], rho.clamp(0.8, 1.2) * adv[i])
+            x = ref_logp[i, t] - lp[i, t]
+            total = total + pg + 0.05 * (torch.exp(x) - x - 1)
+            count += 1
+    torch.testing.assert_close(loss, total / count)
+
+
+def test_kd_is_token_mean_nll():
+    d = make_batch(10)
+    algo = build_algorithm("kd")
+    stats = stats_of(d)
+    plan = algo.plan(stats)
+    loss, _ = run_loss(algo, d, slice(None), algo.normalizer(plan, stats), plan, d["logits"])
+    lp = policy_logp(d["logits"], d["tokens"])
+    torch.testing.assert_close(loss, -lp[d["mask"]].mean())
+
+
+def test_truncated_importance_ratio_caps_value_and_gradient():
+    d = make_batch(12)
+    d["old_logp"] = torch.where(d["mask"], d["old_logp"] - 2.0, 0.0)  # stale: rho ~ e^2 > cap
+    algo = build_algorithm("scope", {"is_cap": 2.0})
+    plan = algo.plan(stats_of(d))
+    z = d["logits"].clone().requires_grad_()
+    loss, metrics = run_loss(algo, d, slice(None), 1.0, plan, z)
+    lp = policy_logp(z, d["tokens"])
+    rho = torch.exp(lp - d["old_logp"])
+    capped = torch.minimum(rho.detach(), torch.tensor(2.0, dtype=torch.float64)) / rho.detach() * rho
+    term = torch.where(d["correct"][:, None], -capped, capped * (lp.detach() - d["teacher_logp"]))
+    ref = (plan.weight_B[:, None] * torch.where(d["mask"], term, 0.0)).sum()
+    torch.testing.assert_close(loss, ref)
+    share = ((rho.detach() > 2.0) & d["mask"]).sum() / d["mask"].sum()
+    assert math.isclose(metrics["is/truncated_share"], float(share)) and metrics["is/truncated_share"] > 0.5
+
+
+@pytest.mark.parametrize(
+    "name,opts",
+    [("scope", {}), ("scope", {"aggregation": "token-mean"}), ("opd", {}), ("grpo", {"kl_coef": 0.0}), ("kd", {})],
+)
+@pytest.mark.parametrize("shards", [2, 4])
+def test_data_parallel_split_gives_the_same_gradient(name, opts, shards):
+    d = make_batch(13, n_groups=4, n=4)
+    algo = build_algorithm(name, opts)
+    stats = stats_of(d)
+    (plan,) = [algo.plan(stats)]
+    norm = algo.normalizer(plan, stats)
+    z = d["logits"].clone().requires_grad_()
+    run_loss(algo, d, slice(None), norm, plan, z)[0].backward()
+    whole = z.grad.clone()
+    z.grad = None
+    perm = torch.randperm(16, generator=torch.Generator().manual_seed(shards))  # shards need not follow groups
+    for shard in perm.chunk(shards):
+        for micro in shard.chunk(2):  # two micro-batches per rank
+            run_loss(algo, d, micro, norm, plan, z)[0].backward()
+    torch.testing.assert_close(z.grad, whole)
+
+
+@pytest.mark.parametrize("name,opts", [("scope", {}), ("grpo", {"kl_coef": 0.1}), ("kd", {})])
+def test_gradcheck_where_the_loss_value_is_its_own_objective(name, opts):
+    """gradcheck needs value and gradient of one function: true for MLE (-rho), GRPO and KD. The
+    OPD surrogate's gradient (detached log-ratio) is checked against its formula above instead."""
+    d = make_batch(14, n_groups=2, n=3, t_max=4, vocab=5)
+    d["correct"][:] = True
+    algo = build_algorithm(name, opts)
+    plan = algo.plan(stats_of(d))
+    ref = torch.where(d["mask"], d["old_logp"] - 0.2, 0.0)
+
+    def f(z):
+        extra = {"ref_logp_BT": ref} if name == "grpo" else {}
+        return run_loss(algo, d, slice(None), 2.0, plan, z, **extra)[0]
+
+    assert torch.autograd.gradcheck(f, (d["logits"].clone().requires_grad_(),))
+
+
+# ---------------------------------------------------------------- registry and bad input
+
+
+def test_registry_names_and_errors():
+    assert set(algorithm_options("scope")) >= {"tau", "normalization", "student_weight", "teacher_weight", "kl"}
+    with pytest.raises(ValueError, match="unknown algo.name 'ppo'"):
+        build_algorithm("ppo")
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['taux'\]"):
+        build_algorithm("scope", {"taux": 1})
+    with pytest.raises(ValueError, match="algo.tau"):
+        build_algorithm("scope", {"tau": 0})
+    with pytest.raises(ValueError, match="algo.student_weight"):
+        build_algorithm("scope", {"student_weight": "upside-down"})
+    with pytest.raises(ValueError, match="algo.eps"):
+        build_algorithm("grpo", {"eps": "0.2"})
+
+
+def test_bad_input_names_the_argument():
+    d = make_batch(15)
+    algo = build_algorithm("scope")
+    with pytest.raises(ValueError, match="lengths_B"):
+        RolloutStats(group_B=d["group"], correct_B=d["correct"], lengths_B=d["lengths"][:-1])
+    with pytest.raises(ValueError, match="lengths_B has negative"):
+        RolloutStats(group_B=d["group"], correct_B=d["correct"], lengths_B=d["lengths"] - 10)
+    with pytest.raises(ValueError, match="empty batch"):
+        RolloutStats(group_B=torch.zeros(0), correct_B=torch.zeros(0), lengths_B=torch.zeros(0))
+    bad = stats_of(d)
+    bad.teacher_seq_logp_B[~d["correct"]] = torch.nan
+    with pytest.raises(ValueError, match="seq_logp_B contains NaN"):
+        algo.plan(bad)
+    plan = algo.plan(stats_of(d))
+    d["old_logp"][0, 0] = torch.inf
+    with pytest.raises(ValueError, match="old_logp_BT contains NaN or inf"):
+        run_loss(algo, d, slice(None), 1.0, plan, d["logits"])
+    with pytest.raises(ValueError, match="teacher_logp_BT has shape"):
+        lp = torch.zeros_like(d["old_logp"])
+        algo.loss(
+            TokenBatch(
+                logp_BT=lp,
+                old_logp_BT=lp,
+                mask_BT=d["mask"],
+                path_B=plan.path_B,
+                weight_B=plan.weight_B,
+                teacher_logp_BT=lp[:, :2],
+            ),
+            1.0,
+        )
+    with pytest.raises(ValueError, match="normalizer"):
+        from scope_ds.algorithms.losses import aggregate
+
+        aggregate(d["old_logp"], d["mask"], plan.weight_B, "seq-sum", 0.0)
