@@ -1,0 +1,302 @@
+"""The trainer's HTTP client for rollout servers (SGLang or embedded; the same native API).
+
+Async (httpx): many requests in flight over one or several servers, each request sent to the
+least-loaded server (ties round-robin). Connection errors, timeouts and 5xx answers are retried
+with exponential backoff, on another server when there is one; when the retries run out the
+client raises :class:`RolloutServerError` naming the server and the status. A 4xx is not retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+import threading
+from collections.abc import Coroutine, Sequence
+from typing import Any, TypeVar
+
+import httpx
+
+from scope_ds.rollout import protocol
+from scope_ds.sample import Rollout
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class RolloutServerError(RuntimeError):
+    """A rollout server that failed: unreachable, 5xx after every retry, or a 4xx refusal."""
+
+    def __init__(self, url: str, status: int | None, message: str, attempts: int = 1) -> None:
+        self.url = url
+        self.status = status
+        self.message = message
+        self.attempts = attempts
+        status_text = f"HTTP {status}" if status is not None else "no answer"
+        super().__init__(f"rollout server {url} failed ({status_text}) after {attempts} attempt(s): {message}")
+
+
+class RolloutClient:
+    """Async client over several server URLs. Create and use it inside one event loop."""
+
+    def __init__(
+        self,
+        urls: Sequence[str],
+        *,
+        timeout_s: float = 600.0,
+        max_retries: int = 3,
+        backoff_s: float = 0.5,
+        max_backoff_s: float = 8.0,
+        max_connections: int = 1024,
+        max_abort_resubmits: int = 8,
+    ) -> None:
+        if not urls:
+            raise ValueError("RolloutClient needs at least one server URL")
+        self.urls = [u.rstrip("/") for u in urls]
+        self.timeout_s = timeout_s
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.max_abort_resubmits = max_abort_resubmits
+        self._inflight = dict.fromkeys(self.urls, 0)
+        self._turn = itertools.count()
+        # trust_env=False: a proxy from the environment must never sit between trainer and servers.
+        self._http = httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout_s, connect=min(10.0, timeout_s)),
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+            trust_env=False,
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    # ---- transport ---------------------------------------------------------------------------------
+    def _pick(self, avoid: set[str]) -> str:
+        """Least in-flight requests first; ties go round-robin; servers in ``avoid`` only if all are."""
+        candidates = [u for u in self.urls if u not in avoid] or self.urls
+        start = next(self._turn) % len(candidates)
+        rotated = candidates[start:] + candidates[:start]
+        return min(rotated, key=lambda u: self._inflight[u])
+
+    async def request(
+        self, method: str, path: str, payload: Any = None, *, url: str | None = None, ok_404: bool = False
+    ) -> httpx.Response | None:
+        """One HTTP call with retries. ``url=None`` lets the client choose (and change) the server.
+
+        Returns the response of a 2xx (or None for a 404 when ``ok_404``); raises RolloutServerError.
+        """
+        failed: set[str] = set()
+        status: int | None = None
+        message = ""
+        target = url or self._pick(failed)
+        for attempt in range(self.max_retries + 1):
+            if attempt:
+                await asyncio.sleep(min(self.max_backoff_s, self.backoff_s * 2 ** (attempt - 1)))
+                target = url or self._pick(failed)
+            self._inflight[target] = self._inflight.get(target, 0) + 1
+            try:
+                response = await self._http.request(method, f"{target}{path}", json=payload)
+            except httpx.TransportError as exc:
+                status, message = None, f"{type(exc).__name__}: {exc}"
+                failed.add(target)
+                log.warning("rollout server %s%s: %s (attempt %d)", target, path, message, attempt + 1)
+                continue
+            finally:
+                self._inflight[target] -= 1
+            if response.status_code < 400:
+                return response
+            if response.status_code == 404 and ok_404:
+                return None
+            status, message = response.status_code, _message(response)
+            if response.status_code < 500:  # the request itself is wrong: retrying cannot help
+                raise RolloutServerError(target, status, message, attempt + 1)
+            failed.add(target)
+            log.warning("rollout server %s%s: HTTP %d %s (attempt %d)", target, path, status, message, attempt + 1)
+        raise RolloutServerError(target, status, message, self.max_retries + 1)
+
+    async def get_json(self, url: str, path: str) -> Any:
+        response = await self.request("GET", path, url=url)
+        return _json(response)
+
+    async def post_json(self, url: str, path: str, payload: Any, *, ok_404: bool = False) -> Any:
+        response = await self.request("POST", path, payload, url=url, ok_404=ok_404)
+        return None if response is None else _json(response)
+
+    async def post_all(self, path: str, payload: Any, *, ok_404: bool = False) -> list[Any]:
+        """POST to every server concurrently; answers in ``urls`` order (None for a tolerated 404)."""
+        return list(await asyncio.gather(*(self.post_json(u, path, payload, ok_404=ok_404) for u in self.urls)))
+
+    # ---- generation ---------------------------------------------------------------------------------
+    async def generate(
+        self,
+        prompt_ids: Sequence[int],
+        sampling_params: dict[str, Any],
+        *,
+        n: int = 1,
+        prompt_id: str = "",
+        group_id: str = "",
+        return_logprob: bool = True,
+    ) -> list[Rollout]:
+        """``n`` rollouts of one prompt, in sample order, each with its producing server and version.
+
+        Samples that come back aborted (a pause in "abort" mode, an abort_request) are sent again,
+        up to ``max_abort_resubmits`` times, so that every rollout is whole and of one version.
+        """
+        prompt = [int(t) for t in prompt_ids]
+        rollouts: list[Rollout | None] = [None] * n
+        missing = list(range(n))
+        for _ in range(self.max_abort_resubmits + 1):
+            params = {**sampling_params, "n": len(missing)}
+            body = protocol.build_generate_request([prompt], params, return_logprob=return_logprob)
+            response = await self.request("POST", "/generate", body)
+            assert response is not None
+            server = str(response.request.url).removesuffix("/generate")
+            group = protocol.parse_generate_response(
+                _json(response), [prompt], len(missing), server=server, return_logprob=return_logprob
+            )[0]
+            for slot, rollout in zip(missing, group, strict=True):
+                rollouts[slot] = rollout
+            missing = [slot for slot in missing if rollouts[slot].finish_reason == "abort"]  # type: ignore[union-attr]
+            if not missing:
+                break
+        for index, rollout in enumerate(rollouts):
+            assert rollout is not None
+            rollout.group, rollout.prompt_id, rollout.group_id = index, prompt_id, group_id
+        return rollouts  # type: ignore[return-value]
+
+    async def generate_many(
+        self,
+        prompts: Sequence[Sequence[int]],
+        sampling_params: dict[str, Any],
+        *,
+        n: int = 1,
+        prompt_ids: Sequence[str] | None = None,
+        group_ids: Sequence[str] | None = None,
+        return_logprob: bool = True,
+    ) -> list[list[Rollout]]:
+        """One concurrent request per prompt (so prompts spread over the servers); groups in prompt order."""
+        pids = prompt_ids if prompt_ids is not None else [str(i) for i in range(len(prompts))]
+        gids = group_ids if group_ids is not None else pids
+        calls = [
+            self.generate(p, sampling_params, n=n, prompt_id=pid, group_id=gid, return_logprob=return_logprob)
+            for p, pid, gid in zip(prompts, pids, gids, strict=True)
+        ]
+        return list(await asyncio.gather(*calls))
+
+    # ---- control ------------------------------------------------------------------------------------
+    async def pause(self, mode: str = "abort") -> None:
+        await self.post_all("/pause_generation", {"mode": mode})
+
+    async def resume(self) -> None:
+        await self.post_all("/continue_generation", {})
+
+    async def weight_versions(self) -> dict[str, int]:
+        infos = await asyncio.gather(*(self.get_json(u, "/model_info") for u in self.urls))
+        return {
+            u: protocol.parse_weight_version(i.get("weight_version")) for u, i in zip(self.urls, infos, strict=True)
+        }
+
+    async def server_infos(self) -> list[dict[str, Any]]:
+        return list(await asyncio.gather(*(self.get_json(u, "/server_info") for u in self.urls)))
+
+    async def wait_healthy(self, timeout_s: float = 60.0, poll_s: float = 0.5) -> None:
+        """Wait until every server answers /health with 200, or raise RolloutServerError."""
+
+        async def one(url: str) -> None:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout_s
+            last: tuple[int | None, str] = (None, "no answer")
+            while loop.time() < deadline:
+                try:
+                    response = await self._http.get(f"{url}/health", timeout=5.0)
+                    if response.status_code == 200:
+                        return
+                    last = (response.status_code, _message(response))
+                except httpx.TransportError as exc:
+                    last = (None, f"{type(exc).__name__}: {exc}")
+                await asyncio.sleep(poll_s)
+            raise RolloutServerError(url, last[0], f"not healthy after {timeout_s:.0f} s ({last[1]})")
+
+        await asyncio.gather(*(one(u) for u in self.urls))
+
+
+def _message(response: httpx.Response) -> str:
+    try:
+        return protocol.error_message(response.json())
+    except ValueError:
+        return response.text[:500]
+
+
+def _json(response: httpx.Response | None) -> Any:
+    if response is None:
+        return None
+    try:
+        return response.json()
+    except ValueError:
+        return response.text
+
+
+class SyncRolloutClient:
+    """A blocking facade: the async client runs on a private event loop in a daemon thread.
+
+    ``submit`` returns a concurrent future, so that a caller can keep an HTTP call in flight while
+    it does blocking work itself (the distributed weight sync broadcasts while the servers'
+    /update_weights_from_distributed calls wait).
+    """
+
+    def __init__(self, urls: Sequence[str], **kwargs: Any) -> None:
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="rollout-client", daemon=True)
+        self._thread.start()
+
+        async def make() -> RolloutClient:
+            return RolloutClient(urls, **kwargs)
+
+        self.client: RolloutClient = self.run(make())
+
+    @property
+    def urls(self) -> list[str]:
+        return self.client.urls
+
+    def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("SyncRolloutClient.run called from its own loop thread (would deadlock)")
+        return self.submit(coro).result()
+
+    def generate(self, prompt_ids: Sequence[int], sampling_params: dict[str, Any], **kwargs: Any) -> list[Rollout]:
+        return self.run(self.client.generate(prompt_ids, sampling_params, **kwargs))
+
+    def generate_many(
+        self, prompts: Sequence[Sequence[int]], sampling_params: dict[str, Any], **kwargs: Any
+    ) -> list[list[Rollout]]:
+        return self.run(self.client.generate_many(prompts, sampling_params, **kwargs))
+
+    def pause(self, mode: str = "abort") -> None:
+        self.run(self.client.pause(mode))
+
+    def resume(self) -> None:
+        self.run(self.client.resume())
+
+    def weight_versions(self) -> dict[str, int]:
+        return self.run(self.client.weight_versions())
+
+    def wait_healthy(self, timeout_s: float = 60.0) -> None:
+        self.run(self.client.wait_healthy(timeout_s))
+
+    def close(self) -> None:
+        if self._loop.is_closed():
+            return
+        self.run(self.client.aclose())
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5.0)
+        self._loop.close()
+
+    def __enter__(self) -> SyncRolloutClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,4 @@
+from scope_ds.rollout.server.main import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,104 @@
+"""Command line of the embedded server: load the model, start the engine, serve HTTP."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+import torch
+import uvicorn
+
+from scope_ds.rollout.server.app import ServerState, build_app
+from scope_ds.rollout.server.engine import Engine
+
+log = logging.getLogger("scope_ds.rollout.server")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m scope_ds.rollout.server", description=__doc__)
+    p.add_argument("--model-path", required=True, help="Hugging Face model folder (config + safetensors)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=30000)
+    p.add_argument("--random-seed", type=int, default=None, help="seed of the sampler (server-wide, as SGLang)")
+    p.add_argument("--weight-version", default="default", help="initial weight_version string")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--context-length", type=int, default=None, help="default: max_position_embeddings")
+    p.add_argument("--max-running-requests", type=int, default=64, help="sequences decoded together at most")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="idle wait for concurrent requests to batch")
+    p.add_argument("--num-threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument(
+        "--sglang-compat",
+        default="0.5.23",
+        help="SGLang version whose endpoint set to expose; < 0.5.21 has no begin/end_weight_update (404)",
+    )
+    p.add_argument("--log-level", default="info")
+    return p.parse_args(argv)
+
+
+def _eos_ids(model: torch.nn.Module) -> set[int]:
+    ids: set[int] = set()
+    for cfg in (model.config, getattr(model, "generation_config", None)):
+        value = getattr(cfg, "eos_token_id", None) if cfg is not None else None
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids
+
+
+def _load_tokenizer(path: str):  # noqa: ANN202 - transformers' tokenizer classes vary
+    """The folder's tokenizer if it has one; without, the server answers like --skip-tokenizer-init."""
+    from transformers import AutoTokenizer
+
+    names = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+    if not any((Path(path) / n).exists() for n in names):
+        return None
+    return AutoTokenizer.from_pretrained(path)
+
+
+def build_state(args: argparse.Namespace) -> ServerState:
+    from transformers import AutoModelForCausalLM
+
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=getattr(torch, args.dtype))
+    model.eval()
+    context_len = int(getattr(model.config, "max_position_embeddings", 4096))
+    if args.context_length:
+        context_len = min(context_len, args.context_length)
+    tokenizer = _load_tokenizer(args.model_path)
+    engine = Engine(
+        model,
+        context_len=context_len,
+        eos_ids=_eos_ids(model),
+        decode=tokenizer.decode if tokenizer is not None else None,
+        max_running=args.max_running_requests,
+        batch_wait_s=args.batch_wait_ms / 1000.0,
+        seed=args.random_seed,
+        weight_version=args.weight_version,
+    )
+    server_args = {k: v for k, v in vars(args).items()}
+    server_args.update(tp_size=1, pp_size=1, dp_size=1, context_length=context_len, pid=os.getpid())
+    return ServerState(
+        engine=engine,
+        model_path=args.model_path,
+        server_args=server_args,
+        tokenizer=tokenizer,
+        compat=args.sglang_compat,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    state = build_state(args)
+    state.engine.start()
+    log.info(
+        "serving %s on http://%s:%d (weight_version=%s)", args.model_path, args.host, args.port, args.weight_version
+    )
+    try:
+        uvicorn.run(build_app(state), host=args.host, port=args.port, log_level=args.log_level.lower())
+    finally:
+        state.engine.close()

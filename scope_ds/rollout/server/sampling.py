@@ -1,0 +1,107 @@
+"""Next-token sampling for the embedded server, one row per running sequence.
+
+Shapes: B = running sequences, V = vocabulary.
+Log-probs follow SGLang's sampler (0.5.x, default build): log softmax(logits / T) of the sampled
+token, taken before top-k / top-p / min-p truncation; greedy rows report log softmax(logits).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from scope_ds.rollout.protocol import GREEDY_EPS
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """One request's sampling parameters after validation and SGLang's normalisation."""
+
+    max_new_tokens: int = 128  # generated tokens at most (capped by the context length)
+    temperature: float = 1.0  # the T of softmax(logits / T); 1.0 for greedy rows
+    greedy: bool = False  # temperature < 1e-6 in the request: argmax, raw log-probs
+    top_p: float = 1.0  # nucleus mass kept, in (0, 1]
+    top_k: int = 0  # tokens kept by rank; 0 = the whole vocabulary (SGLang's -1)
+    min_p: float = 0.0  # drop tokens with prob < min_p * max prob
+    stop_token_ids: frozenset[int] = frozenset()  # extra ids that end generation (kept in output)
+    stop_strs: tuple[str, ...] = ()  # strings that end generation (needs a tokenizer)
+    ignore_eos: bool = False  # keep generating past the model's EOS ids
+    skip_special_tokens: bool = True  # decoding option for "text"
+    no_stop_trim: bool = False  # keep a matched stop string in "text"
+    n: int = 1  # samples per prompt
+
+
+@dataclass
+class BatchSampling:
+    """Per-row sampling parameters as tensors, built once per batch (rows shrink as rows finish)."""
+
+    temperature_B: torch.Tensor
+    greedy_B: torch.Tensor
+    top_k_B: torch.Tensor
+    top_p_B: torch.Tensor
+    min_p_B: torch.Tensor
+
+    @classmethod
+    def from_specs(cls, specs: list[SamplingSpec], vocab_size: int) -> BatchSampling:
+        return cls(
+            temperature_B=torch.tensor([s.temperature for s in specs], dtype=torch.float32),
+            greedy_B=torch.tensor([s.greedy for s in specs], dtype=torch.bool),
+            top_k_B=torch.tensor([s.top_k if 0 < s.top_k < vocab_size else vocab_size for s in specs]),
+            top_p_B=torch.tensor([s.top_p for s in specs], dtype=torch.float32),
+            min_p_B=torch.tensor([s.min_p for s in specs], dtype=torch.float32),
+        )
+
+    def select(self, rows: torch.Tensor) -> BatchSampling:
+        """Keep only ``rows`` (indices into the current batch), in that order."""
+        return BatchSampling(*(t[rows] for t in vars(self).values()))
+
+
+def _truncated_probs(probs_BV: torch.Tensor, bs: BatchSampling) -> torch.Tensor:
+    """Zero the tokens that top-k, top-p and min-p rule out (the first-ranked token always stays)."""
+    vocab = probs_BV.shape[-1]
+    needs_k = bool((bs.top_k_B < vocab).any())
+    needs_p = bool((bs.top_p_B < 1.0).any())
+    needs_min_p = bool((bs.min_p_B > 0.0).any())
+    if not (needs_k or needs_p or needs_min_p):
+        return probs_BV
+    sorted_BV, order_BV = probs_BV.sort(dim=-1, descending=True)
+    drop_BV = torch.zeros_like(sorted_BV, dtype=torch.bool)
+    if needs_k:
+        rank_V = torch.arange(vocab)
+        drop_BV |= rank_V[None, :] >= bs.top_k_B[:, None]
+    if needs_p:
+        # Mass strictly before a token: a token is kept while what precedes it is under top_p.
+        before_BV = sorted_BV.cumsum(dim=-1) - sorted_BV
+        drop_BV |= before_BV > bs.top_p_B[:, None]
+    if needs_min_p:
+        drop_BV |= sorted_BV < (bs.min_p_B * sorted_BV[:, 0])[:, None]
+    drop_BV[:, 0] = False
+    kept_BV = sorted_BV.masked_fill(drop_BV, 0.0)
+    return torch.zeros_like(probs_BV).scatter_(-1, order_BV, kept_BV)
+
+
+def sample_next(
+    logits_BV: torch.Tensor, bs: BatchSampling, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sample one token per row.
+
+    Returns (tokens_B, logprobs_B, logprobs_BV): the chosen ids, their log-probs under the
+    reporting convention of this module, and the full log-prob rows (for top_logprobs_num).
+    """
+    logits_BV = logits_BV.float()
+    logprobs_BV = torch.log_softmax(logits_BV / bs.temperature_B[:, None], dim=-1)
+    tokens_B = logits_BV.argmax(dim=-1)
+    sample_rows = ~bs.greedy_B
+    if bool(sample_rows.any()):
+        probs_BV = _truncated_probs(logprobs_BV.exp(), bs)
+        drawn_B = torch.multinomial(probs_BV[sample_rows], 1, generator=generator).squeeze(-1)
+        tokens_B = tokens_B.clone()
+        tokens_B[sample_rows] = drawn_B
+    logprobs_B = logprobs_BV.gather(-1, tokens_B[:, None]).squeeze(-1)
+    return tokens_B, logprobs_B, logprobs_BV
+
+
+def is_greedy(temperature: float) -> bool:
+    """SGLang's greedy rule: a temperature below 1e-6 means argmax."""
+    return temperature < GREEDY_EPS

@@ -1,0 +1,69 @@
+"""What every weight-sync method shares: the pause / session bracket and the version count."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from scope_ds.rollout.client import SyncRolloutClient
+
+log = logging.getLogger(__name__)
+
+
+class WeightSyncError(RuntimeError):
+    """A weight update that did not reach every server; the servers stay paused (see update_session)."""
+
+
+class VersionCounter:
+    """Policy versions: one more than the servers' newest on first use, then +1 per sync."""
+
+    def __init__(self, client: SyncRolloutClient, start: int | None = None) -> None:
+        self._client = client
+        self.version = start
+
+    def next(self) -> int:
+        if self.version is None:
+            self.version = max(self._client.weight_versions().values())
+        return self.version + 1
+
+    def commit(self, version: int) -> None:
+        self.version = version
+
+
+@contextmanager
+def update_session(client: SyncRolloutClient, pause_mode: str = "abort") -> Iterator[None]:
+    """Pause generation and open SGLang's weight-update session around the body.
+
+    "abort" ends the running requests at once (the client resubmits them, and they wait for the
+    resume), so that no rollout mixes two policy versions. begin/end_weight_update exist only in
+    SGLang >= 0.5.21: a 404 from an older server is skipped. If the body fails, the servers stay
+    paused: resuming on half-updated weights would produce rollouts of no policy at all.
+    """
+    client.pause(pause_mode)
+    client.run(client.client.post_all("/begin_weight_update", {}, ok_404=True))
+    try:
+        yield
+    except BaseException:
+        client.run(client.client.post_all("/end_weight_update", {}, ok_404=True))
+        log.error("weight update failed; rollout servers left paused until the next successful update")
+        raise
+    client.run(client.client.post_all("/end_weight_update", {}, ok_404=True))
+    client.resume()
+
+
+def check_results(urls: list[str], results: list[Any], what: str) -> None:
+    """Raise WeightSyncError unless every server answered ``success: true``."""
+    bad = [(u, r) for u, r in zip(urls, results, strict=True) if not (isinstance(r, dict) and r.get("success"))]
+    if bad:
+        detail = "; ".join(f"{u}: {r}" for u, r in bad)
+        raise WeightSyncError(f"{what} failed on {len(bad)} of {len(urls)} server(s): {detail}")
+
+
+def check_versions(client: SyncRolloutClient, version: int) -> None:
+    """Every server must now report ``version`` (catches an update that silently did nothing)."""
+    versions = client.weight_versions()
+    stale = {u: v for u, v in versions.items() if v != version}
+    if stale:
+        raise WeightSyncError(f"servers report weight_version {stale} after the update to {version}")
