@@ -157,15 +157,19 @@ def launch(
     weight_version: str = "0",
     wait_s: float = 600.0,
     extra_args: Sequence[str] = (),
+    per_server_args: Sequence[Sequence[str]] | None = None,
     env: dict[str, str] | None = None,
 ) -> list[ServerProcess]:
     """Start ``count`` servers and wait until all are healthy (all are stopped if one fails).
 
     Server i gets seed ``random_seed + i`` (so that servers do not repeat each other's samples) and,
-    for SGLang, GPUs ``[i * gpus_per_server, (i + 1) * gpus_per_server)``.
+    for SGLang, GPUs ``[i * gpus_per_server, (i + 1) * gpus_per_server)``. ``per_server_args[i]``
+    is appended to server i's command after ``extra_args``.
     """
     if kind not in (EMBEDDED, SGLANG):
         raise ValueError(f"server kind must be {EMBEDDED!r} or {SGLANG!r}, got {kind!r}")
+    if per_server_args is not None and len(per_server_args) != count:
+        raise ValueError(f"per_server_args has {len(per_server_args)} entries for {count} servers")
     procs: list[ServerProcess] = []
     try:
         for i, port in enumerate(free_ports(count, host)):
@@ -177,7 +181,7 @@ def launch(
                 weight_version=weight_version,
                 tp_size=gpus_per_server,
                 base_gpu_id=i * gpus_per_server,
-                extra_args=tuple(extra_args),
+                extra_args=tuple(extra_args) + tuple(per_server_args[i] if per_server_args else ()),
             )
             cmd = sglang_command(spec) if kind == SGLANG else embedded_command(spec)
             log_path = Path(log_dir) / f"rollout_server_{i}_{port}.log"

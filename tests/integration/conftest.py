@@ -65,6 +65,12 @@ def build_tiny_llama(
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_llama_builder() -> Callable[..., Path]:
+    """The builder itself, for tests that need several different models: ``build(path, seed=...)``."""
+    return build_tiny_llama
+
+
 @pytest.fixture
 def tiny_llama_dir(tmp_path: Path) -> Path:
     """A fresh tiny Llama folder (weights seed 0) with its tokenizer, in this test's tmp_path."""

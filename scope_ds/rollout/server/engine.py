@@ -154,6 +154,7 @@ class Engine:
         self._pause_mode = "abort"
         self._updating = False
         self._closed = False
+        self._peak_running = 0  # most rows decoded together so far (shows batching at work)
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
 
     # ---- entry points (any thread) ---------------------------------------------------------------
@@ -210,6 +211,7 @@ class Engine:
                 "paused": self._paused,
                 "pause_mode": self._pause_mode if self._paused else None,
                 "updating_weights": self._updating,
+                "peak_running_reqs": self._peak_running,
             }
 
     def busy(self) -> bool:
@@ -297,6 +299,7 @@ class Engine:
                         self._cv.wait(left)
                 new = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
                 self._running = (batch.seqs if batch else []) + new
+                self._peak_running = max(self._peak_running, len(self._running))
                 return batch, new
             return batch, []
 
