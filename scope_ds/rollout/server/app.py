@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,13 +32,13 @@ _SESSION_ENDPOINTS_SINCE = (0, 5, 21)
 
 
 def parse_version(text: str) -> tuple[int, ...]:
-    """ "0.5.20" -> (0, 5, 20); a suffix such as ".post1" is ignored."""
+    """ "0.5.20" -> (0, 5, 20); suffixes such as ".post1" or "rc1" are ignored."""
     parts = []
     for piece in text.split("."):
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        if not digits or not piece[0].isdigit():
+        digits = re.match(r"\d+", piece)
+        if digits is None:
             break
-        parts.append(int(digits))
+        parts.append(int(digits.group()))
     return tuple(parts)
 
 
