@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 STATS = ("logp", "entropy", "kl")
-DEFAULT_CHUNK = 1024
+CHUNK_BYTES = 16 * 2**20  # float32 logits of one chunk: tokens per chunk = CHUNK_BYTES // (4 V)
 
 
 def _chunk_logits(x: torch.Tensor, weight: torch.Tensor | None, sl: slice, temperature: float) -> torch.Tensor:
@@ -28,27 +28,35 @@ def _chunk_logits(x: torch.Tensor, weight: torch.Tensor | None, sl: slice, tempe
     return z / temperature if temperature != 1.0 else z
 
 
-def _stat_and_grad(
-    stat: str, z_CV: torch.Tensor, tok_C: torch.Tensor | None, q_CV: torch.Tensor | None, need_grad: bool
-):
-    """Value [C] of ``stat`` for the chunk and, if asked, d value / d z [C, V] (z = tempered logits)."""
-    logp_CV = torch.log_softmax(z_CV, dim=-1)
+def _forward_chunk(stat: str, z_CV: torch.Tensor, tok_C, q_CV):
+    """(value [C], lse [C], teacher lse [C] or None) of one chunk; z, q are tempered logits."""
+    lse_C = torch.logsumexp(z_CV, dim=-1)
     if stat == "logp":
-        val = logp_CV.gather(-1, tok_C[:, None]).squeeze(-1)
-        if not need_grad:
-            return val, None
-        g = logp_CV.exp_().neg_()  # d log p_k / d z_j = 1[j=k] - p_j
-        g.scatter_add_(-1, tok_C[:, None], torch.ones_like(val)[:, None])
-        return val, g
+        return z_CV.gather(-1, tok_C[:, None]).squeeze(-1) - lse_C, lse_C, None
+    logp_CV = z_CV - lse_C[:, None]
     p_CV = logp_CV.exp()
     if stat == "entropy":
-        val = -(p_CV * logp_CV).sum(-1)
-        # dH/dz_j = -p_j (log p_j + H)
-        return val, (None if not need_grad else -p_CV * (logp_CV + val[:, None]))
-    # kl: d KL / d z_j = p_j (log p_j - log q_j - KL)
-    diff_CV = logp_CV - torch.log_softmax(q_CV, dim=-1)
-    val = (p_CV * diff_CV).sum(-1)
-    return val, (None if not need_grad else p_CV * (diff_CV - val[:, None]))
+        return -(p_CV * logp_CV).sum(-1), lse_C, None
+    lse_q = torch.logsumexp(q_CV, dim=-1)
+    logp_CV.sub_(q_CV).add_(lse_q[:, None])  # log p - log q, in place
+    return (p_CV * logp_CV).sum(-1), lse_C, lse_q
+
+
+def _grad_chunk(stat: str, z_CV, tok_C, q_CV, lse_C, lse_q, val_C) -> torch.Tensor:
+    """d value / d z [C, V] of one chunk, from the saved log-normalisers (one exp pass)."""
+    logp_CV = z_CV - lse_C[:, None]
+    if stat == "logp":  # d log p_k / d z_j = 1[j=k] - p_j
+        g = logp_CV.exp_().neg_()
+        return g.scatter_add_(-1, tok_C[:, None], torch.ones_like(lse_C)[:, None])
+    p_CV = logp_CV.exp()
+    if stat == "entropy":  # dH/dz_j = -p_j (log p_j + H)
+        return logp_CV.add_(val_C[:, None]).mul_(p_CV).neg_()
+    # d KL / d z_j = p_j (log p_j - log q_j - KL)
+    return logp_CV.sub_(q_CV).add_((lse_q - val_C)[:, None]).mul_(p_CV)
+
+
+def _slices(n: int, chunk: int):
+    return (slice(s, min(s + chunk, n)) for s in range(0, n, chunk))
 
 
 class _ChunkedStat(torch.autograd.Function):
@@ -56,38 +64,38 @@ class _ChunkedStat(torch.autograd.Function):
     def forward(ctx, stat, chunk, temperature, x, weight, tokens, t_x, t_weight):
         n = x.shape[0]
         out = torch.empty(n, dtype=torch.float32, device=x.device)
-        for s in range(0, n, chunk):
-            sl = slice(s, min(s + chunk, n))
+        lse = torch.empty_like(out)
+        lse_t = torch.empty_like(out) if stat == "kl" else None
+        for sl in _slices(n, chunk):
             z = _chunk_logits(x, weight, sl, temperature)
             q = None if t_x is None else _chunk_logits(t_x, t_weight, sl, temperature)
-            tok = None if tokens is None else tokens[sl]
-            out[sl] = _stat_and_grad(stat, z, tok, q, need_grad=False)[0]
-        ctx.save_for_backward(x, weight, tokens, t_x, t_weight)
+            out[sl], lse[sl], lq = _forward_chunk(stat, z, None if tokens is None else tokens[sl], q)
+            if lse_t is not None:
+                lse_t[sl] = lq
+        ctx.save_for_backward(x, weight, tokens, t_x, t_weight, out, lse, lse_t)
         ctx.stat, ctx.chunk, ctx.temperature = stat, chunk, temperature
         return out
 
     @staticmethod
     def backward(ctx, grad_N):
-        x, weight, tokens, t_x, t_weight = ctx.saved_tensors
+        x, weight, tokens, t_x, t_weight, out, lse, lse_t = ctx.saved_tensors
         need_x, need_w = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
-        grad_x = torch.zeros_like(x) if need_x else None
+        grad_x = torch.empty_like(x) if need_x else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
-        n, chunk = x.shape[0], ctx.chunk
-        for s in range(0, n, chunk):
-            sl = slice(s, min(s + chunk, n))
+        for sl in _slices(x.shape[0], ctx.chunk):
             z = _chunk_logits(x, weight, sl, ctx.temperature)
             q = None if t_x is None else _chunk_logits(t_x, t_weight, sl, ctx.temperature)
             tok = None if tokens is None else tokens[sl]
-            _, g_CV = _stat_and_grad(ctx.stat, z, tok, q, need_grad=True)
+            g_CV = _grad_chunk(ctx.stat, z, tok, q, lse[sl], None if lse_t is None else lse_t[sl], out[sl])
             g_CV.mul_(grad_N[sl, None].float() / ctx.temperature)
             if weight is None:
                 if need_x:
-                    grad_x[sl] = g_CV.to(x.dtype)
+                    grad_x[sl] = g_CV
                 continue
             if need_x:
-                grad_x[sl] = (g_CV.to(weight.dtype) @ weight).to(x.dtype)
+                grad_x[sl] = g_CV.to(weight.dtype) @ weight
             if need_w:
-                grad_w.add_(g_CV.t() @ x[sl].float())
+                grad_w.addmm_(g_CV.t(), x[sl].float())
         if grad_w is not None:
             grad_w = grad_w.to(weight.dtype)
         return None, None, None, grad_x, grad_w, None, None, None
@@ -110,18 +118,19 @@ def chunked_stat(
     teacher_x: torch.Tensor | None = None,
     teacher_weight: torch.Tensor | None = None,
     temperature: float = 1.0,
-    chunk: int = DEFAULT_CHUNK,
+    chunk: int | None = None,
 ) -> torch.Tensor:
     """Per-token ``stat`` ('logp' | 'entropy' | 'kl') in float32, shaped like ``x`` minus its last dim.
 
     ``x`` is logits [..., V] (``weight`` None) or hidden states [..., D] with ``weight`` [V, D].
     ``tokens`` [...] is needed for 'logp'; ``teacher_x`` (+ ``teacher_weight``) for 'kl'.
-    Gradients flow to ``x`` and ``weight``; the teacher is treated as a constant.
+    Gradients flow to ``x`` and ``weight``; the teacher is treated as a constant. ``chunk`` is the
+    number of tokens whose logits exist at once (default: as many as fit in CHUNK_BYTES of float32).
     """
     if stat not in STATS:
         raise ValueError(f"stat must be one of {STATS}, got {stat!r}")
-    if chunk < 1:
-        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    if chunk is not None and chunk < 1:
+        raise ValueError(f"chunk must be >= 1 or None, got {chunk}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     lead = tuple(x.shape[:-1])
@@ -144,6 +153,8 @@ def chunked_stat(
         if vocab_s != vocab_t:
             raise ValueError(f"teacher vocabulary {vocab_t} differs from the student's {vocab_s}")
     t_w = None if teacher_weight is None else teacher_weight.detach()
+    vocab = x.shape[-1] if weight is None else weight.shape[0]
+    chunk = chunk or max(1, CHUNK_BYTES // (4 * vocab))
     out = _ChunkedStat.apply(stat, chunk, float(temperature), x_N, weight, tok_N, t_N, t_w)
     return out.reshape(lead)
 

@@ -34,7 +34,7 @@ def test_values_and_grads_match_reference_from_logits(shape, vocab, chunk, tempe
         assert c.shape == torch.Size(shape) and c.dtype == torch.float32
         torch.testing.assert_close(c.double(), ref[stat], atol=1e-5, rtol=1e-5)
         (c * up).sum().backward()
-        torch.testing.assert_close(zc.grad.double(), zr.grad, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(zc.grad.double(), zr.grad, atol=5e-5, rtol=1e-4)  # float32 inside
 
 
 @pytest.mark.parametrize("stat", ["logp", "entropy", "kl"])

@@ -1,0 +1,303 @@
+"""The typed configuration tree: YAML recipes plus dotted overrides, validated before any work.
+
+A recipe is a YAML mapping with the sections below (all optional; defaults are the embedded toy
+run). ``defaults: other.yaml`` at the top of a recipe derives it from another recipe (relative
+path). Overrides are ``section.key=value`` with YAML-typed values (``algo.tau=0.5``,
+``rollout.servers=[http://h:30000]``). An unknown key, a wrong type or a bad value raises
+ConfigError naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from scope_ds.algorithms import algorithm_options, build_algorithm
+
+
+class ConfigError(ValueError):
+    """A recipe or override that cannot run; the message names the key."""
+
+
+def _choice(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key} must be one of {list(allowed)}, got {value!r}")
+
+
+def _positive(key: str, value: float, strict: bool = True) -> None:
+    if value < 0 or (strict and value == 0):
+        raise ConfigError(f"{key} must be {'>' if strict else '>='} 0, got {value!r}")
+
+
+@dataclass
+class ModelConfig:
+    student: str = "toy"  # Hugging Face folder or hub name of the student; "toy" = the built-in toy student
+    teacher: str = "toy"  # folder or hub name of the teacher; "toy" = the built-in toy teacher
+    dtype: str = "float32"  # parameter/compute dtype of both engines: float32 | bfloat16
+    toy_cache: str = ""  # where the toy models are built ("" = $SCOPE_DS_CACHE or ~/.cache/scope_ds)
+    gradient_checkpointing: bool = False  # recompute student activations in backward (saves memory)
+
+    def check(self) -> None:
+        _choice("model.dtype", self.dtype, ("float32", "bfloat16"))
+
+
+@dataclass
+class DataConfig:
+    source: str = "toy"  # "toy", a local JSON/JSONL/parquet file, or a Hugging Face dataset name
+    split: str = "train"  # dataset split to train on
+    prompt_key: str = "problem"  # field holding the question
+    answer_key: str = "answer"  # field holding the reference answer
+    template: str = "{prompt}\n\nPut your final answer within \\boxed{{}}."  # str.format with {prompt}
+    chat_template: bool = True  # wrap with the tokenizer's chat template when it has one
+    verifier: str = "auto"  # toy | math | auto (toy for the toy source, math otherwise)
+    missing_answer: str = "skip"  # skip: skip rows without an answer and count them | error: refuse
+    max_prompt_tokens: int = 512  # longer prompts are skipped and counted
+    eval_every: int = 0  # evaluate on held-out prompts every N steps (0 = never)
+    eval_prompts: int = 64  # number of held-out prompts per evaluation
+    seed: int = 0  # order of prompts
+
+    def check(self) -> None:
+        _choice("data.verifier", self.verifier, ("auto", "toy", "math"))
+        _choice("data.missing_answer", self.missing_answer, ("skip", "error"))
+        _positive("data.max_prompt_tokens", self.max_prompt_tokens)
+        _positive("data.eval_every", self.eval_every, strict=False)
+        _positive("data.eval_prompts", self.eval_prompts)
+        if "{prompt}" not in self.template:
+            raise ConfigError(f"data.template must contain {{prompt}}, got {self.template!r}")
+
+
+@dataclass
+class RolloutConfig:
+    servers: list[str] = field(default_factory=list)  # attach to these URLs; empty = launch servers
+    backend: str = "embedded"  # what to launch: embedded (CPU, tests) | sglang (GPUs)
+    num_servers: int = 1  # servers to launch (one per GPU group with sglang)
+    gpus_per_server: int = 1  # tensor-parallel size of each launched sglang server
+    n: int = 4  # rollouts per prompt (the group size)
+    temperature: float = 1.0  # sampling temperature; log-probs (behaviour and teacher) are taken at it
+    top_p: float = 1.0  # nucleus sampling
+    top_k: int = -1  # -1 = whole vocabulary
+    max_new_tokens: int = 64  # response length cap, tokens
+    weight_sync: str = "disk"  # disk (safetensors folder + /update_weights_from_disk) | distributed (broadcast)
+    bucket_mb: int = 512  # distributed sync: bytes per broadcast bucket, MB
+    sync_dir: str = ""  # disk sync: shared folder for the weights ("" = OUT/weights)
+    request_timeout_s: float = 600.0  # one /generate request
+    retries: int = 3  # retries of a request on connection errors / 5xx before failing
+    startup_timeout_s: float = 300.0  # launched servers must answer /health within this
+
+    def check(self) -> None:
+        _choice("rollout.backend", self.backend, ("embedded", "sglang"))
+        _choice("rollout.weight_sync", self.weight_sync, ("disk", "distributed"))
+        for key in ("num_servers", "gpus_per_server", "n", "max_new_tokens", "bucket_mb"):
+            _positive(f"rollout.{key}", getattr(self, key))
+        _positive("rollout.temperature", self.temperature)
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"rollout.top_p must be in (0, 1], got {self.top_p}")
+        _positive("rollout.retries", self.retries, strict=False)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 8  # optimizer steps (one per global batch)
+    prompts_per_step: int = 8  # prompts per global batch (x rollout.n rollouts)
+    micro_batch_size: int = 4  # rollouts per forward/backward on one rank
+    lr: float = 5e-5  # AdamW learning rate, constant after warmup (paper: 5e-5)
+    weight_decay: float = 0.01  # AdamW weight decay (paper: 0.01)
+    warmup_steps: int = 0  # linear warmup
+    grad_clip: float = 1.0  # global gradient-norm clip (0 = off)
+    seed: int = 0  # seeds torch, the data order and the rollout server
+    ds_config: str = "ds_configs/zero3.json"  # student DeepSpeed JSON (relative to the repo or absolute)
+    teacher_ds_config: str = "ds_configs/teacher.json"  # teacher DeepSpeed JSON
+    logprob_chunk: int = 0  # tokens per chunk of the log-prob ops (0 = automatic)
+
+    def check(self) -> None:
+        for key in ("steps", "prompts_per_step", "micro_batch_size"):
+            _positive(f"train.{key}", getattr(self, key))
+        _positive("train.lr", self.lr)
+        for key in ("weight_decay", "warmup_steps", "grad_clip", "logprob_chunk"):
+            _positive(f"train.{key}", getattr(self, key), strict=False)
+
+
+@dataclass
+class PipelineConfig:
+    max_staleness: int = 0  # 0 = synchronous; k >= 1: rollouts at most k policy versions old
+    queue_size: int = 2  # batches buffered between stages
+
+    def check(self) -> None:
+        _positive("pipeline.max_staleness", self.max_staleness, strict=False)
+        _positive("pipeline.queue_size", self.queue_size)
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = ""  # where checkpoints go ("" = OUT/checkpoints)
+    every: int = 0  # save every N steps (0 = only at the end)
+    keep: int = 2  # keep the last K checkpoints
+    resume: str = "none"  # none | auto (latest complete checkpoint) | a checkpoint folder
+    export_hf: bool = False  # also write a Hugging Face folder at the end
+
+    def check(self) -> None:
+        _positive("checkpoint.every", self.every, strict=False)
+        _positive("checkpoint.keep", self.keep)
+
+
+@dataclass
+class LoggingConfig:
+    out_dir: str = "runs/{run_name}"  # run folder; {run_name} is replaced
+    run_name: str = "toy-scope"  # name of the run
+    tensorboard: bool = True  # write TensorBoard events to OUT/tensorboard
+    wandb: bool = False  # also log to Weights & Biases (needs wandb installed and a login)
+    progress: bool = True  # show a progress bar on rank 0
+    rollouts: bool = True  # write OUT/rollouts/step_N.jsonl
+
+    @property
+    def run_dir(self) -> str:
+        return self.out_dir.format(run_name=self.run_name)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algo: dict[str, Any] = field(default_factory=lambda: {"name": "scope"})  # name + that algorithm's options
+    train: TrainConfig = field(default_factory=TrainConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def check(self) -> None:
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if hasattr(section, "check"):
+                section.check()
+        options = {k: v for k, v in self.algo.items() if k != "name"}
+        try:
+            build_algorithm(self.algo.get("name", "scope"), options)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------- loading
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """``value`` as type ``hint``, or ConfigError naming ``key`` (an int is a fine float)."""
+    origin = typing.get_origin(hint)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        (item,) = typing.get_args(hint)
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and (type(value) is not hint):
+        raise ConfigError(f"{key} must be {hint.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _apply(section: Any, name: str, values: dict[str, Any]) -> None:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{name} must be a mapping, got {values!r}")
+    hints = typing.get_type_hints(type(section))
+    for key, value in values.items():
+        if key not in hints:
+            raise ConfigError(f"unknown key {name}.{key}; allowed: {sorted(hints)}")
+        setattr(section, key, _coerce(f"{name}.{key}", value, hints[key]))
+
+
+def _read_recipe(path: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The recipe's mapping, merged over the recipe it names in ``defaults`` (if any)."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"recipe not found: {path}")
+    if path in seen:
+        raise ConfigError(f"recipe {path} derives from itself through {list(seen)}")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"malformed recipe {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"malformed recipe {path}: the top level must be a mapping of sections")
+    base = data.pop("defaults", None)
+    if base is None:
+        return data
+    merged = _read_recipe(os.path.join(os.path.dirname(path), base), (*seen, path))
+    for section, values in data.items():
+        if isinstance(values, dict) and isinstance(merged.get(section), dict):
+            merged[section] = {**merged[section], **values}
+        else:
+            merged[section] = values
+    return merged
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"override key {key!r} must be section.key (e.g. algo.tau=0.5)")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def load_config(recipe: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build and validate the config from a recipe (or the toy defaults) and dotted overrides."""
+    data = _read_recipe(recipe) if recipe else {}
+    for item in overrides:
+        (section, key), value = parse_override(item)
+        data.setdefault(section, {})
+        if not isinstance(data[section], dict):
+            raise ConfigError(f"{section} must be a mapping in the recipe, got {data[section]!r}")
+        data[section][key] = value
+    cfg = Config()
+    sections = {f.name for f in dataclasses.fields(cfg)}
+    for name, values in data.items():
+        if name not in sections:
+            raise ConfigError(f"unknown section {name!r}; allowed: {sorted(sections)}")
+        if name == "algo":
+            _apply_algo(cfg, values)
+        else:
+            _apply(getattr(cfg, name), name, values)
+    cfg.check()
+    return cfg
+
+
+def _apply_algo(cfg: Config, values: Any) -> None:
+    if not isinstance(values, dict):
+        raise ConfigError(f"algo must be a mapping, got {values!r}")
+    name = values.get("name", "scope")
+    try:
+        allowed = algorithm_options(name)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    unknown = sorted(set(values) - set(allowed) - {"name"})
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {['algo.' + k for k in unknown]} for algo {name!r}; allowed: {sorted(allowed)}"
+        )
+    cfg.algo = {"name": name, **{k: v for k, v in values.items() if k != "name"}}
+
+
+def save_config(cfg: Config, path: str) -> None:
+    """Write the resolved config (every key, defaults included) as YAML."""
+    resolved = cfg.to_dict()
+    resolved["algo"] = {
+        "name": cfg.algo["name"],
+        **algorithm_options(cfg.algo["name"]),
+        **{k: v for k, v in cfg.algo.items() if k != "name"},
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        yaml.safe_dump(resolved, f, sort_keys=False)

@@ -1,0 +1,134 @@
+"""The one place that builds DeepSpeed configs, starts the process group, and loads models.
+
+Every call into DeepSpeed goes through ``scope_ds/engines/``; the DeepSpeed config dict is built
+here alone, from our config plus a JSON file in ``ds_configs/``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from typing import Any
+
+import torch
+
+# transformers imports torch._dynamo lazily; under zero.Init (which patches tensor constructors)
+# that import fails, so it happens here first.
+import torch._dynamo  # noqa: F401
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def resolve_path(path: str) -> str:
+    """An absolute path, trying the working directory first, then the repository root."""
+    if os.path.isabs(path) or os.path.exists(path):
+        return os.path.abspath(path)
+    return os.path.join(REPO_ROOT, path)
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join (or create) the process group DeepSpeed uses; returns (rank, world size).
+
+    Works under the deepspeed launcher, torchrun, srun (SLURM_* variables) and mpirun (OMPI_*),
+    and as a single process with no launcher at all.
+    """
+    import deepspeed
+
+    _env_from_launcher()
+    deepspeed.init_distributed(dist_backend=None, auto_mpi_discovery=False)
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def _env_from_launcher() -> None:
+    env = os.environ
+    if "RANK" not in env:
+        for rank_key, size_key, local_key in (
+            ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
+            ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
+            ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
+        ):
+            if rank_key in env and size_key in env:
+                env["RANK"], env["WORLD_SIZE"] = env[rank_key], env[size_key]
+                env["LOCAL_RANK"] = env.get(local_key, "0")
+                break
+        else:
+            env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    env.setdefault("MASTER_PORT", "29500")
+    env.setdefault("LOCAL_RANK", "0")
+
+
+def build_ds_config(
+    json_path: str,
+    *,
+    micro_batch_size: int,
+    grad_accum: int,
+    world_size: int,
+    dtype: str,
+    lr: float | None = None,
+    weight_decay: float = 0.0,
+    grad_clip: float = 0.0,
+    warmup_steps: int = 0,
+) -> dict[str, Any]:
+    """The DeepSpeed config dict: the JSON file, completed from our config.
+
+    ``lr`` None builds an inference-only config (no optimizer, no scheduler).
+    """
+    path = resolve_path(json_path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"DeepSpeed config not found: {json_path} (looked at {path})")
+    with open(path) as f:
+        cfg = json.load(f)
+    cfg = copy.deepcopy(cfg)
+    cfg["train_micro_batch_size_per_gpu"] = micro_batch_size
+    cfg["gradient_accumulation_steps"] = grad_accum
+    cfg["train_batch_size"] = micro_batch_size * grad_accum * world_size
+    cfg["bf16"] = {"enabled": dtype == "bfloat16"}
+    cfg["fp16"] = {"enabled": False}
+    if lr is None:
+        cfg.pop("optimizer", None)
+        cfg.pop("scheduler", None)
+        return cfg
+    opt = cfg.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    opt.setdefault("params", {}).update(lr=lr, weight_decay=weight_decay)
+    cfg["gradient_clipping"] = grad_clip
+    if warmup_steps:
+        cfg["scheduler"] = {
+            "type": "WarmupLR",
+            "params": {
+                "warmup_min_lr": 0.0,
+                "warmup_max_lr": lr,
+                "warmup_num_steps": warmup_steps,
+                "warmup_type": "linear",
+            },
+        }
+    return cfg
+
+
+def load_causal_lm(path: str, ds_config: dict[str, Any], dtype: str) -> torch.nn.Module:
+    """An AutoModelForCausalLM from a folder or hub name, partitioned at load time under ZeRO-3."""
+    from transformers import AutoConfig
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    if (os.path.sep in path or path.startswith(".")) and not os.path.isdir(path):
+        raise FileNotFoundError(f"model folder not found: {path}")
+    torch_dtype = getattr(torch, dtype)
+    config = AutoConfig.from_pretrained(path)
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise ValueError(f"{path}: model type {config.model_type!r} has no causal-LM class in transformers")
+    model_cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]  # imported here, before zero.Init patches torch
+    # With a live HfDeepSpeedConfig (ZeRO-3), from_pretrained partitions the weights as it loads
+    # them (zero.Init plus gathered initialisation); it is read only while loading.
+    hf_ds = HfDeepSpeedConfig(ds_config)  # noqa: F841
+    model = model_cls.from_pretrained(path, dtype=torch_dtype)
+    del hf_ds
+    model.config.use_cache = False
+    return model
+
+
+def steps_per_batch(global_rollouts: int, world_size: int, micro_batch_size: int) -> int:
+    """Micro-batches each rank runs per global batch (the gradient-accumulation steps)."""
+    return max(1, math.ceil(math.ceil(global_rollouts / world_size) / micro_batch_size))

@@ -1,0 +1,107 @@
+"""What a run leaves behind: metrics.jsonl, TensorBoard events, rollouts/step_N.jsonl, a progress bar.
+
+Only rank 0 writes. Every method is cheap to call on other ranks (it does nothing there).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from scope_ds.sample import Rollout
+
+# Figures shown on the progress bar (when present in a step's metrics).
+BAR_KEYS = (
+    ("acc", "reward/accuracy"),
+    ("loss", "loss/total"),
+    ("eval", "eval/accuracy"),
+    ("tok/s", "perf/tokens_per_s"),
+)
+
+
+class RunLog:
+    def __init__(
+        self,
+        run_dir: str,
+        *,
+        rank: int,
+        total_steps: int,
+        start_step: int = 0,
+        tensorboard: bool = True,
+        progress: bool = True,
+        rollouts: bool = True,
+        wandb_project: str | None = None,
+    ):
+        self.run_dir, self.rank, self.active = run_dir, rank, rank == 0
+        self.write_rollouts = rollouts
+        self._tb = self._bar = self._wandb = None
+        if not self.active:
+            return
+        os.makedirs(os.path.join(run_dir, "rollouts"), exist_ok=True)
+        self._metrics = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+        if progress:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+        if wandb_project:
+            import wandb
+
+            self._wandb = wandb.init(project=wandb_project, dir=run_dir, resume="allow")
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        """One line of metrics.jsonl (plus TensorBoard, W&B, the bar) for ``step``."""
+        if not self.active:
+            return
+        clean = {k: (float(v) if v is not None and math.isfinite(float(v)) else None) for k, v in metrics.items()}
+        self._metrics.write(json.dumps({"step": step, "time": time.time(), **clean}) + "\n")
+        self._metrics.flush()
+        if self._tb is not None:
+            for k, v in clean.items():
+                if v is not None:
+                    self._tb.add_scalar(k, v, step)
+            self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(clean, step=step)
+        if self._bar is not None:
+            shown = {short: f"{clean[k]:.3g}" for short, k in BAR_KEYS if clean.get(k) is not None}
+            self._bar.set_postfix(shown, refresh=False)
+            self._bar.update(1) if "loss/total" in clean else self._bar.refresh()
+
+    def rollouts(self, step: int, rollouts: Sequence[Rollout]) -> None:
+        """OUT/rollouts/step_N.jsonl: every per-rollout field, one rollout a line."""
+        if not (self.active and self.write_rollouts):
+            return
+        path = os.path.join(self.run_dir, "rollouts", f"step_{step}.jsonl")
+        with open(path + ".tmp", "w") as f:
+            for r in rollouts:
+                f.write(json.dumps(r.to_json()) + "\n")
+        os.replace(path + ".tmp", path)
+
+    def message(self, text: str) -> None:
+        if self.active:
+            (self._bar.write if self._bar is not None else print)(text)
+
+    def close(self) -> None:
+        if not self.active:
+            return
+        self._metrics.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._bar is not None:
+            self._bar.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def read_metrics(run_dir: str) -> list[dict[str, Any]]:
+    """The rows of a run's metrics.jsonl."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,48 @@
+"""Train a student with SCOPE (or OPD, GRPO, KD).
+
+    deepspeed [--num_gpus N] scope_ds/train.py [--config recipes/X.yaml] [section.key=value ...]
+
+With no --config: the embedded toy run (toy models built on first use, the embedded rollout
+server on CPU). Also runs under torchrun, srun and mpirun, or as a plain single process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script (the deepspeed launcher does this)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from scope_ds.config import ConfigError, load_config  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", help="recipe YAML (default: the embedded toy run)")
+    ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. algo.tau=0.5 rollout.n=8")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    from scope_ds.pipeline import train
+    from scope_ds.run import Run
+
+    run = Run(cfg)
+    try:
+        train(run)
+    finally:
+        run.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
