@@ -145,6 +145,14 @@ class ServerProcess:
             pass
 
 
+def _with_our_package(env: dict[str, str] | None) -> dict[str, str]:
+    """The environment plus this checkout on PYTHONPATH: the server runs the same scope_ds as we do."""
+    out = dict(os.environ if env is None else env)
+    root = str(Path(__file__).resolve().parents[2])
+    out["PYTHONPATH"] = os.pathsep.join(p for p in (root, out.get("PYTHONPATH", "")) if p)
+    return out
+
+
 def launch(
     kind: str,
     model_path: str,
@@ -184,8 +192,9 @@ def launch(
                 extra_args=tuple(extra_args) + tuple(per_server_args[i] if per_server_args else ()),
             )
             cmd = sglang_command(spec) if kind == SGLANG else embedded_command(spec)
+            proc_env = env if kind == SGLANG else _with_our_package(env)
             log_path = Path(log_dir) / f"rollout_server_{i}_{port}.log"
-            procs.append(ServerProcess(cmd, f"http://{host}:{port}", log_path, env))
+            procs.append(ServerProcess(cmd, f"http://{host}:{port}", log_path, proc_env))
         deadline = time.monotonic() + wait_s
         for proc in procs:
             proc.wait_healthy(max(1.0, deadline - time.monotonic()))

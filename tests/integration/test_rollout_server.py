@@ -87,25 +87,26 @@ def test_concurrent_requests_are_batched_and_stay_exact(server, model):
     async def run() -> list:
         client = RolloutClient([server], timeout_s=60)
         try:
-            calls = []
+            tasks = []
             for i in range(12):
                 prompt = [1] + [10 + (i * 7 + j) % 90 for j in range(2 + i % 9)]
-                calls.append(
-                    client.generate(prompt, {"temperature": 1.0, "max_new_tokens": 16, "ignore_eos": True}, n=2)
-                )
-                await asyncio.sleep(0.01)  # staggered arrivals
-            return await asyncio.gather(*calls)
+                # The first request is long, so that the later ones find a running batch to join.
+                params = {"temperature": 1.0, "max_new_tokens": 48 if i == 0 else 16, "ignore_eos": True}
+                tasks.append(asyncio.ensure_future(client.generate(prompt, params, n=2)))
+                await asyncio.sleep(0.003)  # staggered arrivals
+            return await asyncio.gather(*tasks)
         finally:
             await client.aclose()
 
     groups = asyncio.run(run())
-    for group in groups:
+    for i, group in enumerate(groups):
         assert [r.group for r in group] == [0, 1]
         for r in group:
-            assert r.server == server and r.finish_reason == "length" and r.response_length == 16
+            assert r.server == server and r.finish_reason == "length" and r.response_length == (48 if i == 0 else 16)
             assert_matches_forward(model, r.prompt_ids, r.response_ids, r.behaviour_logprobs, 1.0)
     info = httpx.get(f"{server}/server_info", trust_env=False).json()
     assert info["internal_states"][0]["peak_running_reqs"] > 2
+    assert info["internal_states"][0]["joins_into_running_batch"] > 0
 
 
 BAD_REQUESTS = {
@@ -194,29 +195,38 @@ def test_abort_pause_aborts_and_client_resubmits_after_resume(server):
     assert [r.finish_reason != "abort" for r in rollouts] == [True, True]
 
 
-def test_retract_pause_keeps_requests_exact(server, model):
+def test_retract_pause_requeues_running_requests_and_stays_exact(server, model):
+    """A running batch is held in place, then retracted (cache dropped, prefix recomputed on resume)."""
     body = {
-        "input_ids": PROMPTS[0],
-        "sampling_params": {"max_new_tokens": 50, "ignore_eos": True},
+        "input_ids": PROMPTS[1],
+        "sampling_params": {"n": 24, "max_new_tokens": 60, "ignore_eos": True},
         "return_logprob": True,
     }
 
-    async def scenario() -> dict:
+    async def state(http: httpx.AsyncClient) -> tuple[int, int]:
+        s = (await http.get(f"{server}/server_info")).json()["internal_states"][0]
+        return s["num_running_reqs"], s["num_waiting_reqs"]
+
+    async def scenario() -> tuple[list, bool]:
         async with httpx.AsyncClient(timeout=60, trust_env=False) as http:
             task = asyncio.ensure_future(http.post(f"{server}/generate", json=body))
-            await asyncio.sleep(0.05)
-            await http.post(f"{server}/pause_generation", json={"mode": "retract"})
-            await asyncio.sleep(0.3)
-            if not task.done():  # it was running: retract put it back in the queue, cache dropped
-                state = (await http.get(f"{server}/server_info")).json()["internal_states"][0]
-                assert (state["num_running_reqs"], state["num_waiting_reqs"]) == (0, 1)
+            while (await state(http))[0] == 0 and not task.done():
+                await asyncio.sleep(0.002)
+            await http.post(f"{server}/pause_generation", json={"mode": "in_place"})
+            held = not task.done() and (await state(http)) == (24, 0)
+            if held:
+                await http.post(f"{server}/pause_generation", json={"mode": "retract"})
+                await asyncio.sleep(0.2)
+                assert await state(http) == (0, 24)
             await http.post(f"{server}/continue_generation", json={})
-            return (await task).json()
+            return (await task).json(), held
 
-    answer = asyncio.run(scenario())
-    assert len(answer["output_ids"]) == 50
-    lps = [e[0] for e in answer["meta_info"]["output_token_logprobs"]]
-    assert_matches_forward(model, PROMPTS[0], answer["output_ids"], lps, 1.0)
+    answers, held = asyncio.run(scenario())
+    assert held, "the batch finished before the pause: make the request longer"
+    for answer in answers:
+        assert len(answer["output_ids"]) == 60
+        lps = [e[0] for e in answer["meta_info"]["output_token_logprobs"]]
+        assert_matches_forward(model, PROMPTS[1], answer["output_ids"], lps, 1.0)
 
 
 def test_scoring_request_returns_input_logprobs(server, model):

@@ -105,3 +105,18 @@ def test_distributed_sync_reaches_both_servers(client, tmp_path, tiny_llama_buil
         assert_servers_serve(client, model2, before + 2)
     finally:
         sync.close()
+
+
+def test_refused_update_raises_keeps_version_and_leaves_servers_paused(client, tmp_path, tiny_llama_builder):
+    from scope_ds.rollout.client import RolloutServerError
+
+    before = max(client.weight_versions().values())
+    sync = DiskWeightSync(client, tmp_path / "shared")
+    with pytest.raises(RolloutServerError, match="unknown weight 'not.a.weight'"):
+        sync.update([("not.a.weight", torch.zeros(1))])
+    assert client.weight_versions() == dict.fromkeys(client.urls, before)
+    states = [httpx.get(f"{u}/server_info", trust_env=False).json()["internal_states"][0] for u in client.urls]
+    assert all(s["paused"] for s in states)  # no rollouts on a half-updated policy
+    model = random_model(tiny_llama_builder, tmp_path, seed=5)
+    assert sync.update(model.named_parameters()) == before + 1  # the next good update resumes them
+    assert_servers_serve(client, model, before + 1)

@@ -155,6 +155,7 @@ class Engine:
         self._updating = False
         self._closed = False
         self._peak_running = 0  # most rows decoded together so far (shows batching at work)
+        self._joins = 0  # admissions into a running batch (continuous batching at work)
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
 
     # ---- entry points (any thread) ---------------------------------------------------------------
@@ -212,6 +213,7 @@ class Engine:
                 "pause_mode": self._pause_mode if self._paused else None,
                 "updating_weights": self._updating,
                 "peak_running_reqs": self._peak_running,
+                "joins_into_running_batch": self._joins,
             }
 
     def busy(self) -> bool:
@@ -300,6 +302,7 @@ class Engine:
                 new = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
                 self._running = (batch.seqs if batch else []) + new
                 self._peak_running = max(self._peak_running, len(self._running))
+                self._joins += int(batch is not None and bool(new))
                 return batch, new
             return batch, []
 

@@ -27,7 +27,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--context-length", type=int, default=None, help="default: max_position_embeddings")
     p.add_argument("--max-running-requests", type=int, default=64, help="sequences decoded together at most")
     p.add_argument("--batch-wait-ms", type=float, default=5.0, help="idle wait for concurrent requests to batch")
-    p.add_argument("--num-threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--num-threads", type=int, default=None, help="torch intra-op threads (default: half the CPUs, 1-8)")
     p.add_argument(
         "--sglang-compat",
         default="0.5.23",
@@ -61,8 +61,9 @@ def _load_tokenizer(path: str):  # noqa: ANN202 - transformers' tokenizer classe
 def build_state(args: argparse.Namespace) -> ServerState:
     from transformers import AutoModelForCausalLM
 
-    if args.num_threads:
-        torch.set_num_threads(args.num_threads)
+    # Half the CPUs by default: the server shares the machine with the HTTP thread and, on a CPU
+    # run, with the trainer's ranks; oversubscribed intra-op threads were 8x slower on 2 busy cores.
+    torch.set_num_threads(args.num_threads or max(1, min(8, (os.cpu_count() or 2) // 2)))
     model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=getattr(torch, args.dtype))
     model.eval()
     context_len = int(getattr(model.config, "max_position_embeddings", 4096))

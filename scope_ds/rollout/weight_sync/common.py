@@ -46,7 +46,10 @@ def update_session(client: SyncRolloutClient, pause_mode: str = "abort") -> Iter
     try:
         yield
     except BaseException:
-        client.run(client.client.post_all("/end_weight_update", {}, ok_404=True))
+        try:
+            client.run(client.client.post_all("/end_weight_update", {}, ok_404=True))
+        except Exception:  # a dead server must not hide the error that broke the update
+            log.exception("end_weight_update after a failed update")
         log.error("weight update failed; rollout servers left paused until the next successful update")
         raise
     client.run(client.client.post_all("/end_weight_update", {}, ok_404=True))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import threading
 import urllib.parse
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -20,7 +21,13 @@ import torch
 from scope_ds.rollout.client import SyncRolloutClient
 from scope_ds.rollout.launcher import free_ports
 from scope_ds.rollout.weight_sync import group as pgroup
-from scope_ds.rollout.weight_sync.common import VersionCounter, check_results, check_versions, update_session
+from scope_ds.rollout.weight_sync.common import (
+    VersionCounter,
+    WeightSyncError,
+    check_results,
+    check_versions,
+    update_session,
+)
 
 Bucket = list[tuple[str, torch.Tensor]]
 
@@ -130,10 +137,25 @@ class DistributedWeightSync:
                 "backend": self.backend,
             }
             calls.append(self.client.submit(self.client.client.post_json(url, "/init_weights_update_group", body)))
-        self.group = pgroup.init_custom_group(
-            self.backend, self.master_address, port, 0, world_size, self.group_name, self.timeout_s
-        )
+        # Rank 0 joins in a daemon thread so that a server that refuses or is down fails this call
+        # at once (its HTTP error) instead of after the rendezvous timeout.
+        joined: dict[str, Any] = {}
+
+        def join() -> None:
+            try:
+                joined["group"] = pgroup.init_custom_group(
+                    self.backend, self.master_address, port, 0, world_size, self.group_name, self.timeout_s
+                )
+            except BaseException as exc:  # re-raised in the caller's thread below
+                joined["error"] = exc
+
+        thread = threading.Thread(target=join, name="weight-group-join", daemon=True)
+        thread.start()
         check_results(self.client.urls, [c.result(self.timeout_s) for c in calls], "init_weights_update_group")
+        thread.join(self.timeout_s)
+        if "group" not in joined:
+            raise WeightSyncError(f"trainer could not join the weight-update group: {joined.get('error', 'timeout')}")
+        self.group = joined["group"]
 
     def update(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
         """Broadcast every tensor to every server; returns the new policy version."""
