@@ -229,6 +229,35 @@ def test_retract_pause_requeues_running_requests_and_stays_exact(server, model):
         assert_matches_forward(model, PROMPTS[1], answer["output_ids"], lps, 1.0)
 
 
+def test_abort_request_by_rid(server):
+    control = httpx.Client(base_url=server, timeout=10, trust_env=False)
+    control.post("/pause_generation", json={"mode": "in_place"})  # keep it queued, deterministically
+
+    async def scenario() -> tuple[dict, dict, dict]:
+        async with httpx.AsyncClient(timeout=30, trust_env=False) as http:
+            mine = asyncio.ensure_future(
+                http.post(f"{server}/generate", json={"input_ids": PROMPTS[0], "rid": "job-7"})
+            )
+            other = asyncio.ensure_future(
+                http.post(
+                    f"{server}/generate", json={"input_ids": PROMPTS[1], "sampling_params": {"max_new_tokens": 3}}
+                )
+            )
+            await asyncio.sleep(0.3)
+            hit = (await http.post(f"{server}/abort_request", json={"rid": "job-7"})).json()
+            answer = (await mine).json()
+            await http.post(f"{server}/continue_generation", json={})
+            return hit, answer, (await other).json()
+
+    try:
+        hit, answer, other = asyncio.run(scenario())
+    finally:
+        control.post("/continue_generation", json={})
+    assert hit["success"] and "1" in hit["message"]
+    assert answer["meta_info"]["id"] == "job-7" and answer["meta_info"]["finish_reason"]["type"] == "abort"
+    assert other["meta_info"]["finish_reason"]["type"] in ("stop", "length")
+
+
 def test_scoring_request_returns_input_logprobs(server, model):
     """slime-style teacher scoring: max_new_tokens 0, logprob_start_len 0, log-probs at T = 1."""
     ids = PROMPTS[2]

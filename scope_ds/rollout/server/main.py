@@ -12,6 +12,7 @@ import uvicorn
 
 from scope_ds.rollout.server.app import ServerState, build_app
 from scope_ds.rollout.server.engine import Engine
+from scope_ds.rollout.weight_sync.group import EMBEDDED_BACKEND
 
 log = logging.getLogger("scope_ds.rollout.server")
 
@@ -82,6 +83,7 @@ def build_state(args: argparse.Namespace) -> ServerState:
     )
     server_args = {k: v for k, v in vars(args).items()}
     server_args.update(tp_size=1, pp_size=1, dp_size=1, context_length=context_len, pid=os.getpid())
+    server_args["weight_update_backend"] = EMBEDDED_BACKEND  # scope_ds extension: the trainer must match it
     return ServerState(
         engine=engine,
         model_path=args.model_path,

@@ -89,7 +89,8 @@ class DistributedReceiver:
     ) -> str:
         if group_name in self.groups:
             raise ValueError(f"group {group_name!r} already exists; destroy it first")
-        used = pgroup.server_backend(backend)
+        # "nccl" is accepted (SGLang clients send it) but a CPU model can only receive with gloo.
+        used = pgroup.EMBEDDED_BACKEND
         self.groups[group_name] = pgroup.init_custom_group(
             used, master_address, master_port, rank_offset, world_size, group_name
         )

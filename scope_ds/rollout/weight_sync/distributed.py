@@ -101,9 +101,13 @@ class DistributedWeightSync:
         pause_mode: str = "abort",
         timeout_s: float = 300.0,
     ) -> None:
-        """``ranks_per_server``: each server's world size (default: tp_size x pp_size from /server_info)."""
+        """``ranks_per_server``: each server's world size (default: tp_size x pp_size from /server_info).
+
+        ``backend``: default NCCL when this process has CUDA, else gloo; gloo whenever a server
+        announces it (the embedded server's ``weight_update_backend``).
+        """
         self.client = client
-        self.backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        self.backend = backend
         self.master_address = master_address or default_master_address(client.urls)
         self.master_port = master_port
         self.bucket_bytes = bucket_bytes
@@ -114,15 +118,23 @@ class DistributedWeightSync:
         self.versions = VersionCounter(client)
         self.group: torch.distributed.ProcessGroup | None = None
 
-    def _server_ranks(self) -> list[int]:
+    def _plan(self) -> list[int]:
+        """Each server's world size; also settles the backend from what the servers announce."""
+        infos = self.client.run(self.client.client.server_infos())
+        wanted = {i.get("weight_update_backend") for i in infos} - {None}
+        if len(wanted) > 1:
+            raise WeightSyncError(f"servers ask for different weight-update backends: {sorted(wanted)}")
+        if self.backend is not None and wanted and self.backend not in wanted:
+            raise WeightSyncError(f"backend {self.backend!r} asked for, but the servers receive with {sorted(wanted)}")
+        if self.backend is None:
+            self.backend = wanted.pop() if wanted else ("nccl" if torch.cuda.is_available() else "gloo")
         if self.ranks_per_server is not None:
             return list(self.ranks_per_server)
-        infos = self.client.run(self.client.client.server_infos())
         return [int(i.get("tp_size", 1)) * int(i.get("pp_size", 1)) for i in infos]
 
     def connect(self) -> None:
         """Create the group: the servers' HTTP joins are in flight while rank 0 joins here."""
-        ranks = self._server_ranks()
+        ranks = self._plan()
         offsets = [1 + sum(ranks[:i]) for i in range(len(ranks))]
         world_size = 1 + sum(ranks)
         port = self.master_port or free_ports(1, "0.0.0.0")[0]

@@ -49,8 +49,6 @@ def destroy_group(group: dist.ProcessGroup) -> None:
     dist.destroy_process_group(group)
 
 
-def server_backend(requested: str) -> str:
-    """The backend a server uses: NCCL needs CUDA, so a CPU server answers an "nccl" group with gloo."""
-    if requested == "nccl" and not torch.cuda.is_available():
-        return "gloo"
-    return requested
+# The embedded server keeps its model on the CPU, so it receives with gloo whatever the trainer
+# asks for, and says so in /server_info; a trainer that sees it uses gloo too (see distributed.py).
+EMBEDDED_BACKEND = "gloo"
