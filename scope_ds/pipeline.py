@@ -8,11 +8,13 @@ more than k versions old.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from typing import Any
 
 from scope_ds import stages
+from scope_ds.checkpoint import export_hf
 from scope_ds.run import Run, prompt_stream
 from scope_ds.stages import Batch
 
@@ -90,4 +92,6 @@ def train(run: Run, start_step: int = 0) -> dict[str, float]:
     finally:
         if producer:
             producer.close()
+    if cfg.checkpoint.export_hf:
+        export_hf(run, os.path.join(run.run_dir, "hf"))
     return last

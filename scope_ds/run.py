@@ -82,6 +82,40 @@ def prompt_stream(records: list[PromptRecord], seed: int, start: int = 0) -> Ite
         epoch, pos = epoch + 1, 0
 
 
+def build_engines(cfg: Config, algo, world: int, student_path: str, teacher_path: str):
+    """(student, teacher or None, reference or None, gradient-accumulation steps) on this rank.
+
+    The teacher engine exists only for algorithms that score with it (SCOPE, OPD); the reference
+    (the initial student) only for GRPO with a KL term.
+    """
+    c = cfg
+    global_rollouts = c.train.prompts_per_step * c.rollout.n
+    grad_accum = ds.steps_per_batch(global_rollouts, world, c.train.micro_batch_size)
+    common = dict(micro_batch_size=c.train.micro_batch_size, world_size=world, dtype=c.model.dtype)
+    student_ds = ds.build_ds_config(
+        c.train.ds_config,
+        grad_accum=grad_accum,
+        lr=c.train.lr,
+        weight_decay=c.train.weight_decay,
+        grad_clip=c.train.grad_clip,
+        warmup_steps=c.train.warmup_steps,
+        **common,
+    )
+    student = StudentEngine(
+        student_path,
+        student_ds,
+        c.model.dtype,
+        world_size=world,
+        gradient_checkpointing=c.model.gradient_checkpointing,
+        chunk=c.train.logprob_chunk,
+    )
+    infer_ds = ds.build_ds_config(c.train.teacher_ds_config, grad_accum=1, **common)
+    chunk = c.train.logprob_chunk
+    teacher = InferenceEngine(teacher_path, infer_ds, c.model.dtype, chunk) if algo.name in ("scope", "opd") else None
+    reference = InferenceEngine(student_path, infer_ds, c.model.dtype, chunk) if algo.needs_reference else None
+    return student, teacher, reference, grad_accum
+
+
 class Run:
     """Everything a training run holds. Built once; the pipeline only reads it (and the version)."""
 
@@ -100,7 +134,9 @@ class Run:
             raise ConfigError(f"data.source {cfg.data.source!r} has no usable prompts")
         self.verifier = get_verifier(verifier)
         self.policy_version = 0
-        self._build_engines(student_path, teacher_path)
+        self.student, self.teacher, self.reference, self.grad_accum = build_engines(
+            cfg, self.algo, self.world, student_path, teacher_path
+        )
         self.client = self.servers = self.weight_sync = None
         if self.rank == 0:
             save_config(cfg, os.path.join(self.run_dir, "config.yaml"))
@@ -113,41 +149,6 @@ class Run:
             progress=cfg.logging.progress,
             rollouts=cfg.logging.rollouts,
             wandb_project="scope_ds" if cfg.logging.wandb else None,
-        )
-
-    def _build_engines(self, student_path: str, teacher_path: str) -> None:
-        c = self.cfg
-        global_rollouts = c.train.prompts_per_step * c.rollout.n
-        self.grad_accum = ds.steps_per_batch(global_rollouts, self.world, c.train.micro_batch_size)
-        common = dict(micro_batch_size=c.train.micro_batch_size, world_size=self.world, dtype=c.model.dtype)
-        student_ds = ds.build_ds_config(
-            c.train.ds_config,
-            grad_accum=self.grad_accum,
-            lr=c.train.lr,
-            weight_decay=c.train.weight_decay,
-            grad_clip=c.train.grad_clip,
-            warmup_steps=c.train.warmup_steps,
-            **common,
-        )
-        self.student = StudentEngine(
-            student_path,
-            student_ds,
-            c.model.dtype,
-            world_size=self.world,
-            gradient_checkpointing=c.model.gradient_checkpointing,
-            chunk=c.train.logprob_chunk,
-        )
-        infer_ds = ds.build_ds_config(c.train.teacher_ds_config, grad_accum=1, **common)
-        needs_teacher_engine = self.algo.name in ("scope", "opd")
-        self.teacher = (
-            InferenceEngine(teacher_path, infer_ds, c.model.dtype, c.train.logprob_chunk)
-            if needs_teacher_engine
-            else None
-        )
-        self.reference = (
-            InferenceEngine(student_path, infer_ds, c.model.dtype, c.train.logprob_chunk)
-            if self.algo.needs_reference
-            else None
         )
 
     def _start_rollout(self, student_path: str, teacher_path: str) -> None:

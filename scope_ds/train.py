@@ -36,7 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     from scope_ds.pipeline import train
     from scope_ds.run import Run
 
-    run = Run(cfg)
+    try:
+        run = Run(cfg)
+    except (ConfigError, FileNotFoundError, ValueError) as e:  # bad input found while setting up: no work lost
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         train(run)
     finally:

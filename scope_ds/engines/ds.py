@@ -10,6 +10,7 @@ import copy
 import json
 import math
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -17,6 +18,9 @@ import torch
 # transformers imports torch._dynamo lazily; under zero.Init (which patches tensor constructors)
 # that import fails, so it happens here first.
 import torch._dynamo  # noqa: F401
+
+# DeepSpeed still calls collectives that torch renamed; the warning repeats every step.
+warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -1,0 +1,93 @@
+"""Launching real training runs (the deepspeed launcher, real ranks, real rollout servers) from tests."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    from scope_ds.rollout.launcher import free_ports
+
+    return free_ports(1)[0]
+
+
+def small_run_overrides(student: Path, teacher: Path, out: Path) -> list[str]:
+    """A run that takes seconds per step on CPU: 2 prompts x 4 rollouts, short answers."""
+    return [
+        f"model.student={student}",
+        f"model.teacher={teacher}",
+        f"logging.out_dir={out}",
+        "logging.progress=false",
+        "train.steps=2",
+        "train.prompts_per_step=2",
+        "rollout.n=4",
+        "rollout.max_new_tokens=12",
+        "train.micro_batch_size=2",
+        "train.lr=1e-3",
+        "checkpoint.export_hf=true",
+    ]
+
+
+def launch_train(args: list[str], ranks: int = 2, timeout: int = 600, launcher: str = "deepspeed"):
+    """Run scope_ds/train.py under the deepspeed launcher; returns the CompletedProcess."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    if launcher == "deepspeed":
+        cmd = [
+            sys.executable,
+            "-m",
+            "deepspeed.launcher.runner",
+            "--num_gpus",
+            str(ranks),
+            "--master_port",
+            str(free_port()),
+            str(REPO / "scope_ds" / "train.py"),
+            *args,
+        ]
+    else:
+        cmd = [sys.executable, str(REPO / "scope_ds" / "train.py"), *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def check_ok(proc) -> None:
+    assert proc.returncode == 0, f"training failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def load_weights(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def expected_scope_weights(rows: list[dict], tau: float = 1.0) -> dict[int, float]:
+    """SCOPE.md's Eq. 4 / 5 from the logged fields alone: per group and path, PPL^(+-1/tau) / sum."""
+    subsets = defaultdict(list)
+    for i, r in enumerate(rows):
+        if r["response_length"] > 0:
+            subsets[(r["group_id"], r["correct"])].append(i)
+    out = {i: 0.0 for i in range(len(rows))}
+    for (_, correct), members in subsets.items():
+        vals = {}
+        for i in members:
+            r = rows[i]
+            logp = sum(r["behaviour_logprobs"]) if correct else r["teacher_seq_logp"]
+            ppl = math.exp(-logp / r["response_length"])
+            vals[i] = ppl ** (1 / tau) if correct else ppl ** (-1 / tau)
+        total = sum(vals.values())
+        out.update({i: v / total for i, v in vals.items()})
+    return out
