@@ -258,6 +258,26 @@ def test_abort_request_by_rid(server):
     assert other["meta_info"]["finish_reason"]["type"] in ("stop", "length")
 
 
+def test_a_client_that_gives_up_frees_its_slots(server):
+    """A request whose client disconnected (e.g. its timeout) is aborted, not left queued or running."""
+    http = httpx.Client(base_url=server, timeout=10, trust_env=False)
+    http.post("/pause_generation", json={"mode": "in_place"})
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(
+                f"{server}/generate",
+                json={"input_ids": PROMPTS[0], "sampling_params": {"n": 4}},
+                timeout=0.3,
+                trust_env=False,
+            )
+        deadline = time.monotonic() + 5.0
+        while http.get("/server_info").json()["internal_states"][0]["num_waiting_reqs"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert http.get("/server_info").json()["internal_states"][0]["num_waiting_reqs"] == 0
+    finally:
+        http.post("/continue_generation", json={})
+
+
 def test_scoring_request_returns_input_logprobs(server, model):
     """slime-style teacher scoring: max_new_tokens 0, logprob_start_len 0, log-probs at T = 1."""
     ids = PROMPTS[2]
