@@ -127,7 +127,7 @@ def test_bad_input_fails_before_training_with_a_clear_error(pair, tmp_path, tiny
             f"model.student={student}",
             f"model.teacher={_other_vocab_teacher(tmp_path / 'other', tiny_llama_builder)}",
         ],
-        "unknown key algo.taux": ["algo.taux=1"],
+        "algo.taux": ["algo.taux=1"],
     }
     for message, args in cases.items():
         proc = launch_train([*args, f"logging.out_dir={tmp_path / 'run'}"], launcher="python", timeout=300)
