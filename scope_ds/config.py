@@ -82,6 +82,7 @@ class RolloutConfig:
     top_p: float = 1.0  # nucleus sampling
     top_k: int = -1  # -1 = whole vocabulary
     max_new_tokens: int = 64  # response length cap, tokens
+    seeded: bool = True  # seed every prompt's samples (sampling_seed) so that runs and resumes repeat exactly
     weight_sync: str = "disk"  # disk (safetensors folder + /update_weights_from_disk) | distributed (broadcast)
     bucket_mb: int = 512  # distributed sync: bytes per broadcast bucket, MB
     sync_dir: str = ""  # disk sync: shared folder for the weights ("" = OUT/weights)

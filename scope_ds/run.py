@@ -169,6 +169,8 @@ class Run:
                 log_dir=os.path.join(self.run_dir, "logs"),
                 random_seed=self.cfg.train.seed,
                 wait_s=c.startup_timeout_s,
+                # SGLang honours sampling_seed only in its deterministic mode
+                extra_args=["--enable-deterministic-inference"] if c.backend == "sglang" and c.seeded else [],
             )
         self.client = SyncRolloutClient(self.servers.urls, timeout_s=c.request_timeout_s, max_retries=c.retries)
         if not self.algo.uses_teacher_rollouts:

@@ -33,6 +33,13 @@ class Batch:
     times: dict[str, float] = field(default_factory=dict)  # stage -> busy seconds
 
 
+@dataclass
+class Failure:
+    """What rank 0 shares instead of a batch when generation failed, so every rank stops."""
+
+    message: str
+
+
 # ---------------------------------------------------------------------------------- rank 0 (HTTP)
 
 
@@ -49,6 +56,15 @@ def generate(run, batch: Batch) -> None:
     batch.rollouts = [r for group in groups for r in group]
 
 
+def sample_seeds(cfg, step: int, prompts: int) -> list[int] | None:
+    """Per-prompt sampling seeds of a step (sample j of prompt i uses seeds[i] + j), or None."""
+    if not cfg.rollout.seeded:
+        return None
+    n = cfg.rollout.n
+    base = (cfg.train.seed * 1_000_003 + step + 1) * prompts  # step -1 is evaluation
+    return [((base + i) * n) % 2**62 for i in range(prompts)]
+
+
 def verify(run, batch: Batch) -> None:
     """Decode each response and route it by the verifier's reward (rank 0)."""
     n = len(batch.rollouts) // len(batch.records)  # prompt-major: n rollouts per record
@@ -58,8 +74,8 @@ def verify(run, batch: Batch) -> None:
         r.correct = r.reward >= 1.0
 
 
-def share(run, batch: Batch | None) -> Batch:
-    """Rank 0's batch on every rank (one broadcast of Python objects)."""
+def share(run, batch: Batch | Failure | None) -> Batch | Failure:
+    """Rank 0's batch (or Failure) on every rank (one broadcast of Python objects)."""
     if run.world == 1:
         return batch
     box = [batch]

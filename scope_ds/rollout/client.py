@@ -137,6 +137,7 @@ class RolloutClient:
         prompt_id: str = "",
         group_id: str = "",
         return_logprob: bool = True,
+        seed: int | None = None,
     ) -> list[Rollout]:
         """``n`` rollouts of one prompt, in sample order, each with its producing server and version.
 
@@ -147,15 +148,19 @@ class RolloutClient:
         rollouts: list[Rollout | None] = [None] * n
         missing = list(range(n))
         for _ in range(self.max_abort_resubmits + 1):
-            params = {**sampling_params, "n": len(missing)}
-            body = protocol.build_generate_request([prompt], params, return_logprob=return_logprob)
+            if seed is None:
+                prompts, params, per = [prompt], {**sampling_params, "n": len(missing)}, len(missing)
+            else:  # sample j draws from sampling_seed = seed + j, however often it is resent
+                prompts, per = [prompt] * len(missing), 1
+                params = [{**sampling_params, "n": 1, "sampling_seed": seed + slot} for slot in missing]
+            body = protocol.build_generate_request(prompts, params, return_logprob=return_logprob)
             response = await self.request("POST", "/generate", body)
             assert response is not None
             server = str(response.request.url).removesuffix("/generate")
-            group = protocol.parse_generate_response(
-                _json(response), [prompt], len(missing), server=server, return_logprob=return_logprob
-            )[0]
-            for slot, rollout in zip(missing, group, strict=True):
+            groups = protocol.parse_generate_response(
+                _json(response), prompts, per, server=server, return_logprob=return_logprob
+            )
+            for slot, rollout in zip(missing, [r for g in groups for r in g], strict=True):
                 rollouts[slot] = rollout
             missing = [slot for slot in missing if rollouts[slot].finish_reason == "abort"]  # type: ignore[union-attr]
             if not missing:
@@ -174,13 +179,18 @@ class RolloutClient:
         prompt_ids: Sequence[str] | None = None,
         group_ids: Sequence[str] | None = None,
         return_logprob: bool = True,
+        seeds: Sequence[int] | None = None,
     ) -> list[list[Rollout]]:
-        """One concurrent request per prompt (so prompts spread over the servers); groups in prompt order."""
+        """One concurrent request per prompt (so prompts spread over the servers); groups in prompt order.
+
+        ``seeds[i]``: prompt i's samples use sampling_seed seeds[i] + j (reproducible whatever the
+        batching; SGLang needs --enable-deterministic-inference for it)."""
         pids = prompt_ids if prompt_ids is not None else [str(i) for i in range(len(prompts))]
         gids = group_ids if group_ids is not None else pids
+        seed_list = list(seeds) if seeds is not None else [None] * len(prompts)
         calls = [
-            self.generate(p, sampling_params, n=n, prompt_id=pid, group_id=gid, return_logprob=return_logprob)
-            for p, pid, gid in zip(prompts, pids, gids, strict=True)
+            self.generate(p, sampling_params, n=n, prompt_id=pid, group_id=gid, return_logprob=return_logprob, seed=sd)
+            for p, pid, gid, sd in zip(prompts, pids, gids, seed_list, strict=True)
         ]
         return list(await asyncio.gather(*calls))
 

@@ -63,15 +63,16 @@ def logprob_temperature(temperature: float) -> float:
 
 def build_generate_request(
     prompts: Sequence[Sequence[int]],
-    sampling_params: dict[str, Any],
+    sampling_params: dict[str, Any] | Sequence[dict[str, Any]],
     *,
     return_logprob: bool = True,
     rid: str | None = None,
 ) -> dict[str, Any]:
     """The JSON body of one POST /generate for a batch of tokenised prompts.
 
-    ``sampling_params`` may hold ``n``; results then come back prompt-major. A single prompt is
-    sent in the flat ``input_ids: [int, ...]`` form so that the answer is one object when n = 1.
+    ``sampling_params`` may hold ``n``; results then come back prompt-major. It may also be a list,
+    one object per prompt (then n must be 1, as SGLang requires). A single prompt is sent in the flat
+    ``input_ids: [int, ...]`` form so that the answer is one object when n = 1.
     Raises ProtocolError for what every server would refuse, before any bytes are sent.
     """
     if not prompts:
@@ -79,16 +80,21 @@ def build_generate_request(
     for i, prompt in enumerate(prompts):
         if len(prompt) == 0:
             raise ProtocolError(f"prompt {i} is empty")
-    unknown = sorted(set(sampling_params) - SAMPLING_KEYS)
-    if unknown:
-        raise ProtocolError(f"unknown sampling parameter(s) {unknown}; SGLang accepts {sorted(SAMPLING_KEYS)}")
-    if int(sampling_params.get("n", 1)) < 1:
-        raise ProtocolError(f"n must be >= 1, got {sampling_params.get('n')}")
+    per_prompt = not isinstance(sampling_params, dict)
+    params_list = list(sampling_params) if per_prompt else [sampling_params]
+    if per_prompt and len(params_list) != len(prompts):
+        raise ProtocolError(f"{len(params_list)} sampling_params objects for {len(prompts)} prompts")
+    for params in params_list:
+        unknown = sorted(set(params) - SAMPLING_KEYS)
+        if unknown:
+            raise ProtocolError(f"unknown sampling parameter(s) {unknown}; SGLang accepts {sorted(SAMPLING_KEYS)}")
+        if int(params.get("n", 1)) < 1 or (per_prompt and int(params.get("n", 1)) != 1):
+            raise ProtocolError(f"n must be >= 1 (and 1 with per-prompt sampling_params), got {params.get('n')}")
     ids: list[int] | list[list[int]]
     ids = [int(t) for t in prompts[0]] if len(prompts) == 1 else [[int(t) for t in p] for p in prompts]
     body: dict[str, Any] = {
         "input_ids": ids,
-        "sampling_params": dict(sampling_params),
+        "sampling_params": [dict(p) for p in params_list] if per_prompt else dict(sampling_params),
         "return_logprob": return_logprob,
         # -1: output tokens only; the trainer recomputes prompt log-probs itself if it needs them.
         "logprob_start_len": -1,

@@ -47,6 +47,10 @@ class _Seq:
         self.abort_msg: str | None = None
         self.stop_str: str | None = None
         self.t0 = time.perf_counter()
+        # A seeded request samples from its own generator: its tokens do not depend on batching.
+        self.generator: torch.Generator | None = None
+        if item.spec.seed is not None:
+            self.generator = torch.Generator().manual_seed(item.spec.seed)
 
     def prefix(self) -> list[int]:
         return self.item.prompt_ids + self.output_ids
@@ -378,7 +382,9 @@ class Engine:
 
     def _decode(self, batch: _Batch) -> _Batch | None:
         """Sample one token per row, retire finished rows, run the next batched forward."""
-        tokens_B, logprobs_B, logprobs_BV = sample_next(batch.logits_BV, batch.sampling, self.generator)
+        tokens_B, logprobs_B, logprobs_BV = sample_next(
+            batch.logits_BV, batch.sampling, self.generator, [s.generator for s in batch.seqs]
+        )
         keep = []
         for i, seq in enumerate(batch.seqs):
             token = int(tokens_B[i])

@@ -6,6 +6,7 @@ rules and the messages follow SGLang 0.5.23's GenerateReqInput and SamplingParam
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import uuid
 from collections.abc import Callable
@@ -29,7 +30,6 @@ _UNSUPPORTED_DEFAULTS: dict[str, Any] = {
     "stop_regex": None,
     "custom_params": None,
     "logit_bias": None,
-    "sampling_seed": None,
 }
 
 # Top-level fields that may be per-prompt lists; SGLang refuses lists for them when n > 1.
@@ -81,6 +81,7 @@ def parse_sampling_params(raw: Any, has_tokenizer: bool) -> SamplingSpec:
     min_p = _as_float(p.get("min_p", 0.0), "min_p")
     max_new = _as_int(p.get("max_new_tokens", 128), "max_new_tokens")
     n = _as_int(p.get("n", 1), "n")
+    seed = None if p.get("sampling_seed") is None else _as_int(p["sampling_seed"], "sampling_seed")
     if temperature < 0.0:
         raise ProtocolError(f"temperature must be a non-negative finite number, got {temperature}.")
     if not 0.0 < top_p <= 1.0:
@@ -112,6 +113,7 @@ def parse_sampling_params(raw: Any, has_tokenizer: bool) -> SamplingSpec:
         skip_special_tokens=bool(p.get("skip_special_tokens", True)),
         no_stop_trim=bool(p.get("no_stop_trim", False)),
         n=n,
+        seed=seed,
     )
 
 
@@ -191,11 +193,12 @@ def parse_generate(
         if bad:
             raise ProtocolError(f"token id {bad[0]} in prompt {i} is outside the vocabulary [0, {vocab_size})")
         parent = str(rids[i]) if rids[i] is not None else uuid.uuid4().hex
-        for _ in range(n):
+        for j in range(n):
             items.append(
                 GenItem(
                     prompt_ids=prompt,
-                    spec=spec,
+                    # sample j of a seeded request draws from seed + j: n samples, not n copies
+                    spec=spec if spec.seed is None or j == 0 else dataclasses.replace(spec, seed=spec.seed + j),
                     rid=parent if n == 1 else uuid.uuid4().hex,
                     parent_rid=parent,
                     return_logprob=bool(want_lp[i]),

@@ -30,6 +30,7 @@ class SamplingSpec:
     skip_special_tokens: bool = True  # decoding option for "text"
     no_stop_trim: bool = False  # keep a matched stop string in "text"
     n: int = 1  # samples per prompt
+    seed: int | None = None  # sampling_seed: this sequence draws from its own generator (batch-independent)
 
 
 @dataclass
@@ -82,10 +83,15 @@ def _truncated_probs(probs_BV: torch.Tensor, bs: BatchSampling) -> torch.Tensor:
 
 
 def sample_next(
-    logits_BV: torch.Tensor, bs: BatchSampling, generator: torch.Generator | None = None
+    logits_BV: torch.Tensor,
+    bs: BatchSampling,
+    generator: torch.Generator | None = None,
+    row_generators: list[torch.Generator | None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sample one token per row.
 
+    Rows with their own generator in ``row_generators`` (seeded requests) draw from it alone, so
+    their samples do not depend on what else is in the batch; the others share ``generator``.
     Returns (tokens_B, logprobs_B, logprobs_BV): the chosen ids, their log-probs under the
     reporting convention of this module, and the full log-prob rows (for top_logprobs_num).
     """
@@ -95,9 +101,13 @@ def sample_next(
     sample_rows = ~bs.greedy_B
     if bool(sample_rows.any()):
         probs_BV = _truncated_probs(logprobs_BV.exp(), bs)
-        drawn_B = torch.multinomial(probs_BV[sample_rows], 1, generator=generator).squeeze(-1)
         tokens_B = tokens_B.clone()
-        tokens_B[sample_rows] = drawn_B
+        own = torch.tensor([g is not None for g in row_generators or [None] * len(tokens_B)], dtype=torch.bool)
+        shared_rows = sample_rows & ~own
+        if bool(shared_rows.any()):
+            tokens_B[shared_rows] = torch.multinomial(probs_BV[shared_rows], 1, generator=generator).squeeze(-1)
+        for i in torch.nonzero(sample_rows & own).flatten().tolist():
+            tokens_B[i] = torch.multinomial(probs_BV[i], 1, generator=row_generators[i]).squeeze(-1)
     logprobs_B = logprobs_BV.gather(-1, tokens_B[:, None]).squeeze(-1)
     return tokens_B, logprobs_B, logprobs_BV
 
