@@ -211,7 +211,7 @@ def _sum_over_ranks(run, sums: dict[str, float]) -> dict[str, float]:
     names = sorted({k for part in keys for k in part})
     vec = torch.tensor([sums.get(k, 0.0) for k in names], dtype=torch.float64)
     dist.all_reduce(vec)
-    return dict(zip(names, vec.tolist()))
+    return dict(zip(names, vec.tolist(), strict=True))
 
 
 def sync(run) -> None:

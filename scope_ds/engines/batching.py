@@ -51,7 +51,7 @@ def collate(rollouts: Sequence[Rollout | None], rows: Sequence[int], pad_id: int
     index = torch.zeros((b, t_max), dtype=torch.long)
     mask = torch.zeros((b, t_max), dtype=torch.bool)
     old = torch.zeros((b, t_max), dtype=torch.float32)
-    for i, (s, plen, rlen) in enumerate(zip(seqs, plens, rlens)):
+    for i, (s, plen, rlen) in enumerate(zip(seqs, plens, rlens, strict=True)):
         ids[i, : len(s)] = torch.tensor(s)
         attn[i, : len(s)] = 1
         targets[i, : len(s) - 1] = torch.tensor(s[1:], dtype=torch.long)

@@ -10,6 +10,7 @@ import copy
 import json
 import math
 import os
+import socket
 import warnings
 from typing import Any
 
@@ -35,8 +36,9 @@ def resolve_path(path: str) -> str:
 def init_distributed() -> tuple[int, int]:
     """Join (or create) the process group DeepSpeed uses; returns (rank, world size).
 
-    Works under the deepspeed launcher, torchrun, srun (SLURM_* variables) and mpirun (OMPI_*),
-    and as a single process with no launcher at all.
+    Works under the deepspeed launcher, torchrun, srun (SLURM_* variables) and mpirun (through
+    mpi4py when it is installed, else OMPI_* / PMI_* variables), and as a single process with no
+    launcher at all.
     """
     import deepspeed
 
@@ -45,9 +47,13 @@ def init_distributed() -> tuple[int, int]:
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
 
 
+# Variables that say an MPI launcher started this process (Open MPI, MPICH / Intel MPI, PMIx).
+_MPI_MARKERS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK")
+
+
 def _env_from_launcher() -> None:
     env = os.environ
-    if "RANK" not in env:
+    if "RANK" not in env and not _env_from_mpi():
         for rank_key, size_key, local_key in (
             ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
             ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
@@ -62,6 +68,41 @@ def _env_from_launcher() -> None:
     env.setdefault("MASTER_ADDR", "127.0.0.1")
     env.setdefault("MASTER_PORT", "29500")
     env.setdefault("LOCAL_RANK", "0")
+
+
+def _env_from_mpi() -> bool:
+    """Under mpirun with mpi4py installed: RANK, WORLD_SIZE, LOCAL_RANK, and rank 0's address and a
+    free port there as MASTER_ADDR / MASTER_PORT (unless set), the same on every rank. False when
+    no MPI launcher started us or mpi4py is missing (the caller then reads the launcher's variables).
+
+    MPI is finalised again at once: it only finds the ranks; torch.distributed does the talking.
+    """
+    env = os.environ
+    if not any(key in env for key in _MPI_MARKERS):
+        return False
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        return False
+    world = MPI.COMM_WORLD
+    node = world.Split_type(MPI.COMM_TYPE_SHARED)  # the ranks on this machine
+    master = None
+    if world.Get_rank() == 0:
+        one_node = node.Get_size() == world.Get_size()
+        addr = env.get("MASTER_ADDR") or ("127.0.0.1" if one_node else socket.gethostname())
+        master = (addr, env.get("MASTER_PORT") or str(_free_port()))
+    addr, port = world.bcast(master, root=0)
+    env.update(RANK=str(world.Get_rank()), WORLD_SIZE=str(world.Get_size()), LOCAL_RANK=str(node.Get_rank()))
+    env.update(MASTER_ADDR=addr, MASTER_PORT=port)
+    node.Free()
+    MPI.Finalize()
+    return True
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
 
 
 def build_ds_config(
