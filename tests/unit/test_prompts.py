@@ -1,0 +1,108 @@
+"""Prompt loading from local JSONL / JSON / parquet files through Hugging Face `datasets`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from scope_ds.data.prompts import EmptyDatasetError, load_prompts
+
+ROWS = [
+    {"question": "1+1?", "answer": "2", "uid": "a"},
+    {"question": "2+2?", "uid": "b"},  # no answer field
+    {"question": "3+3?", "answer": None, "uid": "c"},  # null answer
+    {"question": "4+4?", "answer": 8, "uid": "d"},  # numbers become strings
+]
+TEMPLATE = "Q: {prompt}\nA:"
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _write_parquet(path: Path, rows: list[dict]) -> Path:
+    import pandas as pd
+
+    pd.DataFrame(rows).to_parquet(path)
+    return path
+
+
+def test_jsonl_rows_without_answer_are_skipped_and_counted(tmp_path: Path) -> None:
+    loaded = load_prompts(str(_write_jsonl(tmp_path / "set.jsonl", ROWS)), prompt_key="question", template=TEMPLATE)
+    assert (loaded.n_rows, loaded.n_skipped) == (4, 2)
+    assert [r.prompt for r in loaded] == ["Q: 1+1?\nA:", "Q: 4+4?\nA:"]
+    assert [r.answer for r in loaded] == ["2", "8"]
+    assert [r.prompt_id for r in loaded] == ["set:0", "set:3"]
+    assert isinstance(loaded, list) and loaded[-1:] == [loaded[1]]  # slices like a list
+
+
+def test_parquet_loads_with_id_field(tmp_path: Path) -> None:
+    rows = [{"question": "x?", "answer": "1", "uid": "p1"}, {"question": "y?", "answer": "", "uid": "p2"}]
+    loaded = load_prompts(
+        str(_write_parquet(tmp_path / "set.parquet", rows)), prompt_key="question", template=TEMPLATE, id_key="uid"
+    )
+    assert [(r.prompt_id, r.answer) for r in loaded] == [("p1", "1")]
+    assert loaded.n_skipped == 1  # a blank answer counts as missing
+
+
+def test_json_array_and_custom_answer_field(tmp_path: Path) -> None:
+    path = tmp_path / "set.json"
+    path.write_text(json.dumps([{"problem": "p", "solution": "\\frac{1}{2}"}]))
+    loaded = load_prompts(str(path), prompt_key="problem", answer_key="solution", template="{prompt} ({problem})")
+    assert loaded[0].prompt == "p (p)"  # other fields of the row are usable in the template too
+    assert loaded[0].answer == "\\frac{1}{2}"
+
+
+def test_missing_answer_refused_by_switch_names_the_row(tmp_path: Path) -> None:
+    path = _write_jsonl(tmp_path / "set.jsonl", ROWS)
+    with pytest.raises(ValueError, match=r"row 1 \(prompt_id b\).*'answer'"):
+        load_prompts(str(path), prompt_key="question", id_key="uid", missing_answer="error")
+
+
+@pytest.mark.parametrize("name,content", [("e.jsonl", ""), ("e.json", "[]\n"), ("e.parquet", None)])
+def test_empty_dataset_is_a_clear_error(tmp_path: Path, name: str, content: str | None) -> None:
+    path = tmp_path / name
+    if content is None:
+        _write_parquet(path, [{"question": "q", "answer": "a"}][:0])
+    else:
+        path.write_text(content)
+    with pytest.raises(EmptyDatasetError, match="is empty"):
+        load_prompts(str(path))
+
+
+def test_no_row_with_an_answer_is_an_error(tmp_path: Path) -> None:
+    path = _write_jsonl(tmp_path / "set.jsonl", [{"question": "q"}])
+    with pytest.raises(EmptyDatasetError, match="none of its 1 rows has an answer in field 'answer'"):
+        load_prompts(str(path), prompt_key="question")
+
+
+def test_missing_prompt_field_names_field_and_row(tmp_path: Path) -> None:
+    path = _write_jsonl(tmp_path / "set.jsonl", ROWS[:1])
+    with pytest.raises(ValueError, match="row 0 has no prompt field 'problem'"):
+        load_prompts(str(path), prompt_key="problem")
+
+
+def test_template_field_missing_names_field_and_row(tmp_path: Path) -> None:
+    path = _write_jsonl(tmp_path / "set.jsonl", ROWS[:1])
+    with pytest.raises(ValueError, match="'level'.*row 0"):
+        load_prompts(str(path), prompt_key="question", template="{prompt} {level}")
+
+
+def test_bad_missing_answer_switch(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="missing_answer must be 'skip' or 'error'"):
+        load_prompts(str(_write_jsonl(tmp_path / "set.jsonl", ROWS)), missing_answer="drop")
+
+
+def test_missing_local_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        load_prompts(str(tmp_path / "nope.jsonl"))
+
+
+def test_folder_of_jsonl_files(tmp_path: Path) -> None:
+    _write_jsonl(tmp_path / "a.jsonl", ROWS[:1])
+    _write_jsonl(tmp_path / "b.jsonl", ROWS[3:])
+    loaded = load_prompts(str(tmp_path), prompt_key="question", template=TEMPLATE)
+    assert [r.answer for r in loaded] == ["2", "8"]
