@@ -1,0 +1,264 @@
+"""Avg@k / Pass@k of one or more models on the math benchmarks (and the toy task).
+
+    python -m scope_ds.evaluate --model DIR_OR_URL [--model ...] \\
+        --benchmarks aime24,aime25,amc23,math500,minerva,olympiadbench --n 32 \\
+        [--temperature 0.6 --top-p 0.95 --top-k 20 --max-new-tokens 12288] [--out DIR] [--backend embedded|sglang]
+
+A model folder gets its own rollout server(s) for the run (the embedded CPU server, or SGLang with
+``--backend sglang``), stopped by pid at the end; a URL attaches to a running server. Writes to
+OUT: results.json, results.md (the paper's Table 1 layout), pass_at_k_<benchmark>.png (every model
+overlaid) and samples_<model>_<benchmark>.jsonl (every sample, verified). See docs/evaluation.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from scope_ds.data.benchmarks import Benchmark, BenchmarkError, load_benchmark, parse_benchmarks
+from scope_ds.evaluation import report
+from scope_ds.evaluation.estimators import summarize
+from scope_ds.evaluation.sampling import EvalSample, eval_sampling_params, sample_and_verify
+from scope_ds.rollout.client import RolloutServerError, SyncRolloutClient
+from scope_ds.rollout.launcher import RolloutServers, ServerLaunchError
+
+
+class EvalError(RuntimeError):
+    """A bad argument or model; main prints it without a traceback."""
+
+
+@dataclass(frozen=True)
+class ModelTarget:
+    label: str  # the row name in the table and the plots
+    source: str  # model folder or server URL
+    is_url: bool
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m scope_ds.evaluate", description=__doc__.split("\n")[0])
+    p.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        metavar="[LABEL=]DIR_OR_URL",
+        help="model folder (a server is started for it) or rollout server URL; repeat to compare",
+    )
+    p.add_argument(
+        "--benchmarks",
+        required=True,
+        help="comma-separated: aime24, aime25, amc23, math500, minerva, olympiadbench, toy, or NAME=FILE",
+    )
+    p.add_argument(
+        "--source",
+        action="append",
+        default=[],
+        metavar="NAME=SOURCE",
+        help="load a named benchmark from a local file or another hub dataset REPO[@CONFIG][:SPLIT]",
+    )
+    p.add_argument("--question-field", help="question field of local/hub rows (default: question, problem, ...)")
+    p.add_argument("--answer-field", help="answer field of local/hub rows (default: answer, final_answer, ...)")
+    p.add_argument("--n", type=int, default=32, help="samples per prompt (Avg@n, Pass@k for k = 1, 2, 4, ..., n)")
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--top-k", type=int, default=20)
+    p.add_argument("--max-new-tokens", type=int, default=12288, help="capped by the server at the context length")
+    p.add_argument("--limit", type=int, help="first N prompts of each benchmark only (smoke runs)")
+    p.add_argument("--toy-prompts", type=int, default=128, help="prompts of the toy benchmark (held-out split)")
+    p.add_argument("--no-chat-template", action="store_true", help="plain prompts even if the tokenizer has one")
+    p.add_argument("--tokenizer", help="tokenizer folder for URL models (default: the server's tokenizer_path)")
+    p.add_argument("--out", default="eval_out", help="output folder (created)")
+    p.add_argument("--backend", choices=("embedded", "sglang"), default="embedded")
+    p.add_argument("--num-servers", type=int, default=1, help="servers per model folder (data parallel)")
+    p.add_argument("--gpus-per-server", type=int, default=1, help="SGLang tensor-parallel size")
+    p.add_argument("--server-arg", action="append", default=[], help="extra server flag, repeatable")
+    p.add_argument("--server-timeout", type=float, default=900.0, help="seconds to wait for servers to be healthy")
+    p.add_argument("--seed", type=int, default=0, help="server sampling seed, bootstrap seed, toy split seed")
+    p.add_argument("--bootstrap-resamples", type=int, default=1000)
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    for name in (
+        "n",
+        "top_k",
+        "max_new_tokens",
+        "num_servers",
+        "gpus_per_server",
+        "toy_prompts",
+        "bootstrap_resamples",
+    ):
+        value = getattr(args, name)
+        if value < 1 and not (name == "top_k" and value == -1):
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    if args.limit is not None and args.limit < 1:
+        p.error(f"--limit must be >= 1, got {args.limit}")
+    return args
+
+
+def model_targets(specs: Sequence[str]) -> list[ModelTarget]:
+    """Targets from ``[LABEL=]DIR_OR_URL``; a folder must exist and hold config.json."""
+    targets: list[ModelTarget] = []
+    for spec in specs:
+        label, eq, source = spec.partition("=")
+        if not eq or not re.fullmatch(r"[\w.+-]+", label):
+            label, source = "", spec
+        is_url = source.startswith(("http://", "https://"))
+        if not is_url:
+            folder = Path(source).expanduser()
+            if not folder.is_dir():
+                raise EvalError(f"model folder {source!r} does not exist")
+            if not (folder / "config.json").is_file():
+                raise EvalError(f"model folder {source!r} has no config.json (not a Hugging Face model folder)")
+        label = label or (source.split("//", 1)[1].rstrip("/") if is_url else Path(source).resolve().name)
+        taken = {t.label for t in targets}
+        unique, i = label, 2
+        while unique in taken:
+            unique, i = f"{label}#{i}", i + 1
+        targets.append(ModelTarget(unique, source, is_url))
+    return targets
+
+
+def load_tokenizer(target: ModelTarget, tokenizer_dir: str | None, urls: Sequence[str]) -> Any:
+    """The model folder's tokenizer; for a URL, --tokenizer or the server's tokenizer_path."""
+    from transformers import AutoTokenizer
+
+    path = tokenizer_dir if target.is_url else target.source
+    if path is None:
+        import httpx
+
+        info = httpx.get(f"{urls[0]}/model_info", timeout=30.0, trust_env=False).json()
+        path = info.get("tokenizer_path")
+        if not path or not Path(path).is_dir():
+            raise EvalError(f"server {target.source} reports no local tokenizer ({path!r}); pass --tokenizer DIR")
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise EvalError(f"cannot load the tokenizer of {target.label!r} from {path!r}: {exc}") from exc
+
+
+@contextmanager
+def serving(target: ModelTarget, args: argparse.Namespace, log_dir: Path) -> Iterator[list[str]]:
+    """The server URLs for a model: attached, or started now and stopped (by pid) on exit."""
+    if target.is_url:
+        yield RolloutServers.attach([target.source], timeout_s=min(args.server_timeout, 60.0)).urls
+        return
+    servers = RolloutServers.start(
+        args.backend,
+        target.source,
+        count=args.num_servers,
+        gpus_per_server=args.gpus_per_server,
+        log_dir=log_dir,
+        random_seed=args.seed,
+        wait_s=args.server_timeout,
+        extra_args=args.server_arg,
+    )
+    try:
+        yield servers.urls
+    finally:
+        servers.stop()
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^\w.+-]+", "_", name)
+
+
+def write_samples(path: Path, model: str, benchmark: str, groups: list[list[EvalSample]]) -> None:
+    with open(path, "w") as f:
+        for group in groups:
+            for s in group:
+                f.write(json.dumps({"model": model, "benchmark": benchmark, **s.to_json()}) + "\n")
+
+
+def evaluate_model(
+    target: ModelTarget, benchmarks: Sequence[Benchmark], args: argparse.Namespace, out: Path
+) -> dict[str, Any]:
+    """One model on every benchmark: its results.json entry; samples files written on the way."""
+    from tqdm import tqdm
+
+    summaries: dict[str, Any] = {}
+    with serving(target, args, out / "logs") as urls:
+        tokenizer = load_tokenizer(target, args.tokenizer, urls)
+        params = eval_sampling_params(tokenizer, args.temperature, args.top_p, args.top_k, args.max_new_tokens)
+        total = sum(len(b.records) for b in benchmarks) * args.n
+        with (
+            SyncRolloutClient(urls, timeout_s=3600.0) as client,
+            tqdm(total=total, unit="sample", desc=target.label, disable=args.no_progress, dynamic_ncols=True) as bar,
+        ):
+            for bench in benchmarks:
+                bar.set_postfix_str(bench.name)
+                groups = sample_and_verify(
+                    client, tokenizer, bench.records, bench.verifier, args.n, params,
+                    chat_template=not args.no_chat_template, progress=bar,
+                )  # fmt: skip
+                write_samples(
+                    out / f"samples_{_safe(target.label)}_{_safe(bench.name)}.jsonl", target.label, bench.name, groups
+                )
+                samples = [s for g in groups for s in g]
+                summaries[bench.name] = {
+                    **summarize(
+                        [[s.correct for s in g] for g in groups], resamples=args.bootstrap_resamples, seed=args.seed
+                    ),
+                    "response_length_mean": sum(s.response_length for s in samples) / len(samples),
+                    "truncated_share": sum(s.finish_reason == "length" for s in samples) / len(samples),
+                    "source": bench.source,
+                }
+    return {
+        "label": target.label,
+        "source": target.source,
+        "benchmarks": summaries,
+        "average": report.average(summaries),
+    }
+
+
+def write_outputs(results: dict[str, Any], names: Sequence[str], n: int, out: Path) -> None:
+    report.write_json(results, out / "results.json")
+    (out / "results.md").write_text(report.markdown_table(results, names, n))
+    for name in [*names, "average"]:
+        report.plot_pass_at_k(results, name, out / f"pass_at_k_{_safe(name)}.png")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Check every input, then evaluate model after model; outputs are rewritten after each model."""
+    targets = model_targets(args.model)
+    sources = {}
+    for item in args.source:
+        name, eq, source = item.partition("=")
+        if not eq:
+            raise EvalError(f"--source expects NAME=SOURCE, got {item!r}")
+        sources[name.strip()] = source.strip()
+    specs = parse_benchmarks(args.benchmarks, sources, args.question_field, args.answer_field)
+    benchmarks = [load_benchmark(s, args.toy_prompts, args.seed, args.limit) for s in specs]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {k: getattr(args, k) for k in ("n", "temperature", "top_p", "top_k", "max_new_tokens", "seed")}
+    settings.update(benchmarks={b.name: b.source for b in benchmarks}, bootstrap_resamples=args.bootstrap_resamples)
+    results: dict[str, Any] = {"settings": settings, "models": []}
+    names = [b.name for b in benchmarks]
+    for target in targets:
+        t0 = time.perf_counter()
+        results["models"].append(evaluate_model(target, benchmarks, args, out))
+        results["models"][-1]["seconds"] = round(time.perf_counter() - t0, 1)
+        write_outputs(results, names, args.n, out)
+    print(report.markdown_table(results, names, args.n))
+    print(f"results in {out}/ (results.json, results.md, pass_at_k_*.png, samples_*.jsonl)")
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        run(args)
+    except (EvalError, BenchmarkError, ServerLaunchError, RolloutServerError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""Sample n responses per prompt through the rollout servers and verify them.
+
+Shared by ``python -m scope_ds.evaluate`` and the trainer's in-training evaluation: both pass a
+:class:`~scope_ds.rollout.client.SyncRolloutClient` and a tokenizer, so nothing here knows about
+DeepSpeed, the run or the pipeline. Prompts are tokenised here (the chat template when the
+tokenizer has one) and sent as token ids, as the trainer's rollouts are.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from scope_ds.data.record import PromptRecord
+from scope_ds.evaluation.estimators import avg_at_k, k_values, pass_at_k
+from scope_ds.rollout.client import RolloutServerError, SyncRolloutClient
+
+Verifier = Callable[[str, str], float]
+
+
+@dataclass
+class EvalSample:
+    """One verified response; a line of OUT/samples_*.jsonl."""
+
+    prompt_id: str  # the benchmark's id of the prompt
+    sample: int  # index among the prompt's n samples
+    answer: str  # reference answer
+    text: str  # decoded response (special tokens skipped), what the verifier read
+    correct: bool  # verifier reward == 1
+    response_length: int  # response tokens, including a matched EOS / stop token
+    finish_reason: str  # "stop" or "length" (truncated at max_new_tokens or the context)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def encode_prompt(tokenizer: Any, prompt: str, chat_template: bool = True) -> list[int]:
+    """Token ids of a prompt: one user turn through the chat template when the tokenizer has one
+    (and ``chat_template``), else the plain encoding with the tokenizer's special tokens."""
+    if chat_template and getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        return [int(t) for t in ids]
+    return [int(t) for t in tokenizer(prompt, add_special_tokens=True)["input_ids"]]
+
+
+def eval_sampling_params(
+    tokenizer: Any, temperature: float = 0.6, top_p: float = 0.95, top_k: int = 20, max_new_tokens: int = 12288
+) -> dict[str, Any]:
+    """SGLang sampling params of the paper's evaluation (SCOPE.md), stopping at the tokenizer's EOS."""
+    params: dict[str, Any] = {
+        "temperature": temperature,
+        "top_p": top_p,
+        "top_k": top_k,
+        "max_new_tokens": max_new_tokens,
+    }
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        params["stop_token_ids"] = [int(tokenizer.eos_token_id)]
+    return params
+
+
+def _resolve(verifier: Verifier | str) -> Verifier:
+    if isinstance(verifier, str):
+        from scope_ds.rewards import get_verifier
+
+        return get_verifier(verifier)
+    return verifier
+
+
+def sample_and_verify(
+    client: SyncRolloutClient,
+    tokenizer: Any,
+    records: Sequence[PromptRecord],
+    verifier: Verifier | str,
+    n: int,
+    params: dict[str, Any],
+    *,
+    chat_template: bool = True,
+    progress: Any = None,
+) -> list[list[EvalSample]]:
+    """``n`` verified samples per record, groups in record order.
+
+    Every prompt's request is in flight at once (the servers batch them); responses are decoded and
+    verified in this thread as they arrive, which keeps math-verify's timeouts working (they need
+    the main thread) and overlaps verification with generation. ``progress`` (a tqdm bar, or None)
+    advances by n per finished prompt. A failing prompt cancels the rest and raises
+    RolloutServerError naming it.
+    """
+    verify = _resolve(verifier)
+    prompts = [encode_prompt(tokenizer, r.prompt, chat_template) for r in records]
+    futures = {
+        client.submit(client.client.generate(p, params, n=n, prompt_id=r.prompt_id, return_logprob=False)): i
+        for i, (p, r) in enumerate(zip(prompts, records, strict=True))
+    }
+    groups: list[list[EvalSample] | None] = [None] * len(records)
+    try:
+        for future in concurrent.futures.as_completed(futures):
+            index = futures[future]
+            record = records[index]
+            try:
+                rollouts = future.result()
+            except RolloutServerError as exc:
+                raise RolloutServerError(
+                    exc.url, exc.status, f"prompt {record.prompt_id!r}: {exc.message}", exc.attempts
+                ) from exc
+            groups[index] = [_verified(tokenizer, verify, record, rollout, j) for j, rollout in enumerate(rollouts)]
+            if progress is not None:
+                progress.update(n)
+    finally:
+        for future in futures:
+            future.cancel()  # no-op for finished ones; stops the rest after an error
+    return groups  # type: ignore[return-value]
+
+
+def _verified(tokenizer: Any, verify: Verifier, record: PromptRecord, rollout: Any, index: int) -> EvalSample:
+    text = tokenizer.decode(rollout.response_ids, skip_special_tokens=True)
+    return EvalSample(
+        prompt_id=record.prompt_id,
+        sample=index,
+        answer=record.answer,
+        text=text,
+        correct=float(verify(text, record.answer)) >= 1.0,
+        response_length=len(rollout.response_ids),
+        finish_reason=rollout.finish_reason,
+    )
+
+
+def metrics_from_samples(
+    groups: Sequence[Sequence[EvalSample]], prefix: str = "eval", ks: Sequence[int] | None = None
+) -> dict[str, float]:
+    """Flat metrics for a metrics.jsonl line: accuracy (= avg@n), avg@n, pass@k (unbiased) for each
+    k (default 1, 2, 4, ..., n), mean response length and the share of truncated responses."""
+    correct = [[s.correct for s in g] for g in groups]
+    n = min(len(g) for g in groups)
+    samples = [s for g in groups for s in g]
+    avg = avg_at_k(correct)
+    out = {f"{prefix}/accuracy": avg, f"{prefix}/avg@{n}": avg}
+    for k in ks if ks is not None else k_values(n):
+        out[f"{prefix}/pass@{k}"] = pass_at_k(correct, k)
+    out[f"{prefix}/response_length_mean"] = sum(s.response_length for s in samples) / len(samples)
+    out[f"{prefix}/truncated_share"] = sum(s.finish_reason == "length" for s in samples) / len(samples)
+    return out
+
+
+def evaluate_records(
+    client: SyncRolloutClient,
+    tokenizer: Any,
+    records: Sequence[PromptRecord],
+    verifier: Verifier | str,
+    n: int,
+    sampling_params: dict[str, Any],
+    *,
+    prefix: str = "eval",
+    chat_template: bool = True,
+    ks: Sequence[int] | None = None,
+) -> dict[str, float]:
+    """Held-out evaluation for the training loop: {"<prefix>/accuracy", "<prefix>/avg@n",
+    "<prefix>/pass@k" ..., "<prefix>/response_length_mean", "<prefix>/truncated_share"}.
+
+    Uses whatever weights the client's servers hold now; generates without log-probs. Pure of the
+    trainer: the caller passes its client, tokenizer, records (prompts before the chat template),
+    verifier (callable or registered name) and sampling params (``max_new_tokens`` included).
+    Returns {} for no records.
+    """
+    if not records:
+        return {}
+    groups = sample_and_verify(
+        client, tokenizer, records, verifier, n, sampling_params, chat_template=chat_template, progress=None
+    )
+    return metrics_from_samples(groups, prefix=prefix, ks=ks)
