@@ -211,7 +211,8 @@ def _field(rows: list[dict[str, Any]], wanted: str | None, candidates: tuple[str
         if name in present:
             return name
     raise BenchmarkError(
-        f"{where}: no {what} field (tried {', '.join(candidates)}); fields: {sorted(present)}. Name it with --{what}-field"
+        f"{where}: no {what} field (tried {', '.join(candidates)}); fields: {sorted(present)}. "
+        f"Name it with --{what}-field"
     )
 
 
