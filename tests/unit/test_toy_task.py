@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import random
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
@@ -112,8 +116,6 @@ def test_math_verifier(response: str, answer: str, reward: float) -> None:
 
 def test_math_verifier_off_the_main_thread() -> None:
     # math-verify's SIGALRM timeout cannot be set outside the main thread; the verifier must still work.
-    from concurrent.futures import ThreadPoolExecutor
-
     verify = get_verifier("math")
     with ThreadPoolExecutor(1) as pool:
         assert pool.submit(verify, "\\boxed{0.5}", "\\frac{1}{2}").result() == 1.0
@@ -124,3 +126,78 @@ def test_registry() -> None:
     assert get_verifier("toy") is verify_toy
     with pytest.raises(ValueError, match="unknown verifier 'gsm'; known verifiers: math, toy"):
         get_verifier("gsm")
+
+
+def test_tokenizer_round_trip_and_prompt_prefix(tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from scope_ds.data.toy_models import sft_tensors, train_tokenizer
+
+    train_tokenizer(seed=0).save_pretrained(tmp_path)
+    tok = AutoTokenizer.from_pretrained(tmp_path, local_files_only=True)
+    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (0, 2, 3)
+    problems = toy_problems("test", 50, seed=0)
+    for problem in problems:
+        prompt, full = toy_prompt(problem), toy_prompt(problem) + toy_solution(problem)
+        prompt_ids, full_ids = tok(prompt)["input_ids"], tok(full)["input_ids"]
+        assert prompt_ids[0] == tok.bos_token_id and tok.unk_token_id not in full_ids
+        assert full_ids[: len(prompt_ids)] == prompt_ids  # generation continues exactly the prompt's tokens
+        assert tok.decode(full_ids, skip_special_tokens=True) == full
+        # What a rollout decodes from the generated ids alone still verifies.
+        assert verify_toy(tok.decode(full_ids[len(prompt_ids) :], skip_special_tokens=True), str(problem.answer))
+    digits = [t for t in tok.convert_ids_to_tokens(tok("Compute 123+45.")["input_ids"]) if t.strip("▁").isdigit()]
+    assert digits == ["1", "2", "3", "4", "5"]  # numbers digit by digit
+    ids_NT, labels_NT = sft_tensors(tok, problems)
+    assert ((labels_NT != -100).sum(1) > 10).all() and (labels_NT[:, :5] == -100).all()
+
+
+def _fake_build(calls: list[Path]):
+    def build(out, seed: int = 0, progress: bool = True) -> dict:
+        calls.append(Path(out))
+        time.sleep(0.2)  # long enough for a concurrent caller to arrive while this one builds
+        for name in ("teacher", "student"):
+            (Path(out) / name).mkdir()
+        report = {"seed": seed}
+        (Path(out) / "build_report.json").write_text(json.dumps(report))
+        return report
+
+    return build
+
+
+def test_ensure_toy_models_builds_once_and_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from scope_ds.data import toy_models
+
+    calls: list[Path] = []
+    monkeypatch.setattr(toy_models, "build_toy_models", _fake_build(calls))
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(lambda _: toy_models.ensure_toy_models(tmp_path, seed=5, progress=False), range(3)))
+    assert len(calls) == 1 and calls[0].parent == tmp_path and calls[0].name.startswith(".")  # built aside
+    root = tmp_path / f"{toy_models.BUILD_VERSION}-seed5"
+    assert all(r.root == root and r.teacher == root / "teacher" and r.report == {"seed": 5} for r in results)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", root.name]
+
+
+def test_failed_build_leaves_nothing_that_counts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from scope_ds.data import toy_models
+
+    def broken(out, seed: int = 0, progress: bool = True) -> dict:
+        (Path(out) / "teacher").mkdir()
+        raise RuntimeError("out of patience")
+
+    monkeypatch.setattr(toy_models, "build_toy_models", broken)
+    with pytest.raises(RuntimeError, match="out of patience"):
+        toy_models.ensure_toy_models(tmp_path, progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == [".lock"]
+    calls: list[Path] = []
+    monkeypatch.setattr(toy_models, "build_toy_models", _fake_build(calls))
+    assert toy_models.ensure_toy_models(tmp_path, progress=False).report == {"seed": 0}
+    assert len(calls) == 1
+
+
+def test_cache_dir_default_follows_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from scope_ds.data.toy_models import default_cache_dir
+
+    monkeypatch.setenv("SCOPE_DS_CACHE", str(tmp_path))
+    assert default_cache_dir() == tmp_path / "toy"
+    monkeypatch.delenv("SCOPE_DS_CACHE")
+    assert default_cache_dir() == Path.home() / ".cache" / "scope_ds" / "toy"
