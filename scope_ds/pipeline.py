@@ -78,7 +78,7 @@ class RolloutProducer:
         with self._cond:
             self._cond.wait_for(lambda: self._ready or self._error is not None)
             if not self._ready:
-                raise RuntimeError(f"rollout generation failed: {self._error}") from self._error
+                raise stages.PipelineError(f"rollout generation failed: {self._error}") from self._error
             batch = self._ready.popleft()
             self._cond.notify_all()
         batch.times["idle"] = time.perf_counter() - t0
@@ -99,7 +99,7 @@ class RolloutProducer:
 
 def evaluate(run: Run, n: int = 4) -> dict[str, float]:
     """Held-out accuracy through the rollout servers with the current weights (rank 0)."""
-    if run.rank != 0 or not run.eval_records:
+    if not run.eval_records:
         return {}
     batch = Batch(step=-1, records=run.eval_records)
     prompts = [run.encode_prompt(r.prompt) for r in batch.records]
@@ -130,32 +130,17 @@ def step_metrics(run: Run, batch: Batch, wall: float, trained_version: int) -> d
     return out
 
 
-def _next_batch(run: Run, producer: RolloutProducer | None) -> Batch:
-    """Rank 0's next batch on every rank; a generation failure on rank 0 ends every rank, not a hang."""
-    payload: Batch | stages.Failure | None = None
-    error = None
-    if producer is not None:
-        try:
-            payload = producer.get()
-        except Exception as e:
-            error, payload = e, stages.Failure(str(e))
-    got = stages.share(run, payload)
-    if isinstance(got, stages.Failure):
-        raise RuntimeError(got.message) from error
-    return got
-
-
 def train(run: Run, start_step: int = 0) -> dict[str, float]:
     """Run the configured steps; returns the last step's metrics (rank 0; others: {})."""
     cfg = run.cfg
     producer = RolloutProducer(run, start_step, cfg.train.steps) if run.rank == 0 else None
     last: dict[str, float] = {}
     if cfg.data.eval_every and start_step == 0:
-        run.log.log(0, evaluate(run))
+        run.log.log(0, stages.on_rank0(run, evaluate, run))
     try:
         for step in range(start_step, cfg.train.steps):
             t0 = time.perf_counter()
-            batch = _next_batch(run, producer)
+            batch = stages.on_rank0(run, producer.get if producer else None)
             times, trained_version = batch.times, run.policy_version
             _timed(times, "teacher", stages.score, run, batch)
             metrics = _timed(times, "update", stages.update, run, batch)
@@ -165,7 +150,7 @@ def train(run: Run, start_step: int = 0) -> dict[str, float]:
             metrics.update(step_metrics(run, batch, time.perf_counter() - t0, trained_version))
             metrics["perf/tokens_per_s"] = metrics["response/tokens"] / max(metrics["time/step"], 1e-9)
             if cfg.data.eval_every and (step + 1) % cfg.data.eval_every == 0:
-                metrics.update(evaluate(run))
+                metrics.update(stages.on_rank0(run, evaluate, run))
             run.log.rollouts(step + 1, batch.rollouts)
             run.log.log(step + 1, metrics)
             last = metrics if run.rank == 0 else {}

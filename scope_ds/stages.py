@@ -33,6 +33,10 @@ class Batch:
     times: dict[str, float] = field(default_factory=dict)  # stage -> busy seconds
 
 
+class PipelineError(RuntimeError):
+    """A stage failed on rank 0 (a server down, a refused update): every rank stops with it."""
+
+
 @dataclass
 class Failure:
     """What rank 0 shares instead of a batch when generation failed, so every rank stops."""
@@ -74,13 +78,28 @@ def verify(run, batch: Batch) -> None:
         r.correct = r.reward >= 1.0
 
 
-def share(run, batch: Batch | Failure | None) -> Batch | Failure:
-    """Rank 0's batch (or Failure) on every rank (one broadcast of Python objects)."""
+def share(run, obj):
+    """Rank 0's object on every rank (one broadcast of Python objects)."""
     if run.world == 1:
-        return batch
-    box = [batch]
+        return obj
+    box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def on_rank0(run, fn, *args):
+    """``fn(*args)`` on rank 0, its result on every rank. If it raises, every rank raises (rank 0's
+    error as cause) instead of waiting forever in the next collective."""
+    result, error = None, None
+    if run.rank == 0:
+        try:
+            result = fn(*args)
+        except Exception as e:
+            error, result = e, Failure(f"{type(e).__name__}: {e}")
+    got = share(run, result)
+    if isinstance(got, Failure):
+        raise PipelineError(got.message) from error
+    return got
 
 
 # ---------------------------------------------------------------------------------- all ranks
@@ -217,12 +236,18 @@ def _sum_over_ranks(run, sums: dict[str, float]) -> dict[str, float]:
 def sync(run) -> None:
     """Push the student's weights to the rollout servers; every rank takes part in the gather."""
     params = run.student.full_parameters(run.rank)
-    if run.rank == 0 and run.weight_sync is not None:
-        run.policy_version = run.weight_sync.update(params)
-    else:
+
+    def push() -> int:
+        try:  # KD's servers serve the fixed teacher: nothing to push, the version still counts steps
+            return run.weight_sync.update(params) if run.weight_sync is not None else run.policy_version + 1
+        finally:
+            for _ in params:  # every rank must finish the gather, also after an error here
+                pass
+
+    if run.rank != 0:
         for _ in params:
             pass
-        run.policy_version += 1
+    run.policy_version = on_rank0(run, push)
 
 
 # ---------------------------------------------------------------------------------- metrics

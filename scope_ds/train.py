@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from scope_ds.pipeline import train
     from scope_ds.run import Run
+    from scope_ds.stages import PipelineError
 
     try:
         run = Run(cfg)
@@ -43,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         train(run)
+    except PipelineError as e:  # a server down or a refused update: say so, without a stack trace
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     finally:
         run.close()
     return 0

@@ -23,6 +23,15 @@ import torch._dynamo  # noqa: F401
 # DeepSpeed still calls collectives that torch renamed; the warning repeats every step.
 warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
 
+# DeepSpeed compiles small ops on first use into torch's extension cache. One cache per Python
+# environment: two environments sharing one rebuild in turn and wait on each other's lock.
+os.environ.setdefault(
+    "TORCH_EXTENSIONS_DIR",
+    os.path.join(
+        os.path.expanduser("~/.cache/torch_extensions"), "env-" + hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]
+    ),
+)
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -138,6 +147,9 @@ def build_ds_config(
         return cfg
     opt = cfg.setdefault("optimizer", {"type": "AdamW", "params": {}})
     opt.setdefault("params", {}).update(lr=lr, weight_decay=weight_decay)
+    if not torch.cuda.is_available() and opt.get("type", "").lower() in ("adam", "adamw"):
+        # torch's AdamW on CPU: DeepSpeed's fused CPU Adam is a minutes-long compile for no gain here
+        opt["params"].setdefault("torch_adam", True)
     cfg["gradient_clipping"] = grad_clip
     if warmup_steps:
         cfg["scheduler"] = {

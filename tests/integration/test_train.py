@@ -72,7 +72,8 @@ def test_baselines_two_ranks(pair, tmp_path, algo):
         rows = read_jsonl(out / "rollouts" / "step_2.jsonl")
         assert {r["path"] for r in rows} <= {"nll", "skip"} and {r["weight_version"] for r in rows} == {0}
         assert any(
-            not torch.equal(a, b) for a, b in zip(load_weights(student).values(), load_weights(out / "hf").values(), strict=True)
+            not torch.equal(a, b)
+            for a, b in zip(load_weights(student).values(), load_weights(out / "hf").values(), strict=True)
         )
         return
     for rows in _check_run(out, student, algo):

@@ -1,6 +1,6 @@
 """One SCOPE step on a fixed synthetic batch, under any launcher; rank 0 saves the updated weights.
 
-    deepspeed --num_gpus N tests/integration/zero3_step.py STUDENT TEACHER OUT.pt [key=value ...]
+    deepspeed --num_gpus N tests/integration/zero3_step.py STUDENT TEACHER OUT.pt [incorrect=K] [key=value ...]
 
 Used by test_train.py to check that 1 and 2 ranks give the same step (ZeRO-3 numerics).
 """
@@ -22,8 +22,9 @@ from scope_ds.run import build_engines  # noqa: E402
 from scope_ds.sample import Rollout  # noqa: E402
 
 
-def synthetic_batch(prompts: int, n: int, vocab: int, seed: int = 0) -> stages.Batch:
-    """Ragged prompts and responses, half of them 'correct', identical on every rank."""
+def synthetic_batch(prompts: int, n: int, vocab: int, seed: int = 0, incorrect: int | None = None) -> stages.Batch:
+    """Ragged prompts and responses, half of them 'correct' (or all but ``incorrect`` of them),
+    identical on every rank."""
     rng = random.Random(seed)
     rollouts = []
     for p in range(prompts):
@@ -41,7 +42,9 @@ def synthetic_batch(prompts: int, n: int, vocab: int, seed: int = 0) -> stages.B
                     correct=rng.random() < 0.5,
                 )
             )
-    for r in rollouts:
+    for i, r in enumerate(rollouts):
+        if incorrect is not None:
+            r.correct = i >= incorrect
         r.reward = float(r.correct)
     return stages.Batch(step=0, records=[], rollouts=rollouts)
 
@@ -49,7 +52,8 @@ def synthetic_batch(prompts: int, n: int, vocab: int, seed: int = 0) -> stages.B
 def main() -> None:
     args = [a for a in sys.argv[1:] if not a.startswith("--local")]
     student_path, teacher_path, out = args[:3]
-    overrides = args[3:]
+    incorrect = [int(a.split("=")[1]) for a in args[3:] if a.startswith("incorrect=")]
+    overrides = [a for a in args[3:] if not a.startswith("incorrect=")]
     cfg = load_config(
         None, ["train.prompts_per_step=4", "rollout.n=4", "train.micro_batch_size=3", "train.lr=1e-3", *overrides]
     )
@@ -68,7 +72,9 @@ def main() -> None:
         pad_id=0,
         grad_accum=grad_accum,
     )
-    batch = synthetic_batch(cfg.train.prompts_per_step, cfg.rollout.n, student.vocab_size)
+    batch = synthetic_batch(
+        cfg.train.prompts_per_step, cfg.rollout.n, student.vocab_size, incorrect=incorrect[0] if incorrect else None
+    )
     stages.score(run, batch)
     metrics = stages.update(run, batch)
     weights = dict(student.full_parameters(rank))

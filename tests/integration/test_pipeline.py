@@ -1,0 +1,136 @@
+"""The asynchronous pipeline: exactness at max_staleness = 0, bounded staleness, no hangs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from train_helpers import REPO, check_ok, free_port, launch_train, load_weights, read_jsonl, small_run_overrides
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory, tiny_llama_builder):
+    root = tmp_path_factory.mktemp("pair")
+    return tiny_llama_builder(root / "student", seed=0), tiny_llama_builder(root / "teacher", seed=1, hidden=48)
+
+
+def test_max_staleness_zero_gives_the_synchronous_weights(pair, tmp_path):
+    student, teacher = pair
+    piped, by_hand = tmp_path / "pipeline", tmp_path / "reference"
+    check_ok(
+        launch_train([*small_run_overrides(student, teacher, piped), "pipeline.max_staleness=0"], launcher="python")
+    )
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    ref = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tests" / "integration" / "sync_reference.py"),
+            *small_run_overrides(student, teacher, by_hand),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    check_ok(ref)
+    a, b = load_weights(piped / "hf"), load_weights(by_hand / "hf")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert any(not torch.equal(a[k], w) for k, w in load_weights(student).items())
+
+
+@pytest.mark.parametrize("k,ranks", [(1, 1), (2, 2)])
+def test_staleness_never_exceeds_k(pair, tmp_path, k, ranks):
+    student, teacher = pair
+    out = tmp_path / "run"
+    steps = 4
+    args = [
+        *small_run_overrides(student, teacher, out),
+        f"train.steps={steps}",
+        f"pipeline.max_staleness={k}",
+        "pipeline.queue_size=1",
+    ]
+    check_ok(launch_train(args, ranks=ranks))
+    lags = []
+    for step in range(1, steps + 1):
+        rows = read_jsonl(out / "rollouts" / f"step_{step}.jsonl")
+        trained_version = step - 1  # the policy that step `step` updated
+        lags += [trained_version - r["weight_version"] for r in rows]
+    assert min(lags) >= 0 and max(lags) <= k
+    assert max(lags) >= 1, "with k >= 1 generation should run ahead of the update"
+    metrics = read_jsonl(out / "metrics.jsonl")
+    assert [m["staleness/max"] for m in metrics] == [
+        max(s - 1 - r["weight_version"] for r in read_jsonl(out / "rollouts" / f"step_{s}.jsonl"))
+        for s in range(1, steps + 1)
+    ]
+    for m in metrics:
+        assert m["pipeline/overlap"] > 0 and all(m[f"time/{s}"] >= 0 for s in ("generate", "teacher", "update", "sync"))
+
+
+def test_a_rank_with_nothing_to_score_does_not_hang(pair, tmp_path):
+    """One incorrect rollout in the batch: rank 1 has no teacher work, but runs the same forwards."""
+    student, teacher = pair
+    out = tmp_path / "one.pt"
+    cmd = [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        str(REPO / "tests" / "integration" / "zero3_step.py"),
+        str(student),
+        str(teacher),
+        str(out),
+        "incorrect=1",
+    ]
+    check_ok(subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600))
+    result = torch.load(out)
+    assert list(result["teacher_logp"]) == [0]  # only rollout 0 needed (and got) the teacher
+
+
+def test_server_failure_mid_run_is_a_clear_error_not_a_hang(pair, tmp_path, embedded_servers):
+    student, teacher = pair
+    (server,) = embedded_servers(student, random_seed=0)
+    out = tmp_path / "run"
+    args = [
+        *small_run_overrides(student, teacher, out),
+        "train.steps=50",
+        f"rollout.servers=[{server.url}]",
+        "rollout.retries=1",
+        "pipeline.max_staleness=1",
+    ]
+    cmd = [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        str(REPO / "scope_ds" / "train.py"),
+        *args,
+    ]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "metrics.jsonl").exists() or not read_jsonl(out / "metrics.jsonl"):
+            assert proc.poll() is None, proc.stdout.read()[-4000:]
+            assert time.monotonic() < deadline, "training never finished a step"
+            time.sleep(0.5)
+        os.kill(server.pid, signal.SIGKILL)
+        output, _ = proc.communicate(timeout=300)  # must end by itself, not hang
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    assert "error: " in output and server.url in output, output[-4000:]
+    assert len(read_jsonl(out / "metrics.jsonl")) < 50
