@@ -7,10 +7,12 @@ here alone, from our config plus a JSON file in ``ds_configs/``.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import os
 import socket
+import sys
 import warnings
 from typing import Any
 
