@@ -81,6 +81,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--server-arg", action="append", default=[], help="extra server flag, repeatable")
     p.add_argument("--server-timeout", type=float, default=900.0, help="seconds to wait for servers to be healthy")
     p.add_argument("--seed", type=int, default=0, help="server sampling seed, bootstrap seed, toy split seed")
+    p.add_argument(
+        "--seeded",
+        action="store_true",
+        help="a sampling_seed per sample: results independent of batching (sglang: deterministic inference)",
+    )
     p.add_argument("--bootstrap-resamples", type=int, default=1000)
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
@@ -148,6 +153,7 @@ def serving(target: ModelTarget, args: argparse.Namespace, log_dir: Path) -> Ite
     if target.is_url:
         yield RolloutServers.attach([target.source], timeout_s=min(args.server_timeout, 60.0)).urls
         return
+    deterministic = args.seeded and args.backend == "sglang"
     servers = RolloutServers.start(
         args.backend,
         target.source,
@@ -156,7 +162,8 @@ def serving(target: ModelTarget, args: argparse.Namespace, log_dir: Path) -> Ite
         log_dir=log_dir,
         random_seed=args.seed,
         wait_s=args.server_timeout,
-        extra_args=args.server_arg,
+        # SGLang honours a request's sampling_seed only in its deterministic mode.
+        extra_args=[*args.server_arg, *(["--enable-deterministic-inference"] if deterministic else [])],
     )
     try:
         yield servers.urls
@@ -175,6 +182,18 @@ def write_samples(path: Path, model: str, benchmark: str, groups: list[list[Eval
                 f.write(json.dumps({"model": model, "benchmark": benchmark, **s.to_json()}) + "\n")
 
 
+def bench_summary(bench: Benchmark, groups: list[list[EvalSample]], args: argparse.Namespace) -> dict[str, Any]:
+    """The estimators' figures for one benchmark, plus response lengths and where it came from."""
+    samples = [s for g in groups for s in g]
+    correct = [[s.correct for s in g] for g in groups]
+    return {
+        **summarize(correct, resamples=args.bootstrap_resamples, seed=args.seed),
+        "response_length_mean": sum(s.response_length for s in samples) / len(samples),
+        "truncated_share": sum(s.finish_reason == "length" for s in samples) / len(samples),
+        "source": bench.source,
+    }
+
+
 def evaluate_model(
     target: ModelTarget, benchmarks: Sequence[Benchmark], args: argparse.Namespace, out: Path
 ) -> dict[str, Any]:
@@ -182,38 +201,24 @@ def evaluate_model(
     from tqdm import tqdm
 
     summaries: dict[str, Any] = {}
+    seed = args.seed if args.seeded else None
     with serving(target, args, out / "logs") as urls:
         tokenizer = load_tokenizer(target, args.tokenizer, urls)
         params = eval_sampling_params(tokenizer, args.temperature, args.top_p, args.top_k, args.max_new_tokens)
         total = sum(len(b.records) for b in benchmarks) * args.n
-        with (
-            SyncRolloutClient(urls, timeout_s=3600.0) as client,
-            tqdm(total=total, unit="sample", desc=target.label, disable=args.no_progress, dynamic_ncols=True) as bar,
-        ):
+        bar = tqdm(total=total, unit="sample", desc=target.label, disable=args.no_progress, dynamic_ncols=True)
+        with SyncRolloutClient(urls, timeout_s=3600.0) as client, bar:
             for bench in benchmarks:
                 bar.set_postfix_str(bench.name)
                 groups = sample_and_verify(
                     client, tokenizer, bench.records, bench.verifier, args.n, params,
-                    chat_template=not args.no_chat_template, progress=bar,
+                    chat_template=not args.no_chat_template, progress=bar, seed=seed,
                 )  # fmt: skip
-                write_samples(
-                    out / f"samples_{_safe(target.label)}_{_safe(bench.name)}.jsonl", target.label, bench.name, groups
-                )
-                samples = [s for g in groups for s in g]
-                summaries[bench.name] = {
-                    **summarize(
-                        [[s.correct for s in g] for g in groups], resamples=args.bootstrap_resamples, seed=args.seed
-                    ),
-                    "response_length_mean": sum(s.response_length for s in samples) / len(samples),
-                    "truncated_share": sum(s.finish_reason == "length" for s in samples) / len(samples),
-                    "source": bench.source,
-                }
-    return {
-        "label": target.label,
-        "source": target.source,
-        "benchmarks": summaries,
-        "average": report.average(summaries),
-    }
+                path = out / f"samples_{_safe(target.label)}_{_safe(bench.name)}.jsonl"
+                write_samples(path, target.label, bench.name, groups)
+                summaries[bench.name] = bench_summary(bench, groups, args)
+    average = report.average(summaries)
+    return {"label": target.label, "source": target.source, "benchmarks": summaries, "average": average}
 
 
 def write_outputs(results: dict[str, Any], names: Sequence[str], n: int, out: Path) -> None:
@@ -236,7 +241,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     benchmarks = [load_benchmark(s, args.toy_prompts, args.seed, args.limit) for s in specs]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    settings = {k: getattr(args, k) for k in ("n", "temperature", "top_p", "top_k", "max_new_tokens", "seed")}
+    keys = ("n", "temperature", "top_p", "top_k", "max_new_tokens", "seed", "seeded", "no_chat_template")
+    settings = {k: getattr(args, k) for k in keys}
     settings.update(benchmarks={b.name: b.source for b in benchmarks}, bootstrap_resamples=args.bootstrap_resamples)
     results: dict[str, Any] = {"settings": settings, "models": []}
     names = [b.name for b in benchmarks]

@@ -9,6 +9,7 @@ tokenizer has one) and sent as token ids, as the trainer's rollouts are.
 from __future__ import annotations
 
 import concurrent.futures
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -62,6 +63,16 @@ def eval_sampling_params(
     return params
 
 
+def prompt_seed(seed: int, prompt_id: str, n: int) -> int:
+    """First sampling_seed of a prompt's n samples (sample j uses it + j).
+
+    A hash of the prompt id rather than its position, so that --limit, a reordered file or another
+    benchmark list leaves every prompt's samples as they were; the same seed at every evaluation
+    of a training run compares checkpoints on the same random draws (less noise in the curves).
+    """
+    return zlib.crc32(f"{seed}:{prompt_id}".encode()) % (2**31 - n)  # + j stays a positive int32
+
+
 def _resolve(verifier: Verifier | str) -> Verifier:
     if isinstance(verifier, str):
         from scope_ds.rewards import get_verifier
@@ -80,21 +91,25 @@ def sample_and_verify(
     *,
     chat_template: bool = True,
     progress: Any = None,
+    seed: int | None = None,
 ) -> list[list[EvalSample]]:
     """``n`` verified samples per record, groups in record order.
 
     Every prompt's request is in flight at once (the servers batch them); responses are decoded and
     verified in this thread as they arrive, which keeps math-verify's timeouts working (they need
     the main thread) and overlaps verification with generation. ``progress`` (a tqdm bar, or None)
-    advances by n per finished prompt. A failing prompt cancels the rest and raises
+    advances by n per finished prompt. With ``seed``, every sample has its own sampling_seed
+    (:func:`prompt_seed`), so results do not depend on batching (SGLang honours it only with
+    --enable-deterministic-inference). A failing prompt cancels the rest and raises
     RolloutServerError naming it.
     """
     verify = _resolve(verifier)
     prompts = [encode_prompt(tokenizer, r.prompt, chat_template) for r in records]
-    futures = {
-        client.submit(client.client.generate(p, params, n=n, prompt_id=r.prompt_id, return_logprob=False)): i
-        for i, (p, r) in enumerate(zip(prompts, records, strict=True))
-    }
+    futures = {}
+    for i, (ids, record) in enumerate(zip(prompts, records, strict=True)):
+        first = None if seed is None else prompt_seed(seed, record.prompt_id, n)
+        call = client.client.generate(ids, params, n=n, prompt_id=record.prompt_id, return_logprob=False, seed=first)
+        futures[client.submit(call)] = i
     groups: list[list[EvalSample] | None] = [None] * len(records)
     try:
         for future in concurrent.futures.as_completed(futures):
@@ -156,6 +171,7 @@ def evaluate_records(
     prefix: str = "eval",
     chat_template: bool = True,
     ks: Sequence[int] | None = None,
+    seed: int | None = None,
 ) -> dict[str, float]:
     """Held-out evaluation for the training loop: {"<prefix>/accuracy", "<prefix>/avg@n",
     "<prefix>/pass@k" ..., "<prefix>/response_length_mean", "<prefix>/truncated_share"}.
@@ -163,11 +179,12 @@ def evaluate_records(
     Uses whatever weights the client's servers hold now; generates without log-probs. Pure of the
     trainer: the caller passes its client, tokenizer, records (prompts before the chat template),
     verifier (callable or registered name) and sampling params (``max_new_tokens`` included).
-    Returns {} for no records.
+    Pass the same ``seed`` at every evaluation to sample each checkpoint with the same per-sample
+    seeds (see :func:`sample_and_verify`). Returns {} for no records.
     """
     if not records:
         return {}
     groups = sample_and_verify(
-        client, tokenizer, records, verifier, n, sampling_params, chat_template=chat_template, progress=None
+        client, tokenizer, records, verifier, n, sampling_params, chat_template=chat_template, seed=seed
     )
     return metrics_from_samples(groups, prefix=prefix, ks=ks)

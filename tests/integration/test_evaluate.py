@@ -35,6 +35,16 @@ def _fine_tune_one_or_two(model_dir: Path, steps: int = 60) -> None:
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     rng = random.Random(0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 s here; 15 s with two threads on a busy 2-core machine
+    try:
+        _sft_steps(model, tok, opt, rng, steps)
+    finally:
+        torch.set_num_threads(threads)
+    model.save_pretrained(model_dir)
+
+
+def _sft_steps(model, tok, opt, rng: random.Random, steps: int) -> None:
     for _ in range(steps):
         ids, labels = [], []
         for _ in range(16):
@@ -50,7 +60,6 @@ def _fine_tune_one_or_two(model_dir: Path, steps: int = 60) -> None:
         model(input_ids=x_BT, attention_mask=mask_BT, labels=y_BT).loss.backward()
         opt.step()
         opt.zero_grad()
-    model.save_pretrained(model_dir)
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +89,7 @@ def test_evaluate_end_to_end(eval_setup) -> None:
     proc = _evaluate(
         "--model", f"boxed12={eval_setup['trained']}", "--model", eval_setup["url"],
         "--benchmarks", f"toy,local={eval_setup['bench']}", "--toy-prompts", "3",
-        "--n", str(N), "--max-new-tokens", "16", "--out", str(out), "--no-progress",
+        "--n", str(N), "--max-new-tokens", "16", "--out", str(out), "--no-progress", "--seeded",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
@@ -125,14 +134,19 @@ def test_evaluate_records_for_training(eval_setup) -> None:
     from transformers import AutoTokenizer
 
     from scope_ds.data.benchmarks import BenchmarkSpec, load_benchmark
-    from scope_ds.evaluation.sampling import eval_sampling_params, evaluate_records
+    from scope_ds.evaluation.sampling import eval_sampling_params, evaluate_records, sample_and_verify
     from scope_ds.rollout.client import SyncRolloutClient
 
     tokenizer = AutoTokenizer.from_pretrained(eval_setup["trained"])
     records = load_benchmark(BenchmarkSpec("local", str(eval_setup["bench"]))).records
     params = eval_sampling_params(tokenizer, max_new_tokens=12)
     with SyncRolloutClient([eval_setup["url"]]) as client:
-        metrics = evaluate_records(client, tokenizer, records, "math", 4, params, prefix="eval/local")
+        metrics = evaluate_records(client, tokenizer, records, "math", 4, params, prefix="eval/local", seed=3)
+        # Seeded: every sample draws from its own seed, so a second evaluation repeats it exactly.
+        first, again = (sample_and_verify(client, tokenizer, records, "math", 4, params, seed=3) for _ in range(2))
+        other = sample_and_verify(client, tokenizer, records, "math", 4, params, seed=4)
+    texts = [[s.text for s in g] for g in first]
+    assert texts == [[s.text for s in g] for g in again] != [[s.text for s in g] for g in other]
     assert set(metrics) == {
         "eval/local/accuracy", "eval/local/avg@4", "eval/local/pass@1", "eval/local/pass@2", "eval/local/pass@4",
         "eval/local/response_length_mean", "eval/local/truncated_share",
