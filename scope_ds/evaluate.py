@@ -137,8 +137,10 @@ def load_tokenizer(target: ModelTarget, tokenizer_dir: str | None, urls: Sequenc
     if path is None:
         import httpx
 
-        info = httpx.get(f"{urls[0]}/model_info", timeout=30.0, trust_env=False).json()
-        path = info.get("tokenizer_path")
+        try:
+            path = httpx.get(f"{urls[0]}/model_info", timeout=30.0, trust_env=False).json().get("tokenizer_path")
+        except (httpx.HTTPError, ValueError, AttributeError) as exc:
+            raise EvalError(f"server {target.source}: no /model_info answer ({exc}); pass --tokenizer DIR") from exc
         if not path or not Path(path).is_dir():
             raise EvalError(f"server {target.source} reports no local tokenizer ({path!r}); pass --tokenizer DIR")
     try:
@@ -195,15 +197,17 @@ def bench_summary(bench: Benchmark, groups: list[list[EvalSample]], args: argpar
 
 
 def evaluate_model(
-    target: ModelTarget, benchmarks: Sequence[Benchmark], args: argparse.Namespace, out: Path
+    target: ModelTarget, benchmarks: Sequence[Benchmark], args: argparse.Namespace, out: Path, tokenizer: Any = None
 ) -> dict[str, Any]:
-    """One model on every benchmark: its results.json entry; samples files written on the way."""
+    """One model on every benchmark: its results.json entry; samples files written on the way.
+
+    ``tokenizer`` None: loaded once the server is up (a URL model's comes from its server)."""
     from tqdm import tqdm
 
     summaries: dict[str, Any] = {}
     seed = args.seed if args.seeded else None
     with serving(target, args, out / "logs") as urls:
-        tokenizer = load_tokenizer(target, args.tokenizer, urls)
+        tokenizer = tokenizer or load_tokenizer(target, args.tokenizer, urls)
         params = eval_sampling_params(tokenizer, args.temperature, args.top_p, args.top_k, args.max_new_tokens)
         total = sum(len(b.records) for b in benchmarks) * args.n
         bar = tqdm(total=total, unit="sample", desc=target.label, disable=args.no_progress, dynamic_ncols=True)
@@ -239,6 +243,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         sources[name.strip()] = source.strip()
     specs = parse_benchmarks(args.benchmarks, sources, args.question_field, args.answer_field)
     benchmarks = [load_benchmark(s, args.toy_prompts, args.seed, args.limit) for s in specs]
+    # Folders' tokenizers now, so that a broken one stops the command before any server starts.
+    tokenizers = {t.label: load_tokenizer(t, None, []) for t in targets if not t.is_url}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     keys = ("n", "temperature", "top_p", "top_k", "max_new_tokens", "seed", "seeded", "no_chat_template")
@@ -248,7 +254,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     names = [b.name for b in benchmarks]
     for target in targets:
         t0 = time.perf_counter()
-        results["models"].append(evaluate_model(target, benchmarks, args, out))
+        results["models"].append(evaluate_model(target, benchmarks, args, out, tokenizers.get(target.label)))
         results["models"][-1]["seconds"] = round(time.perf_counter() - t0, 1)
         write_outputs(results, names, args.n, out)
     print(report.markdown_table(results, names, args.n))
