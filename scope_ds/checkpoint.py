@@ -1,8 +1,166 @@
-"""Saving what a run trained: a Hugging Face export of the student (more in later issues)."""
+"""Checkpoints that resume exactly, are never half-written, and export to Hugging Face.
+
+A checkpoint is a folder ``<checkpoint.dir>/step_N`` holding:
+- ``ds/``: the DeepSpeed ZeRO-3 checkpoint (every rank's partition of weights and optimizer);
+- ``scope_state.pt``: step, policy version, world size, the batches already generated ahead of
+  the update (asynchronous pipeline), and the resolved config;
+- ``rng_rank{R}.pt``: the random state of every rank;
+- ``hf_config/``: the student's config and tokenizer (for tools/convert_ckpt.py);
+- ``COMPLETE``: written last.
+It is written as ``.tmp-step_N`` and renamed when whole; ``latest`` (a one-line file, replaced
+atomically) then names it. A crash during a save leaves the previous checkpoint as the latest.
+"""
 
 from __future__ import annotations
 
+import os
+import random
+import shutil
+from typing import Any
+
+import numpy as np
 import torch
+
+COMPLETE = "COMPLETE"
+STATE = "scope_state.pt"
+LATEST = "latest"
+DS_TAG = "ds"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: missing, incomplete, corrupt, or from another world size."""
+
+
+def checkpoint_root(run) -> str:
+    return run.cfg.checkpoint.dir or os.path.join(run.run_dir, "checkpoints")
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def rng_state() -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def save(run, step: int, pending: list | None = None) -> str:
+    """Save after ``step`` completed steps (a collective: every rank calls it); returns the folder."""
+    root = checkpoint_root(run)
+    tag = f"step_{step}"
+    tmp, final = os.path.join(root, f".tmp-{tag}"), os.path.join(root, tag)
+    if run.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)  # a save that died earlier
+        os.makedirs(tmp)
+    _barrier()
+    run.student.engine.save_checkpoint(tmp, tag=DS_TAG, save_latest=False)
+    torch.save(rng_state(), os.path.join(tmp, f"rng_rank{run.rank}.pt"))
+    _barrier()
+    if run.rank == 0:
+        state = {
+            "step": step,
+            "policy_version": run.policy_version,
+            "world_size": run.world,
+            "pending": list(pending or []),
+            "config": run.cfg.to_dict(),
+        }
+        torch.save(state, os.path.join(tmp, STATE))
+        _copy_model_files(run.student_path, os.path.join(tmp, "hf_config"))
+        with open(os.path.join(tmp, COMPLETE), "w") as f:
+            f.write(f"{step}\n")
+        if os.path.exists(final):  # the same step saved again (a resumed run): replace it whole
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_latest(root, tag)
+        _prune(root, run.cfg.checkpoint.keep)
+    _barrier()
+    return final
+
+
+def _copy_model_files(src: str, dst: str) -> None:
+    os.makedirs(dst, exist_ok=True)
+    for name in os.listdir(src):
+        path = os.path.join(src, name)
+        if os.path.isfile(path) and not name.endswith(_WEIGHT_SUFFIXES) and not name.endswith(".index.json"):
+            shutil.copy2(path, os.path.join(dst, name))
+
+
+def _write_latest(root: str, tag: str) -> None:
+    tmp = os.path.join(root, f".{LATEST}.tmp")
+    with open(tmp, "w") as f:
+        f.write(tag + "\n")
+    os.replace(tmp, os.path.join(root, LATEST))
+
+
+def _steps(root: str) -> list[int]:
+    out = []
+    for name in os.listdir(root) if os.path.isdir(root) else []:
+        if name.startswith("step_") and name[5:].isdigit() and os.path.isfile(os.path.join(root, name, COMPLETE)):
+            out.append(int(name[5:]))
+    return sorted(out)
+
+
+def _prune(root: str, keep: int) -> None:
+    for step in _steps(root)[:-keep]:
+        shutil.rmtree(os.path.join(root, f"step_{step}"), ignore_errors=True)
+
+
+def find_checkpoint(spec: str, root: str) -> str | None:
+    """The folder to resume from: ``auto`` = the latest complete one under ``root`` (None if there is
+    none yet), or a given folder, which must be a complete checkpoint."""
+    if spec == "none":
+        return None
+    if spec != "auto":
+        folder = spec
+        if not os.path.isdir(folder):
+            raise CheckpointError(f"checkpoint.resume: no checkpoint folder at {folder}")
+        if not os.path.isfile(os.path.join(folder, COMPLETE)):
+            raise CheckpointError(f"checkpoint.resume: {folder} is incomplete (no {COMPLETE} marker): a save died")
+        return folder
+    latest = os.path.join(root, LATEST)
+    if os.path.isfile(latest):
+        with open(latest) as f:
+            tag = f.read().strip()
+        if os.path.isfile(os.path.join(root, tag, COMPLETE)):
+            return os.path.join(root, tag)
+    steps = _steps(root)  # `latest` lost or pointing at a pruned folder: take the newest complete one
+    return os.path.join(root, f"step_{steps[-1]}") if steps else None
+
+
+def read_state(folder: str) -> dict[str, Any]:
+    try:
+        return torch.load(os.path.join(folder, STATE), weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f"cannot read {os.path.join(folder, STATE)}: {type(e).__name__}: {e}") from None
+
+
+def load(run, folder: str) -> dict[str, Any]:
+    """Restore the student (weights, optimizer, scheduler), RNG and policy version from ``folder``
+    (a collective). Returns the saved state (step, pending batches, ...)."""
+    state = read_state(folder)
+    if state["world_size"] != run.world:
+        raise CheckpointError(
+            f"{folder} was written by {state['world_size']} ranks and this run has {run.world}: resume with "
+            f"{state['world_size']} ranks, or export it (python tools/convert_ckpt.py {folder} OUT) and "
+            "start a new run from the exported model"
+        )
+    path, _ = run.student.engine.load_checkpoint(
+        folder, tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
+    if path is None:
+        raise CheckpointError(f"DeepSpeed found no checkpoint in {os.path.join(folder, DS_TAG)}")
+    rng = os.path.join(folder, f"rng_rank{run.rank}.pt")
+    if os.path.isfile(rng):
+        set_rng_state(torch.load(rng, weights_only=False))
+    run.policy_version = state["policy_version"]
+    return state
 
 
 def export_hf(run, out_dir: str) -> str | None:
@@ -17,6 +175,5 @@ def export_hf(run, out_dir: str) -> str | None:
     else:
         for _ in params:
             pass
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()  # nobody reads the export before it is whole
+    _barrier()  # nobody reads the export before it is whole
     return path

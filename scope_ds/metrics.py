@@ -85,6 +85,26 @@ class RunLog:
                 f.write(json.dumps(r.to_json()) + "\n")
         os.replace(path + ".tmp", path)
 
+    def resume_at(self, step: int) -> None:
+        """Drop what a crashed run logged after ``step`` (the checkpoint it resumes from)."""
+        if not self.active:
+            return
+        path = self._metrics.name
+        self._metrics.close()
+        with open(path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        with open(path + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(path + ".tmp", path)
+        self._metrics = open(path, "a")
+        rollouts = os.path.join(self.run_dir, "rollouts")
+        for name in os.listdir(rollouts):
+            if name.startswith("step_") and name.endswith(".jsonl") and int(name[5:-6]) > step:
+                os.remove(os.path.join(rollouts, name))
+        if self._bar is not None:
+            self._bar.n = step
+            self._bar.refresh()
+
     def message(self, text: str) -> None:
         if self.active:
             (self._bar.write if self._bar is not None else print)(text)

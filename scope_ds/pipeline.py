@@ -18,12 +18,27 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from scope_ds import stages
-from scope_ds.checkpoint import export_hf
+import torch
+
+from scope_ds import checkpoint, stages
 from scope_ds.run import Run, prompt_stream
 from scope_ds.stages import Batch
 
 BUSY_STAGES = ("generate", "verify", "teacher", "update", "sync")
+_stop = threading.Event()  # set by SIGTERM / SIGUSR1: save at the end of the step, then stop
+
+
+def request_stop(signum: int | None = None, frame: Any = None) -> None:
+    """Signal handler: finish the current step, save a checkpoint, exit cleanly."""
+    _stop.set()
+
+
+def _stop_requested(run: Run) -> bool:
+    """True on every rank if any rank was signalled (SLURM may signal only some of them)."""
+    flag = torch.tensor([1.0 if _stop.is_set() else 0.0])
+    if run.world > 1:
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def _timed(times: dict[str, float], name: str, fn: Callable[..., Any], *args: Any) -> Any:
@@ -37,16 +52,18 @@ def _timed(times: dict[str, float], name: str, fn: Callable[..., Any], *args: An
 class RolloutProducer:
     """Rank 0's source of verified batches, generated ahead by a background thread."""
 
-    def __init__(self, run: Run, start_step: int, steps: int):
+    def __init__(self, run: Run, start_step: int, steps: int, pending: list[Batch] = ()):
+        """``pending``: batches generated before a checkpoint (steps start_step, start_step + 1, ...)."""
         self.run, cfg = run, run.cfg
         self.max_staleness, self.queue_size = cfg.pipeline.max_staleness, cfg.pipeline.queue_size
-        self.prompts = prompt_stream(run.records, cfg.data.seed, start_step * cfg.train.prompts_per_step)
-        self._ready: collections.deque[Batch] = collections.deque()
+        first_new = start_step + len(pending)
+        self.prompts = prompt_stream(run.records, cfg.data.seed, first_new * cfg.train.prompts_per_step)
+        self._ready: collections.deque[Batch] = collections.deque(pending)
         self._cond = threading.Condition()
         self._version = run.policy_version
         self._error: BaseException | None = None
         self._stopping = False
-        self._thread = threading.Thread(target=self._loop, args=(start_step, steps), name="rollouts", daemon=True)
+        self._thread = threading.Thread(target=self._loop, args=(first_new, steps), name="rollouts", daemon=True)
         self._thread.start()
 
     def _may_start(self, step: int) -> bool:
@@ -83,6 +100,11 @@ class RolloutProducer:
             self._cond.notify_all()
         batch.times["idle"] = time.perf_counter() - t0
         return batch
+
+    def pending(self) -> list[Batch]:
+        """The batches generated but not yet trained on (saved with a checkpoint)."""
+        with self._cond:
+            return list(self._ready)
 
     def advance(self, version: int) -> None:
         """The servers now hold ``version``: batches up to version + k may start."""
@@ -130,11 +152,37 @@ def step_metrics(run: Run, batch: Batch, wall: float, trained_version: int) -> d
     return out
 
 
-def train(run: Run, start_step: int = 0) -> dict[str, float]:
-    """Run the configured steps; returns the last step's metrics (rank 0; others: {})."""
+def restore(run: Run) -> tuple[int, list[Batch]]:
+    """(first step, batches generated ahead) after ``checkpoint.resume``; (0, []) for a new run.
+
+    A resumed run also truncates the logs to the checkpoint's step and pushes the restored weights
+    to the rollout servers, which then serve the checkpoint's policy version.
+    """
+    folder = checkpoint.find_checkpoint(run.cfg.checkpoint.resume, checkpoint.checkpoint_root(run))
+    if folder is None:
+        return 0, []
+    state = checkpoint.load(run, folder)
+    run.log.resume_at(state["step"])
+    run.log.message(f"resumed from {folder} (step {state['step']}, policy version {state['policy_version']})")
+    if not run.algo.uses_teacher_rollouts:
+        if run.weight_sync is not None:
+            run.weight_sync.versions.commit(state["policy_version"] - 1)
+        stages.sync(run)
+    return state["step"], state["pending"]
+
+
+def _save(run: Run, step: int, producer: RolloutProducer | None) -> None:
+    folder = checkpoint.save(run, step, producer.pending() if producer else [])
+    run.log.message(f"checkpoint {folder}")
+
+
+def train(run: Run) -> dict[str, float]:
+    """Run (or resume) the configured steps; returns the last step's metrics (rank 0; others: {})."""
     cfg = run.cfg
-    producer = RolloutProducer(run, start_step, cfg.train.steps) if run.rank == 0 else None
+    start_step, pending = restore(run)
+    producer = RolloutProducer(run, start_step, cfg.train.steps, pending) if run.rank == 0 else None
     last: dict[str, float] = {}
+    done = start_step  # steps whose update is applied
     if cfg.data.eval_every and start_step == 0:
         run.log.log(0, stages.on_rank0(run, evaluate, run))
     try:
@@ -144,19 +192,29 @@ def train(run: Run, start_step: int = 0) -> dict[str, float]:
             times, trained_version = batch.times, run.policy_version
             _timed(times, "teacher", stages.score, run, batch)
             metrics = _timed(times, "update", stages.update, run, batch)
+            done = step + 1
             _timed(times, "sync", stages.sync, run)
             if producer:
                 producer.advance(run.policy_version)
             metrics.update(step_metrics(run, batch, time.perf_counter() - t0, trained_version))
             metrics["perf/tokens_per_s"] = metrics["response/tokens"] / max(metrics["time/step"], 1e-9)
-            if cfg.data.eval_every and (step + 1) % cfg.data.eval_every == 0:
+            if cfg.data.eval_every and done % cfg.data.eval_every == 0:
                 metrics.update(stages.on_rank0(run, evaluate, run))
-            run.log.rollouts(step + 1, batch.rollouts)
-            run.log.log(step + 1, metrics)
+            run.log.rollouts(done, batch.rollouts)
+            run.log.log(done, metrics)
             last = metrics if run.rank == 0 else {}
+            stop = _stop_requested(run)
+            if stop or done == cfg.train.steps or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0):
+                _save(run, done, producer)
+            if stop:
+                run.log.message(f"stopped by a signal after step {done}; resume with checkpoint.resume=auto")
+                break
+    except stages.PipelineError:
+        _save(run, done, producer)  # a server down: keep what was trained, then report
+        raise
     finally:
         if producer:
             producer.close()
     if cfg.checkpoint.export_hf:
-        export_hf(run, os.path.join(run.run_dir, "hf"))
+        checkpoint.export_hf(run, os.path.join(run.run_dir, "hf"))
     return last

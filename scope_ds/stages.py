@@ -56,6 +56,7 @@ def generate(run, batch: Batch) -> None:
         n=run.cfg.rollout.n,
         prompt_ids=[r.prompt_id for r in batch.records],
         group_ids=[f"{batch.step}:{i}" for i in range(len(batch.records))],
+        seeds=sample_seeds(run.cfg, batch.step, len(prompts)),
     )
     batch.rollouts = [r for group in groups for r in group]
 

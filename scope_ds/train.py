@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 if __package__ in (None, ""):  # run as a script (the deepspeed launcher does this)
@@ -33,9 +34,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    from scope_ds.pipeline import train
+    from scope_ds.checkpoint import CheckpointError
+    from scope_ds.pipeline import request_stop, train
     from scope_ds.run import Run
     from scope_ds.stages import PipelineError
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):  # SLURM's warnings before a time limit
+        signal.signal(sig, request_stop)
 
     try:
         run = Run(cfg)
@@ -44,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         train(run)
-    except PipelineError as e:  # a server down or a refused update: say so, without a stack trace
+    except (PipelineError, CheckpointError) as e:  # a server down, a bad checkpoint: say so, no stack trace
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:

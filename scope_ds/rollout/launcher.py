@@ -93,6 +93,9 @@ class ServerProcess:
                 cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True
             )
         self.pid = self.popen.pid
+        # Beside the log: if the trainer is killed (kill -9 skips atexit), whoever cleans up finds it.
+        self.pid_path = self.log_path.with_suffix(".pid")
+        self.pid_path.write_text(f"{self.pid}\n")
         atexit.register(self.stop)
 
     def alive(self) -> bool:
@@ -136,6 +139,7 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self._signal(signal.SIGKILL)
                 self.popen.wait()
+        self.pid_path.unlink(missing_ok=True)
         atexit.unregister(self.stop)
 
     def _signal(self, sig: int) -> None:

@@ -32,6 +32,7 @@ def main() -> None:
             stages.score(run, batch)
             stages.update(run, batch)
             stages.sync(run)
+            run.log.rollouts(step + 1, batch.rollouts)
         export_hf(run, str(Path(run.run_dir) / "hf"))
     finally:
         run.close()

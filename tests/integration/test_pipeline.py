@@ -39,6 +39,10 @@ def test_max_staleness_zero_gives_the_synchronous_weights(pair, tmp_path):
         timeout=600,
     )
     check_ok(ref)
+    for step in (1, 2):
+        ours, theirs = (read_jsonl(d / "rollouts" / f"step_{step}.jsonl") for d in (piped, by_hand))
+        assert [r["response_ids"] for r in ours] == [r["response_ids"] for r in theirs]
+        assert [r["weight"] for r in ours] == [r["weight"] for r in theirs]
     a, b = load_weights(piped / "hf"), load_weights(by_hand / "hf")
     assert a.keys() == b.keys()
     for k in a:

@@ -1,0 +1,192 @@
+"""Checkpoints with real processes: exact resume after kill -9, crash-safe saves, signals, export."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from train_helpers import REPO, check_ok, free_port, launch_train, load_weights, read_jsonl, small_run_overrides
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory, tiny_llama_builder):
+    root = tmp_path_factory.mktemp("pair")
+    return tiny_llama_builder(root / "student", seed=0), tiny_llama_builder(root / "teacher", seed=1, hidden=48)
+
+
+def _start(args: list[str], ranks: int = 2) -> subprocess.Popen:
+    """The deepspeed launcher in its own session, so that kill -9 can take all its ranks at once."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_gpus",
+        str(ranks),
+        "--master_port",
+        str(free_port()),
+        str(REPO / "scope_ds" / "train.py"),
+        *args,
+    ]
+    return subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+
+
+def _kill9(proc: subprocess.Popen, out: Path) -> None:
+    """kill -9 the launcher and its ranks; then the rollout server they left (by its pid file)."""
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    for pid_file in (out / "logs").glob("*.pid"):
+        try:
+            os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _wait_for(cond, proc: subprocess.Popen, what: str, timeout: float = 300, poll: float = 0.01) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before {what}:\n{proc.stdout.read()[-4000:]}")
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(poll)
+
+
+def _latest(out: Path) -> str | None:
+    path = out / "checkpoints" / "latest"
+    return path.read_text().strip() if path.exists() else None
+
+
+def test_kill9_and_resume_gives_the_straight_run(pair, tmp_path):
+    student, teacher = pair
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    common = ["train.steps=6", "checkpoint.every=3"]
+    check_ok(launch_train([*small_run_overrides(student, teacher, straight), *common], ranks=2))
+
+    proc = _start([*small_run_overrides(student, teacher, broken), *common])
+    _wait_for(lambda: _latest(broken) == "step_3", proc, "the step-3 checkpoint")
+    _kill9(proc, broken)
+    assert not (broken / "hf").exists()  # it really died before the end
+    check_ok(launch_train([*small_run_overrides(student, teacher, broken), *common, "checkpoint.resume=auto"]))
+
+    a, b = load_weights(straight / "hf"), load_weights(broken / "hf")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    for step in (4, 5, 6):
+        ours, theirs = (read_jsonl(d / "rollouts" / f"step_{step}.jsonl") for d in (straight, broken))
+        assert [(r["response_ids"], r["weight_version"], r["weight"]) for r in ours] == [
+            (r["response_ids"], r["weight_version"], r["weight"]) for r in theirs
+        ]
+    assert [m["step"] for m in read_jsonl(broken / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_kill9_during_a_save_resumes_from_the_previous_checkpoint(pair, tmp_path):
+    student, teacher = pair
+    out = tmp_path / "run"
+    args = [*small_run_overrides(student, teacher, out), "train.steps=30", "checkpoint.every=1", "checkpoint.keep=5"]
+    proc = _start(args, ranks=1)
+    ckpts = out / "checkpoints"
+    _wait_for(
+        lambda: _latest(out) is not None and any(ckpts.glob(".tmp-step_*")), proc, "a save in progress", poll=0.002
+    )
+    _kill9(proc, out)
+    partial = sorted(ckpts.glob(".tmp-step_*"))
+    assert partial, "the kill did not land during a save"
+    latest = _latest(out)
+    assert (ckpts / latest / "COMPLETE").exists()
+    assert int(latest.split("_")[1]) < int(partial[0].name.split("_")[1])
+    resumed = launch_train(
+        [*args, "train.steps=" + str(int(latest.split("_")[1]) + 1), "checkpoint.resume=auto"], ranks=1
+    )
+    check_ok(resumed)
+    assert f"resumed from {ckpts / latest}" in resumed.stdout + resumed.stderr
+
+
+def test_signal_saves_a_checkpoint_and_exits_cleanly(pair, tmp_path):
+    student, teacher = pair
+    out = tmp_path / "run"
+    proc = _start([*small_run_overrides(student, teacher, out), "train.steps=200"])
+    _wait_for(
+        lambda: (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().strip(),
+        proc,
+        "the first step",
+        poll=0.2,
+    )
+    ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if "train.py" in " ".join(p.cmdline())]
+    assert len(ranks) == 2
+    for p in ranks:  # as SLURM's --signal does for every task
+        p.send_signal(signal.SIGUSR1)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output[-4000:]
+    latest = _latest(out)
+    steps = len(read_jsonl(out / "metrics.jsonl"))
+    assert latest == f"step_{steps}" and steps < 200
+    assert "stopped by a signal" in output
+
+
+def test_convert_ckpt_of_a_two_rank_checkpoint(pair, tmp_path, embedded_servers):
+    student, teacher = pair
+    out = tmp_path / "run"
+    check_ok(launch_train(small_run_overrides(student, teacher, out), ranks=2))
+    hf = tmp_path / "converted"
+    tool = [sys.executable, str(REPO / "tools" / "convert_ckpt.py")]
+    proc = subprocess.run(
+        [*tool, str(out / "checkpoints"), str(hf), "--dtype", "fp32"], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.arange(1, 17).view(2, 8)
+    with torch.no_grad():
+        ours = AutoModelForCausalLM.from_pretrained(str(hf)).eval()(input_ids=ids).logits
+        run_export = AutoModelForCausalLM.from_pretrained(str(out / "hf")).eval()(input_ids=ids).logits
+    torch.testing.assert_close(ours, run_export, atol=1e-5, rtol=0)
+    (server,) = embedded_servers(hf)  # the rollout server serves the converted folder
+    from scope_ds.rollout.client import SyncRolloutClient
+
+    with SyncRolloutClient([server.url]) as client:
+        (group,) = client.generate_many([[1, 40, 41]], {"max_new_tokens": 4, "temperature": 1.0}, n=2)
+    assert len(group) == 2 and all(r.response_length > 0 for r in group)
+
+    # bad input: each a clear error, nothing overwritten
+    def fails(args, message):
+        p = subprocess.run([*tool, *args], capture_output=True, text=True, timeout=300)
+        assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+
+    before = sorted(os.listdir(hf))
+    fails([str(out / "checkpoints"), str(hf)], "exists")
+    assert sorted(os.listdir(hf)) == before
+    fails([str(tmp_path / "nothing"), str(tmp_path / "x")], "no checkpoint folder")
+    fails([str(out / "checkpoints"), str(tmp_path / "x"), "--tag", "99"], "no checkpoint step_99")
+    corrupt = tmp_path / "corrupt"
+    import shutil
+
+    shutil.copytree(out / "checkpoints" / "step_2", corrupt)
+    for f in (corrupt / "ds" / "ds").glob("*optim_states.pt"):
+        f.write_bytes(f.read_bytes()[:100])
+    fails([str(corrupt), str(tmp_path / "y")], "corrupt")
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_resume_errors_are_clear(pair, tmp_path):
+    student, teacher = pair
+    out = tmp_path / "run"
+    check_ok(launch_train(small_run_overrides(student, teacher, out), ranks=2))
+    cases = {
+        "written by 2 ranks and this run has 1": ["checkpoint.resume=auto", "train.steps=3"],
+        "no checkpoint folder": [f"checkpoint.resume={tmp_path / 'none'}"],
+    }
+    (out / "checkpoints" / "step_1").mkdir(exist_ok=True)  # a folder without COMPLETE: a save that died
+    cases["is incomplete"] = [f"checkpoint.resume={out / 'checkpoints' / 'step_1'}"]
+    for message, extra in cases.items():
+        proc = launch_train([*small_run_overrides(student, teacher, out), *extra], launcher="python", timeout=300)
+        assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr
+    assert load_weights(out / "hf")  # the finished run's export is untouched
