@@ -59,6 +59,7 @@ class DataConfig:
     max_prompt_tokens: int = 512  # longer prompts are skipped and counted
     eval_every: int = 0  # evaluate on held-out prompts every N steps (0 = never)
     eval_prompts: int = 64  # number of held-out prompts per evaluation
+    eval_n: int = 4  # samples per held-out prompt (Avg@n, Pass@k for k <= n), at rollout.temperature
     seed: int = 0  # order of prompts
 
     def check(self) -> None:
@@ -67,6 +68,7 @@ class DataConfig:
         _positive("data.max_prompt_tokens", self.max_prompt_tokens)
         _positive("data.eval_every", self.eval_every, strict=False)
         _positive("data.eval_prompts", self.eval_prompts)
+        _positive("data.eval_n", self.eval_n)
         if "{prompt}" not in self.template:
             raise ConfigError(f"data.template must contain {{prompt}}, got {self.template!r}")
 

@@ -119,22 +119,26 @@ class RolloutProducer:
         self._thread.join(timeout=self.run.cfg.rollout.request_timeout_s)
 
 
-def evaluate(run: Run, n: int = 4) -> dict[str, float]:
-    """Held-out accuracy through the rollout servers with the current weights (rank 0)."""
+def evaluate(run: Run) -> dict[str, float]:
+    """Held-out Avg@n / Pass@k (n = data.eval_n) through the rollout servers with the current weights (rank 0).
+
+    The same per-sample seeds at every evaluation, so that the curve moves with the weights only.
+    """
+    from scope_ds.evaluation import evaluate_records
+
     if not run.eval_records:
         return {}
-    batch = Batch(step=-1, records=run.eval_records)
-    prompts = [run.encode_prompt(r.prompt) for r in batch.records]
-    groups = run.client.generate_many(
-        prompts,
+    n = run.cfg.data.eval_n
+    return evaluate_records(
+        run.client,
+        run.tokenizer,
+        run.eval_records,
+        run.verifier,
+        n,
         run.sampling_params(),
-        n=n,
-        prompt_ids=[r.prompt_id for r in batch.records],
-        seeds=stages.sample_seeds(run.cfg, -1, len(prompts)),
+        chat_template=run.cfg.data.chat_template,
+        seed=run.cfg.train.seed,
     )
-    batch.rollouts = [r for g in groups for r in g]
-    stages.verify(run, batch)
-    return {"eval/accuracy": sum(r.correct for r in batch.rollouts) / len(batch.rollouts)}
 
 
 def step_metrics(run: Run, batch: Batch, wall: float, trained_version: int) -> dict[str, float]:

@@ -66,7 +66,7 @@ def sample_seeds(cfg, step: int, prompts: int) -> list[int] | None:
     if not cfg.rollout.seeded:
         return None
     n = cfg.rollout.n
-    base = (cfg.train.seed * 1_000_003 + step + 1) * prompts  # step -1 is evaluation
+    base = (cfg.train.seed * 1_000_003 + step) * prompts
     return [((base + i) * n) % 2**62 for i in range(prompts)]
 
 

@@ -26,7 +26,7 @@ def pair(tmp_path_factory, tiny_llama_builder):
 
 
 def _check_run(out, student, algo: str) -> list[dict]:
-    metrics = read_jsonl(out / "metrics.jsonl")
+    metrics = [m for m in read_jsonl(out / "metrics.jsonl") if m["step"] > 0]  # step 0: evaluation only
     assert [m["step"] for m in metrics] == [1, 2]
     for m in metrics:
         assert math.isfinite(m["loss/total"]) and m["rollouts"] == 8
@@ -50,7 +50,11 @@ def _check_run(out, student, algo: str) -> list[dict]:
 def test_scope_two_ranks_trains_and_logs_reproducible_weights(pair, tmp_path):
     student, teacher = pair
     out = tmp_path / "run"
-    check_ok(launch_train(small_run_overrides(student, teacher, out), ranks=2))
+    evals = ["data.eval_every=2", "data.eval_prompts=3", "data.eval_n=2"]
+    check_ok(launch_train([*small_run_overrides(student, teacher, out), *evals], ranks=2))
+    evaluated = {m["step"]: m for m in read_jsonl(out / "metrics.jsonl") if "eval/accuracy" in m}
+    assert sorted(evaluated) == [0, 2]  # before training, then every 2 steps
+    assert all(0 <= m["eval/accuracy"] <= m["eval/pass@2"] <= 1 for m in evaluated.values())
     for rows in _check_run(out, student, "scope"):
         expected = expected_scope_weights(rows)
         for i, r in enumerate(rows):
