@@ -64,7 +64,7 @@ scope_start_servers() {
   [ ${#SERVER_CMDS[@]} -eq 0 ] && return 0
   for i in "${!SERVER_CMDS[@]}"; do
     [ "$SCOPE_DS_GPUS_MANAGED" = 1 ] && gres=(--gres="gpu:${SERVER_GPUS[$i]}")
-    "${SCOPE_SRUN[@]}" --overlap --nodes=1 --ntasks=1 --ntasks-per-node=1 --nodelist="${SERVER_NODES[$i]}" "${gres[@]}" \
+    "${SCOPE_SRUN[@]}" --job-name="scope_ds-server-$i" --overlap --nodes=1 --ntasks=1 --ntasks-per-node=1 --nodelist="${SERVER_NODES[$i]}" "${gres[@]}" \
       --kill-on-bad-exit=1 --output="$LOG_DIR/server-$LOG_TAG-$i.log" \
       bash -c "exec ${SERVER_CMDS[$i]}" &
     SCOPE_SERVER_PIDS+=($!)
@@ -77,23 +77,33 @@ scope_start_servers() {
   fi
 }
 
+# Stop the server steps: SIGTERM to their tasks through scancel (a signal to srun itself would make
+# it kill the step at once), then srun's own termination after 30 s.
 scope_stop_servers() {
-  local pid
+  local step name pid i
+  [ ${#SCOPE_SERVER_PIDS[@]} -eq 0 ] && return 0
+  while read -r step name; do
+    if [[ $name == scope_ds-server-* ]]; then scancel --signal=TERM "$step" 2>/dev/null || true; fi
+  done < <(squeue -h --steps --jobs "$SLURM_JOB_ID" --format "%i %j" 2>/dev/null || true)
   for pid in "${SCOPE_SERVER_PIDS[@]}"; do
-    kill -TERM "$pid" 2>/dev/null || true  # srun passes it on to the server
-  done
-  for pid in "${SCOPE_SERVER_PIDS[@]}"; do
+    for i in $(seq 60); do
+      kill -0 "$pid" 2>/dev/null || break
+      sleep 0.5
+    done
+    kill -TERM "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
   done
   SCOPE_SERVER_PIDS=()
 }
 
-# A signal for the batch shell (USR1 from --signal=B:USR1@N before the time limit; TERM on
-# scancel or preemption) goes on to the main step, whose ranks save a checkpoint and stop.
+# A signal for the batch shell goes on to the main step's ranks as USR1, which srun passes on to
+# its tasks (a TERM sent to srun would make it kill them at once); the ranks save a checkpoint and
+# stop. USR1 comes from --signal=B:USR1@N before the time limit; TERM from scancel or preemption,
+# when SLURM also sends TERM to every task itself.
 scope_forward() {
   SCOPE_SIGNALLED=$1
-  scope_log "got SIG$1: forwarding it to the main step (pid $SCOPE_STEP_PID)"
-  [ -n "$SCOPE_STEP_PID" ] && kill -s "$1" "$SCOPE_STEP_PID" 2>/dev/null
+  scope_log "got SIG$1: asking the main step (srun pid $SCOPE_STEP_PID) to save and stop"
+  [ -n "$SCOPE_STEP_PID" ] && kill -s USR1 "$SCOPE_STEP_PID" 2>/dev/null
   return 0
 }
 

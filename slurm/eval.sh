@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Evaluate on a SLURM allocation (docs/cluster.md):
+# Evaluate on one node of a SLURM allocation (docs/cluster.md):
 #
-#   sbatch [sbatch options] slurm/eval.sh --model DIR_OR_URL [--model ...] --benchmarks ... --n 32 --out DIR
+#   sbatch [sbatch options] slurm/eval.sh --model [LABEL=]DIR_OR_URL [--model ...] --benchmarks ... --n 32 --out DIR
 #
-# The arguments are python -m scope_ds.evaluate's. On GPU nodes every --model folder gets one SGLang
-# server, started here as a job step on its share of the GPUs (--dp-size replicas of
-# SCOPE_DS_EVAL_TP GPUs each), and the evaluator is given its URL; on CPU nodes the evaluator starts
-# the embedded server itself. Its output goes to the job's output file; server logs to OUT/logs.
+# The arguments are python -m scope_ds.evaluate's. It runs as one job step on the first node; on GPU
+# nodes it gets all of that node's GPUs and (unless --backend is given) serves each model folder
+# with SGLang on all of them: GPUs / SCOPE_DS_EVAL_TP data-parallel servers of SCOPE_DS_EVAL_TP
+# GPUs each, one model after the other. On CPU nodes the evaluator starts the embedded server.
+# Its output goes to the job's output file. Site settings: slurm/site.sh.
 #SBATCH --job-name=scope_ds-eval
 set -euo pipefail
 
@@ -19,11 +20,17 @@ if [ $# -lt 1 ]; then
   echo "usage: sbatch [sbatch options] slurm/eval.sh --model DIR_OR_URL ... (python -m scope_ds.evaluate's arguments)" >&2
   exit 2
 fi
+ARGS=("$@")
 
 scope_init
-scope_plan eval "$@"
-scope_start_servers
+STEP=(--overlap --kill-on-bad-exit=1 --nodes=1 --ntasks=1 --ntasks-per-node=1 --nodelist="${SCOPE_DS_NODES%% *}")
+G=$SCOPE_DS_GPUS_PER_NODE
+if [ "$G" -gt 0 ]; then
+  if ! printf '%s\n' "$@" | grep -q -- '^--backend'; then
+    ARGS+=(--backend sglang --num-servers $((G / SCOPE_DS_EVAL_TP)) --gpus-per-server "$SCOPE_DS_EVAL_TP")
+  fi
+  if [ "$SCOPE_DS_GPUS_MANAGED" = 1 ]; then STEP+=(--gres="gpu:$G"); fi
+fi
 rc=0
-scope_run_main --overlap --kill-on-bad-exit=1 --nodes=1 --ntasks=1 --ntasks-per-node=1 --nodelist="$TRAIN_NODES" \
-  "$SCOPE_DS_PYTHON" -m scope_ds.evaluate "${EVAL_ARGS[@]}" || rc=$?
+scope_run_main "${STEP[@]}" "$SCOPE_DS_PYTHON" -m scope_ds.evaluate "${ARGS[@]}" || rc=$?
 exit "$rc"

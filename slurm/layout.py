@@ -1,15 +1,15 @@
-"""Where a SLURM job's processes go: training ranks and rollout servers on the allocated nodes.
+"""Where a training job's processes go: training ranks and rollout servers on the allocated nodes.
 
-Called by slurm/common.sh (never imported by scope_ds); prints shell assignments for ``eval``:
+Called by slurm/common.sh (never imported by scope_ds):
 
-    python slurm/layout.py train RECIPE [key=value ...]   # the training layout, from the recipe
-    python slurm/layout.py eval  [evaluate's arguments]   # one SGLang server per --model folder
+    python slurm/layout.py train RECIPE [key=value ...]   # prints the layout as bash assignments
     python slurm/layout.py wait --pids "P ..." URL ...     # poll /health until every URL answers 200
 
 The allocation comes from the environment the batch script sets: SCOPE_DS_NODES (space-separated,
 from ``scontrol show hostnames``), SCOPE_DS_GPUS_PER_NODE (0 on CPU nodes), SCOPE_DS_NTASKS (tasks
-on CPU), SCOPE_DS_PORT_BASE (servers take PORT_BASE + i on each node), SCOPE_DS_SERVER_LAYOUT,
-SCOPE_DS_LAUNCH_SERVERS, SCOPE_DS_SGLANG_MEM and SCOPE_DS_SGLANG_ARGS (see slurm/site.sh).
+on CPU), SCOPE_DS_GPUS_MANAGED (1: SLURM hands each step its GPUs), SCOPE_DS_PORT_BASE (servers
+take PORT_BASE + i on each node), SCOPE_DS_SERVER_LAYOUT, SCOPE_DS_LAUNCH_SERVERS,
+SCOPE_DS_SGLANG_MEM and SCOPE_DS_SGLANG_ARGS (see slurm/site.sh).
 A bad recipe or a layout that does not fit exits with status 2 and says why, before any work.
 """
 
@@ -87,7 +87,7 @@ class Allocation:
         env = dict(os.environ if env is None else env)
         nodes = env.get("SCOPE_DS_NODES", "").split()
         if not nodes:
-            raise LayoutError("SCOPE_DS_NODES is empty: run this from slurm/train.sh or slurm/eval.sh")
+            raise LayoutError("SCOPE_DS_NODES is empty: run this from slurm/train.sh")
         return cls(
             nodes=nodes,
             gpus_per_node=int(env.get("SCOPE_DS_GPUS_PER_NODE", "0")),
@@ -121,22 +121,19 @@ def place_servers(alloc: Allocation, count: int, tp: int, layout: str) -> tuple[
     raise LayoutError(f"SCOPE_DS_SERVER_LAYOUT must be tail or nodes, got {layout!r}")
 
 
-def _servers(
-    kind: str, models: list[str], places: list[tuple[str, int]], gpus: int, alloc: Allocation, seed: int, extra
-):
-    """Server i runs models[i] at places[i] = (node, first GPU) on ``gpus`` GPUs; the k-th server of
-    a node listens on port_base + k. ``extra`` may hold --dp-size: then tp = gpus / dp."""
+def _servers(kind: str, model: str, places: list[tuple[str, int]], tp: int, alloc: Allocation, seed: int, extra):
+    """Server i serves ``model`` at places[i] = (node, first GPU) on ``tp`` GPUs; the k-th server of
+    a node listens on port_base + k."""
     servers, used = [], {}
     mem = float(os.environ.get("SCOPE_DS_SGLANG_MEM", "0.7"))
-    dp = int(extra[extra.index("--dp-size") + 1]) if "--dp-size" in extra else 1
     build = sglang_command if kind == "sglang" else embedded_command
-    for i, (model, (node, gpu)) in enumerate(zip(models, places, strict=True)):
+    for i, (node, gpu) in enumerate(places):
         port = alloc.port_base + used.get(node, 0)
         used[node] = used.get(node, 0) + 1
         first = 0 if alloc.managed else gpu
-        spec = LaunchSpec(model, port, host="0.0.0.0", random_seed=seed + i, tp_size=gpus // dp, base_gpu_id=first)
+        spec = LaunchSpec(model, port, host="0.0.0.0", random_seed=seed + i, tp_size=tp, base_gpu_id=first)
         spec.mem_fraction_static, spec.extra_args = mem, tuple(extra)
-        servers.append(Server(node, port, build(spec, python="python"), gpus if kind == "sglang" else 0))
+        servers.append(Server(node, port, build(spec, python="python"), tp if kind == "sglang" else 0))
     return servers
 
 
@@ -165,8 +162,7 @@ def train_layout(recipe: str, overrides: list[str], alloc: Allocation, env: dict
         out.ntasks = out.tasks_per_node * len(out.train_nodes)
     if places:
         extra = shlex.split(env.get("SCOPE_DS_SGLANG_ARGS", "")) if r.backend == "sglang" else []
-        models = [served_model(cfg)] * len(places)
-        out.servers = _servers(r.backend, models, places, r.gpus_per_server, alloc, cfg.train.seed, extra)
+        out.servers = _servers(r.backend, served_model(cfg), places, r.gpus_per_server, alloc, cfg.train.seed, extra)
     return out
 
 
@@ -182,34 +178,6 @@ def served_model(cfg) -> str:
 
         path = str(getattr(ensure_toy_models(cfg.model.toy_cache or None), name))
     return path
-
-
-def eval_layout(args: list[str], alloc: Allocation, env: dict[str, str] | None = None) -> tuple[Layout, list[str]]:
-    """On GPUs: one SGLang server per ``--model`` folder, the nodes' GPUs shared out evenly (SGLang's
-    --dp-size over groups of SCOPE_DS_EVAL_TP GPUs), and evaluate's arguments with each folder
-    replaced by its server's URL. On CPU nothing to start: the evaluator starts the embedded server."""
-    env = dict(os.environ if env is None else env)
-    out = Layout([alloc.nodes[0]], 1, 1, startup_timeout_s=float(env.get("SCOPE_DS_EVAL_STARTUP_S", "900")))
-    out.run_dir = args[args.index("--out") + 1] if "--out" in args[:-1] else "."  # logs go to RUN_DIR/logs
-    positions = [i + 1 for i, a in enumerate(args[:-1]) if a == "--model" and "://" not in args[i + 1]]
-    if alloc.gpus_per_node == 0 or not positions:
-        return out, list(args)
-    tp = int(env.get("SCOPE_DS_EVAL_TP", "1"))
-    groups = alloc.gpus_per_node // tp  # groups of tp GPUs on one node
-    per_node = -(-len(positions) // len(alloc.nodes))  # models on one node
-    if groups < per_node:
-        raise LayoutError(
-            f"{len(positions)} models x {tp} GPUs do not fit {len(alloc.nodes)} x {alloc.gpus_per_node} GPUs"
-        )
-    dp = groups // per_node
-    places = [(alloc.nodes[m // per_node], (m % per_node) * dp * tp) for m in range(len(positions))]
-    extra = [*(["--dp-size", str(dp)] if dp > 1 else []), *shlex.split(env.get("SCOPE_DS_SGLANG_ARGS", ""))]
-    models = [args[p] for p in positions]
-    out.servers = _servers("sglang", models, places, dp * tp, alloc, 0, extra)
-    new_args = list(args)
-    for p, server in zip(positions, out.servers, strict=True):
-        new_args[p] = server.url
-    return out, new_args
 
 
 def wait_healthy(urls: list[str], pids: list[int], timeout_s: float) -> None:
@@ -235,21 +203,18 @@ def wait_healthy(urls: list[str], pids: list[int], timeout_s: float) -> None:
 
 
 def _alive(pid: int) -> bool:
+    """Running (not exited, and not a zombie that the batch shell has yet to reap)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
         return False
-    return True
 
 
 def main(argv: list[str]) -> int:
     try:
         if argv[:1] == ["train"] and len(argv) >= 2:
             print(train_layout(argv[1], argv[2:], Allocation.from_env()).shell())
-        elif argv[:1] == ["eval"]:
-            layout, args = eval_layout(argv[1:], Allocation.from_env())
-            print(layout.shell())
-            print(f"EVAL_ARGS=({' '.join(shlex.quote(a) for a in args)})")
         elif argv[:2] == ["wait", "--pids"] and len(argv) >= 4:
             timeout = float(os.environ.get("SCOPE_DS_STARTUP_TIMEOUT", "300"))
             wait_healthy(argv[3:], [int(p) for p in argv[2].split()], timeout)

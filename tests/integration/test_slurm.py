@@ -1,0 +1,245 @@
+"""slurm/train.sh and slurm/eval.sh on a real one-node SLURM, and the layout they plan on GPU nodes.
+
+The SLURM here is the one tools/ci_services.sh runs (CI starts it; this module starts it when it is
+not up, and then stops what it started, by pid). Jobs run on CPU with 2 tasks, the tiny model pair
+and the embedded rollout server. A job that fails shows its output and its per-rank logs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from train_helpers import REPO, read_jsonl, small_run_overrides
+
+sys.path.insert(0, str(REPO / "slurm"))
+from layout import Allocation, LayoutError, place_servers, train_layout  # noqa: E402
+
+SERVICES = REPO / "tools" / "ci_services.sh"
+FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL"}
+
+
+# ------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    """A one-node SLURM that takes jobs; started here if it was not up (and then stopped after)."""
+    started = subprocess.run(["bash", str(SERVICES), "status"], capture_output=True).returncode != 0
+    if started:
+        proc = subprocess.run(["bash", str(SERVICES), "start"], capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, f"tools/ci_services.sh start failed:\n{proc.stdout}\n{proc.stderr}"
+    yield
+    if started:
+        subprocess.run(["bash", str(SERVICES), "stop"], timeout=120)
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory, tiny_llama_builder):
+    root = tmp_path_factory.mktemp("pair")
+    return tiny_llama_builder(root / "student", seed=0), tiny_llama_builder(root / "teacher", seed=1, hidden=48)
+
+
+class Job:
+    """A submitted batch job: its id, output file and run folder; cancelled (by id) if still queued at the end."""
+
+    def __init__(self, script: str, args: list[str], out_dir: Path, env: dict[str, str] | None = None, ntasks: int = 2):
+        self.out_dir, self.output = out_dir, out_dir / "job.out"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        # The job runs this interpreter (not whatever .venv site.sh would pick) with one thread per rank.
+        job_env = {**os.environ, "SCOPE_DS_PYTHON": sys.executable, "OMP_NUM_THREADS": "1", **(env or {})}
+        cmd = ["sbatch", "--parsable", f"--ntasks={ntasks}", f"--output={self.output}", f"slurm/{script}", *args]
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=job_env, timeout=60)
+        assert proc.returncode == 0, f"sbatch failed: {proc.stderr}"
+        self.id = proc.stdout.strip().split(";")[0]
+
+    def info(self) -> dict[str, str]:
+        text = subprocess.run(["scontrol", "show", "job", "-o", self.id], capture_output=True, text=True).stdout
+        return dict(re.findall(r"(JobState|ExitCode|Restarts|Reason)=(\S+)", text))
+
+    def wait(self, timeout: float = 900, until=FINISHED, poll: float = 1.0) -> dict[str, str]:
+        deadline = time.monotonic() + timeout
+        while True:
+            info = self.info()
+            if info.get("JobState") in until:
+                return info
+            assert time.monotonic() < deadline, f"job {self.id} still {info} after {timeout:.0f} s\n{self.logs()}"
+            time.sleep(poll)
+
+    def logs(self, lines: int = 60) -> str:
+        """The job's output file and the tail of every log in its run folder (for failure messages)."""
+        parts = []
+        for path in [self.output, *sorted(self.out_dir.glob("**/logs/*.log"))]:
+            text = path.read_text(errors="replace") if path.is_file() else "(missing)"
+            parts.append(f"----- {path}\n" + "\n".join(text.splitlines()[-lines:]))
+        return "\n".join(parts)
+
+    def cancel(self) -> None:
+        subprocess.run(["scancel", self.id], capture_output=True)
+
+
+@pytest.fixture
+def jobs():
+    """Submit with ``jobs(script, args, out_dir, env)``; whatever is still queued or running is cancelled after."""
+    submitted: list[Job] = []
+
+    def submit(*args, **kwargs) -> Job:
+        submitted.append(Job(*args, **kwargs))
+        return submitted[-1]
+
+    yield submit
+    for job in submitted:
+        if job.info().get("JobState") not in FINISHED:
+            job.cancel()
+
+
+def _train_args(pair, run: Path, steps: int) -> list[str]:
+    student, teacher = pair
+    args = [a for a in small_run_overrides(student, teacher, run) if not a.startswith("train.steps=")]
+    return ["recipes/toy.yaml", *args, f"train.steps={steps}", "data.eval_every=0"]
+
+
+def _assert_completed(job: Job, info: dict[str, str]) -> None:
+    assert info.get("JobState") == "COMPLETED" and info.get("ExitCode") == "0:0", f"job {info}\n{job.logs()}"
+
+
+# ------------------------------------------------------------------------------ jobs on SLURM
+
+
+def test_sbatch_train_two_tasks_trains_and_leaves_a_checkpoint(slurm, pair, jobs, tmp_path):
+    run = tmp_path / "run"
+    job = jobs("train.sh", _train_args(pair, run, steps=2), tmp_path)
+    _assert_completed(job, job.wait())
+    assert [m["step"] for m in read_jsonl(run / "metrics.jsonl")] == [1, 2], job.logs()
+    for rank in (0, 1):  # one log per rank
+        assert (run / "logs" / f"train-{job.id}.0-rank{rank}.log").stat().st_size > 0
+    assert list((run / "hf").glob("*.safetensors")), "no Hugging Face export"
+    latest = (run / "checkpoints" / "latest").read_text().strip()
+    assert latest == "step_2" and (run / "checkpoints" / latest).is_dir(), job.logs()
+    text = job.output.read_text()
+    assert "training: 2 ranks" in text and "main step exited with status 0" in text
+
+
+def test_signalled_job_saves_requeues_and_resumes(slurm, pair, jobs, tmp_path):
+    """USR1 to the batch shell (what --signal=B:USR1@N sends before the time limit): the ranks save a
+    checkpoint and stop, the job requeues itself, and the restart resumes from that checkpoint. The
+    rollout server here is started by the script as a job step (the GPU path, on CPU)."""
+    run, steps = tmp_path / "run", 10
+    job = jobs("train.sh", _train_args(pair, run, steps), tmp_path, env={"SCOPE_DS_LAUNCH_SERVERS": "script"})
+    metrics = run / "metrics.jsonl"
+    deadline = time.monotonic() + 600
+    while not (metrics.is_file() and metrics.read_text().strip()):  # a step done: the loop is running
+        assert job.info().get("JobState") in ("PENDING", "RUNNING"), job.logs()
+        assert time.monotonic() < deadline, job.logs()
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job.id], check=True)
+    # A requeued job waits for a begin time (about 2 minutes); let it start now.
+    info = job.wait(until=FINISHED | {"PENDING"}, timeout=300, poll=0.5)
+    if info.get("JobState") == "PENDING":
+        subprocess.run(["scontrol", "update", f"JobId={job.id}", "StartTime=now"], check=True)
+    info = job.wait()
+    _assert_completed(job, info)
+    assert info.get("Restarts") == "1", f"{info}\n{job.logs()}"
+    first = (run / "logs" / f"train-{job.id}.0-rank0.log").read_text()
+    second = (run / "logs" / f"train-{job.id}.1-rank0.log").read_text()
+    stopped = re.search(r"stopped by a signal after step (\d+)", first)
+    assert stopped and 1 <= int(stopped.group(1)) < steps, job.logs()
+    assert f"resumed from {run / 'checkpoints' / ('step_' + stopped.group(1))}" in second, job.logs()
+    assert [m["step"] for m in read_jsonl(metrics)] == list(range(1, steps + 1)), job.logs()
+    assert "server 0 on" in job.output.read_text() and list((run / "logs").glob(f"server-{job.id}.1-0.log"))
+
+
+def test_sbatch_eval_on_cpu(slurm, pair, jobs, tmp_path):
+    out = tmp_path / "eval"
+    args = ["--model", str(pair[0]), "--benchmarks", "toy", "--toy-prompts", "4", "--n", "2"]
+    args += ["--max-new-tokens", "12", "--out", str(out), "--no-progress"]
+    job = jobs("eval.sh", args, tmp_path, ntasks=1)
+    _assert_completed(job, job.wait(timeout=600))
+    results = (out / "results.json").read_text()
+    assert '"toy"' in results and "| student |" in job.output.read_text(), job.logs()
+
+
+def test_a_bad_recipe_fails_the_job_before_anything_starts(slurm, jobs, tmp_path):
+    job = jobs("train.sh", ["recipes/toy.yaml", "algo.taux=1", f"logging.out_dir={tmp_path / 'run'}"], tmp_path)
+    info = job.wait(timeout=300)
+    assert info.get("JobState") == "FAILED", info
+    text = job.output.read_text()
+    assert "algo.taux" in text and "training:" not in text, text
+
+
+# ------------------------------------------------------------------- layouts on GPU nodes (pure)
+
+
+def _alloc(nodes: int, gpus: int, managed: bool = False) -> Allocation:
+    return Allocation([f"n{i}" for i in range(nodes)], gpus, ntasks=nodes * gpus, port_base=30000, managed=managed)
+
+
+def _sglang(overrides: list[str], tmp_path: Path) -> list[str]:
+    models = ["model.student=/m/student", "model.teacher=/m/teacher", "rollout.backend=sglang"]
+    return [*models, f"logging.out_dir={tmp_path}", *overrides]
+
+
+def test_tail_layout_takes_the_last_gpus_of_every_node(tmp_path):
+    over = _sglang(["rollout.num_servers=4"], tmp_path)
+    lay = train_layout(None, over, _alloc(2, 8), env={})
+    assert (lay.tasks_per_node, lay.ntasks, lay.train_nodes) == (6, 12, ["n0", "n1"])
+    got = [(s.node, s.port, s.cmd[s.cmd.index("--base-gpu-id") + 1]) for s in lay.servers]
+    assert got == [("n0", 30000, "6"), ("n0", 30001, "7"), ("n1", 30000, "6"), ("n1", 30001, "7")]
+    assert all(s.cmd[s.cmd.index("--host") + 1] == "0.0.0.0" and "/m/student" in s.cmd for s in lay.servers)
+    assert [s.url for s in lay.servers][:2] == ["http://n0:30000", "http://n0:30001"]
+    # When SLURM hands each step its own GPUs, every server counts from GPU 0 of its step.
+    managed = train_layout(None, over, _alloc(2, 8, managed=True), env={})
+    assert {s.cmd[s.cmd.index("--base-gpu-id") + 1] for s in managed.servers} == {"0"}
+
+
+def test_nodes_layout_gives_servers_whole_nodes(tmp_path):
+    over = _sglang(["rollout.num_servers=2", "rollout.gpus_per_server=4"], tmp_path)
+    lay = train_layout(None, over, _alloc(3, 8), env={"SCOPE_DS_SERVER_LAYOUT": "nodes"})
+    assert (lay.train_nodes, lay.tasks_per_node, lay.ntasks) == (["n0", "n1"], 8, 16)
+    assert [(s.node, s.cmd[s.cmd.index("--base-gpu-id") + 1], s.gpus) for s in lay.servers] == [
+        ("n2", "0", 4),
+        ("n2", "4", 4),
+    ]
+
+
+def test_layouts_that_do_not_fit_are_refused_with_the_reason(tmp_path):
+    cases = {
+        "needs GPUs": (_alloc(1, 0), ["rollout.num_servers=1"], "tail"),
+        "multiple of the 2 nodes": (_alloc(2, 8), ["rollout.num_servers=3"], "tail"),
+        "leave no GPU": (_alloc(1, 8), ["rollout.num_servers=4", "rollout.gpus_per_server=2"], "tail"),
+        "leaving none": (_alloc(1, 8), ["rollout.num_servers=1"], "nodes"),
+        "more than the 8 GPUs": (_alloc(2, 8), ["rollout.num_servers=2", "rollout.gpus_per_server=16"], "tail"),
+    }
+    for message, (alloc, over, layout) in cases.items():
+        with pytest.raises(LayoutError, match=message):
+            train_layout(None, _sglang(over, tmp_path), alloc, env={"SCOPE_DS_SERVER_LAYOUT": layout})
+    with pytest.raises(LayoutError, match="tail or nodes"):
+        place_servers(_alloc(2, 8), 2, 1, "middle")
+
+
+def test_cpu_and_attached_servers_start_nothing(tmp_path):
+    cpu = train_layout(None, [f"logging.out_dir={tmp_path}"], Allocation(["n0", "n1"], 0, ntasks=4), env={})
+    assert (cpu.servers, cpu.ntasks, cpu.tasks_per_node) == ([], 4, 0)
+    attached = _sglang(["rollout.servers=[http://h:1]"], tmp_path)
+    lay = train_layout(None, attached, _alloc(2, 8), env={})
+    assert (lay.servers, lay.ntasks) == ([], 16)
+
+
+@pytest.mark.parametrize(
+    "recipe, nodes, trainers",
+    [("recipes/r1_distill_1p5b_skywork_7b.yaml", 2, 12), ("recipes/qwen3_1p7b_base_qwen3_8b.yaml", 2, 12)],
+)
+def test_paper_recipes_load_and_fit_the_documented_allocation(recipe, nodes, trainers):
+    """The allocation docs/cluster.md gives for each pair (nodes x 8 GPUs, the tail layout)."""
+    raw = yaml.safe_load((REPO / recipe).read_text())
+    assert raw["data"]["source"] == "zwhe99/DeepMath-103K" and raw["rollout"]["backend"] == "sglang"
+    lay = train_layout(str(REPO / recipe), [], _alloc(nodes, 8), env={})
+    assert lay.ntasks == trainers and len(lay.servers) == 2 * nodes
+    cfg_text = " ".join(lay.servers[0].cmd)
+    assert "sglang.launch_server" in cfg_text
