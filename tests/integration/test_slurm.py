@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 from train_helpers import REPO, read_jsonl, small_run_overrides
 
 sys.path.insert(0, str(REPO / "slurm"))
@@ -232,14 +231,32 @@ def test_cpu_and_attached_servers_start_nothing(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "recipe, nodes, trainers",
-    [("recipes/r1_distill_1p5b_skywork_7b.yaml", 2, 12), ("recipes/qwen3_1p7b_base_qwen3_8b.yaml", 2, 12)],
+    "recipe, servers, trainers",
+    [("recipes/r1_distill_1p5b_skywork_7b.yaml", 4, 12), ("recipes/qwen3_1p7b_base_qwen3_8b.yaml", 8, 8)],
 )
-def test_paper_recipes_load_and_fit_the_documented_allocation(recipe, nodes, trainers):
-    """The allocation docs/cluster.md gives for each pair (nodes x 8 GPUs, the tail layout)."""
-    raw = yaml.safe_load((REPO / recipe).read_text())
-    assert raw["data"]["source"] == "zwhe99/DeepMath-103K" and raw["rollout"]["backend"] == "sglang"
-    lay = train_layout(str(REPO / recipe), [], _alloc(nodes, 8), env={})
-    assert lay.ntasks == trainers and len(lay.servers) == 2 * nodes
-    cfg_text = " ".join(lay.servers[0].cmd)
-    assert "sglang.launch_server" in cfg_text
+def test_paper_recipes_have_the_paper_setting_and_fit_two_nodes(recipe, servers, trainers):
+    """SCOPE.md's hyperparameters, and the allocation docs/cluster.md gives (2 nodes x 8 GPUs, tail layout)."""
+    from scope_ds.config import load_config
+
+    cfg = load_config(str(REPO / recipe))
+    assert (cfg.data.source, cfg.data.prompt_key, cfg.data.answer_key) == (
+        "zwhe99/DeepMath-103K",
+        "question",
+        "final_answer",
+    )
+    assert cfg.data.template.endswith("Put your final answer within \\boxed{{}}.")
+    assert (cfg.train.lr, cfg.train.weight_decay, cfg.train.warmup_steps, cfg.train.prompts_per_step) == (
+        5e-5,
+        0.01,
+        0,
+        256,
+    )
+    assert (cfg.rollout.n, cfg.rollout.temperature, cfg.rollout.max_new_tokens) == (8, 0.6, 12288)
+    assert (cfg.model.dtype, cfg.rollout.backend, cfg.train.ds_config) == (
+        "bfloat16",
+        "sglang",
+        "ds_configs/zero3.json",
+    )
+    lay = train_layout(str(REPO / recipe), [], _alloc(2, 8), env={})
+    assert (lay.ntasks, len(lay.servers)) == (trainers, servers)
+    assert all("sglang.launch_server" in " ".join(s.cmd) and cfg.model.student in s.cmd for s in lay.servers)
