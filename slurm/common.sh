@@ -5,9 +5,15 @@
 
 scope_log() { echo "[scope_ds $(date +%H:%M:%S)] $*" >&2; }
 
-# The allocation, site settings and environment; sets SCOPE_DS_NODES, SCOPE_DS_GPUS_PER_NODE,
-# MASTER_ADDR and MASTER_PORT, and stops this job's servers on exit.
+# scope_init USAGE "$@": the script's arguments (none: print USAGE, exit 2), then the allocation,
+# site settings and environment; sets SCOPE_DS_NODES, SCOPE_DS_GPUS_PER_NODE, MASTER_PORT, and
+# stops this job's servers on exit.
 scope_init() {
+  if [ $# -lt 2 ]; then
+    echo "$1" >&2
+    exit 2
+  fi
+  export SCOPE_DS_ROOT
   # shellcheck source=slurm/site.sh
   source "$SCOPE_DS_ROOT/slurm/site.sh"
   export PYTHONPATH="$SCOPE_DS_ROOT${PYTHONPATH:+:$PYTHONPATH}"
@@ -40,7 +46,7 @@ scope_gpus_per_node() {
   fi
 }
 
-# scope_plan train|eval ARGS...: evaluate slurm/layout.py's plan (variables and arrays) here.
+# scope_plan train RECIPE [OVERRIDES...]: slurm/layout.py's plan (variables and arrays), evaluated here.
 # A bad recipe or a layout that does not fit ends the job before anything starts.
 scope_plan() {
   local plan
@@ -64,9 +70,9 @@ scope_start_servers() {
   [ ${#SERVER_CMDS[@]} -eq 0 ] && return 0
   for i in "${!SERVER_CMDS[@]}"; do
     [ "$SCOPE_DS_GPUS_MANAGED" = 1 ] && gres=(--gres="gpu:${SERVER_GPUS[$i]}")
-    "${SCOPE_SRUN[@]}" --job-name="scope_ds-server-$i" --overlap --nodes=1 --ntasks=1 --ntasks-per-node=1 --nodelist="${SERVER_NODES[$i]}" "${gres[@]}" \
-      --kill-on-bad-exit=1 --output="$LOG_DIR/server-$LOG_TAG-$i.log" \
-      bash -c "exec ${SERVER_CMDS[$i]}" &
+    "${SCOPE_SRUN[@]}" --job-name="scope_ds-server-$i" --overlap --kill-on-bad-exit=1 \
+      --nodes=1 --ntasks=1 --ntasks-per-node=1 --nodelist="${SERVER_NODES[$i]}" "${gres[@]}" \
+      --output="$LOG_DIR/server-$LOG_TAG-$i.log" bash -c "exec ${SERVER_CMDS[$i]}" &
     SCOPE_SERVER_PIDS+=($!)
     scope_log "server $i on ${SERVER_NODES[$i]} (step pid $!): ${SERVER_URLS[$i]}; log $LOG_DIR/server-$LOG_TAG-$i.log"
   done
@@ -80,13 +86,13 @@ scope_start_servers() {
 # Stop the server steps: SIGTERM to their tasks through scancel (a signal to srun itself would make
 # it kill the step at once), then srun's own termination after 30 s.
 scope_stop_servers() {
-  local step name pid i
+  local step name pid
   [ ${#SCOPE_SERVER_PIDS[@]} -eq 0 ] && return 0
   while read -r step name; do
     if [[ $name == scope_ds-server-* ]]; then scancel --signal=TERM "$step" 2>/dev/null || true; fi
   done < <(squeue -h --steps --jobs "$SLURM_JOB_ID" --format "%i %j" 2>/dev/null || true)
   for pid in "${SCOPE_SERVER_PIDS[@]}"; do
-    for i in $(seq 60); do
+    for _ in $(seq 60); do
       kill -0 "$pid" 2>/dev/null || break
       sleep 0.5
     done

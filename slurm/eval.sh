@@ -13,16 +13,9 @@ set -euo pipefail
 
 # sbatch runs a copy of this file from its spool folder: find the checkout through the job's Command.
 : "${SCOPE_DS_ROOT:=$(cd "$(dirname "$(scontrol show job "$SLURM_JOB_ID" | sed -n 's/^ *Command=\([^ ]*\).*/\1/p')")/.." && pwd)}"
-export SCOPE_DS_ROOT
 source "$SCOPE_DS_ROOT/slurm/common.sh"
-
-if [ $# -lt 1 ]; then
-  echo "usage: sbatch [sbatch options] slurm/eval.sh --model DIR_OR_URL ... (python -m scope_ds.evaluate's arguments)" >&2
-  exit 2
-fi
+scope_init "usage: sbatch [sbatch options] slurm/eval.sh --model DIR_OR_URL ... (python -m scope_ds.evaluate's arguments)" "$@"
 ARGS=("$@")
-
-scope_init
 STEP=(--overlap --kill-on-bad-exit=1 --nodes=1 --ntasks=1 --ntasks-per-node=1 --nodelist="${SCOPE_DS_NODES%% *}")
 G=$SCOPE_DS_GPUS_PER_NODE
 if [ "$G" -gt 0 ]; then

@@ -22,13 +22,9 @@ set -euo pipefail
 
 # sbatch runs a copy of this file from its spool folder: find the checkout through the job's Command.
 : "${SCOPE_DS_ROOT:=$(cd "$(dirname "$(scontrol show job "$SLURM_JOB_ID" | sed -n 's/^ *Command=\([^ ]*\).*/\1/p')")/.." && pwd)}"
-export SCOPE_DS_ROOT
 source "$SCOPE_DS_ROOT/slurm/common.sh"
+scope_init "usage: sbatch [sbatch options] slurm/train.sh RECIPE [section.key=value ...]" "$@"
 
-if [ $# -lt 1 ]; then
-  echo "usage: sbatch [sbatch options] slurm/train.sh RECIPE [section.key=value ...]" >&2
-  exit 2
-fi
 RECIPE=$1
 shift
 ARGS=("$@")
@@ -36,7 +32,6 @@ if [ "${SLURM_RESTART_COUNT:-0}" -gt 0 ]; then
   ARGS=(checkpoint.resume=auto "${ARGS[@]}")  # a requeued job continues; an explicit value still wins
 fi
 
-scope_init
 scope_plan train "$RECIPE" "${ARGS[@]}"
 scope_start_servers
 if [ ${#SERVER_URLS[@]} -gt 0 ]; then

@@ -147,12 +147,12 @@ start() {
 }
 
 stop_pid() {  # stop_pid NAME PIDFILE: SIGTERM, then SIGKILL after 20 s
-  local name=$1 pidfile=$2 pid i
+  local name=$1 pidfile=$2 pid
   alive "$pidfile" || return 0
   pid=$(cat "$pidfile")
   log "stopping $name (pid $pid)"
   kill -TERM "$pid" 2>/dev/null || true
-  for i in $(seq 40); do
+  for _ in $(seq 40); do
     kill -0 "$pid" 2>/dev/null || return 0
     sleep 0.5
   done
