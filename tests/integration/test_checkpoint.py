@@ -77,8 +77,8 @@ def test_kill9_and_resume_gives_the_straight_run(pair, tmp_path):
     check_ok(launch_train([*small_run_overrides(student, teacher, broken), *common, "checkpoint.resume=auto"]))
 
     a, b = load_weights(straight / "hf"), load_weights(broken / "hf")
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    for k in a:  # identical up to the float32 rounding of the servers' batched log-probs (~1e-7)
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
     for step in (4, 5, 6):
         ours, theirs = (read_jsonl(d / "rollouts" / f"step_{step}.jsonl") for d in (straight, broken))
         assert [(r["response_ids"], r["weight_version"], r["weight"]) for r in ours] == [
@@ -119,7 +119,7 @@ def test_signal_saves_a_checkpoint_and_exits_cleanly(pair, tmp_path):
         "the first step",
         poll=0.2,
     )
-    ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if "train.py" in " ".join(p.cmdline())]
+    ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if "--local_rank=" in " ".join(p.cmdline())]
     assert len(ranks) == 2
     for p in ranks:  # as SLURM's --signal does for every task
         p.send_signal(signal.SIGUSR1)
@@ -169,7 +169,9 @@ def test_convert_ckpt_of_a_two_rank_checkpoint(pair, tmp_path, embedded_servers)
     import shutil
 
     shutil.copytree(out / "checkpoints" / "step_2", corrupt)
-    for f in (corrupt / "ds" / "ds").glob("*optim_states.pt"):
+    shards = list((corrupt / "ds").glob("*optim_states.pt"))
+    assert len(shards) == 2  # one ZeRO partition per rank
+    for f in shards:
         f.write_bytes(f.read_bytes()[:100])
     fails([str(corrupt), str(tmp_path / "y")], "corrupt")
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

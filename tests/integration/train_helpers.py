@@ -39,9 +39,14 @@ def small_run_overrides(student: Path, teacher: Path, out: Path) -> list[str]:
     ]
 
 
+def run_env() -> dict[str, str]:
+    """One intra-op thread per process: runs compared bit for bit must use the same thread count."""
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
 def launch_train(args: list[str], ranks: int = 2, timeout: int = 600, launcher: str = "deepspeed"):
     """Run scope_ds/train.py under the deepspeed launcher; returns the CompletedProcess."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    env = run_env()
     if launcher == "deepspeed":
         cmd = [
             sys.executable,
