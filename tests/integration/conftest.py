@@ -104,3 +104,10 @@ def embedded_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Calla
     yield start
     for proc in started:
         proc.stop()
+
+
+@pytest.fixture(scope="module")
+def model_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny student and a different, wider tiny teacher with one tokenizer (built once per module)."""
+    root = tmp_path_factory.mktemp("pair")
+    return build_tiny_llama(root / "student", seed=0), build_tiny_llama(root / "teacher", seed=1, hidden=48)

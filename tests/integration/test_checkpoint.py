@@ -10,30 +10,22 @@ import time
 from pathlib import Path
 
 import psutil
-import pytest
 import torch
-from train_helpers import REPO, check_ok, free_port, launch_train, load_weights, read_jsonl, small_run_overrides
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory, tiny_llama_builder):
-    root = tmp_path_factory.mktemp("pair")
-    return tiny_llama_builder(root / "student", seed=0), tiny_llama_builder(root / "teacher", seed=1, hidden=48)
+from train_helpers import (
+    REPO,
+    TRAIN,
+    check_ok,
+    deepspeed_cmd,
+    launch_train,
+    load_weights,
+    read_jsonl,
+    small_run_overrides,
+)
 
 
 def _start(args: list[str], ranks: int = 2) -> subprocess.Popen:
     """The deepspeed launcher in its own session, so that kill -9 can take all its ranks at once."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "deepspeed.launcher.runner",
-        "--num_gpus",
-        str(ranks),
-        "--master_port",
-        str(free_port()),
-        str(REPO / "scope_ds" / "train.py"),
-        *args,
-    ]
+    cmd = deepspeed_cmd(TRAIN, args, ranks)
     return subprocess.Popen(
         cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )
@@ -64,8 +56,8 @@ def _latest(out: Path) -> str | None:
     return path.read_text().strip() if path.exists() else None
 
 
-def test_kill9_and_resume_gives_the_straight_run(pair, tmp_path):
-    student, teacher = pair
+def test_kill9_and_resume_gives_the_straight_run(model_pair, tmp_path):
+    student, teacher = model_pair
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     common = ["train.steps=6", "checkpoint.every=3"]
     check_ok(launch_train([*small_run_overrides(student, teacher, straight), *common], ranks=2))
@@ -87,8 +79,8 @@ def test_kill9_and_resume_gives_the_straight_run(pair, tmp_path):
     assert [m["step"] for m in read_jsonl(broken / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
 
 
-def test_kill9_during_a_save_resumes_from_the_previous_checkpoint(pair, tmp_path):
-    student, teacher = pair
+def test_kill9_during_a_save_resumes_from_the_previous_checkpoint(model_pair, tmp_path):
+    student, teacher = model_pair
     out = tmp_path / "run"
     args = [*small_run_overrides(student, teacher, out), "train.steps=30", "checkpoint.every=1", "checkpoint.keep=5"]
     proc = _start(args, ranks=1)
@@ -109,8 +101,8 @@ def test_kill9_during_a_save_resumes_from_the_previous_checkpoint(pair, tmp_path
     assert f"resumed from {ckpts / latest}" in resumed.stdout + resumed.stderr
 
 
-def test_signal_saves_a_checkpoint_and_exits_cleanly(pair, tmp_path):
-    student, teacher = pair
+def test_signal_saves_a_checkpoint_and_exits_cleanly(model_pair, tmp_path):
+    student, teacher = model_pair
     out = tmp_path / "run"
     proc = _start([*small_run_overrides(student, teacher, out), "train.steps=200"])
     _wait_for(
@@ -131,8 +123,8 @@ def test_signal_saves_a_checkpoint_and_exits_cleanly(pair, tmp_path):
     assert "stopped by a signal" in output
 
 
-def test_convert_ckpt_of_a_two_rank_checkpoint(pair, tmp_path, embedded_servers):
-    student, teacher = pair
+def test_convert_ckpt_of_a_two_rank_checkpoint(model_pair, tmp_path, embedded_servers):
+    student, teacher = model_pair
     out = tmp_path / "run"
     check_ok(launch_train(small_run_overrides(student, teacher, out), ranks=2))
     hf = tmp_path / "converted"
@@ -177,8 +169,8 @@ def test_convert_ckpt_of_a_two_rank_checkpoint(pair, tmp_path, embedded_servers)
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
-def test_resume_errors_are_clear(pair, tmp_path):
-    student, teacher = pair
+def test_resume_errors_are_clear(model_pair, tmp_path):
+    student, teacher = model_pair
     out = tmp_path / "run"
     check_ok(launch_train(small_run_overrides(student, teacher, out), ranks=2))
     cases = {

@@ -12,8 +12,10 @@ import pytest
 import torch
 from train_helpers import (
     REPO,
+    TRAIN,
+    ZERO3_STEP,
     check_ok,
-    free_port,
+    deepspeed_cmd,
     launch_train,
     load_weights,
     read_jsonl,
@@ -22,14 +24,8 @@ from train_helpers import (
 )
 
 
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory, tiny_llama_builder):
-    root = tmp_path_factory.mktemp("pair")
-    return tiny_llama_builder(root / "student", seed=0), tiny_llama_builder(root / "teacher", seed=1, hidden=48)
-
-
-def test_max_staleness_zero_gives_the_synchronous_weights(pair, tmp_path):
-    student, teacher = pair
+def test_max_staleness_zero_gives_the_synchronous_weights(model_pair, tmp_path):
+    student, teacher = model_pair
     piped, by_hand = tmp_path / "pipeline", tmp_path / "reference"
     check_ok(
         launch_train([*small_run_overrides(student, teacher, piped), "pipeline.max_staleness=0"], launcher="python")
@@ -60,8 +56,8 @@ def test_max_staleness_zero_gives_the_synchronous_weights(pair, tmp_path):
 
 
 @pytest.mark.parametrize("k,ranks", [(1, 1), (2, 2)])
-def test_staleness_never_exceeds_k(pair, tmp_path, k, ranks):
-    student, teacher = pair
+def test_staleness_never_exceeds_k(model_pair, tmp_path, k, ranks):
+    student, teacher = model_pair
     out = tmp_path / "run"
     steps = 4
     args = [
@@ -87,31 +83,18 @@ def test_staleness_never_exceeds_k(pair, tmp_path, k, ranks):
         assert m["pipeline/overlap"] > 0 and all(m[f"time/{s}"] >= 0 for s in ("generate", "teacher", "update", "sync"))
 
 
-def test_a_rank_with_nothing_to_score_does_not_hang(pair, tmp_path):
+def test_a_rank_with_nothing_to_score_does_not_hang(model_pair, tmp_path):
     """One incorrect rollout in the batch: rank 1 has no teacher work, but runs the same forwards."""
-    student, teacher = pair
+    student, teacher = model_pair
     out = tmp_path / "one.pt"
-    cmd = [
-        sys.executable,
-        "-m",
-        "deepspeed.launcher.runner",
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(free_port()),
-        str(REPO / "tests" / "integration" / "zero3_step.py"),
-        str(student),
-        str(teacher),
-        str(out),
-        "incorrect=1",
-    ]
+    cmd = deepspeed_cmd(ZERO3_STEP, [student, teacher, out, "incorrect=1"], 2)
     check_ok(subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600))
     result = torch.load(out)
     assert list(result["teacher_logp"]) == [0]  # only rollout 0 needed (and got) the teacher
 
 
-def test_server_failure_mid_run_is_a_clear_error_not_a_hang(pair, tmp_path, embedded_servers):
-    student, teacher = pair
+def test_server_failure_mid_run_is_a_clear_error_not_a_hang(model_pair, tmp_path, embedded_servers):
+    student, teacher = model_pair
     (server,) = embedded_servers(student, random_seed=0)
     out = tmp_path / "run"
     args = [
@@ -121,17 +104,7 @@ def test_server_failure_mid_run_is_a_clear_error_not_a_hang(pair, tmp_path, embe
         "rollout.retries=1",
         "pipeline.max_staleness=1",
     ]
-    cmd = [
-        sys.executable,
-        "-m",
-        "deepspeed.launcher.runner",
-        "--num_gpus",
-        "2",
-        "--master_port",
-        str(free_port()),
-        str(REPO / "scope_ds" / "train.py"),
-        *args,
-    ]
+    cmd = deepspeed_cmd(TRAIN, args, 2)
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 300

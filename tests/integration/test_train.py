@@ -3,26 +3,20 @@
 from __future__ import annotations
 
 import math
-import sys
 
 import pytest
 import torch
 from train_helpers import (
     REPO,
+    ZERO3_STEP,
     check_ok,
+    deepspeed_cmd,
     expected_scope_weights,
     launch_train,
     load_weights,
     read_jsonl,
     small_run_overrides,
 )
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory, tiny_llama_builder):
-    """A tiny student and a (different, wider) tiny teacher with one tokenizer."""
-    root = tmp_path_factory.mktemp("pair")
-    return tiny_llama_builder(root / "student", seed=0), tiny_llama_builder(root / "teacher", seed=1, hidden=48)
 
 
 def _check_run(out, student, algo: str) -> list[dict]:
@@ -47,8 +41,8 @@ def _check_run(out, student, algo: str) -> list[dict]:
     return rows
 
 
-def test_scope_two_ranks_trains_and_logs_reproducible_weights(pair, tmp_path):
-    student, teacher = pair
+def test_scope_two_ranks_trains_and_logs_reproducible_weights(model_pair, tmp_path):
+    student, teacher = model_pair
     out = tmp_path / "run"
     evals = ["data.eval_every=2", "data.eval_prompts=3", "data.eval_n=2"]
     check_ok(launch_train([*small_run_overrides(student, teacher, out), *evals], ranks=2))
@@ -66,8 +60,8 @@ def test_scope_two_ranks_trains_and_logs_reproducible_weights(pair, tmp_path):
 
 
 @pytest.mark.parametrize("algo", ["opd", "grpo", "kd"])
-def test_baselines_two_ranks(pair, tmp_path, algo):
-    student, teacher = pair
+def test_baselines_two_ranks(model_pair, tmp_path, algo):
+    student, teacher = model_pair
     out = tmp_path / "run"
     check_ok(launch_train([*small_run_overrides(student, teacher, out), f"algo.name={algo}"], ranks=2))
     if algo == "kd":  # trains on the teacher's answers: no weight sync, the servers keep version 0
@@ -88,30 +82,15 @@ def test_baselines_two_ranks(pair, tmp_path, algo):
             assert all(r["path"] == "pg" and r["weight"] == 1.0 for r in rows if r["response_length"])
 
 
-def test_zero3_step_is_the_same_on_one_and_two_ranks(pair, tmp_path):
+def test_zero3_step_is_the_same_on_one_and_two_ranks(model_pair, tmp_path):
     """The same fixed batch and one SCOPE step: 1 rank and 2 ranks give the same updated weights."""
     import subprocess
 
-    from train_helpers import free_port
-
-    student, teacher = pair
-    script = str(REPO / "tests" / "integration" / "zero3_step.py")
+    student, teacher = model_pair
     outs = []
     for ranks in (1, 2):
         out = tmp_path / f"w{ranks}.pt"
-        cmd = [
-            sys.executable,
-            "-m",
-            "deepspeed.launcher.runner",
-            "--num_gpus",
-            str(ranks),
-            "--master_port",
-            str(free_port()),
-            script,
-            str(student),
-            str(teacher),
-            str(out),
-        ]
+        cmd = deepspeed_cmd(ZERO3_STEP, [student, teacher, out], ranks)
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
         check_ok(proc)
         outs.append(torch.load(out))
@@ -124,8 +103,8 @@ def test_zero3_step_is_the_same_on_one_and_two_ranks(pair, tmp_path):
     assert any(not torch.equal(initial[k], one["weights"][k]) for k in initial)
 
 
-def test_bad_input_fails_before_training_with_a_clear_error(pair, tmp_path, tiny_llama_builder):
-    student, teacher = pair
+def test_bad_input_fails_before_training_with_a_clear_error(model_pair, tmp_path, tiny_llama_builder):
+    student, teacher = model_pair
     cases = {
         "model folder not found": [f"model.student={tmp_path / 'nope'}", f"model.teacher={teacher}"],
         "tokenizers differ": [

@@ -14,12 +14,29 @@ import torch
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[2]
+TRAIN = REPO / "scope_ds" / "train.py"
+ZERO3_STEP = REPO / "tests" / "integration" / "zero3_step.py"
 
 
 def free_port() -> int:
     from scope_ds.rollout.launcher import free_ports
 
     return free_ports(1)[0]
+
+
+def deepspeed_cmd(script: Path, args: list, ranks: int) -> list[str]:
+    """``deepspeed --num_gpus RANKS --master_port FREE SCRIPT ARGS`` (the launcher as a module)."""
+    return [
+        sys.executable,
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_gpus",
+        str(ranks),
+        "--master_port",
+        str(free_port()),
+        str(script),
+        *map(str, args),
+    ]
 
 
 def small_run_overrides(student: Path, teacher: Path, out: Path) -> list[str]:
@@ -48,17 +65,7 @@ def launch_train(args: list[str], ranks: int = 2, timeout: int = 600, launcher: 
     """Run scope_ds/train.py under the deepspeed launcher; returns the CompletedProcess."""
     env = run_env()
     if launcher == "deepspeed":
-        cmd = [
-            sys.executable,
-            "-m",
-            "deepspeed.launcher.runner",
-            "--num_gpus",
-            str(ranks),
-            "--master_port",
-            str(free_port()),
-            str(REPO / "scope_ds" / "train.py"),
-            *args,
-        ]
+        cmd = deepspeed_cmd(TRAIN, args, ranks)
     else:
         cmd = [sys.executable, str(REPO / "scope_ds" / "train.py"), *args]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
