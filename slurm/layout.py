@@ -148,6 +148,11 @@ def train_layout(recipe: str, overrides: list[str], alloc: Allocation, env: dict
     by_script = not r.servers and (mode == "script" or (mode == "auto" and r.backend == "sglang"))
     if r.backend == "sglang" and not r.servers and alloc.gpus_per_node == 0:
         raise LayoutError("rollout.backend=sglang needs GPUs, and this allocation has none (try --gpus-per-node)")
+    if r.backend == "sglang" and not r.servers and mode == "trainer":
+        raise LayoutError(
+            "SCOPE_DS_LAUNCH_SERVERS=trainer would start SGLang on the training ranks' GPUs; "
+            "use auto, or attach running servers with rollout.servers"
+        )
     out = Layout([], 0, 0, startup_timeout_s=r.startup_timeout_s, run_dir=cfg.logging.run_dir)
     if alloc.gpus_per_node == 0:  # CPU: srun spreads the tasks sbatch was given; servers on the batch host
         places = [(alloc.nodes[0], 0)] * r.num_servers if by_script else []

@@ -98,6 +98,10 @@ def jobs():
             job.cancel()
 
 
+def _node_states() -> set[str]:
+    return set(subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True).stdout.split())
+
+
 def _train_args(pair, run: Path, steps: int) -> list[str]:
     student, teacher = pair
     args = [a for a in small_run_overrides(student, teacher, run) if not a.startswith("train.steps=")]
@@ -138,9 +142,13 @@ def test_signalled_job_saves_requeues_and_resumes(slurm, pair, jobs, tmp_path):
         assert time.monotonic() < deadline, job.logs()
         time.sleep(0.2)
     subprocess.run(["scancel", "--batch", "--signal=USR1", job.id], check=True)
-    # A requeued job waits for a begin time (about 2 minutes); let it start now.
+    # A requeued job waits for a begin time (about 2 minutes); once the node is clean of its first
+    # run (a job started earlier is refused: "Job credential revoked"), let it start now.
     info = job.wait(until=FINISHED | {"PENDING"}, timeout=300, poll=0.5)
     if info.get("JobState") == "PENDING":
+        deadline = time.monotonic() + 120
+        while _node_states() != {"idle"} and time.monotonic() < deadline:
+            time.sleep(0.5)
         subprocess.run(["scontrol", "update", f"JobId={job.id}", "StartTime=now"], check=True)
     info = job.wait()
     _assert_completed(job, info)
@@ -218,6 +226,8 @@ def test_layouts_that_do_not_fit_are_refused_with_the_reason(tmp_path):
     for message, (alloc, over, layout) in cases.items():
         with pytest.raises(LayoutError, match=message):
             train_layout(None, _sglang(over, tmp_path), alloc, env={"SCOPE_DS_SERVER_LAYOUT": layout})
+    with pytest.raises(LayoutError, match="training ranks' GPUs"):
+        train_layout(None, _sglang([], tmp_path), _alloc(1, 8), env={"SCOPE_DS_LAUNCH_SERVERS": "trainer"})
     with pytest.raises(LayoutError, match="tail or nodes"):
         place_servers(_alloc(2, 8), 2, 1, "middle")
 
