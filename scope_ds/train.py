@@ -18,10 +18,14 @@ if __package__ in (None, ""):  # run as a script (the deepspeed launcher does th
 
 from scope_ds.config import ConfigError, load_config  # noqa: E402
 
+DEFAULT_RECIPE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes", "toy.yaml")
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", help="recipe YAML (default: the embedded toy run)")
+    ap.add_argument(
+        "--config", default=DEFAULT_RECIPE, help="recipe YAML (default: recipes/toy.yaml, the embedded toy run)"
+    )
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*", help="dotted overrides, e.g. algo.tau=0.5 rollout.n=8")
     return ap.parse_args(argv)

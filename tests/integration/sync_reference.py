@@ -15,10 +15,11 @@ from scope_ds import stages  # noqa: E402
 from scope_ds.checkpoint import export_hf  # noqa: E402
 from scope_ds.config import load_config  # noqa: E402
 from scope_ds.run import Run, prompt_stream  # noqa: E402
+from scope_ds.train import DEFAULT_RECIPE  # noqa: E402
 
 
 def main() -> None:
-    cfg = load_config(None, [a for a in sys.argv[1:] if not a.startswith("--local")])
+    cfg = load_config(DEFAULT_RECIPE, [a for a in sys.argv[1:] if not a.startswith("--local")])
     run = Run(cfg)
     prompts = prompt_stream(run.records, cfg.data.seed)
     try:

@@ -53,6 +53,7 @@ def small_run_overrides(student: Path, teacher: Path, out: Path) -> list[str]:
         "train.micro_batch_size=2",
         "train.lr=1e-3",
         "checkpoint.export_hf=true",
+        "data.eval_every=0",
     ]
 
 
