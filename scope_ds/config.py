@@ -108,6 +108,7 @@ class TrainConfig:
     steps: int = 8  # optimizer steps (one per global batch)
     prompts_per_step: int = 8  # prompts per global batch (x rollout.n rollouts)
     micro_batch_size: int = 4  # rollouts per forward/backward on one rank
+    score_batch_size: int = 16  # rollouts per teacher (inference-only) forward on one rank
     lr: float = 5e-5  # AdamW learning rate, constant after warmup (paper: 5e-5)
     weight_decay: float = 0.01  # AdamW weight decay (paper: 0.01)
     warmup_steps: int = 0  # linear warmup
@@ -118,7 +119,7 @@ class TrainConfig:
     logprob_chunk: int = 0  # tokens per chunk of the log-prob ops (0 = automatic)
 
     def check(self) -> None:
-        for key in ("steps", "prompts_per_step", "micro_batch_size"):
+        for key in ("steps", "prompts_per_step", "micro_batch_size", "score_batch_size"):
             _positive(f"train.{key}", getattr(self, key))
         _positive("train.lr", self.lr)
         for key in ("weight_decay", "warmup_steps", "grad_clip", "logprob_chunk"):

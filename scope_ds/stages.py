@@ -118,10 +118,10 @@ def score(run, batch: Batch) -> None:
     if run.teacher is None or not need:
         return
     mine = [need[i] for i in rank_share(len(need), run.rank, run.world)]
-    per_rank = math.ceil(len(need) / run.world)
-    count = math.ceil(per_rank / run.cfg.train.micro_batch_size)
+    size = run.cfg.train.score_batch_size  # no backward: larger batches than training fit
+    count = math.ceil(math.ceil(len(need) / run.world) / size)
     out: dict[int, list[float]] = {}
-    for mb in micro_batches(mine, run.cfg.train.micro_batch_size, count):
+    for mb in micro_batches(mine, size, count):
         inputs = collate([batch.rollouts[i] for i in mb] or [None], mb or [-1], run.pad_id)
         logp = run.teacher.score(inputs, run.cfg.rollout.temperature)
         for row, i in enumerate(mb):
