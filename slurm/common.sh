@@ -33,6 +33,8 @@ scope_init() {
   SCOPE_STEP_PID=""
   SCOPE_SIGNALLED=""
   trap scope_stop_servers EXIT
+  trap 'scope_forward USR1' USR1  # a signal before the main step: it is not started (scope_run_main)
+  trap 'scope_forward TERM' TERM
   scope_log "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): nodes $SCOPE_DS_NODES; GPUs per node $SCOPE_DS_GPUS_PER_NODE"
 }
 
@@ -108,25 +110,26 @@ scope_stop_servers() {
 # when SLURM also sends TERM to every task itself.
 scope_forward() {
   SCOPE_SIGNALLED=$1
-  scope_log "got SIG$1: asking the main step (srun pid $SCOPE_STEP_PID) to save and stop"
+  scope_log "got SIG$1: asking the main step (srun pid ${SCOPE_STEP_PID:-not started yet}) to save and stop"
   [ -n "$SCOPE_STEP_PID" ] && kill -s USR1 "$SCOPE_STEP_PID" 2>/dev/null
   return 0
 }
 
 # scope_run_main SRUN_ARGS...: the main step in the background (so that traps run while it works),
-# signals forwarded to it; returns its exit status.
+# signals forwarded to it (scope_init set the traps); returns its exit status.
 scope_run_main() {
   local rc
+  if [ -n "$SCOPE_SIGNALLED" ]; then  # signalled while setting up: nothing trained yet, nothing to save
+    scope_log "SIG$SCOPE_SIGNALLED came before the main step: not starting it"
+    return 0
+  fi
   "${SCOPE_SRUN[@]}" "$@" &
   SCOPE_STEP_PID=$!
-  trap 'scope_forward USR1' USR1
-  trap 'scope_forward TERM' TERM
   while :; do
     rc=0
     wait "$SCOPE_STEP_PID" || rc=$?
     kill -0 "$SCOPE_STEP_PID" 2>/dev/null || break  # a trap interrupted wait: keep waiting
   done
-  trap - USR1 TERM
   SCOPE_STEP_PID=""
   scope_log "main step exited with status $rc"
   return "$rc"

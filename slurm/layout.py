@@ -142,16 +142,19 @@ def train_layout(recipe: str, overrides: list[str], alloc: Allocation, env: dict
     env = dict(os.environ if env is None else env)
     cfg = load_config(recipe, overrides)
     r = cfg.rollout
-    mode = env.get("SCOPE_DS_LAUNCH_SERVERS", "auto")
-    if mode not in ("auto", "script", "trainer"):
-        raise LayoutError(f"SCOPE_DS_LAUNCH_SERVERS must be auto, script or trainer, got {mode!r}")
-    by_script = not r.servers and (mode == "script" or (mode == "auto" and r.backend == "sglang"))
+    mode = env.get("SCOPE_DS_LAUNCH_SERVERS", "script")
+    if mode not in ("script", "trainer"):
+        raise LayoutError(f"SCOPE_DS_LAUNCH_SERVERS must be script or trainer, got {mode!r}")
+    # Servers as job steps of their own by default: a signal for the training step reaches every
+    # process in it, and would stop servers that the trainer started there (SLURM signals a step's
+    # whole process tree, not only its tasks).
+    by_script = not r.servers and mode == "script"
     if r.backend == "sglang" and not r.servers and alloc.gpus_per_node == 0:
         raise LayoutError("rollout.backend=sglang needs GPUs, and this allocation has none (try --gpus-per-node)")
     if r.backend == "sglang" and not r.servers and mode == "trainer":
         raise LayoutError(
             "SCOPE_DS_LAUNCH_SERVERS=trainer would start SGLang on the training ranks' GPUs; "
-            "use auto, or attach running servers with rollout.servers"
+            "use script, or attach running servers with rollout.servers"
         )
     out = Layout([], 0, 0, startup_timeout_s=r.startup_timeout_s, run_dir=cfg.logging.run_dir)
     if alloc.gpus_per_node == 0:  # CPU: srun spreads the tasks sbatch was given; servers on the batch host

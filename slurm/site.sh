@@ -22,7 +22,7 @@
 
 # ---- layout (see docs/cluster.md) ----
 : "${SCOPE_DS_SERVER_LAYOUT:=tail}"   # tail: last GPUs of every node serve | nodes: whole nodes at the end
-: "${SCOPE_DS_LAUNCH_SERVERS:=auto}"  # auto: this script for sglang, the trainer for embedded | script | trainer
+: "${SCOPE_DS_LAUNCH_SERVERS:=script}"  # script: rollout servers are job steps | trainer: rank 0 starts them (CPU only)
 : "${SCOPE_DS_SGLANG_MEM:=0.7}"       # SGLang --mem-fraction-static (weights + KV cache share of a GPU)
 : "${SCOPE_DS_SGLANG_ARGS:=}"         # extra sglang.launch_server flags, e.g. "--context-length 16384"
 : "${SCOPE_DS_EVAL_TP:=1}"            # eval.sh: tensor-parallel GPUs per SGLang replica

@@ -41,7 +41,8 @@ ensure_mpi() {
   fi
 }
 
-alive() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }  # alive PIDFILE
+# alive PIDFILE NAME: the pid in the file runs NAME (not a stale file whose pid was reused)
+alive() { [ -s "$1" ] && [ "$(cat "/proc/$(cat "$1")/comm" 2>/dev/null)" = "$2" ]; }
 
 wait_for() {  # wait_for SECONDS WHAT CMD...: poll CMD until it succeeds
   local deadline=$((SECONDS + $1)) what=$2
@@ -114,10 +115,10 @@ start_munged() {
 start_daemon() {  # start_daemon NAME ARGS...: NAME daemonises and writes $STATE/NAME.pid
   local name=$1
   shift
-  alive "$STATE/$name.pid" && return 0
+  alive "$STATE/$name.pid" "$name" && return 0
   rm -f "$STATE/$name.pid"
   "/usr/sbin/$name" "$@"
-  wait_for 30 "$name (log: $STATE/$name.log)" alive "$STATE/$name.pid"
+  wait_for 30 "$name (log: $STATE/$name.log)" alive "$STATE/$name.pid" "$name"
   echo "$name" >>"$STATE/started"
 }
 
@@ -148,7 +149,7 @@ start() {
 
 stop_pid() {  # stop_pid NAME PIDFILE: SIGTERM, then SIGKILL after 20 s
   local name=$1 pidfile=$2 pid
-  alive "$pidfile" || return 0
+  alive "$pidfile" "$name" || return 0
   pid=$(cat "$pidfile")
   log "stopping $name (pid $pid)"
   kill -TERM "$pid" 2>/dev/null || true

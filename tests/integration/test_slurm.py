@@ -117,7 +117,8 @@ def _assert_completed(job: Job, info: dict[str, str]) -> None:
 
 def test_sbatch_train_two_tasks_trains_and_leaves_a_checkpoint(slurm, pair, jobs, tmp_path):
     run = tmp_path / "run"
-    job = jobs("train.sh", _train_args(pair, run, steps=2), tmp_path)
+    # Rank 0 starts the embedded rollout server itself, as `deepspeed scope_ds/train.py` does.
+    job = jobs("train.sh", _train_args(pair, run, steps=2), tmp_path, env={"SCOPE_DS_LAUNCH_SERVERS": "trainer"})
     _assert_completed(job, job.wait())
     assert [m["step"] for m in read_jsonl(run / "metrics.jsonl")] == [1, 2], job.logs()
     for rank in (0, 1):  # one log per rank
@@ -126,15 +127,15 @@ def test_sbatch_train_two_tasks_trains_and_leaves_a_checkpoint(slurm, pair, jobs
     latest = (run / "checkpoints" / "latest").read_text().strip()
     assert latest == "step_2" and (run / "checkpoints" / latest).is_dir(), job.logs()
     text = job.output.read_text()
-    assert "training: 2 ranks" in text and "main step exited with status 0" in text
+    assert "training: 2 ranks" in text and "main step exited with status 0" in text and "server 0 on" not in text
 
 
 def test_signalled_job_saves_requeues_and_resumes(slurm, pair, jobs, tmp_path):
     """USR1 to the batch shell (what --signal=B:USR1@N sends before the time limit): the ranks save a
     checkpoint and stop, the job requeues itself, and the restart resumes from that checkpoint. The
-    rollout server here is started by the script as a job step (the GPU path, on CPU)."""
+    rollout server is a job step of its own, started by the script (the default, and the GPU path)."""
     run, steps = tmp_path / "run", 10
-    job = jobs("train.sh", _train_args(pair, run, steps), tmp_path, env={"SCOPE_DS_LAUNCH_SERVERS": "script"})
+    job = jobs("train.sh", _train_args(pair, run, steps), tmp_path)
     metrics = run / "metrics.jsonl"
     deadline = time.monotonic() + 600
     while not (metrics.is_file() and metrics.read_text().strip()):  # a step done: the loop is running
@@ -142,13 +143,15 @@ def test_signalled_job_saves_requeues_and_resumes(slurm, pair, jobs, tmp_path):
         assert time.monotonic() < deadline, job.logs()
         time.sleep(0.2)
     subprocess.run(["scancel", "--batch", "--signal=USR1", job.id], check=True)
-    # A requeued job waits for a begin time (about 2 minutes); once the node is clean of its first
-    # run (a job started earlier is refused: "Job credential revoked"), let it start now.
+    # A requeued job waits for a begin time (about 2 minutes); let it start sooner, once the node is
+    # clean of its first run and a few seconds have passed: slurmd refuses a launch whose credential
+    # is from the second in which the first run's was revoked ("Job credential revoked").
     info = job.wait(until=FINISHED | {"PENDING"}, timeout=300, poll=0.5)
     if info.get("JobState") == "PENDING":
         deadline = time.monotonic() + 120
         while _node_states() != {"idle"} and time.monotonic() < deadline:
             time.sleep(0.5)
+        time.sleep(3)
         subprocess.run(["scontrol", "update", f"JobId={job.id}", "StartTime=now"], check=True)
     info = job.wait()
     _assert_completed(job, info)
@@ -232,9 +235,15 @@ def test_layouts_that_do_not_fit_are_refused_with_the_reason(tmp_path):
         place_servers(_alloc(2, 8), 2, 1, "middle")
 
 
-def test_cpu_and_attached_servers_start_nothing(tmp_path):
-    cpu = train_layout(None, [f"logging.out_dir={tmp_path}"], Allocation(["n0", "n1"], 0, ntasks=4), env={})
-    assert (cpu.servers, cpu.ntasks, cpu.tasks_per_node) == ([], 4, 0)
+def test_cpu_layout_and_attached_servers(tmp_path):
+    over = ["model.student=/m/student", "model.teacher=/m/teacher", f"logging.out_dir={tmp_path}"]
+    cpu = Allocation(["n0", "n1"], 0, ntasks=4)
+    lay = train_layout(None, over, cpu, env={})  # the embedded server as a job step on the batch host
+    assert (lay.ntasks, lay.tasks_per_node, [s.url for s in lay.servers]) == (4, 0, ["http://n0:30000"])
+    assert "scope_ds.rollout.server" in lay.servers[0].cmd and lay.servers[0].gpus == 0
+    assert train_layout(None, over, cpu, env={"SCOPE_DS_LAUNCH_SERVERS": "trainer"}).servers == []
+    with pytest.raises(LayoutError, match="script or trainer"):
+        train_layout(None, over, cpu, env={"SCOPE_DS_LAUNCH_SERVERS": "auto"})
     attached = _sglang(["rollout.servers=[http://h:1]"], tmp_path)
     lay = train_layout(None, attached, _alloc(2, 8), env={})
     assert (lay.servers, lay.ntasks) == ([], 16)
