@@ -13,6 +13,7 @@ set -euo pipefail
 
 # sbatch runs a copy of this file from its spool folder: find the checkout through the job's Command.
 : "${SCOPE_DS_ROOT:=$(cd "$(dirname "$(scontrol show job "$SLURM_JOB_ID" | sed -n 's/^ *Command=\([^ ]*\).*/\1/p')")/.." && pwd)}"
+# shellcheck source=slurm/common.sh
 source "$SCOPE_DS_ROOT/slurm/common.sh"
 scope_init "usage: sbatch [sbatch options] slurm/eval.sh --model DIR_OR_URL ... (python -m scope_ds.evaluate's arguments)" "$@"
 ARGS=("$@")

@@ -6,9 +6,11 @@
 #   GPUs, SGLang on the last GPUs of each node (the recipe's rollout.num_servers x gpus_per_server):
 #     sbatch --nodes 2 --gpus-per-node 8 --ntasks-per-node 8 --cpus-per-task 8 \
 #       slurm/train.sh recipes/r1_distill_1p5b_skywork_7b.yaml
-#   CPU (the toy run; the trainer starts the embedded rollout server itself):
+#   CPU (the toy run, the embedded rollout server):
 #     sbatch --ntasks 2 slurm/train.sh recipes/toy.yaml
 #
+# Rollout servers start first, as job steps of their own, and are waited for on /health; their URLs
+# go to the trainer as rollout.servers=[...].
 # One training process per GPU (per task on CPU nodes), started by srun with RANK, WORLD_SIZE,
 # LOCAL_RANK, MASTER_ADDR and MASTER_PORT; one log per rank in RUN_DIR/logs/train-JOB.RESTART-rankN.log.
 # Before the time limit SLURM sends USR1 to this script (--signal below); it is passed on to the
@@ -22,6 +24,7 @@ set -euo pipefail
 
 # sbatch runs a copy of this file from its spool folder: find the checkout through the job's Command.
 : "${SCOPE_DS_ROOT:=$(cd "$(dirname "$(scontrol show job "$SLURM_JOB_ID" | sed -n 's/^ *Command=\([^ ]*\).*/\1/p')")/.." && pwd)}"
+# shellcheck source=slurm/common.sh
 source "$SCOPE_DS_ROOT/slurm/common.sh"
 scope_init "usage: sbatch [sbatch options] slurm/train.sh RECIPE [section.key=value ...]" "$@"
 
