@@ -28,31 +28,47 @@ def _chunk_logits(x: torch.Tensor, weight: torch.Tensor | None, sl: slice, tempe
     return z / temperature if temperature != 1.0 else z
 
 
+def _dot(a_CV: torch.Tensor, b_CV: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot product [C] without a [C, V] temporary."""
+    return torch.bmm(a_CV[:, None, :], b_CV[:, :, None]).view(-1)
+
+
 def _forward_chunk(stat: str, z_CV: torch.Tensor, tok_C, q_CV):
-    """(value [C], lse [C], teacher lse [C] or None) of one chunk; z, q are tempered logits."""
-    lse_C = torch.logsumexp(z_CV, dim=-1)
+    """(value [C], lse [C], teacher lse [C] or None) of one chunk; z, q are tempered logits.
+
+    log_softmax is one fused pass (logsumexp is two), and lse = z_k - log p_k for any k.
+    """
+    logp_CV = torch.log_softmax(z_CV, dim=-1)
+    lse_C = z_CV[:, 0] - logp_CV[:, 0]
     if stat == "logp":
-        return z_CV.gather(-1, tok_C[:, None]).squeeze(-1) - lse_C, lse_C, None
-    logp_CV = z_CV - lse_C[:, None]
+        return logp_CV.gather(-1, tok_C[:, None]).squeeze(-1), lse_C, None
     p_CV = logp_CV.exp()
     if stat == "entropy":
-        return -(p_CV * logp_CV).sum(-1), lse_C, None
-    lse_q = torch.logsumexp(q_CV, dim=-1)
-    logp_CV.sub_(q_CV).add_(lse_q[:, None])  # log p - log q, in place
-    return (p_CV * logp_CV).sum(-1), lse_C, lse_q
+        return -_dot(p_CV, logp_CV), lse_C, None
+    logq_CV = torch.log_softmax(q_CV, dim=-1)
+    lse_q = q_CV[:, 0] - logq_CV[:, 0]
+    return _dot(p_CV, logp_CV.sub_(logq_CV)), lse_C, lse_q
 
 
-def _grad_chunk(stat: str, z_CV, tok_C, q_CV, lse_C, lse_q, val_C) -> torch.Tensor:
-    """d value / d z [C, V] of one chunk, from the saved log-normalisers (one exp pass)."""
-    logp_CV = z_CV - lse_C[:, None]
+def _softmax(z_CV: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    # The fused softmax, written straight into ``out`` (a slice of the gradient) when given.
+    return torch.softmax(z_CV, dim=-1) if out is None else torch.ops.aten._softmax.out(z_CV, -1, False, out=out)
+
+
+def _grad_chunk(stat: str, z_CV, tok_C, q_CV, lse_C, lse_q, val_C, scale_C, out=None) -> torch.Tensor:
+    """``scale`` x d value / d z [C, V] of one chunk, from the saved normalisers; into ``out`` if given
+    (float32, the chunk's rows of the logits' gradient), else a new tensor."""
     if stat == "logp":  # d log p_k / d z_j = 1[j=k] - p_j
-        g = logp_CV.exp_().neg_()
-        return g.scatter_add_(-1, tok_C[:, None], torch.ones_like(lse_C)[:, None])
-    p_CV = logp_CV.exp()
+        g = _softmax(z_CV, out).mul_(-scale_C[:, None])
+        return g.scatter_add_(-1, tok_C[:, None], scale_C[:, None])
     if stat == "entropy":  # dH/dz_j = -p_j (log p_j + H)
-        return logp_CV.add_(val_C[:, None]).mul_(p_CV).neg_()
-    # d KL / d z_j = p_j (log p_j - log q_j - KL)
-    return logp_CV.sub_(q_CV).add_((lse_q - val_C)[:, None]).mul_(p_CV)
+        logp_CV = z_CV - lse_C[:, None]
+        p_CV = logp_CV.exp()
+        return logp_CV.add_(val_C[:, None]).mul_(p_CV).mul_(-scale_C[:, None])
+    # d KL / d z_j = p_j (log p_j - log q_j - KL) = p_j (z_j - q_j - (lse_z - lse_q + KL))
+    ps_CV = torch.softmax(z_CV, dim=-1).mul_(scale_C[:, None])
+    d_CV = z_CV - q_CV if out is None else torch.sub(z_CV, q_CV, out=out)
+    return d_CV.sub_((lse_C - lse_q + val_C)[:, None]).mul_(ps_CV)
 
 
 def _slices(n: int, chunk: int):
@@ -86,10 +102,15 @@ class _ChunkedStat(torch.autograd.Function):
             z = _chunk_logits(x, weight, sl, ctx.temperature)
             q = None if t_x is None else _chunk_logits(t_x, t_weight, sl, ctx.temperature)
             tok = None if tokens is None else tokens[sl]
-            g_CV = _grad_chunk(ctx.stat, z, tok, q, lse[sl], None if lse_t is None else lse_t[sl], out[sl])
-            g_CV.mul_(grad_N[sl, None].float() / ctx.temperature)
+            scale = grad_N[sl].float() / ctx.temperature
+            direct = (
+                grad_x[sl] if weight is None and need_x and x.dtype == torch.float32 and ctx.stat != "entropy" else None
+            )
+            g_CV = _grad_chunk(
+                ctx.stat, z, tok, q, lse[sl], None if lse_t is None else lse_t[sl], out[sl], scale, direct
+            )
             if weight is None:
-                if need_x:
+                if need_x and direct is None:
                     grad_x[sl] = g_CV
                 continue
             if need_x:
