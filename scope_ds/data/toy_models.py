@@ -40,7 +40,7 @@ from transformers import (
 from scope_ds.data.toy import ToyProblem, toy_problems, toy_prompt, toy_solution
 from scope_ds.rewards.toy import verify_toy
 
-BUILD_VERSION = "v1"  # bump when the task or the recipe changes, so old caches are not reused
+BUILD_VERSION = "v2"  # bump when the task or the recipe changes, so old caches are not reused
 VOCAB_SIZE = 64  # sentencepiece BPE: digits one by one, a few whole words ("▁Compute", "▁Answer")
 MAX_NEW_TOKENS = 64  # longest toy solution is under 50 tokens
 MAX_POSITIONS = 128
