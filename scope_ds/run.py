@@ -67,8 +67,13 @@ def prompt_source(cfg: Config, tokenizer) -> tuple[list[PromptRecord], list[Prom
         template=d.template,
         missing_answer=d.missing_answer,
     )
-    held = train[-d.eval_prompts :] if d.eval_every else []
-    return train, held, "math" if d.verifier == "auto" else d.verifier
+    if d.missing_answer == "skip" and train.n_skipped:
+        print(f"data: skipped {train.n_skipped} of {train.n_rows} rows of {d.source} without {d.answer_key!r}")
+    records = list(train)
+    held = records[-d.eval_prompts :] if d.eval_every and len(records) > d.eval_prompts else []
+    if held:  # held out: never trained on
+        records = records[: -len(held)]
+    return records, held, "math" if d.verifier == "auto" else d.verifier
 
 
 def prompt_stream(records: list[PromptRecord], seed: int, start: int = 0) -> Iterator[PromptRecord]:

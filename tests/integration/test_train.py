@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -112,6 +113,17 @@ def test_bad_input_fails_before_training_with_a_clear_error(model_pair, tmp_path
             f"model.teacher={_other_vocab_teacher(tmp_path / 'other', tiny_llama_builder)}",
         ],
         "algo.taux": ["algo.taux=1"],
+        "row 1 (prompt_id rows:1) has no 'answer' field": [
+            f"model.student={student}",
+            f"model.teacher={teacher}",
+            f"data.source={_jsonl(tmp_path / 'rows.jsonl', 3)}",
+            "data.missing_answer=error",
+        ],
+        "is empty": [
+            f"model.student={student}",
+            f"model.teacher={teacher}",
+            f"data.source={_jsonl(tmp_path / 'empty.jsonl', 0)}",
+        ],
     }
     for message, args in cases.items():
         proc = launch_train([*args, f"logging.out_dir={tmp_path / 'run'}"], launcher="python", timeout=300)
@@ -124,8 +136,27 @@ def test_bad_input_fails_before_training_with_a_clear_error(model_pair, tmp_path
     assert proc.returncode == 2 and "malformed recipe" in proc.stderr
 
 
+def _jsonl(path, rows: int):
+    """``rows`` math rows, the second without its answer."""
+    lines = [{"problem": f"What is {i}+1?", **({"answer": str(i + 1)} if i != 1 else {})} for i in range(rows)]
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
 def _other_vocab_teacher(path, builder):
     folder = builder(path, seed=2)
     tok = folder / "tokenizer.json"
     tok.write_text(tok.read_text().replace('"a": ', '"@@": ', 1))  # one token spelled differently
     return folder
+
+
+def test_rows_without_an_answer_are_skipped_and_counted(model_pair, tmp_path):
+    student, teacher = model_pair
+    out = tmp_path / "run"
+    data = _jsonl(tmp_path / "rows.jsonl", 3)
+    args = [*small_run_overrides(student, teacher, out), f"data.source={data}", "train.steps=1"]
+    proc = launch_train(args, launcher="python")
+    check_ok(proc)
+    assert f"skipped 1 of 3 rows of {data} without 'answer'" in proc.stdout
+    rows = read_jsonl(out / "rollouts" / "step_1.jsonl")
+    assert {r["prompt_id"] for r in rows} <= {"rows:0", "rows:2"}  # row 1 never trained on
