@@ -52,9 +52,8 @@ def test_ranks_and_rendezvous_come_from_mpi4py(mpi):
     assert len({(r["MASTER_ADDR"], r["MASTER_PORT"]) for r in ranks}) == 1 and ranks[0]["MASTER_PORT"] != "29500"
 
 
-def test_mpirun_two_ranks_trains(mpi, tiny_llama_builder, tmp_path):
-    student = tiny_llama_builder(tmp_path / "student", seed=0)
-    teacher = tiny_llama_builder(tmp_path / "teacher", seed=1, hidden=48)
+def test_mpirun_two_ranks_trains(mpi, model_pair, tmp_path):
+    student, teacher = model_pair
     out = tmp_path / "run"
     proc = _mpirun(
         [sys.executable, str(REPO / "scope_ds" / "train.py"), *small_run_overrides(student, teacher, out)], 900

@@ -39,12 +39,6 @@ def slurm():
         subprocess.run(["bash", str(SERVICES), "stop"], timeout=120)
 
 
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory, tiny_llama_builder):
-    root = tmp_path_factory.mktemp("pair")
-    return tiny_llama_builder(root / "student", seed=0), tiny_llama_builder(root / "teacher", seed=1, hidden=48)
-
-
 class Job:
     """A submitted batch job: its id, output file and run folder; cancelled (by id) if still queued at the end."""
 
@@ -102,10 +96,10 @@ def _node_states() -> set[str]:
     return set(subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True).stdout.split())
 
 
-def _train_args(pair, run: Path, steps: int) -> list[str]:
-    student, teacher = pair
+def _train_args(model_pair, run: Path, steps: int) -> list[str]:
+    student, teacher = model_pair
     args = [a for a in small_run_overrides(student, teacher, run) if not a.startswith("train.steps=")]
-    return ["recipes/toy.yaml", *args, f"train.steps={steps}", "data.eval_every=0"]
+    return ["recipes/toy.yaml", *args, f"train.steps={steps}"]
 
 
 def _assert_completed(job: Job, info: dict[str, str]) -> None:
@@ -115,10 +109,10 @@ def _assert_completed(job: Job, info: dict[str, str]) -> None:
 # ------------------------------------------------------------------------------ jobs on SLURM
 
 
-def test_sbatch_train_two_tasks_trains_and_leaves_a_checkpoint(slurm, pair, jobs, tmp_path):
+def test_sbatch_train_two_tasks_trains_and_leaves_a_checkpoint(slurm, model_pair, jobs, tmp_path):
     run = tmp_path / "run"
     # Rank 0 starts the embedded rollout server itself, as `deepspeed scope_ds/train.py` does.
-    job = jobs("train.sh", _train_args(pair, run, steps=2), tmp_path, env={"SCOPE_DS_LAUNCH_SERVERS": "trainer"})
+    job = jobs("train.sh", _train_args(model_pair, run, steps=2), tmp_path, env={"SCOPE_DS_LAUNCH_SERVERS": "trainer"})
     _assert_completed(job, job.wait())
     assert [m["step"] for m in read_jsonl(run / "metrics.jsonl")] == [1, 2], job.logs()
     for rank in (0, 1):  # one log per rank
@@ -130,12 +124,12 @@ def test_sbatch_train_two_tasks_trains_and_leaves_a_checkpoint(slurm, pair, jobs
     assert "training: 2 ranks" in text and "main step exited with status 0" in text and "server 0 on" not in text
 
 
-def test_signalled_job_saves_requeues_and_resumes(slurm, pair, jobs, tmp_path):
+def test_signalled_job_saves_requeues_and_resumes(slurm, model_pair, jobs, tmp_path):
     """USR1 to the batch shell (what --signal=B:USR1@N sends before the time limit): the ranks save a
     checkpoint and stop, the job requeues itself, and the restart resumes from that checkpoint. The
     rollout server is a job step of its own, started by the script (the default, and the GPU path)."""
     run, steps = tmp_path / "run", 10
-    job = jobs("train.sh", _train_args(pair, run, steps), tmp_path)
+    job = jobs("train.sh", _train_args(model_pair, run, steps), tmp_path)
     metrics = run / "metrics.jsonl"
     deadline = time.monotonic() + 600
     while not (metrics.is_file() and metrics.read_text().strip()):  # a step done: the loop is running
@@ -165,9 +159,9 @@ def test_signalled_job_saves_requeues_and_resumes(slurm, pair, jobs, tmp_path):
     assert "server 0 on" in job.output.read_text() and list((run / "logs").glob(f"server-{job.id}.1-0.log"))
 
 
-def test_sbatch_eval_on_cpu(slurm, pair, jobs, tmp_path):
+def test_sbatch_eval_on_cpu(slurm, model_pair, jobs, tmp_path):
     out = tmp_path / "eval"
-    args = ["--model", str(pair[0]), "--benchmarks", "toy", "--toy-prompts", "4", "--n", "2"]
+    args = ["--model", str(model_pair[0]), "--benchmarks", "toy", "--toy-prompts", "4", "--n", "2"]
     args += ["--max-new-tokens", "12", "--out", str(out), "--no-progress"]
     job = jobs("eval.sh", args, tmp_path, ntasks=1)
     _assert_completed(job, job.wait(timeout=600))
