@@ -77,6 +77,12 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
             s.close()
 
 
+def _ignore_save_signal() -> None:
+    # SLURM sends its pre-timeout SIGUSR1 to every process of the job step, servers included; it
+    # asks the trainer to save, and must not kill the server the trainer still needs to talk to.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 class ServerProcess:
     """A server started by us: its URL, pid and log file."""
 
@@ -90,7 +96,13 @@ class ServerProcess:
             log.flush()
             # Own session: SGLang starts child processes, and a group signal reaches them all.
             self.popen = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,
+                preexec_fn=_ignore_save_signal,
             )
         self.pid = self.popen.pid
         # Beside the log: if the trainer is killed (kill -9 skips atexit), whoever cleans up finds it.
