@@ -16,16 +16,18 @@ from __future__ import annotations
 import os
 import random
 import shutil
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from scope_ds.rollout.weight_sync.disk import copy_model_files, write_hf_folder
+
 COMPLETE = "COMPLETE"
 STATE = "scope_state.pt"
 LATEST = "latest"
 DS_TAG = "ds"
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 
 
 class CheckpointError(ValueError):
@@ -72,7 +74,8 @@ def save(run, step: int, pending: list | None = None) -> str:
             "config": run.cfg.to_dict(),
         }
         torch.save(state, os.path.join(tmp, STATE))
-        _copy_model_files(run.student_path, os.path.join(tmp, "hf_config"))
+        os.makedirs(os.path.join(tmp, "hf_config"))
+        copy_model_files(Path(run.student_path), Path(tmp) / "hf_config")
         with open(os.path.join(tmp, COMPLETE), "w") as f:
             f.write(f"{step}\n")
         if os.path.exists(final):  # the same step saved again (a resumed run): replace it whole
@@ -82,14 +85,6 @@ def save(run, step: int, pending: list | None = None) -> str:
         _prune(root, run.cfg.checkpoint.keep)
     _barrier()
     return final
-
-
-def _copy_model_files(src: str, dst: str) -> None:
-    os.makedirs(dst, exist_ok=True)
-    for name in os.listdir(src):
-        path = os.path.join(src, name)
-        if os.path.isfile(path) and not name.endswith(_WEIGHT_SUFFIXES) and not name.endswith(".index.json"):
-            shutil.copy2(path, os.path.join(dst, name))
 
 
 def _write_latest(root: str, tag: str) -> None:
@@ -166,14 +161,7 @@ def load(run, folder: str) -> dict[str, Any]:
 def export_hf(run, out_dir: str) -> str | None:
     """Gather the ZeRO-3 student and write it as a Hugging Face folder (config and tokenizer of the
     student's source folder, safetensors), atomically. A collective: every rank calls it."""
-    from scope_ds.rollout.weight_sync.disk import write_hf_folder
-
     params = run.student.full_parameters(run.rank)
-    path = None
-    if run.rank == 0:
-        path = str(write_hf_folder(params, out_dir, config_dir=run.student_path))
-    else:
-        for _ in params:
-            pass
+    path = str(write_hf_folder(params, out_dir, config_dir=run.student_path)) if run.rank == 0 else None
     _barrier()  # nobody reads the export before it is whole
     return path

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from scope_ds.algorithms import Path, RolloutStats, TokenBatch
 from scope_ds.data.record import PromptRecord
-from scope_ds.engines.batching import collate, micro_batches, rank_share
+from scope_ds.engines.batching import collate, gather_response, micro_batches, rank_share
 from scope_ds.ops import reverse_kl
 from scope_ds.sample import Rollout
 
@@ -176,8 +176,7 @@ def _token_batch(run, batch: Batch, mb: list[int], p, inputs, logits) -> TokenBa
     if run.algo.uses_full_kl:
         with torch.no_grad():
             t_logits = run.teacher.logits(inputs)
-        kl_BL = reverse_kl(logits, t_logits, temperature=temp, chunk=run.student.chunk)
-        kl = kl_BL.gather(1, inputs.resp_index_BT)
+        kl = gather_response(reverse_kl(logits, t_logits, temperature=temp, chunk=run.student.chunk), inputs)
     return TokenBatch(
         logp_BT=logp,
         old_logp_BT=inputs.old_logp_BT,
@@ -242,12 +241,9 @@ def sync(run) -> None:
         try:  # KD's servers serve the fixed teacher: nothing to push, the version still counts steps
             return run.weight_sync.update(params) if run.weight_sync is not None else run.policy_version + 1
         finally:
-            for _ in params:  # every rank must finish the gather, also after an error here
+            for _ in params:  # rank 0 must finish the gather, also after an error here
                 pass
 
-    if run.rank != 0:
-        for _ in params:
-            pass
     run.policy_version = on_rank0(run, push)
 
 

@@ -55,9 +55,17 @@ class _Engine:
     def full_parameters(self, rank: int, group_size: int = 32) -> Iterator[tuple[str, torch.Tensor]]:
         """Every parameter gathered whole, as (Hugging Face name, CPU tensor) on rank 0.
 
-        A collective: every rank must iterate to the end (other ranks get nothing yielded). This is
-        the one place outside export where ZeRO-3 parameters are gathered (weight sync and export).
+        A collective. Rank 0 must iterate to the end; on other ranks the gathering runs at the
+        call and an empty iterator comes back, so only rank 0's consumer decides the pace. This is
+        the one place where ZeRO-3 parameters are gathered (weight sync and export).
         """
+        if rank != 0:
+            for _ in self._gathered(rank, group_size):
+                pass
+            return iter(())
+        return self._gathered(rank, group_size)
+
+    def _gathered(self, rank: int, group_size: int) -> Iterator[tuple[str, torch.Tensor]]:
         import deepspeed
 
         params = list(self.model.named_parameters())

@@ -33,7 +33,8 @@ def _cpu_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _copy_config(config_dir: Path, dst: Path) -> None:
+def copy_model_files(config_dir: Path, dst: Path) -> None:
+    """Copy a model folder's non-weight files (config, tokenizer, generation config) into ``dst``."""
     for src in config_dir.iterdir():
         if src.is_file() and src.name != _INDEX and not src.name.endswith(_WEIGHT_SUFFIXES):
             shutil.copy2(src, dst / src.name)
@@ -55,7 +56,7 @@ def write_hf_folder(
     tmp.mkdir(parents=True)
     try:
         if config_dir is not None:
-            _copy_config(Path(config_dir), tmp)
+            copy_model_files(Path(config_dir), tmp)
         shards: list[dict[str, torch.Tensor]] = [{}]
         files: list[Path] = []
         size = 0
