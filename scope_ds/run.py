@@ -87,11 +87,12 @@ def prompt_stream(records: list[PromptRecord], seed: int, start: int = 0) -> Ite
         epoch, pos = epoch + 1, 0
 
 
-def build_engines(cfg: Config, algo, world: int, student_path: str, teacher_path: str):
+def build_engines(cfg: Config, algo, world: int, student_path: str, teacher_path: str, score_group: Any = None):
     """(student, teacher or None, reference or None, gradient-accumulation steps) on this rank.
 
     The teacher engine exists only for algorithms that score with it (SCOPE, OPD); the reference
-    (the initial student) only for GRPO with a KL term.
+    (the initial student) only for GRPO with a KL term. ``score_group``: the process group the
+    teacher gathers its parameters on (see ``score_group``); None: the default group.
     """
     c = cfg
     global_rollouts = c.train.prompts_per_step * c.rollout.n
@@ -116,9 +117,21 @@ def build_engines(cfg: Config, algo, world: int, student_path: str, teacher_path
     )
     infer_ds = ds.build_ds_config(c.train.teacher_ds_config, grad_accum=1, **common)
     chunk = c.train.logprob_chunk
-    teacher = InferenceEngine(teacher_path, infer_ds, c.model.dtype, chunk) if algo.name in ("scope", "opd") else None
+    teacher = None
+    if algo.name in ("scope", "opd"):
+        teacher = InferenceEngine(teacher_path, infer_ds, c.model.dtype, chunk, group=score_group)
     reference = InferenceEngine(student_path, infer_ds, c.model.dtype, chunk) if algo.needs_reference else None
     return student, teacher, reference, grad_accum
+
+
+def score_group() -> Any:
+    """A second process group over every rank (a collective: every rank calls it, once).
+
+    The scoring thread (pipeline.Scorer) shares batches and gathers the teacher's parameters on
+    it while the trainer thread's collectives use the default group, so the two never interleave
+    on one communicator.
+    """
+    return torch.distributed.new_group(list(range(torch.distributed.get_world_size())))
 
 
 class Run:
@@ -139,8 +152,9 @@ class Run:
             raise ConfigError(f"data.source {cfg.data.source!r} has no usable prompts")
         self.verifier = get_verifier(verifier)
         self.policy_version = 0
+        self.score_group = score_group()
         self.student, self.teacher, self.reference, self.grad_accum = build_engines(
-            cfg, self.algo, self.world, student_path, teacher_path
+            cfg, self.algo, self.world, student_path, teacher_path, self.score_group
         )
         self.client = self.servers = self.weight_sync = None
         if self.rank == 0:

@@ -79,16 +79,16 @@ def verify(run, batch: Batch) -> None:
         r.correct = r.reward >= 1.0
 
 
-def share(run, obj):
-    """Rank 0's object on every rank (one broadcast of Python objects)."""
+def share(run, obj, group=None):
+    """Rank 0's object on every rank (one broadcast of Python objects, on ``group``)."""
     if run.world == 1:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=group)
     return box[0]
 
 
-def on_rank0(run, fn, *args):
+def on_rank0(run, fn, *args, group=None):
     """``fn(*args)`` on rank 0, its result on every rank. If it raises, every rank raises (rank 0's
     error as cause) instead of waiting forever in the next collective."""
     result, error = None, None
@@ -97,7 +97,7 @@ def on_rank0(run, fn, *args):
             result = fn(*args)
         except Exception as e:
             error, result = e, Failure(f"{type(e).__name__}: {e}")
-    got = share(run, result)
+    got = share(run, result, group)
     if isinstance(got, Failure):
         raise PipelineError(got.message) from error
     return got
@@ -126,9 +126,9 @@ def score(run, batch: Batch) -> None:
         logp = run.teacher.score(inputs, run.cfg.rollout.temperature)
         for row, i in enumerate(mb):
             out[i] = logp[row, : batch.rollouts[i].response_length].tolist()
-    if run.world > 1:
+    if run.world > 1:  # on the teacher's group: scoring may run beside the update (pipeline.Scorer)
         parts = [None] * run.world
-        dist.all_gather_object(parts, out)
+        dist.all_gather_object(parts, out, group=run.teacher.group)
         out = {k: v for part in parts for k, v in part.items()}
     batch.teacher_logp = out
 

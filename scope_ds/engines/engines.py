@@ -115,9 +115,15 @@ class StudentEngine(_Engine):
 
 
 class InferenceEngine(_Engine):
-    """The teacher (or GRPO's reference policy): ZeRO-3 partitioned, no optimizer, eval mode."""
+    """The teacher (or GRPO's reference policy): ZeRO-3 partitioned, no optimizer, eval mode.
 
-    def __init__(self, path: str, ds_config: dict[str, Any], dtype: str, chunk: int = 0):
+    ``group``: a process group over the same ranks as the world, in the same order, on which this
+    engine's parameter gathers run instead of the default group. With its own group the teacher
+    can score in one thread while the student trains in another: the two engines' collectives
+    never interleave on one communicator.
+    """
+
+    def __init__(self, path: str, ds_config: dict[str, Any], dtype: str, chunk: int = 0, group: Any = None):
         import deepspeed
 
         super().__init__(path, ds_config, dtype, chunk)
@@ -125,3 +131,55 @@ class InferenceEngine(_Engine):
             p.requires_grad_(False)
         self.engine, *_ = deepspeed.initialize(model=self.model, config=ds_config)
         self.engine.eval()
+        self.group = group
+        if group is not None:
+            _gather_on(self.model, group)
+            self._warm_up()
+
+    def logits(self, inputs: TokenInputs) -> torch.Tensor:
+        if self.group is not None and not self._trace_complete():
+            raise RuntimeError(
+                f"{self.path}: ZeRO-3 changed this model's module order between forward passes, so the "
+                "teacher cannot score beside the update; set pipeline.overlap_teacher=false"
+            )
+        return super().logits(inputs)
+
+    def _coordinator(self) -> Any:
+        zero = getattr(self.engine, "optimizer", None)
+        return zero.get_param_coordinator() if hasattr(zero, "get_param_coordinator") else None
+
+    def _trace_complete(self) -> bool:
+        coordinator = self._coordinator()
+        return coordinator is None or coordinator.is_complete_trace()
+
+    @torch.no_grad()
+    def _warm_up(self) -> None:
+        """Two one-token forward passes, on every rank (a collective).
+
+        During its first passes ZeRO-3 records the module order and checks it across ranks with
+        broadcasts on the default group; once the trace is complete a forward pass only gathers
+        parameters, on ``self.group``. Warming up here, before any thread starts, keeps the
+        default group to the student.
+        """
+        one = torch.ones(1, 1, dtype=torch.long, device=next(self.model.parameters()).device)
+        for _ in range(2):
+            self.engine(input_ids=one, attention_mask=one, use_cache=False)
+        if not self._trace_complete():
+            raise RuntimeError(f"{self.path}: ZeRO-3 did not complete its module trace in two forward passes")
+
+
+def _gather_on(model: torch.nn.Module, group: Any) -> None:
+    """Move a ZeRO-3 model's parameter gathers to ``group``.
+
+    ZeRO-3 gathers each parameter over ``param.ds_process_group`` (set by zero.Init to the world
+    group). A group with the same ranks in the same order holds the same partitions, so only the
+    communicator changes.
+    """
+    import torch.distributed as dist
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if dist.get_world_size(group) != world or dist.get_rank(group) != rank:
+        raise ValueError("the teacher's process group must span every rank, in rank order")
+    for p in model.parameters():
+        if hasattr(p, "ds_process_group"):
+            p.ds_process_group = group

@@ -84,24 +84,33 @@ def test_baselines_two_ranks(model_pair, tmp_path, algo):
 
 
 def test_zero3_step_is_the_same_on_one_and_two_ranks(model_pair, tmp_path):
-    """The same fixed batch and one SCOPE step: 1 rank and 2 ranks give the same updated weights."""
+    """The same fixed batch and one SCOPE step: 1 rank and 2 ranks give the same updated weights.
+    With 2 ranks the teacher scoring the next batch in a thread, beside the step (on its own
+    process group, as pipeline.Scorer does), changes neither the step nor the scores."""
     import subprocess
 
     student, teacher = model_pair
-    outs = []
-    for ranks in (1, 2):
-        out = tmp_path / f"w{ranks}.pt"
-        cmd = deepspeed_cmd(ZERO3_STEP, [student, teacher, out], ranks)
+    outs = {}
+    for ranks, concurrent in ((1, 0), (2, 0), (2, 1)):
+        out = tmp_path / f"w{ranks}{concurrent}.pt"
+        cmd = deepspeed_cmd(ZERO3_STEP, [student, teacher, out, f"concurrent={concurrent}"], ranks)
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
         check_ok(proc)
-        outs.append(torch.load(out))
-    one, two = outs
+        outs[ranks, concurrent] = torch.load(out)
+    one, two, beside = outs[1, 0], outs[2, 0], outs[2, 1]
     assert one["metrics"]["loss/total"] == pytest.approx(two["metrics"]["loss/total"], rel=1e-5)
     assert sorted(one["teacher_logp"]) == sorted(two["teacher_logp"])  # scored the same (incorrect) rollouts
     initial = load_weights(student)
     for name, w in one["weights"].items():
         torch.testing.assert_close(w, two["weights"][name], atol=1e-5, rtol=1e-5)
     assert any(not torch.equal(initial[k], one["weights"][k]) for k in initial)
+
+    (s0, s1), (u0, u1) = beside["spans"]["score"], beside["spans"]["update"]
+    assert s0 < u1 and u0 < s1  # the scoring ran while the step did
+    assert beside["metrics"] == two["metrics"]
+    for name, w in two["weights"].items():
+        assert torch.equal(w, beside["weights"][name]), name
+    assert beside["teacher_logp_after"] == two["teacher_logp_after"] and two["teacher_logp_after"]
 
 
 def test_bad_input_fails_before_training_with_a_clear_error(model_pair, tmp_path, tiny_llama_builder):

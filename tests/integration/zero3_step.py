@@ -1,12 +1,17 @@
 """One SCOPE step on a fixed synthetic batch, under any launcher; rank 0 saves the updated weights.
 
-    deepspeed --num_gpus N tests/integration/zero3_step.py STUDENT TEACHER OUT.pt [incorrect=K] [key=value ...]
+    deepspeed --num_gpus N tests/integration/zero3_step.py STUDENT TEACHER OUT.pt [incorrect=K]
+        [concurrent=0|1] [key=value ...]
 
-Used by test_train.py to check that 1 and 2 ranks give the same step (ZeRO-3 numerics).
+Used by test_train.py to check that 1 and 2 ranks give the same step (ZeRO-3 numerics). It also
+scores a second batch after the step: with concurrent=1 in a thread while the step runs (on the
+teacher's own process group, as the pipeline does), with concurrent=0 after it.
 """
 
 import random
 import sys
+import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,7 +23,7 @@ from scope_ds import stages  # noqa: E402
 from scope_ds.algorithms import build_algorithm  # noqa: E402
 from scope_ds.config import load_config  # noqa: E402
 from scope_ds.engines import ds  # noqa: E402
-from scope_ds.run import build_engines  # noqa: E402
+from scope_ds.run import build_engines, score_group  # noqa: E402
 from scope_ds.sample import Rollout  # noqa: E402
 
 
@@ -52,15 +57,15 @@ def synthetic_batch(prompts: int, n: int, vocab: int, seed: int = 0, incorrect: 
 def main() -> None:
     args = [a for a in sys.argv[1:] if not a.startswith("--local")]
     student_path, teacher_path, out = args[:3]
-    incorrect = [int(a.split("=")[1]) for a in args[3:] if a.startswith("incorrect=")]
-    overrides = [a for a in args[3:] if not a.startswith("incorrect=")]
+    opts = {a.split("=")[0]: int(a.split("=")[1]) for a in args[3:] if a.split("=")[0] in ("incorrect", "concurrent")}
+    overrides = [a for a in args[3:] if a.split("=")[0] not in opts]
     cfg = load_config(
         None, ["train.prompts_per_step=4", "rollout.n=4", "train.micro_batch_size=3", "train.lr=1e-3", *overrides]
     )
     rank, world = ds.init_distributed()
     torch.manual_seed(0)
     algo = build_algorithm(cfg.algo["name"], {k: v for k, v in cfg.algo.items() if k != "name"})
-    student, teacher, reference, grad_accum = build_engines(cfg, algo, world, student_path, teacher_path)
+    student, teacher, reference, grad_accum = build_engines(cfg, algo, world, student_path, teacher_path, score_group())
     run = SimpleNamespace(
         cfg=cfg,
         rank=rank,
@@ -73,13 +78,29 @@ def main() -> None:
         grad_accum=grad_accum,
     )
     batch = synthetic_batch(
-        cfg.train.prompts_per_step, cfg.rollout.n, student.vocab_size, incorrect=incorrect[0] if incorrect else None
+        cfg.train.prompts_per_step, cfg.rollout.n, student.vocab_size, incorrect=opts.get("incorrect")
     )
+    after = synthetic_batch(cfg.train.prompts_per_step, cfg.rollout.n, student.vocab_size, seed=1)
     stages.score(run, batch)
-    metrics = stages.update(run, batch)
+    spans = {}
+
+    def timed(name, fn, *fn_args):
+        t0 = time.perf_counter()
+        result = fn(*fn_args)
+        spans[name] = (t0, time.perf_counter())
+        return result
+
+    scorer = threading.Thread(target=timed, args=("score", stages.score, run, after))
+    if opts.get("concurrent"):
+        scorer.start()
+    metrics = timed("update", stages.update, run, batch)
+    if not opts.get("concurrent"):
+        scorer.start()
+    scorer.join()
     weights = dict(student.full_parameters(rank))
     if rank == 0:
-        torch.save({"weights": weights, "metrics": metrics, "teacher_logp": batch.teacher_logp}, out)
+        saved = {"weights": weights, "metrics": metrics, "teacher_logp": batch.teacher_logp, "spans": spans}
+        torch.save({**saved, "teacher_logp_after": after.teacher_logp}, out)
 
 
 if __name__ == "__main__":
