@@ -77,7 +77,10 @@ class RolloutProducer:
         return self._stopping or (fresh_enough and len(self._ready) < self.queue_size)
 
     def _loop(self, start_step: int, steps: int) -> None:
+        from deepspeed.accelerator import get_accelerator
+
         try:
+            get_accelerator().set_device(self._device)
             for step in range(start_step, steps):
                 with self._cond:
                     self._cond.wait_for(lambda s=step: self._may_start(s))
@@ -133,21 +136,32 @@ class RolloutProducer:
         self._thread.join(timeout=self.run.cfg.rollout.request_timeout_s)
 
 
+def overlap_teacher(run: Run) -> bool:
+    """Whether the teacher may score beside the update: ``pipeline.overlap_teacher``, unless the
+    update runs the teacher too (a full-vocabulary KL) or the teacher's parameter gathers share
+    the student's communicator (not gloo: see run.teacher_group)."""
+    if not run.cfg.pipeline.overlap_teacher or run.algo.uses_full_kl:
+        return False
+    return run.teacher is None or run.teacher.group is not None
+
+
 class Scorer:
     """Every rank's teacher-scoring thread, between the producer (rank 0) and the trainer.
 
     For each step it takes the next verified batch (rank 0's producer; shared with every rank),
     scores it with the teacher and queues it for the trainer. Its collectives run on
     ``run.score_group``, the trainer's on the default group, so they never interleave. It scores
-    at most one batch ahead of the trainer; with ``pipeline.overlap_teacher`` off (always with a
-    full-vocabulary KL, whose update also runs the teacher) it scores batch s only while the
-    trainer waits for it. Every rank follows rank 0's broadcasts, so all ranks score the same
-    batches, also while closing.
+    at most one batch ahead of the trainer, beside the trainer's update where ``overlap`` holds;
+    otherwise it scores batch s only while the trainer waits for it. Every rank follows rank 0's
+    broadcasts, so all ranks score the same batches, also while closing.
     """
 
     def __init__(self, run: Run, producer: RolloutProducer | None, start_step: int, steps: int):
+        from deepspeed.accelerator import get_accelerator
+
         self.run, self.producer = run, producer
-        self.overlap = run.cfg.pipeline.overlap_teacher and not run.algo.uses_full_kl
+        self.overlap = overlap_teacher(run)
+        self._device = get_accelerator().current_device()  # per thread on GPUs: the thread sets it
         self._cond = threading.Condition()
         self._scored: collections.deque[Batch] = collections.deque()
         self._spans: dict[int, tuple[float, float]] = {}  # step -> when it was scored
@@ -164,7 +178,10 @@ class Scorer:
         return None if self._closing else self.producer.get()
 
     def _loop(self, start_step: int, steps: int) -> None:
+        from deepspeed.accelerator import get_accelerator
+
         try:
+            get_accelerator().set_device(self._device)
             for step in range(start_step, steps):
                 with self._cond:
                     self._cond.wait_for(lambda s=step: self._may_score(s))
@@ -281,6 +298,8 @@ def train(run: Run) -> dict[str, float]:
     start_step, pending = restore(run)
     producer = RolloutProducer(run, start_step, cfg.train.steps, pending) if run.rank == 0 else None
     scorer = Scorer(run, producer, start_step, cfg.train.steps)
+    if cfg.pipeline.max_staleness and cfg.pipeline.overlap_teacher and not scorer.overlap:
+        run.log.message("pipeline.overlap_teacher: off here (full-vocabulary KL, or not gloo); see docs/pipeline.md")
     last: dict[str, float] = {}
     done = start_step  # steps whose update is applied
     if cfg.data.eval_every and start_step == 0:

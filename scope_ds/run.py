@@ -92,7 +92,7 @@ def build_engines(cfg: Config, algo, world: int, student_path: str, teacher_path
 
     The teacher engine exists only for algorithms that score with it (SCOPE, OPD); the reference
     (the initial student) only for GRPO with a KL term. ``score_group``: the process group the
-    teacher gathers its parameters on (see ``score_group``); None: the default group.
+    teacher gathers its parameters on (see ``teacher_group``); None: the default group.
     """
     c = cfg
     global_rollouts = c.train.prompts_per_step * c.rollout.n
@@ -125,13 +125,23 @@ def build_engines(cfg: Config, algo, world: int, student_path: str, teacher_path
 
 
 def score_group() -> Any:
-    """A second process group over every rank (a collective: every rank calls it, once).
+    """A second, gloo (CPU) process group over every rank (a collective: every rank calls it, once).
 
-    The scoring thread (pipeline.Scorer) shares batches and gathers the teacher's parameters on
-    it while the trainer thread's collectives use the default group, so the two never interleave
-    on one communicator.
+    The scoring thread (pipeline.Scorer) shares batches and scores on it while the trainer
+    thread's collectives use the default group, so the two never interleave on one communicator.
     """
-    return torch.distributed.new_group(list(range(torch.distributed.get_world_size())))
+    return torch.distributed.new_group(list(range(torch.distributed.get_world_size())), backend="gloo")
+
+
+def teacher_group(group: Any) -> Any:
+    """The group the teacher gathers its parameters on: ``group`` where the default backend is gloo;
+    None (the default group) otherwise.
+
+    NCCL does not allow two communicators' collectives at once from two threads of one device (they
+    may deadlock unless every rank issues them in the same order), so on GPUs the teacher gathers on
+    the default group and scores only while the trainer waits (see pipeline.Scorer).
+    """
+    return group if torch.distributed.get_backend() == "gloo" else None
 
 
 class Run:
@@ -154,7 +164,7 @@ class Run:
         self.policy_version = 0
         self.score_group = score_group()
         self.student, self.teacher, self.reference, self.grad_accum = build_engines(
-            cfg, self.algo, self.world, student_path, teacher_path, self.score_group
+            cfg, self.algo, self.world, student_path, teacher_path, teacher_group(self.score_group)
         )
         self.client = self.servers = self.weight_sync = None
         if self.rank == 0:
