@@ -130,7 +130,7 @@ class TrainConfig:
 class PipelineConfig:
     max_staleness: int = 0  # 0 = synchronous; k >= 1: rollouts at most k policy versions old
     queue_size: int = 2  # batches buffered between stages
-    overlap_teacher: bool = True  # score the next batch with the teacher while the student trains on this one
+    overlap_teacher: bool = False  # teacher scores batch s+1 beside the update of s (gloo only; docs/pipeline.md)
 
     def check(self) -> None:
         _positive("pipeline.max_staleness", self.max_staleness, strict=False)

@@ -77,10 +77,7 @@ class RolloutProducer:
         return self._stopping or (fresh_enough and len(self._ready) < self.queue_size)
 
     def _loop(self, start_step: int, steps: int) -> None:
-        from deepspeed.accelerator import get_accelerator
-
         try:
-            get_accelerator().set_device(self._device)
             for step in range(start_step, steps):
                 with self._cond:
                     self._cond.wait_for(lambda s=step: self._may_start(s))
@@ -137,9 +134,8 @@ class RolloutProducer:
 
 
 def overlap_teacher(run: Run) -> bool:
-    """Whether the teacher may score beside the update: ``pipeline.overlap_teacher``, unless the
-    update runs the teacher too (a full-vocabulary KL) or the teacher's parameter gathers share
-    the student's communicator (not gloo: see run.teacher_group)."""
+    """Whether the teacher scores beside the update: asked for (``pipeline.overlap_teacher``) and
+    possible (the teacher gathers on its own group, see run.teacher_group; no teacher: trivially)."""
     if not run.cfg.pipeline.overlap_teacher or run.algo.uses_full_kl:
         return False
     return run.teacher is None or run.teacher.group is not None

@@ -133,15 +133,17 @@ def score_group() -> Any:
     return torch.distributed.new_group(list(range(torch.distributed.get_world_size())), backend="gloo")
 
 
-def teacher_group(group: Any) -> Any:
-    """The group the teacher gathers its parameters on: ``group`` where the default backend is gloo;
-    None (the default group) otherwise.
+def teacher_group(cfg: Config, algo, group: Any) -> Any:
+    """The group the teacher gathers its parameters on: ``group`` (see ``score_group``) if it is
+    to score beside the update (``pipeline.overlap_teacher``); otherwise None, the default group.
 
-    NCCL does not allow two communicators' collectives at once from two threads of one device (they
-    may deadlock unless every rank issues them in the same order), so on GPUs the teacher gathers on
-    the default group and scores only while the trainer waits (see pipeline.Scorer).
+    Never with a full-vocabulary KL (the update runs the teacher too), nor where the default
+    backend is not gloo: NCCL does not allow two communicators' collectives at once from two
+    threads of one device (they may deadlock unless every rank issues them in the same order).
     """
-    return group if torch.distributed.get_backend() == "gloo" else None
+    if not cfg.pipeline.overlap_teacher or algo.uses_full_kl or torch.distributed.get_backend() != "gloo":
+        return None
+    return group
 
 
 class Run:
@@ -164,7 +166,7 @@ class Run:
         self.policy_version = 0
         self.score_group = score_group()
         self.student, self.teacher, self.reference, self.grad_accum = build_engines(
-            cfg, self.algo, self.world, student_path, teacher_path, teacher_group(self.score_group)
+            cfg, self.algo, self.world, student_path, teacher_path, teacher_group(cfg, self.algo, self.score_group)
         )
         self.client = self.servers = self.weight_sync = None
         if self.rank == 0:

@@ -55,8 +55,10 @@ def test_max_staleness_zero_gives_the_synchronous_weights(model_pair, tmp_path):
     assert any(not torch.equal(a[k], w) for k, w in load_weights(student).items())
 
 
-@pytest.mark.parametrize("k,ranks", [(1, 1), (2, 2)])
-def test_staleness_never_exceeds_k(model_pair, tmp_path, k, ranks):
+@pytest.mark.parametrize("k,ranks,overlap", [(1, 1, False), (2, 2, True)])
+def test_staleness_never_exceeds_k(model_pair, tmp_path, k, ranks, overlap):
+    """With overlap, the teacher scores each next batch in its own thread beside the update: its
+    scores still match a plain float64 forward pass of the teacher."""
     student, teacher = model_pair
     out = tmp_path / "run"
     steps = 4
@@ -65,8 +67,14 @@ def test_staleness_never_exceeds_k(model_pair, tmp_path, k, ranks):
         f"train.steps={steps}",
         f"pipeline.max_staleness={k}",
         "pipeline.queue_size=1",
+        f"pipeline.overlap_teacher={str(overlap).lower()}",
     ]
     check_ok(launch_train(args, ranks=ranks))
+    scored = [r for s in range(1, steps + 1) for r in read_jsonl(out / "rollouts" / f"step_{s}.jsonl")]
+    scored = [r for r in scored if r["teacher_seq_logp"] is not None]
+    assert scored and all(not r["correct"] for r in scored)
+    for r, ref in zip(scored, _teacher_seq_logp_float64(teacher, scored), strict=True):
+        assert r["teacher_seq_logp"] == pytest.approx(ref, abs=1e-4)
     lags = []
     for step in range(1, steps + 1):
         rows = read_jsonl(out / "rollouts" / f"step_{step}.jsonl")
@@ -81,6 +89,22 @@ def test_staleness_never_exceeds_k(model_pair, tmp_path, k, ranks):
     ]
     for m in metrics:
         assert m["pipeline/overlap"] > 0 and all(m[f"time/{s}"] >= 0 for s in ("generate", "teacher", "update", "sync"))
+
+
+def _teacher_seq_logp_float64(path, rows) -> list[float]:
+    """Sum of the response tokens' log-probs under the teacher (temperature 1), in float64."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).eval()
+    out = []
+    with torch.no_grad():
+        for r in rows:
+            ids = torch.tensor([r["prompt_ids"] + r["response_ids"]])
+            logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1], dim=-1)
+            start = len(r["prompt_ids"]) - 1
+            targets = ids[0, 1:][start:]
+            out.append(float(logp[start:].gather(1, targets[:, None]).sum()))
+    return out
 
 
 def test_a_rank_with_nothing_to_score_does_not_hang(model_pair, tmp_path):

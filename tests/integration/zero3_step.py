@@ -23,7 +23,7 @@ from scope_ds import stages  # noqa: E402
 from scope_ds.algorithms import build_algorithm  # noqa: E402
 from scope_ds.config import load_config  # noqa: E402
 from scope_ds.engines import ds  # noqa: E402
-from scope_ds.run import build_engines, score_group, teacher_group  # noqa: E402
+from scope_ds.run import build_engines, score_group  # noqa: E402
 from scope_ds.sample import Rollout  # noqa: E402
 
 
@@ -65,9 +65,7 @@ def main() -> None:
     rank, world = ds.init_distributed()
     torch.manual_seed(0)
     algo = build_algorithm(cfg.algo["name"], {k: v for k, v in cfg.algo.items() if k != "name"})
-    student, teacher, reference, grad_accum = build_engines(
-        cfg, algo, world, student_path, teacher_path, teacher_group(score_group())
-    )
+    student, teacher, reference, grad_accum = build_engines(cfg, algo, world, student_path, teacher_path, score_group())
     run = SimpleNamespace(
         cfg=cfg,
         rank=rank,
