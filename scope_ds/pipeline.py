@@ -161,7 +161,9 @@ class Scorer:
         self._cond = threading.Condition()
         self._scored: collections.deque[Batch] = collections.deque()
         self._spans: dict[int, tuple[float, float]] = {}  # step -> when it was scored
-        self._wanted = start_step  # the step the trainer waits for
+        # The step the trainer waits for: without overlap, scoring runs only then (the trainer's
+        # own collectives, an evaluation before the first step included, are done by then).
+        self._wanted = start_step - 1
         self._error: BaseException | None = None
         self._closing = False
         self._thread = threading.Thread(target=self._loop, args=(start_step, steps), name="scorer", daemon=True)

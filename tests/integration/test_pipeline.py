@@ -68,8 +68,12 @@ def test_staleness_never_exceeds_k(model_pair, tmp_path, k, ranks, overlap):
         f"pipeline.max_staleness={k}",
         "pipeline.queue_size=1",
         f"pipeline.overlap_teacher={str(overlap).lower()}",
+        "data.eval_every=2",  # the trainer's own collectives (evaluation) beside the scoring
+        "data.eval_prompts=2",
+        "data.eval_n=1",
     ]
     check_ok(launch_train(args, ranks=ranks))
+    assert [m["step"] for m in read_jsonl(out / "metrics.jsonl") if "eval/accuracy" in m] == [0, 2, 4]
     scored = [r for s in range(1, steps + 1) for r in read_jsonl(out / "rollouts" / f"step_{s}.jsonl")]
     scored = [r for r in scored if r["teacher_seq_logp"] is not None]
     assert scored and all(not r["correct"] for r in scored)
@@ -82,7 +86,7 @@ def test_staleness_never_exceeds_k(model_pair, tmp_path, k, ranks, overlap):
         lags += [trained_version - r["weight_version"] for r in rows]
     assert min(lags) >= 0 and max(lags) <= k
     assert max(lags) >= 1, "with k >= 1 generation should run ahead of the update"
-    metrics = read_jsonl(out / "metrics.jsonl")
+    metrics = [m for m in read_jsonl(out / "metrics.jsonl") if m["step"] >= 1]  # step 0: the first evaluation
     assert [m["staleness/max"] for m in metrics] == [
         max(s - 1 - r["weight_version"] for r in read_jsonl(out / "rollouts" / f"step_{s}.jsonl"))
         for s in range(1, steps + 1)
