@@ -122,7 +122,7 @@ def score(run, batch: Batch) -> None:
     count = math.ceil(math.ceil(len(need) / run.world) / size)
     out: dict[int, list[float]] = {}
     for mb in micro_batches(mine, size, count):
-        inputs = collate([batch.rollouts[i] for i in mb] or [None], mb or [-1], run.pad_id)
+        inputs = collate([batch.rollouts[i] for i in mb] or [None], mb or [-1], run.pad_id).to(run.teacher.device)
         logp = run.teacher.score(inputs, run.cfg.rollout.temperature)
         for row, i in enumerate(mb):
             out[i] = logp[row, : batch.rollouts[i].response_length].tolist()
@@ -168,9 +168,10 @@ def _token_batch(run, batch: Batch, mb: list[int], p, inputs, logits) -> TokenBa
             t = batch.teacher_logp[i]
             teacher[row, : len(t)] = torch.tensor(t)
     idx = torch.tensor(mb, dtype=torch.long) if mb else torch.zeros(1, dtype=torch.long)
-    path = p.path_B[idx] if mb else torch.tensor([int(Path.SKIP)])
-    weight = p.weight_B[idx] if mb else torch.zeros(1, dtype=torch.float64)
-    adv = None if p.advantage_B is None else (p.advantage_B[idx] if mb else torch.zeros(1, dtype=torch.float64))
+    dev = logp.device  # the plan is on the CPU; the loss runs where the logits are
+    path = (p.path_B[idx] if mb else torch.tensor([int(Path.SKIP)])).to(dev)
+    weight = (p.weight_B[idx] if mb else torch.zeros(1, dtype=torch.float64)).to(dev)
+    adv = None if p.advantage_B is None else (p.advantage_B[idx] if mb else torch.zeros(1, dtype=torch.float64)).to(dev)
     ref = run.reference.score(inputs, temp) if run.reference is not None else None
     kl = None
     if run.algo.uses_full_kl:
@@ -196,7 +197,7 @@ def update(run, batch: Batch) -> dict[str, float]:
     mine = rank_share(len(batch.rollouts), run.rank, run.world)
     sums: dict[str, float] = {}
     for mb in micro_batches(mine, run.cfg.train.micro_batch_size, run.grad_accum):
-        inputs = collate([batch.rollouts[i] for i in mb] or [None], mb or [-1], run.pad_id)
+        inputs = collate([batch.rollouts[i] for i in mb] or [None], mb or [-1], run.pad_id).to(run.student.device)
         logits = run.student.logits(inputs)
         tb = _token_batch(run, batch, mb, p, inputs, logits)
         loss, parts = run.algo.loss(tb, normalizer)

@@ -49,7 +49,7 @@ def importance_ratio(logp_BT: torch.Tensor, old_logp_BT: torch.Tensor, cap: floa
 def truncated_share(logp_BT: torch.Tensor, old_logp_BT: torch.Tensor, mask_BT: torch.Tensor, cap: float | None):
     """Fraction of real tokens whose importance ratio exceeds ``cap`` (0 when there is no cap)."""
     if cap is None:
-        return torch.zeros((), dtype=torch.float64)
+        return torch.zeros((), dtype=torch.float64, device=logp_BT.device)
     m = mask_BT.bool()
     over = (torch.exp(logp_BT.detach() - old_logp_BT.detach()) > cap) & m
     return over.sum().double() / m.sum().clamp_min(1)

@@ -31,6 +31,11 @@ class TokenInputs:
     def size(self) -> int:
         return self.input_ids_BL.shape[0]
 
+    def to(self, device: torch.device | str) -> TokenInputs:
+        """The same micro-batch with every tensor on ``device`` (the engine's)."""
+        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()}
+        return TokenInputs(**moved)
+
 
 def collate(rollouts: Sequence[Rollout | None], rows: Sequence[int], pad_id: int) -> TokenInputs:
     """Pack rollouts (None = a dummy row: one pad token, no response) into padded tensors."""

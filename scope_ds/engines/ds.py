@@ -149,8 +149,9 @@ def build_ds_config(
         return cfg
     opt = cfg.setdefault("optimizer", {"type": "AdamW", "params": {}})
     opt.setdefault("params", {}).update(lr=lr, weight_decay=weight_decay)
-    if not torch.cuda.is_available() and opt.get("type", "").lower() in ("adam", "adamw"):
-        # torch's AdamW on CPU: DeepSpeed's fused CPU Adam is a minutes-long compile for no gain here
+    if opt.get("type", "").lower() in ("adam", "adamw"):
+        # torch's AdamW unless the DeepSpeed config says otherwise: DeepSpeed's fused Adam is a
+        # compile at start-up (minutes on CPU; on GPUs it needs nvcc and an arch list it can parse)
         opt["params"].setdefault("torch_adam", True)
     cfg["gradient_clipping"] = grad_clip
     if warmup_steps:

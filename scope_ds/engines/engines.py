@@ -31,6 +31,11 @@ class _Engine:
     def vocab_size(self) -> int:
         return int(self.model.config.vocab_size)
 
+    @property
+    def device(self) -> torch.device:
+        """Where this rank's forward passes run (the accelerator DeepSpeed chose: cuda:N, cpu)."""
+        return torch.device(self.engine.device)
+
     def logits(self, inputs: TokenInputs) -> torch.Tensor:
         """[B, L, V] logits of a micro-batch (with gradient if the caller allows it)."""
         out = self.engine(input_ids=inputs.input_ids_BL, attention_mask=inputs.attention_mask_BL, use_cache=False)
@@ -161,7 +166,7 @@ class InferenceEngine(_Engine):
         parameters, on ``self.group``. Warming up here, before any thread starts, keeps the
         default group to the student.
         """
-        one = torch.ones(1, 1, dtype=torch.long, device=next(self.model.parameters()).device)
+        one = torch.ones(1, 1, dtype=torch.long, device=self.device)
         for _ in range(2):
             self.engine(input_ids=one, attention_mask=one, use_cache=False)
         if not self._trace_complete():
