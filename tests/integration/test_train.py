@@ -16,6 +16,7 @@ from train_helpers import (
     launch_train,
     load_weights,
     read_jsonl,
+    run_env,
     small_run_overrides,
 )
 
@@ -94,7 +95,8 @@ def test_zero3_step_is_the_same_on_one_and_two_ranks(model_pair, tmp_path):
     for ranks, concurrent in ((1, 0), (2, 0), (2, 1)):
         out = tmp_path / f"w{ranks}{concurrent}.pt"
         cmd = deepspeed_cmd(ZERO3_STEP, [student, teacher, out, f"concurrent={concurrent}"], ranks)
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+        # one intra-op thread: the scorer thread's ops must not change how the step's ops split their work
+        proc = subprocess.run(cmd, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600)
         check_ok(proc)
         outs[ranks, concurrent] = torch.load(out)
     one, two, beside = outs[1, 0], outs[2, 0], outs[2, 1]
