@@ -124,7 +124,17 @@ start_daemon() {  # start_daemon NAME ARGS...: NAME daemonises and writes $STATE
 
 node_ready() { sinfo -h -N -n "$NODE" -o %T 2>/dev/null | grep -Eq '^(idle|mixed|allocated)'; }
 
+clean_shm() {  # DeepSpeed's CPU shared-memory allreduce leaves a 66 MB file per rank per run in
+  # /dev/shm, never removed: about 5 GB a suite, until memory runs out. Remove those no process maps.
+  local f
+  for f in /dev/shm/deepspeed_*; do
+    [ -e "$f" ] || continue
+    grep -qsF "$f" /proc/[0-9]*/maps || rm -f "$f"
+  done
+}
+
 start() {
+  clean_shm
   apt_install slurm-wlm munge
   ensure_mpi
   mkdir -p "$STATE"
@@ -161,6 +171,7 @@ stop_pid() {  # stop_pid NAME PIDFILE: SIGTERM, then SIGKILL after 20 s
 }
 
 stop() {
+  clean_shm
   [ -f "$STATE/started" ] || return 0
   local name
   for name in slurmd slurmctld munged; do  # the reverse of the start order
