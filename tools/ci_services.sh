@@ -133,8 +133,14 @@ clean_shm() {  # DeepSpeed's CPU shared-memory allreduce leaves a 66 MB file per
   done
 }
 
+clean_stale_locks() {  # a JIT op build killed midway leaves torch's lock file, and every later run
+  # waits on it forever; a build takes under a minute, so a lock older than 10 minutes is stale
+  find "${HOME:-/root}/.cache/torch_extensions" -name lock -mmin +10 -delete 2>/dev/null || true
+}
+
 start() {
   clean_shm
+  clean_stale_locks
   apt_install slurm-wlm munge
   ensure_mpi
   mkdir -p "$STATE"
