@@ -2,8 +2,10 @@
 
 A checkpoint is a folder ``<checkpoint.dir>/step_N`` holding:
 - ``ds/``: the DeepSpeed ZeRO-3 checkpoint (every rank's partition of weights and optimizer);
-- ``scope_state.pt``: step, policy version, world size, the batches already generated ahead of
-  the update (asynchronous pipeline), and the resolved config;
+- ``scope_state.json``: step, policy version, world size, the batches already generated ahead of
+  the update (asynchronous pipeline) as rollout records, the resolved config, and the format
+  version (``STATE_FORMAT``): plain JSON, never a pickled class, so moving code never breaks a
+  resume;
 - ``rng_rank{R}.pt``: the random state of every rank;
 - ``hf_config/``: the student's config and tokenizer (for tools/convert_ckpt.py);
 - ``COMPLETE``: written last.
@@ -13,19 +15,26 @@ atomically) then names it. A crash during a save leaves the previous checkpoint 
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from scope_ds.rollout.weight_sync.disk import copy_model_files, write_hf_folder
+from scope_ds.hf_folder import copy_model_files, write_hf_folder
+
+if TYPE_CHECKING:  # the pipeline imports this module
+    from scope_ds.pipeline.run import Run
+    from scope_ds.pipeline.stages import Batch
 
 COMPLETE = "COMPLETE"
-STATE = "scope_state.pt"
+STATE = "scope_state.json"
+STATE_FORMAT = 2  # 1: scope_state.pt, pickled classes (before the pipeline package)
 LATEST = "latest"
 DS_TAG = "ds"
 
@@ -34,7 +43,18 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used: missing, incomplete, corrupt, or from another world size."""
 
 
-def checkpoint_root(run) -> str:
+@dataclass
+class SavedState:
+    """What ``scope_state.json`` holds, read back."""
+
+    step: int  # optimizer steps completed
+    policy_version: int  # the student's policy version at the save
+    world_size: int
+    pending: list[Batch]  # batches generated ahead of the update, in step order
+    config: dict[str, Any]  # the resolved config of the run that saved it
+
+
+def checkpoint_root(run: Run) -> str:
     return run.cfg.checkpoint.dir or os.path.join(run.run_dir, "checkpoints")
 
 
@@ -53,7 +73,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def save(run, step: int, pending: list | None = None) -> str:
+def save(run: Run, step: int, pending: list[Batch] = ()) -> str:
     """Save after ``step`` completed steps (a collective: every rank calls it); returns the folder."""
     root = checkpoint_root(run)
     tag = f"step_{step}"
@@ -62,18 +82,20 @@ def save(run, step: int, pending: list | None = None) -> str:
         shutil.rmtree(tmp, ignore_errors=True)  # a save that died earlier
         os.makedirs(tmp)
     _barrier()
-    run.student.engine.save_checkpoint(tmp, tag=DS_TAG, save_latest=False)
+    run.student.save_checkpoint(tmp, DS_TAG)
     torch.save(rng_state(), os.path.join(tmp, f"rng_rank{run.rank}.pt"))
     _barrier()
     if run.rank == 0:
         state = {
+            "format": STATE_FORMAT,
             "step": step,
-            "policy_version": run.policy_version,
+            "policy_version": run.versions.student,
             "world_size": run.world,
-            "pending": list(pending or []),
+            "pending": [b.to_json() for b in pending],
             "config": run.cfg.to_dict(),
         }
-        torch.save(state, os.path.join(tmp, STATE))
+        with open(os.path.join(tmp, STATE), "w") as f:
+            json.dump(state, f)
         os.makedirs(os.path.join(tmp, "hf_config"))
         copy_model_files(Path(run.student_path), Path(tmp) / "hf_config")
         with open(os.path.join(tmp, COMPLETE), "w") as f:
@@ -129,36 +151,52 @@ def find_checkpoint(spec: str, root: str) -> str | None:
     return os.path.join(root, f"step_{steps[-1]}") if steps else None
 
 
-def read_state(folder: str) -> dict[str, Any]:
+def read_state(folder: str) -> SavedState:
+    """The checkpoint's own state; CheckpointError for one this version cannot read."""
+    from scope_ds.pipeline.stages import Batch
+
+    path = os.path.join(folder, STATE)
+    if not os.path.isfile(path) and os.path.isfile(os.path.join(folder, "scope_state.pt")):
+        raise CheckpointError(
+            f"{folder} was written by an older scope_ds (checkpoint format 1, a pickled scope_state.pt); this "
+            f"version resumes format {STATE_FORMAT} only: export its weights (python tools/convert_ckpt.py "
+            f"{folder} OUT) and start a new run from the exported model"
+        )
     try:
-        return torch.load(os.path.join(folder, STATE), weights_only=False)
+        with open(path) as f:
+            state = json.load(f)
+        if state.get("format") != STATE_FORMAT:
+            raise CheckpointError(
+                f"{path} has checkpoint format {state.get('format')!r}; this version reads format {STATE_FORMAT}"
+            )
+        pending = [Batch.from_json(b) for b in state["pending"]]
+        return SavedState(state["step"], state["policy_version"], state["world_size"], pending, state["config"])
+    except CheckpointError:
+        raise
     except Exception as e:
-        raise CheckpointError(f"cannot read {os.path.join(folder, STATE)}: {type(e).__name__}: {e}") from None
+        raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {e}") from None
 
 
-def load(run, folder: str) -> dict[str, Any]:
+def load(run: Run, folder: str) -> SavedState:
     """Restore the student (weights, optimizer, scheduler), RNG and policy version from ``folder``
     (a collective). Returns the saved state (step, pending batches, ...)."""
     state = read_state(folder)
-    if state["world_size"] != run.world:
+    if state.world_size != run.world:
         raise CheckpointError(
-            f"{folder} was written by {state['world_size']} ranks and this run has {run.world}: resume with "
-            f"{state['world_size']} ranks, or export it (python tools/convert_ckpt.py {folder} OUT) and "
+            f"{folder} was written by {state.world_size} ranks and this run has {run.world}: resume with "
+            f"{state.world_size} ranks, or export it (python tools/convert_ckpt.py {folder} OUT) and "
             "start a new run from the exported model"
         )
-    path, _ = run.student.engine.load_checkpoint(
-        folder, tag=DS_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
-    )
-    if path is None:
+    if not run.student.load_checkpoint(folder, DS_TAG):
         raise CheckpointError(f"DeepSpeed found no checkpoint in {os.path.join(folder, DS_TAG)}")
     rng = os.path.join(folder, f"rng_rank{run.rank}.pt")
     if os.path.isfile(rng):
         set_rng_state(torch.load(rng, weights_only=False))
-    run.policy_version = state["policy_version"]
+    run.versions.resume_at(state.policy_version)
     return state
 
 
-def export_hf(run, out_dir: str) -> str | None:
+def export_hf(run: Run, out_dir: str) -> str | None:
     """Gather the ZeRO-3 student and write it as a Hugging Face folder (config and tokenizer of the
     student's source folder, safetensors), atomically. A collective: every rank calls it."""
     params = run.student.full_parameters(run.rank)

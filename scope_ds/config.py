@@ -13,20 +13,16 @@ import dataclasses
 import os
 import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
-from scope_ds.algorithms import algorithm_options, build_algorithm
+from scope_ds.algorithms import Algorithm, algorithm_options, build_algorithm
+from scope_ds.choices import check_choice, check_literal_fields, literal_values
 
 
 class ConfigError(ValueError):
     """A recipe or override that cannot run; the message names the key."""
-
-
-def _choice(key: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key} must be one of {list(allowed)}, got {value!r}")
 
 
 def _positive(key: str, value: float, strict: bool = True) -> None:
@@ -38,12 +34,9 @@ def _positive(key: str, value: float, strict: bool = True) -> None:
 class ModelConfig:
     student: str = "toy"  # Hugging Face folder or hub name of the student; "toy" = the built-in toy student
     teacher: str = "toy"  # folder or hub name of the teacher; "toy" = the built-in toy teacher
-    dtype: str = "float32"  # parameter/compute dtype of both engines: float32 | bfloat16
+    dtype: Literal["float32", "bfloat16"] = "float32"  # parameter/compute dtype of both engines
     toy_cache: str = ""  # where the toy models are built ("" = $SCOPE_DS_CACHE or ~/.cache/scope_ds)
     gradient_checkpointing: bool = False  # recompute student activations in backward (saves memory)
-
-    def check(self) -> None:
-        _choice("model.dtype", self.dtype, ("float32", "bfloat16"))
 
 
 @dataclass
@@ -54,8 +47,8 @@ class DataConfig:
     answer_key: str = "answer"  # field holding the reference answer
     template: str = "{prompt}\n\nPut your final answer within \\boxed{{}}."  # str.format with {prompt}
     chat_template: bool = True  # wrap with the tokenizer's chat template when it has one
-    verifier: str = "auto"  # toy | math | auto (toy for the toy source, math otherwise)
-    missing_answer: str = "skip"  # skip: skip rows without an answer and count them | error: refuse
+    verifier: Literal["auto", "toy", "math"] = "auto"  # auto: toy for the toy source, math otherwise
+    missing_answer: Literal["skip", "error"] = "skip"  # skip: skip rows without an answer, count them | error: refuse
     max_prompt_tokens: int = 512  # longer prompts are skipped and counted
     eval_every: int = 0  # evaluate on held-out prompts every N steps (0 = never)
     eval_prompts: int = 64  # number of held-out prompts per evaluation
@@ -63,8 +56,6 @@ class DataConfig:
     seed: int = 0  # order of prompts
 
     def check(self) -> None:
-        _choice("data.verifier", self.verifier, ("auto", "toy", "math"))
-        _choice("data.missing_answer", self.missing_answer, ("skip", "error"))
         _positive("data.max_prompt_tokens", self.max_prompt_tokens)
         _positive("data.eval_every", self.eval_every, strict=False)
         _positive("data.eval_prompts", self.eval_prompts)
@@ -76,7 +67,7 @@ class DataConfig:
 @dataclass
 class RolloutConfig:
     servers: list[str] = field(default_factory=list)  # attach to these URLs; empty = launch servers
-    backend: str = "embedded"  # what to launch: embedded (CPU, tests) | sglang (GPUs)
+    backend: Literal["embedded", "sglang"] = "embedded"  # what to launch: embedded (CPU, tests) | sglang (GPUs)
     num_servers: int = 1  # servers to launch (one per GPU group with sglang)
     gpus_per_server: int = 1  # tensor-parallel size of each launched sglang server
     n: int = 4  # rollouts per prompt (the group size)
@@ -85,7 +76,8 @@ class RolloutConfig:
     top_k: int = -1  # -1 = whole vocabulary
     max_new_tokens: int = 64  # response length cap, tokens
     seeded: bool = True  # seed every prompt's samples (sampling_seed) so that runs and resumes repeat exactly
-    weight_sync: str = "disk"  # disk (safetensors folder + /update_weights_from_disk) | distributed (broadcast)
+    # disk: a safetensors folder + /update_weights_from_disk | distributed: broadcast to the servers
+    weight_sync: Literal["disk", "distributed"] = "disk"
     bucket_mb: int = 512  # distributed sync: bytes per broadcast bucket, MB
     sync_dir: str = ""  # disk sync: shared folder for the weights ("" = OUT/weights)
     request_timeout_s: float = 600.0  # one /generate request
@@ -93,8 +85,6 @@ class RolloutConfig:
     startup_timeout_s: float = 300.0  # launched servers must answer /health within this
 
     def check(self) -> None:
-        _choice("rollout.backend", self.backend, ("embedded", "sglang"))
-        _choice("rollout.weight_sync", self.weight_sync, ("disk", "distributed"))
         for key in ("num_servers", "gpus_per_server", "n", "max_new_tokens", "bucket_mb"):
             _positive(f"rollout.{key}", getattr(self, key))
         _positive("rollout.temperature", self.temperature)
@@ -178,11 +168,21 @@ class Config:
     def check(self) -> None:
         for f in dataclasses.fields(self):
             section = getattr(self, f.name)
+            if dataclasses.is_dataclass(section):
+                # load_config refuses a bad choice already; this catches one set in code
+                check_literal_fields(section, f.name, ConfigError)
             if hasattr(section, "check"):
                 section.check()
-        options = {k: v for k, v in self.algo.items() if k != "name"}
+        self.algorithm()
+
+    def algo_options(self) -> dict[str, Any]:
+        """The ``algo`` section without its name: the options given, defaults left out."""
+        return {k: v for k, v in self.algo.items() if k != "name"}
+
+    def algorithm(self) -> Algorithm:
+        """The algorithm of the ``algo`` section, built; ConfigError naming a bad option."""
         try:
-            build_algorithm(self.algo.get("name", "scope"), options)
+            return build_algorithm(self.algo.get("name", "scope"), self.algo_options())
         except ValueError as e:
             raise ConfigError(str(e)) from None
 
@@ -194,7 +194,14 @@ class Config:
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:
-    """``value`` as type ``hint``, or ConfigError naming ``key`` (an int is a fine float)."""
+    """``value`` as type ``hint``, or ConfigError naming ``key`` (an int is a fine float).
+
+    A ``Literal[...]`` hint takes a value of its values' type that is one of them."""
+    choices = literal_values(hint)
+    if choices is not None:
+        value = _coerce(key, value, type(choices[0]))
+        check_choice(key, value, choices, ConfigError)
+        return value
     origin = typing.get_origin(hint)
     if origin is list:
         if not isinstance(value, list):
@@ -303,11 +310,7 @@ def _apply_algo(cfg: Config, values: Any) -> None:
 def save_config(cfg: Config, path: str) -> None:
     """Write the resolved config (every key, defaults included) as YAML."""
     resolved = cfg.to_dict()
-    resolved["algo"] = {
-        "name": cfg.algo["name"],
-        **algorithm_options(cfg.algo["name"]),
-        **{k: v for k, v in cfg.algo.items() if k != "name"},
-    }
+    resolved["algo"] = {"name": cfg.algo["name"], **algorithm_options(cfg.algo["name"]), **cfg.algo_options()}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         yaml.safe_dump(resolved, f, sort_keys=False)

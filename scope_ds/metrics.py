@@ -12,6 +12,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
+from scope_ds.algorithms import Path, RolloutStats
+from scope_ds.algorithms.base import Plan
 from scope_ds.sample import Rollout
 
 # Figures shown on the progress bar (when present in a step's metrics).
@@ -125,3 +129,45 @@ def read_metrics(run_dir: str) -> list[dict[str, Any]]:
     """The rows of a run's metrics.jsonl."""
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+# ---------------------------------------------------------------------------------- a batch's figures
+
+
+def batch_metrics(rollouts: Sequence[Rollout], stats: RolloutStats, p: Plan) -> dict[str, float]:
+    """Reward, routing, weights and perplexities of a batch, per path."""
+    n = len(rollouts)
+    lengths = stats.lengths_B.double()
+    out = {
+        "reward/mean": float(stats.reward_B.mean()),
+        "reward/accuracy": float(stats.correct_B.double().mean()),
+        "response/length_mean": float(lengths.mean()),
+        "response/tokens": float(lengths.sum()),
+        "rollouts": n,
+    }
+    for path in torch.unique(p.path_B).tolist():
+        if path == Path.SKIP:
+            continue
+        name = Path(path).name.lower()
+        sel = p.path_B == path
+        out[f"path/{name}_share"] = float(sel.double().mean())
+        w = p.weight_B[sel]
+        out[f"weight/{name}_mean"] = float(w.mean())
+        out[f"weight/{name}_entropy"] = _weight_entropy(p.weight_B, sel, stats.group_B)
+        ln = lengths[sel].clamp_min(1)
+        out[f"ppl/student_{name}"] = float(torch.exp(-stats.student_seq_logp_B[sel] / ln).mean())
+        t = stats.teacher_seq_logp_B[sel] if stats.teacher_seq_logp_B is not None else None
+        if t is not None and bool(torch.isfinite(t).all()):
+            out[f"ppl/teacher_{name}"] = float(torch.exp(-t / ln).mean())
+    return out
+
+
+def _weight_entropy(weight_B: torch.Tensor, sel_B: torch.Tensor, group_B: torch.Tensor) -> float:
+    """Mean over groups of the entropy of the (renormalised) weights of one path's subset."""
+    ents = []
+    for g in torch.unique(group_B[sel_B]).tolist():
+        w = weight_B[sel_B & (group_B == g)]
+        if w.sum() > 0:
+            q = w / w.sum()
+            ents.append(float(-(q * torch.log(q.clamp_min(1e-300))).sum()))
+    return sum(ents) / len(ents) if ents else 0.0

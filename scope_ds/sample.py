@@ -17,7 +17,7 @@ class Rollout:
 
     # --- Filled by the rollout client from the server's answer -----------------------------------
     prompt_id: str = ""  # the data set's id of the prompt (stable across steps and resumes)
-    group: int = 0  # index of this rollout within its prompt's group of n samples (0..n-1)
+    sample_index: int = 0  # index of this rollout within its prompt's group of n samples (0..n-1)
     group_id: str = ""  # id shared by the n rollouts of one prompt in one step (the SCOPE group)
     prompt_ids: list[int] = field(default_factory=list)  # prompt token ids, exactly as sent
     response_ids: list[int] = field(default_factory=list)  # generated ids, incl. a matched EOS/stop
@@ -36,6 +36,8 @@ class Rollout:
     path: str = ""  # "mle", "opd", "grpo", "kd", ...: which loss this rollout trains
 
     # --- Filled by the score / update stages ------------------------------------------------------
+    # log pi_T(a_t | ...) per response token, at the rollout temperature; only where the path needs it
+    teacher_logprobs: list[float] | None = None
     student_seq_logp: float | None = None  # log pi_S(y|x), summed over response tokens
     teacher_seq_logp: float | None = None  # log pi_T(y|x); only computed where the path needs it
     weight: float | None = None  # the rollout's weight in the loss (SCOPE Eq. 4 / Eq. 5)

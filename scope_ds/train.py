@@ -39,15 +39,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
     from scope_ds.checkpoint import CheckpointError
-    from scope_ds.pipeline import request_stop, train
-    from scope_ds.run import Run
-    from scope_ds.stages import PipelineError
+    from scope_ds.pipeline import PipelineError, build_run, request_stop, train
 
     for sig in (signal.SIGTERM, signal.SIGUSR1):  # SLURM's warnings before a time limit
         signal.signal(sig, request_stop)
 
     try:
-        run = Run(cfg)
+        run = build_run(cfg)
     except (ConfigError, FileNotFoundError, ValueError) as e:  # bad input found while setting up: no work lost
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -18,13 +18,13 @@ from __future__ import annotations
 import os
 import shlex
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scope_ds.config import ConfigError, load_config  # noqa: E402
+from scope_ds.rollout import health  # noqa: E402
 from scope_ds.rollout.launcher import LaunchSpec, embedded_command, sglang_command  # noqa: E402
 
 
@@ -175,14 +175,12 @@ def train_layout(recipe: str, overrides: list[str], alloc: Allocation, env: dict
 
 
 def served_model(cfg) -> str:
-    """The folder the rollout servers load: the student, or the teacher for KD (as scope_ds.run does)."""
-    from scope_ds.algorithms import build_algorithm
-
-    algo = build_algorithm(cfg.algo["name"], {k: v for k, v in cfg.algo.items() if k != "name"})
-    name = "teacher" if algo.uses_teacher_rollouts else "student"
+    """The folder the rollout servers load: the student, or the teacher for KD (as the trainer's
+    scope_ds.pipeline.build.start_rollout does)."""
+    name = "teacher" if cfg.algorithm().uses_teacher_rollouts else "student"
     path = getattr(cfg.model, name)
     if path == "toy":
-        from scope_ds.data.toy_models import ensure_toy_models
+        from scope_ds.data.toy_pretrain import ensure_toy_models
 
         path = str(getattr(ensure_toy_models(cfg.model.toy_cache or None), name))
     return path
@@ -190,24 +188,14 @@ def served_model(cfg) -> str:
 
 def wait_healthy(urls: list[str], pids: list[int], timeout_s: float) -> None:
     """Poll each URL's /health until 200; fail at once if a server's launcher process has exited."""
-    import httpx
-
-    deadline = time.monotonic() + timeout_s
-    with httpx.Client(timeout=5.0, trust_env=False) as client:
-        for url in urls:
-            while True:
-                try:
-                    if client.get(f"{url}/health").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                dead = [p for p in pids if not _alive(p)]
-                if dead:
-                    raise LayoutError(f"server step(s) {dead} exited before {url} was healthy (see its log)")
-                if time.monotonic() > deadline:
-                    raise LayoutError(f"{url} not healthy after {timeout_s:.0f} s (see its log)")
-                time.sleep(1.0)
-        print(f"rollout servers healthy: {' '.join(urls)}", file=sys.stderr)
+    try:
+        health.wait_healthy(urls, timeout_s, poll_s=1.0, alive=lambda: all(_alive(p) for p in pids))
+    except health.HealthError as exc:
+        if exc.exited:
+            dead = [p for p in pids if not _alive(p)]
+            raise LayoutError(f"server step(s) {dead} exited before {exc.url} was healthy (see its log)") from exc
+        raise LayoutError(f"{exc.url} not healthy after {timeout_s:.0f} s (see its log)") from exc
+    print(f"rollout servers healthy: {' '.join(urls)}", file=sys.stderr)
 
 
 def _alive(pid: int) -> bool:

@@ -94,11 +94,13 @@ def bench_sync(work: Path, repeats: int) -> list[tuple[str, str]]:
                 "disk": DiskWeightSync(client, work / "shared", config_dir=base, keep=1),
                 "distributed (gloo)": DistributedWeightSync(client, backend="gloo"),
             }
+            version = 0  # the server starts at 0; each update names the next version, as the trainer does
             for name, sync in methods.items():
                 times = []
                 for _ in range(repeats):
+                    version += 1
                     t0 = time.perf_counter()
-                    sync.update(trainer_model.named_parameters())
+                    sync.update(trainer_model.named_parameters(), version)
                     times.append(time.perf_counter() - t0)
                 label = f"weight sync, {name}, {params / 1e6:.0f}M params fp32"
                 rows.append(

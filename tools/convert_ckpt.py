@@ -16,12 +16,14 @@ import os
 import shutil
 import sys
 import tempfile
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
 from scope_ds.checkpoint import COMPLETE, DS_TAG, CheckpointError, find_checkpoint  # noqa: E402
+from scope_ds.hf_folder import copy_model_files  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -100,9 +102,8 @@ def convert(ckpt_dir: str, out_dir: str, tag: str | None = None, dtype: str = "b
     tmp = tempfile.mkdtemp(prefix=".convert-", dir=parent)
     try:
         model.save_pretrained(tmp, safe_serialization=True)
-        for name in os.listdir(os.path.join(folder, "hf_config")):  # tokenizer and generation files
-            if not os.path.exists(os.path.join(tmp, name)):
-                shutil.copy2(os.path.join(folder, "hf_config", name), os.path.join(tmp, name))
+        # The tokenizer files; what save_pretrained wrote (config.json with --dtype) is kept.
+        copy_model_files(Path(folder) / "hf_config", Path(tmp), overwrite=False)
         # Reload what was written and run it in float32: the only difference left from the
         # checkpoint's own logits is the rounding of the weights to --dtype.
         reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()

@@ -10,6 +10,7 @@ from scope_ds.algorithms.base import Algorithm, Path, Plan, RolloutStats, TokenB
 from scope_ds.algorithms.grpo import GRPO
 from scope_ds.algorithms.kd import KD
 from scope_ds.algorithms.scope import OPD, Scope
+from scope_ds.choices import literal_values
 
 ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (Scope, OPD, GRPO, KD)}
 
@@ -17,7 +18,8 @@ ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (Scope, OPD, 
 def algorithm_options(name: str) -> dict[str, Any]:
     """The options of algorithm ``name`` with their defaults."""
     cls = _lookup(name)
-    return {f.name: f.default for f in dataclasses.fields(cls)}
+    hidden = () if cls.uses_importance_ratio else ("is_cap",)
+    return {f.name: f.default for f in dataclasses.fields(cls) if f.name not in hidden}
 
 
 def build_algorithm(name: str, options: dict[str, Any] | None = None) -> Algorithm:
@@ -39,7 +41,9 @@ def build_algorithm(name: str, options: dict[str, Any] | None = None) -> Algorit
 
 def _check_type(key: str, value: Any, hint: Any) -> None:
     # bool is an int in Python: accept it only where a bool is asked for; an int is a fine float.
-    accepted = typing.get_args(hint) or (hint,)
+    # Of a Literal only the type is checked here; the algorithm checks the value (Algorithm.__post_init__).
+    choices = literal_values(hint)
+    accepted = tuple(dict.fromkeys(map(type, choices))) if choices else typing.get_args(hint) or (hint,)
     ok = any(
         (value is None and t is type(None))
         or (t is float and isinstance(value, (int, float)) and not isinstance(value, bool))

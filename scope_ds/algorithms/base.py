@@ -20,7 +20,9 @@ from typing import ClassVar
 import torch
 
 from scope_ds.algorithms import losses
+from scope_ds.algorithms.losses import Aggregation
 from scope_ds.algorithms.weights import check_rollout_vectors
+from scope_ds.choices import check_literal_fields
 
 
 class Path(IntEnum):
@@ -85,14 +87,18 @@ class Algorithm:
     """Base of the registered algorithms; subclasses are dataclasses of their options."""
 
     name: ClassVar[str] = ""
-    aggregation: str = "seq-sum"  # seq-sum (paper) | token-mean (authors' code) | seq-mean
+    aggregation: Aggregation = "seq-sum"  # seq-sum (paper) | token-mean (authors' code) | seq-mean
+    is_cap: float | None = None  # truncate importance ratios above this (stale rollouts); None = no cap
 
     def __post_init__(self):
-        if self.aggregation not in losses.AGGREGATIONS:
-            raise ValueError(f"algo.aggregation must be one of {losses.AGGREGATIONS}, got {self.aggregation!r}")
+        check_literal_fields(self, "algo")
+        if self.is_cap is not None and not self.is_cap >= 1.0:
+            raise ValueError(f"algo.is_cap must be >= 1 or null, got {self.is_cap}")
 
     # ---- what the trainer must compute --------------------------------------------------------
     uses_teacher_rollouts: ClassVar[bool] = False  # KD trains on answers the teacher generated
+    # False where the loss ignores rho (KD's NLL): is_cap is then no option of the algorithm.
+    uses_importance_ratio: ClassVar[bool] = True
 
     def teacher_mask(self, correct_B: torch.Tensor) -> torch.Tensor:
         """Rollouts whose teacher log-probs are needed (default: none)."""
@@ -105,6 +111,11 @@ class Algorithm:
     @property
     def uses_full_kl(self) -> bool:
         return False
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether the trainer builds the teacher engine: to score rollouts, or for the full-vocab KL."""
+        return self.uses_full_kl
 
     # ---- global batch -------------------------------------------------------------------------
     def plan(self, stats: RolloutStats) -> Plan:
@@ -141,7 +152,7 @@ class Algorithm:
             ref_logp_BT=_zero_padding(b.ref_logp_BT, m),
             kl_BT=_zero_padding(b.kl_BT, m),
         )
-        rho = losses.importance_ratio(b.logp_BT, b.old_logp_BT, getattr(self, "is_cap", None))
+        rho = losses.importance_ratio(b.logp_BT, b.old_logp_BT, self.is_cap)
         term = self.token_terms(b, rho)
         weight = b.weight_B.detach().to(term.dtype)
         total = losses.aggregate(term, m, weight, self.aggregation, normalizer)
@@ -152,9 +163,7 @@ class Algorithm:
                     sel = (b.path_B == p).to(term.dtype)
                     part = losses.aggregate(term.detach(), m, weight * sel, self.aggregation, normalizer)
                     metrics[f"loss/{Path(p).name.lower()}"] = float(part)
-            metrics["is/truncated_share"] = float(
-                losses.truncated_share(b.logp_BT, b.old_logp_BT, m, getattr(self, "is_cap", None))
-            )
+            metrics["is/truncated_share"] = float(losses.truncated_share(b.logp_BT, b.old_logp_BT, m, self.is_cap))
         return total, metrics
 
     def _teacher_on_path(self, b: TokenBatch) -> torch.Tensor | None:
@@ -163,9 +172,3 @@ class Algorithm:
             return None
         rows = (b.path_B == Path.OPD)[:, None]
         return torch.where(rows, b.teacher_logp_BT, torch.zeros_like(b.teacher_logp_BT))
-
-
-def check_option(name: str, value, allowed) -> None:
-    """Raise ValueError naming ``algo.<name>`` when ``value`` is not among ``allowed``."""
-    if value not in allowed:
-        raise ValueError(f"algo.{name} must be one of {tuple(allowed)}, got {value!r}")

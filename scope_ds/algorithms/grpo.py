@@ -9,17 +9,17 @@ import torch
 
 from scope_ds.algorithms import losses
 from scope_ds.algorithms.base import Algorithm, Path, Plan, RolloutStats, TokenBatch
+from scope_ds.algorithms.losses import Aggregation
 from scope_ds.algorithms.weights import group_advantages
 
 
 @dataclass
 class GRPO(Algorithm):
     name: ClassVar[str] = "grpo"
-    aggregation: str = "token-mean"  # mean over all trained tokens of the global batch
+    aggregation: Aggregation = "token-mean"  # mean over all trained tokens of the global batch
     eps: float = 0.2  # ratio clip range [1 - eps, 1 + eps] (paper's setting)
     kl_coef: float = 1e-4  # weight of k3 KL to the reference policy (paper's setting); 0 = no reference
     std_normalize: bool = True  # divide the centred reward by the group std (False = Dr. GRPO)
-    is_cap: float | None = None  # truncate importance ratios above this (stale rollouts)
 
     def __post_init__(self):
         super().__post_init__()
@@ -27,8 +27,6 @@ class GRPO(Algorithm):
             raise ValueError(f"algo.eps must be in (0, 1), got {self.eps}")
         if self.kl_coef < 0:
             raise ValueError(f"algo.kl_coef must be >= 0, got {self.kl_coef}")
-        if self.is_cap is not None and not self.is_cap >= 1.0:
-            raise ValueError(f"algo.is_cap must be >= 1 or null, got {self.is_cap}")
 
     @property
     def needs_reference(self) -> bool:

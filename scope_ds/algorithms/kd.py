@@ -8,13 +8,15 @@ from typing import ClassVar
 import torch
 
 from scope_ds.algorithms.base import Algorithm, Path, Plan, RolloutStats, TokenBatch
+from scope_ds.algorithms.losses import Aggregation
 
 
 @dataclass
 class KD(Algorithm):
     name: ClassVar[str] = "kd"
     uses_teacher_rollouts: ClassVar[bool] = True
-    aggregation: str = "token-mean"  # mean NLL over all teacher-answer tokens of the global batch
+    uses_importance_ratio: ClassVar[bool] = False
+    aggregation: Aggregation = "token-mean"  # mean NLL over all teacher-answer tokens of the global batch
     only_correct: bool = False  # train only on teacher answers the verifier accepts (rejection sampling)
 
     def plan(self, stats: RolloutStats) -> Plan:

@@ -9,11 +9,15 @@ the gradient does not depend on how the batch was split.
 
 from __future__ import annotations
 
+import typing
+from typing import Literal
+
 import torch
 
 from scope_ds.algorithms.weights import check_finite
 
-AGGREGATIONS = ("seq-sum", "token-mean", "seq-mean")
+Aggregation = Literal["seq-sum", "token-mean", "seq-mean"]
+AGGREGATIONS = typing.get_args(Aggregation)
 
 
 def check_token_tensors(mask_BT: torch.Tensor, **tensors: torch.Tensor | None) -> None:

@@ -6,33 +6,29 @@ Shape legend: B = rollouts of the global batch; T = response positions.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 
 from scope_ds.algorithms import losses
-from scope_ds.algorithms.base import Algorithm, Path, Plan, RolloutStats, TokenBatch, check_option
-from scope_ds.algorithms.weights import NORMALIZATIONS, WEIGHT_MODES, ppl_weights
+from scope_ds.algorithms.base import Algorithm, Path, Plan, RolloutStats, TokenBatch
+from scope_ds.algorithms.weights import Normalization, WeightMode, ppl_weights
 
-KL_FORMS = ("sampled", "full")
+KLForm = Literal["sampled", "full"]
 
 
 @dataclass
 class _DistillBase(Algorithm):
-    normalization: str = "sum"  # sum: a subset's weights sum to 1 (paper) | mean: they average 1 (authors' code)
-    kl: str = "sampled"  # sampled: Eq. 3's single-token estimator (paper) | full: full-vocabulary KL
-    is_cap: float | None = None  # truncate importance ratios above this (stale rollouts); None = no cap
-
-    def __post_init__(self):
-        super().__post_init__()
-        check_option("normalization", self.normalization, NORMALIZATIONS)
-        check_option("kl", self.kl, KL_FORMS)
-        if self.is_cap is not None and not self.is_cap >= 1.0:
-            raise ValueError(f"algo.is_cap must be >= 1 or null, got {self.is_cap}")
+    normalization: Normalization = "sum"  # sum: a subset's weights sum to 1 (paper) | mean: average 1 (authors' code)
+    kl: KLForm = "sampled"  # sampled: Eq. 3's single-token estimator (paper) | full: full-vocabulary KL
 
     @property
     def uses_full_kl(self) -> bool:
         return self.kl == "full"
+
+    @property
+    def needs_teacher(self) -> bool:
+        return True  # the teacher scores the OPD path (Eq. 3; SCOPE's weights of Eq. 5)
 
     def token_terms(self, b: TokenBatch, rho_BT: torch.Tensor) -> torch.Tensor:
         on_opd = (b.path_B == Path.OPD)[:, None]
@@ -57,13 +53,11 @@ class Scope(_DistillBase):
 
     name: ClassVar[str] = "scope"
     tau: float = 1.0  # softmax temperature of both weights (paper ablates 0.5, 1, 2)
-    student_weight: str = "on"  # on (Eq. 4) | off (uniform) | reversed (the authors' run scripts)
-    teacher_weight: str = "on"  # on (Eq. 5) | off (uniform) | reversed
+    student_weight: WeightMode = "on"  # on (Eq. 4) | off (uniform) | reversed (the authors' run scripts)
+    teacher_weight: WeightMode = "on"  # on (Eq. 5) | off (uniform) | reversed
 
     def __post_init__(self):
         super().__post_init__()
-        check_option("student_weight", self.student_weight, WEIGHT_MODES)
-        check_option("teacher_weight", self.teacher_weight, WEIGHT_MODES)
         if not self.tau > 0:
             raise ValueError(f"algo.tau must be > 0, got {self.tau}")
 

@@ -7,10 +7,15 @@ incorrect rollouts). Everything here is computed in float64 and returns constant
 
 from __future__ import annotations
 
+import typing
+from typing import Literal
+
 import torch
 
-WEIGHT_MODES = ("on", "off", "reversed")
-NORMALIZATIONS = ("sum", "mean")
+WeightMode = Literal["on", "off", "reversed"]
+Normalization = Literal["sum", "mean"]
+WEIGHT_MODES = typing.get_args(WeightMode)
+NORMALIZATIONS = typing.get_args(Normalization)
 
 
 def check_finite(name: str, t: torch.Tensor, where: torch.Tensor | None = None) -> None:

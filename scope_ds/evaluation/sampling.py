@@ -3,7 +3,7 @@
 Shared by ``python -m scope_ds.evaluate`` and the trainer's in-training evaluation: both pass a
 :class:`~scope_ds.rollout.client.SyncRolloutClient` and a tokenizer, so nothing here knows about
 DeepSpeed, the run or the pipeline. Prompts are tokenised here (the chat template when the
-tokenizer has one) and sent as token ids, as the trainer's rollouts are.
+tokenizer has one, through scope_ds.data.encoding like the trainer's) and sent as token ids.
 """
 
 from __future__ import annotations
@@ -12,11 +12,15 @@ import concurrent.futures
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from scope_ds.data import encoding
 from scope_ds.data.record import PromptRecord
 from scope_ds.evaluation.estimators import avg_at_k, k_values, pass_at_k
 from scope_ds.rollout.client import RolloutServerError, SyncRolloutClient
+
+if TYPE_CHECKING:
+    from scope_ds.sample import Rollout
 
 Verifier = Callable[[str, str], float]
 
@@ -37,30 +41,11 @@ class EvalSample:
         return asdict(self)
 
 
-def encode_prompt(tokenizer: Any, prompt: str, chat_template: bool = True) -> list[int]:
-    """Token ids of a prompt: one user turn through the chat template when the tokenizer has one
-    (and ``chat_template``), else the plain encoding with the tokenizer's special tokens."""
-    if chat_template and getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True, return_dict=False
-        )
-        return [int(t) for t in ids]
-    return [int(t) for t in tokenizer(prompt, add_special_tokens=True)["input_ids"]]
-
-
 def eval_sampling_params(
     tokenizer: Any, temperature: float = 0.6, top_p: float = 0.95, top_k: int = 20, max_new_tokens: int = 12288
 ) -> dict[str, Any]:
     """SGLang sampling params of the paper's evaluation (SCOPE.md), stopping at the tokenizer's EOS."""
-    params: dict[str, Any] = {
-        "temperature": temperature,
-        "top_p": top_p,
-        "top_k": top_k,
-        "max_new_tokens": max_new_tokens,
-    }
-    if getattr(tokenizer, "eos_token_id", None) is not None:
-        params["stop_token_ids"] = [int(tokenizer.eos_token_id)]
-    return params
+    return encoding.sampling_params(tokenizer, temperature, top_p, top_k, max_new_tokens)
 
 
 def prompt_seed(seed: int, prompt_id: str, n: int) -> int:
@@ -104,7 +89,7 @@ def sample_and_verify(
     RolloutServerError naming it.
     """
     verify = _resolve(verifier)
-    prompts = [encode_prompt(tokenizer, r.prompt, chat_template) for r in records]
+    prompts = [encoding.encode_prompt(tokenizer, r.prompt, chat_template) for r in records]
     futures = {}
     for i, (ids, record) in enumerate(zip(prompts, records, strict=True)):
         first = None if seed is None else prompt_seed(seed, record.prompt_id, n)
@@ -130,14 +115,14 @@ def sample_and_verify(
     return groups  # type: ignore[return-value]
 
 
-def _verified(tokenizer: Any, verify: Verifier, record: PromptRecord, rollout: Any, index: int) -> EvalSample:
-    text = tokenizer.decode(rollout.response_ids, skip_special_tokens=True)
+def _verified(tokenizer: Any, verify: Verifier, record: PromptRecord, rollout: Rollout, index: int) -> EvalSample:
+    encoding.decode_and_verify(tokenizer, rollout, record.answer, verify)
     return EvalSample(
         prompt_id=record.prompt_id,
         sample=index,
         answer=record.answer,
-        text=text,
-        correct=float(verify(text, record.answer)) >= 1.0,
+        text=rollout.text,
+        correct=rollout.correct,
         response_length=len(rollout.response_ids),
         finish_reason=rollout.finish_reason,
     )

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from scope_ds.rollout import protocol
+from scope_ds.rollout import health, protocol
 from scope_ds.sample import Rollout
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ class RolloutClient:
                 return response
             if response.status_code == 404 and ok_404:
                 return None
-            status, message = response.status_code, _message(response)
+            status, message = response.status_code, health.response_message(response)
             if response.status_code < 500:  # the request itself is wrong: retrying cannot help
                 raise RolloutServerError(target, status, message, attempt + 1)
             failed.add(target)
@@ -167,7 +167,7 @@ class RolloutClient:
                 break
         for index, rollout in enumerate(rollouts):
             assert rollout is not None
-            rollout.group, rollout.prompt_id, rollout.group_id = index, prompt_id, group_id
+            rollout.sample_index, rollout.prompt_id, rollout.group_id = index, prompt_id, group_id
         return rollouts  # type: ignore[return-value]
 
     async def generate_many(
@@ -212,30 +212,13 @@ class RolloutClient:
 
     async def wait_healthy(self, timeout_s: float = 60.0, poll_s: float = 0.5) -> None:
         """Wait until every server answers /health with 200, or raise RolloutServerError."""
-
-        async def one(url: str) -> None:
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + timeout_s
-            last: tuple[int | None, str] = (None, "no answer")
-            while loop.time() < deadline:
-                try:
-                    response = await self._http.get(f"{url}/health", timeout=5.0)
-                    if response.status_code == 200:
-                        return
-                    last = (response.status_code, _message(response))
-                except httpx.TransportError as exc:
-                    last = (None, f"{type(exc).__name__}: {exc}")
-                await asyncio.sleep(poll_s)
-            raise RolloutServerError(url, last[0], f"not healthy after {timeout_s:.0f} s ({last[1]})")
-
-        await asyncio.gather(*(one(u) for u in self.urls))
-
-
-def _message(response: httpx.Response) -> str:
-    try:
-        return protocol.error_message(response.json())
-    except ValueError:
-        return response.text[:500]
+        # The blocking poller in a worker thread: one implementation for every caller.
+        try:
+            await asyncio.to_thread(health.wait_healthy, self.urls, timeout_s, poll_s)
+        except health.HealthError as exc:
+            raise RolloutServerError(
+                exc.url, exc.status, f"not healthy after {timeout_s:.0f} s ({exc.detail})"
+            ) from exc
 
 
 def _json(response: httpx.Response | None) -> Any:

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
+from scope_ds.rollout import health
 
 EMBEDDED = "embedded"
 SGLANG = "sglang"
@@ -122,25 +122,16 @@ class ServerProcess:
 
     def wait_healthy(self, timeout_s: float, poll_s: float = 0.25) -> None:
         """Poll GET /health until 200; raise ServerLaunchError if it exits or the deadline passes."""
-        deadline = time.monotonic() + timeout_s
-        with httpx.Client(timeout=5.0, trust_env=False) as client:
-            while True:
-                if not self.alive():
-                    raise ServerLaunchError(
-                        f"server {self.url} (pid {self.pid}) exited with code {self.popen.returncode} before it "
-                        f"was healthy; log {self.log_path}:\n{self.log_tail()}"
-                    )
-                try:
-                    if client.get(f"{self.url}/health").status_code == 200:
-                        return
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise ServerLaunchError(
-                        f"server {self.url} (pid {self.pid}) not healthy after {timeout_s:.0f} s; "
-                        f"log {self.log_path}:\n{self.log_tail()}"
-                    )
-                time.sleep(poll_s)
+        try:
+            health.wait_healthy([self.url], timeout_s, poll_s, alive=self.alive)
+        except health.HealthError as exc:
+            if exc.exited:
+                what = f"exited with code {self.popen.returncode} before it was healthy"
+            else:
+                what = f"not healthy after {timeout_s:.0f} s"
+            raise ServerLaunchError(
+                f"server {self.url} (pid {self.pid}) {what}; log {self.log_path}:\n{self.log_tail()}"
+            ) from exc
 
     def stop(self, grace_s: float = 10.0) -> None:
         """SIGTERM to the server's process group, SIGKILL after ``grace_s``. Safe to call twice."""
@@ -228,21 +219,10 @@ def launch_embedded(model_path: str, count: int = 1, **kwargs: object) -> list[S
 
 def wait_urls_healthy(urls: Sequence[str], timeout_s: float = 60.0, poll_s: float = 0.5) -> None:
     """For attached servers (not ours): wait until each answers /health with 200."""
-    deadline = time.monotonic() + timeout_s
-    with httpx.Client(timeout=5.0, trust_env=False) as client:
-        for url in urls:
-            last = "no answer"
-            while True:
-                try:
-                    response = client.get(f"{url.rstrip('/')}/health")
-                    if response.status_code == 200:
-                        break
-                    last = f"HTTP {response.status_code}"
-                except httpx.TransportError as exc:
-                    last = f"{type(exc).__name__}: {exc}"
-                if time.monotonic() > deadline:
-                    raise ServerLaunchError(f"server {url} not healthy after {timeout_s:.0f} s (last: {last})")
-                time.sleep(poll_s)
+    try:
+        health.wait_healthy(urls, timeout_s, poll_s)
+    except health.HealthError as exc:
+        raise ServerLaunchError(f"server {exc.url} not healthy after {timeout_s:.0f} s (last: {exc.last})") from exc
 
 
 class RolloutServers:

@@ -168,9 +168,9 @@ def parse_generate_response(
 ) -> list[list[Rollout]]:
     """The answer to :func:`build_generate_request` -> one list of n rollouts per prompt.
 
-    Relies on SGLang's prompt-major order ``[p0s0, p0s1, ..., p1s0, ...]``. Fills ``group`` (the
-    sample's index within its prompt), ``server`` and the token-level fields; the caller sets the
-    prompt and group ids it knows.
+    Relies on SGLang's prompt-major order ``[p0s0, p0s1, ..., p1s0, ...]``. Fills ``sample_index``
+    (the sample's index within its prompt), ``server`` and the token-level fields; the caller sets
+    the prompt and group ids it knows.
     """
     outs = body if isinstance(body, list) else [body]
     if len(outs) != len(prompts) * n:
@@ -180,7 +180,7 @@ def parse_generate_response(
         group = []
         for s in range(n):
             rollout = _one_rollout(outs[p * n + s], prompt, return_logprob)
-            rollout.group = s
+            rollout.sample_index = s
             rollout.server = server
             group.append(rollout)
         groups.append(group)

@@ -11,16 +11,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from scope_ds import stages  # noqa: E402
 from scope_ds.checkpoint import export_hf  # noqa: E402
 from scope_ds.config import load_config  # noqa: E402
-from scope_ds.run import Run, prompt_stream  # noqa: E402
+from scope_ds.data.stream import prompt_stream  # noqa: E402
+from scope_ds.pipeline import build_run, stages  # noqa: E402
+from scope_ds.pipeline.collectives import share  # noqa: E402
 from scope_ds.train import DEFAULT_RECIPE  # noqa: E402
 
 
 def main() -> None:
     cfg = load_config(DEFAULT_RECIPE, [a for a in sys.argv[1:] if not a.startswith("--local")])
-    run = Run(cfg)
+    run = build_run(cfg)
     prompts = prompt_stream(run.records, cfg.data.seed)
     try:
         for step in range(cfg.train.steps):
@@ -29,7 +30,7 @@ def main() -> None:
                 batch = stages.Batch(step=step, records=[next(prompts) for _ in range(cfg.train.prompts_per_step)])
                 stages.generate(run, batch)
                 stages.verify(run, batch)
-            batch = stages.share(run, batch)
+            batch = share(batch)
             stages.score(run, batch)
             stages.update(run, batch)
             stages.sync(run)

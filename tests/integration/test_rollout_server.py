@@ -100,7 +100,7 @@ def test_concurrent_requests_are_batched_and_stay_exact(server, model):
 
     groups = asyncio.run(run())
     for i, group in enumerate(groups):
-        assert [r.group for r in group] == [0, 1]
+        assert [r.sample_index for r in group] == [0, 1]
         for r in group:
             assert r.server == server and r.finish_reason == "length" and r.response_length == (48 if i == 0 else 16)
             assert_matches_forward(model, r.prompt_ids, r.response_ids, r.behaviour_logprobs, 1.0)

@@ -79,15 +79,15 @@ def test_disk_sync_reaches_both_servers(client, tmp_path, tiny_llama_builder):
     before = max(client.weight_versions().values())
     model = random_model(tiny_llama_builder, tmp_path, seed=1)
     sync = DiskWeightSync(client, tmp_path / "shared", config_dir=tmp_path / "seed1", keep=1)
-    version = sync.update(model.state_dict().items())
-    assert version == before + 1
+    version = before + 1  # the caller names the version; the sync checks the servers report it
+    sync.update(model.state_dict().items(), version)
     assert_servers_serve(client, model, version)
     folder = tmp_path / "shared" / f"weights_v{version}"
     assert (folder / "config.json").exists() and (folder / "model.safetensors").exists()
     assert [p.name for p in (tmp_path / "shared").iterdir()] == [folder.name]  # no temp folder left
 
     model2 = random_model(tiny_llama_builder, tmp_path, seed=2)
-    assert sync.update(model2.named_parameters()) == version + 1
+    sync.update(model2.named_parameters(), version + 1)
     assert_servers_serve(client, model2, version + 1)
     assert [p.name for p in (tmp_path / "shared").iterdir()] == [f"weights_v{version + 1}"]  # keep=1
 
@@ -98,11 +98,11 @@ def test_distributed_sync_reaches_both_servers(client, tmp_path, tiny_llama_buil
     # A tiny bucket size forces many buckets: the order of announcements and broadcasts is tested.
     sync = DistributedWeightSync(client, bucket_bytes=16 << 10)
     try:
-        assert sync.update(model.named_parameters()) == before + 1
+        sync.update(model.named_parameters(), before + 1)
         assert sync.backend == "gloo"  # the embedded servers ask for it, even next to a GPU
         assert_servers_serve(client, model, before + 1)
         model2 = random_model(tiny_llama_builder, tmp_path, seed=4)
-        assert sync.update(model2.named_parameters()) == before + 2  # the group is reused
+        sync.update(model2.named_parameters(), before + 2)  # the group is reused
         assert_servers_serve(client, model2, before + 2)
     finally:
         sync.close()
@@ -114,10 +114,10 @@ def test_refused_update_raises_keeps_version_and_leaves_servers_paused(client, t
     before = max(client.weight_versions().values())
     sync = DiskWeightSync(client, tmp_path / "shared")
     with pytest.raises(RolloutServerError, match="unknown weight 'not.a.weight'"):
-        sync.update([("not.a.weight", torch.zeros(1))])
+        sync.update([("not.a.weight", torch.zeros(1))], before + 1)
     assert client.weight_versions() == dict.fromkeys(client.urls, before)
     states = [httpx.get(f"{u}/server_info", trust_env=False).json()["internal_states"][0] for u in client.urls]
     assert all(s["paused"] for s in states)  # no rollouts on a half-updated policy
     model = random_model(tiny_llama_builder, tmp_path, seed=5)
-    assert sync.update(model.named_parameters()) == before + 1  # the next good update resumes them
+    sync.update(model.named_parameters(), before + 1)  # the next good update resumes them
     assert_servers_serve(client, model, before + 1)

@@ -13,17 +13,18 @@ import sys
 import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 
-from scope_ds import stages  # noqa: E402
-from scope_ds.algorithms import build_algorithm  # noqa: E402
 from scope_ds.config import load_config  # noqa: E402
 from scope_ds.engines import ds  # noqa: E402
-from scope_ds.run import build_engines, score_group  # noqa: E402
+from scope_ds.pipeline import stages  # noqa: E402
+from scope_ds.pipeline.build import build_engines  # noqa: E402
+from scope_ds.pipeline.collectives import score_group  # noqa: E402
+from scope_ds.pipeline.run import Run  # noqa: E402
+from scope_ds.pipeline.versions import PolicyVersions  # noqa: E402
 from scope_ds.sample import Rollout  # noqa: E402
 
 
@@ -39,7 +40,7 @@ def synthetic_batch(prompts: int, n: int, vocab: int, seed: int = 0, incorrect: 
             rollouts.append(
                 Rollout(
                     prompt_id=str(p),
-                    group=g,
+                    sample_index=g,
                     group_id=f"0:{p}",
                     prompt_ids=prompt,
                     response_ids=resp,
@@ -64,18 +65,20 @@ def main() -> None:
     )
     rank, world = ds.init_distributed()
     torch.manual_seed(0)
-    algo = build_algorithm(cfg.algo["name"], {k: v for k, v in cfg.algo.items() if k != "name"})
+    algo = cfg.algorithm()
     student, teacher, reference, grad_accum = build_engines(cfg, algo, world, student_path, teacher_path, score_group())
-    run = SimpleNamespace(
+    run = Run(  # the parts a step needs: no tokenizer, data or rollout servers
         cfg=cfg,
         rank=rank,
         world=world,
         algo=algo,
+        tokenizer=None,
+        student_path=student_path,
         student=student,
         teacher=teacher,
         reference=reference,
-        pad_id=0,
         grad_accum=grad_accum,
+        versions=PolicyVersions(),
     )
     batch = synthetic_batch(
         cfg.train.prompts_per_step, cfg.rollout.n, student.vocab_size, incorrect=opts.get("incorrect")
@@ -99,8 +102,13 @@ def main() -> None:
     scorer.join()
     weights = dict(student.full_parameters(rank))
     if rank == 0:
-        saved = {"weights": weights, "metrics": metrics, "teacher_logp": batch.teacher_logp, "spans": spans}
-        torch.save({**saved, "teacher_logp_after": after.teacher_logp}, out)
+        saved = {"weights": weights, "metrics": metrics, "teacher_logp": teacher_logp(batch), "spans": spans}
+        torch.save({**saved, "teacher_logp_after": teacher_logp(after)}, out)
+
+
+def teacher_logp(batch: stages.Batch) -> dict[int, list[float]]:
+    """Rollout index -> its teacher log-probs, for the rollouts that were scored."""
+    return {i: r.teacher_logprobs for i, r in enumerate(batch.rollouts) if r.teacher_logprobs is not None}
 
 
 if __name__ == "__main__":

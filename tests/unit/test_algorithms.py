@@ -356,6 +356,27 @@ def test_registry_names_and_errors():
         build_algorithm("scope", {"student_weight": "upside-down"})
     with pytest.raises(ValueError, match="algo.eps"):
         build_algorithm("grpo", {"eps": "0.2"})
+    with pytest.raises(ValueError, match=r"algo.aggregation must be one of \['seq-sum', 'token-mean', 'seq-mean'\]"):
+        build_algorithm("kd", {"aggregation": "sum"})
+
+
+@pytest.mark.parametrize("name", ["scope", "opd", "grpo"])
+def test_is_cap_is_an_option_of_every_algorithm_that_uses_the_ratio(name):
+    assert algorithm_options(name)["is_cap"] is None
+    assert build_algorithm(name, {"is_cap": 1.5}).is_cap == 1.5
+    with pytest.raises(ValueError, match="algo.is_cap must be >= 1 or null, got 0.5"):
+        build_algorithm(name, {"is_cap": 0.5})
+
+
+def test_kd_has_no_is_cap_its_loss_ignores_the_ratio():
+    assert algorithm_options("kd") == {"aggregation": "token-mean", "only_correct": False}
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['is_cap'\]"):
+        build_algorithm("kd", {"is_cap": 2.0})
+
+
+def test_which_algorithms_need_the_teacher_engine():
+    assert [build_algorithm(n).needs_teacher for n in ("scope", "opd", "grpo", "kd")] == [True, True, False, False]
+    assert build_algorithm("opd", {"kl": "full"}).needs_teacher
 
 
 def test_bad_input_names_the_argument():

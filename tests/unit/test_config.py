@@ -43,6 +43,10 @@ def test_resolved_config_is_written_with_every_key(tmp_path):
         (["rollout.n=0"], "rollout.n must be > 0"),
         (["rollout.top_p=1.5"], "rollout.top_p must be in (0, 1]"),
         (["rollout.weight_sync=ssh"], "rollout.weight_sync must be one of ['disk', 'distributed']"),
+        (["model.dtype=fp16"], "model.dtype must be one of ['float32', 'bfloat16'], got 'fp16'"),
+        (["model.dtype=16"], "model.dtype must be str, got 16"),
+        (["data.verifier=gsm"], "data.verifier must be one of ['auto', 'toy', 'math']"),
+        (["algo.kl=exact"], "algo.kl must be one of ['sampled', 'full'], got 'exact'"),
         (["algo.name=ppo"], "unknown algo.name 'ppo'"),
         (["algo.taux=2"], "['algo.taux']"),
         (["algo.tau=-1"], "algo.tau must be > 0"),
@@ -57,6 +61,23 @@ def test_bad_values_name_the_key(overrides, message):
     with pytest.raises(ConfigError) as e:
         load_config(None, overrides)
     assert message in str(e.value)
+
+
+def test_the_config_builds_its_algorithm():
+    algo = load_config(None, ["algo.name=grpo", "algo.eps=0.1"]).algorithm()
+    assert (algo.name, algo.eps, algo.kl_coef) == ("grpo", 0.1, 1e-4)
+    cfg = load_config(None, ["algo.tau=0.5"])
+    assert cfg.algo_options() == {"tau": 0.5} and cfg.algorithm().tau == 0.5
+    cfg.algo["tau"] = -1.0
+    with pytest.raises(ConfigError, match="algo.tau must be > 0"):
+        cfg.algorithm()
+
+
+def test_a_bad_choice_set_in_code_is_caught_by_check():
+    cfg = load_config()
+    cfg.rollout.backend = "vllm"
+    with pytest.raises(ConfigError, match=r"rollout.backend must be one of \['embedded', 'sglang'\]"):
+        cfg.check()
 
 
 def test_bad_recipes(tmp_path):

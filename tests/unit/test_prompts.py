@@ -1,4 +1,5 @@
-"""Prompt loading from local JSONL / JSON / parquet files through Hugging Face `datasets`."""
+"""Prompt loading from local JSONL / JSON / parquet files through Hugging Face `datasets`, the data
+section's prompt source, and the order of the prompt stream."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from scope_ds.config import DataConfig
 from scope_ds.data.prompts import EmptyDatasetError, load_prompts
+from scope_ds.data.record import PromptRecord
+from scope_ds.data.stream import prompt_source, prompt_stream
 
 ROWS = [
     {"question": "1+1?", "answer": "2", "uid": "a"},
@@ -106,3 +110,32 @@ def test_folder_of_jsonl_files(tmp_path: Path) -> None:
     _write_jsonl(tmp_path / "b.jsonl", ROWS[3:])
     loaded = load_prompts(str(tmp_path), prompt_key="question", template=TEMPLATE)
     assert [r.answer for r in loaded] == ["2", "8"]
+
+
+def _take(stream, n: int) -> list[str]:
+    return [next(stream).prompt_id for _ in range(n)]
+
+
+def test_prompt_stream_is_seeded_epoch_shuffled_and_resumable() -> None:
+    records = [PromptRecord(prompt_id=str(i), prompt=f"q{i}", answer=str(i)) for i in range(10)]
+    run = _take(prompt_stream(records, seed=3), 30)
+    assert run == _take(prompt_stream(records, seed=3), 30)  # seeded
+    assert run != _take(prompt_stream(records, seed=4), 30)
+    epochs = [run[i : i + 10] for i in range(0, 30, 10)]
+    assert all(sorted(e, key=int) == [r.prompt_id for r in records] for e in epochs)  # each epoch: every prompt once
+    assert len({tuple(e) for e in epochs}) == 3  # reshuffled every epoch
+    for start in (0, 7, 10, 23):  # a resume continues the uninterrupted sequence, within and across epochs
+        assert _take(prompt_stream(records, seed=3, start=start), 30 - start) == run[start:]
+
+
+def test_prompt_source_holds_out_the_last_prompts_when_evaluating(tmp_path: Path) -> None:
+    rows = [{"problem": f"{i}+{i}?", "answer": str(2 * i)} for i in range(6)] + [{"problem": "no answer"}]
+    path = str(_write_jsonl(tmp_path / "set.jsonl", rows))
+    train, held, verifier = prompt_source(DataConfig(source=path, template="{prompt}", eval_prompts=2))
+    assert ([r.answer for r in train], held, verifier) == (["0", "2", "4", "6", "8", "10"], [], "math")
+    train, held, _ = prompt_source(DataConfig(source=path, template="{prompt}", eval_prompts=2, eval_every=5))
+    assert [r.answer for r in train] == ["0", "2", "4", "6"] and [r.answer for r in held] == ["8", "10"]
+    train, held, verifier = prompt_source(DataConfig(source="toy", eval_prompts=3, verifier="math"))
+    assert (len(train), len(held), verifier) == (4096, 3, "math")
+    assert all(r.prompt_id.startswith("toy-train:") for r in train)
+    assert all(r.prompt_id.startswith("toy-test:") for r in held)  # the toy task's own held-out split

@@ -67,7 +67,7 @@ def test_answers_are_grouped_prompt_major():
     ]
     groups = protocol.parse_generate_response(body, prompts, 2, server="http://s:1")
     assert [[r.response_ids for r in g] for g in groups] == [[[10, 11], [12]], [[13, 14, 15], [16]]]
-    assert [[r.group for r in g] for g in groups] == [[0, 1], [0, 1]]
+    assert [[r.sample_index for r in g] for g in groups] == [[0, 1], [0, 1]]
     assert [r.finish_reason for g in groups for r in g] == ["length", "stop", "length", "abort"]
     first = groups[0][0]
     assert first.prompt_ids == [1, 5, 6] and first.behaviour_logprobs == [-0.1, -0.2]
@@ -125,7 +125,7 @@ def test_logprob_temperature_follows_sglang():
 
 
 def test_rollout_json_round_trip():
-    r = Rollout(prompt_id="p", group=2, prompt_ids=[1], response_ids=[3, 4], behaviour_logprobs=[-1.0, -2.0])
+    r = Rollout(prompt_id="p", sample_index=2, prompt_ids=[1], response_ids=[3, 4], behaviour_logprobs=[-1.0, -2.0])
     r.reward, r.correct, r.path, r.weight = 1.0, True, "mle", 0.5
     out = r.to_json()
     assert out["response_length"] == 2 and out["teacher_seq_logp"] is None

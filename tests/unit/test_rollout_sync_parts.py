@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
+from scope_ds.hf_folder import write_hf_folder
 from scope_ds.rollout.server.weights import load_from_disk, param_table
-from scope_ds.rollout.weight_sync.disk import write_hf_folder
 from scope_ds.rollout.weight_sync.distributed import bucket_payload, default_master_address, plan_buckets
 
 

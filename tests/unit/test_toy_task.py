@@ -131,7 +131,7 @@ def test_registry() -> None:
 def test_tokenizer_round_trip_and_prompt_prefix(tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 
-    from scope_ds.data.toy_models import sft_tensors, train_tokenizer
+    from scope_ds.data.toy_pretrain import sft_tensors, train_tokenizer
 
     train_tokenizer(seed=0).save_pretrained(tmp_path)
     tok = AutoTokenizer.from_pretrained(tmp_path, local_files_only=True)
@@ -165,37 +165,37 @@ def _fake_build(calls: list[Path]):
 
 
 def test_ensure_toy_models_builds_once_and_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from scope_ds.data import toy_models
+    from scope_ds.data import toy_pretrain
 
     calls: list[Path] = []
-    monkeypatch.setattr(toy_models, "build_toy_models", _fake_build(calls))
+    monkeypatch.setattr(toy_pretrain, "build_toy_models", _fake_build(calls))
     with ThreadPoolExecutor(3) as pool:
-        results = list(pool.map(lambda _: toy_models.ensure_toy_models(tmp_path, seed=5, progress=False), range(3)))
+        results = list(pool.map(lambda _: toy_pretrain.ensure_toy_models(tmp_path, seed=5, progress=False), range(3)))
     assert len(calls) == 1 and calls[0].parent == tmp_path and calls[0].name.startswith(".")  # built aside
-    root = tmp_path / f"{toy_models.BUILD_VERSION}-seed5"
+    root = tmp_path / f"{toy_pretrain.BUILD_VERSION}-seed5"
     assert all(r.root == root and r.teacher == root / "teacher" and r.report == {"seed": 5} for r in results)
     assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", root.name]
 
 
 def test_failed_build_leaves_nothing_that_counts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from scope_ds.data import toy_models
+    from scope_ds.data import toy_pretrain
 
     def broken(out, seed: int = 0, progress: bool = True) -> dict:
         (Path(out) / "teacher").mkdir()
         raise RuntimeError("out of patience")
 
-    monkeypatch.setattr(toy_models, "build_toy_models", broken)
+    monkeypatch.setattr(toy_pretrain, "build_toy_models", broken)
     with pytest.raises(RuntimeError, match="out of patience"):
-        toy_models.ensure_toy_models(tmp_path, progress=False)
+        toy_pretrain.ensure_toy_models(tmp_path, progress=False)
     assert [p.name for p in tmp_path.iterdir()] == [".lock"]
     calls: list[Path] = []
-    monkeypatch.setattr(toy_models, "build_toy_models", _fake_build(calls))
-    assert toy_models.ensure_toy_models(tmp_path, progress=False).report == {"seed": 0}
+    monkeypatch.setattr(toy_pretrain, "build_toy_models", _fake_build(calls))
+    assert toy_pretrain.ensure_toy_models(tmp_path, progress=False).report == {"seed": 0}
     assert len(calls) == 1
 
 
 def test_cache_dir_default_follows_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from scope_ds.data.toy_models import default_cache_dir
+    from scope_ds.data.toy_pretrain import default_cache_dir
 
     monkeypatch.setenv("SCOPE_DS_CACHE", str(tmp_path))
     assert default_cache_dir() == tmp_path / "toy"

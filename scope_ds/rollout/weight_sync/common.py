@@ -1,4 +1,8 @@
-"""What every weight-sync method shares: the pause / session bracket and the version count."""
+"""What every weight-sync method shares: the pause / session bracket and the result checks.
+
+Nothing here counts policy versions: the trainer owns the policy version. The caller names the
+version; the method checks the servers report it (:func:`check_versions`).
+"""
 
 from __future__ import annotations
 
@@ -14,22 +18,6 @@ log = logging.getLogger(__name__)
 
 class WeightSyncError(RuntimeError):
     """A weight update that did not reach every server; the servers stay paused (see update_session)."""
-
-
-class VersionCounter:
-    """Policy versions: one more than the servers' newest on first use, then +1 per sync."""
-
-    def __init__(self, client: SyncRolloutClient, start: int | None = None) -> None:
-        self._client = client
-        self.version = start
-
-    def next(self) -> int:
-        if self.version is None:
-            self.version = max(self._client.weight_versions().values())
-        return self.version + 1
-
-    def commit(self, version: int) -> None:
-        self.version = version
 
 
 @contextmanager
@@ -65,7 +53,8 @@ def check_results(urls: list[str], results: list[Any], what: str) -> None:
 
 
 def check_versions(client: SyncRolloutClient, version: int) -> None:
-    """Every server must now report ``version`` (catches an update that silently did nothing)."""
+    """Every server must now report exactly ``version``, the one the caller named (catches an update
+    that silently did nothing); raises WeightSyncError naming the servers that do not."""
     versions = client.weight_versions()
     stale = {u: v for u, v in versions.items() if v != version}
     if stale:

@@ -21,13 +21,7 @@ import torch
 from scope_ds.rollout.client import SyncRolloutClient
 from scope_ds.rollout.launcher import free_ports
 from scope_ds.rollout.weight_sync import group as pgroup
-from scope_ds.rollout.weight_sync.common import (
-    VersionCounter,
-    WeightSyncError,
-    check_results,
-    check_versions,
-    update_session,
-)
+from scope_ds.rollout.weight_sync.common import WeightSyncError, check_results, check_versions, update_session
 
 Bucket = list[tuple[str, torch.Tensor]]
 
@@ -115,7 +109,6 @@ class DistributedWeightSync:
         self.ranks_per_server = ranks_per_server
         self.pause_mode = pause_mode
         self.timeout_s = timeout_s
-        self.versions = VersionCounter(client)
         self.group: torch.distributed.ProcessGroup | None = None
 
     def _plan(self) -> list[int]:
@@ -169,11 +162,11 @@ class DistributedWeightSync:
             raise WeightSyncError(f"trainer could not join the weight-update group: {joined.get('error', 'timeout')}")
         self.group = joined["group"]
 
-    def update(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
-        """Broadcast every tensor to every server; returns the new policy version."""
+    def update(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+        """Broadcast every tensor to every server, announcing ``version`` with the last bucket, and
+        check that every server reports exactly ``version`` (else WeightSyncError)."""
         if self.group is None:
             self.connect()
-        version = self.versions.next()
         device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
         with update_session(self.client, self.pause_mode):
             for bucket, last in _with_last(plan_buckets(named_tensors, self.bucket_bytes)):
@@ -187,8 +180,6 @@ class DistributedWeightSync:
                 results = [c.result(self.timeout_s) for c in calls]
                 check_results(self.client.urls, results, "update_weights_from_distributed")
             check_versions(self.client, version)
-        self.versions.commit(version)
-        return version
 
     def close(self) -> None:
         """Destroy the group on the servers and here (the servers' side first: it does not block)."""

@@ -1,4 +1,4 @@
-"""Builds the embedded default's tokenizer, teacher and student, and measures them on the toy task.
+"""Pre-trains the embedded default's toy teacher and student (and their tokenizer), and measures them.
 
 The teacher and the student are ordinary Hugging Face Llama folders (config, safetensors weights,
 tokenizer, generation config) pre-trained with plain PyTorch SFT on worked toy solutions. Both

@@ -113,6 +113,17 @@ class StudentEngine(_Engine):
         self.engine.backward(loss * self.loss_scale)
         self.engine.step()  # a no-op except at the accumulation boundary
 
+    def save_checkpoint(self, folder: str, tag: str) -> None:
+        """Every rank's partition of weights, optimizer and scheduler into ``folder/tag`` (a collective)."""
+        self.engine.save_checkpoint(folder, tag=tag, save_latest=False)
+
+    def load_checkpoint(self, folder: str, tag: str) -> bool:
+        """Restore weights, optimizer and scheduler from ``folder/tag`` (a collective); False if none is there."""
+        path, _ = self.engine.load_checkpoint(
+            folder, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+        return path is not None
+
     def step_stats(self) -> dict[str, float]:
         norm = self.engine.get_global_grad_norm()
         lr = self.engine.get_lr()
@@ -171,6 +182,20 @@ class InferenceEngine(_Engine):
             self.engine(input_ids=one, attention_mask=one, use_cache=False)
         if not self._trace_complete():
             raise RuntimeError(f"{self.path}: ZeRO-3 did not complete its module trace in two forward passes")
+
+
+def current_device() -> Any:
+    """This thread's accelerator device (DeepSpeed's choice: a CUDA index, or the CPU)."""
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().current_device()
+
+
+def bind_device(device: Any) -> None:
+    """Make ``device`` this thread's accelerator device: a new thread starts on device 0 on GPUs."""
+    from deepspeed.accelerator import get_accelerator
+
+    get_accelerator().set_device(device)
 
 
 def _gather_on(model: torch.nn.Module, group: Any) -> None:

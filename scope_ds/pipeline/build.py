@@ -1,0 +1,186 @@
+"""Build a run's parts from the config: models, engines, rollout servers, data, logs.
+
+Rank 0 owns everything that speaks HTTP (rollout servers, client, weight sync) and the prompt
+stream; every rank owns its share of the student, teacher and reference engines.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from typing import Any
+
+import numpy as np
+import torch
+
+from scope_ds.algorithms.base import Algorithm
+from scope_ds.config import Config, ConfigError, save_config
+from scope_ds.data.stream import prompt_source
+from scope_ds.engines import ds
+from scope_ds.engines.compat import check_compatible
+from scope_ds.engines.models import InferenceEngine, StudentEngine
+from scope_ds.metrics import RunLog
+from scope_ds.pipeline.collectives import default_backend, score_group, share
+from scope_ds.pipeline.run import RolloutSide, Run
+from scope_ds.pipeline.versions import PolicyVersions
+from scope_ds.rewards import get_verifier
+
+
+def build_run(cfg: Config) -> Run:
+    """Every part of a run on this rank (a collective: every rank calls it)."""
+    rank, world = ds.init_distributed()
+    seed_everything(cfg.train.seed + rank)
+    algo = cfg.algorithm()
+    student_path, teacher_path = resolve_models(cfg, rank)
+    tokenizer = check_compatible(student_path, teacher_path, full_vocab=algo.uses_full_kl)
+    records, eval_records, verifier = prompt_source(cfg.data)
+    if not records:
+        raise ConfigError(f"data.source {cfg.data.source!r} has no usable prompts")
+    group = score_group()
+    student, teacher, reference, grad_accum = build_engines(
+        cfg, algo, world, student_path, teacher_path, teacher_group(cfg, algo, group)
+    )
+    rollout = None
+    if rank == 0:
+        save_config(cfg, os.path.join(cfg.logging.run_dir, "config.yaml"))
+        rollout = start_rollout(cfg, algo, student_path, teacher_path)
+    return Run(
+        cfg=cfg,
+        rank=rank,
+        world=world,
+        algo=algo,
+        tokenizer=tokenizer,
+        student_path=student_path,
+        student=student,
+        teacher=teacher,
+        reference=reference,
+        grad_accum=grad_accum,
+        versions=PolicyVersions(rollout.client.urls if rollout else ()),
+        verifier=get_verifier(verifier),
+        records=records,
+        eval_records=eval_records,
+        score_group=group,
+        log=run_log(cfg, rank),
+        rollout=rollout,
+    )
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_models(cfg: Config, rank: int) -> tuple[str, str]:
+    """Student and teacher folders; the toy pair is built on first use (rank 0; others wait)."""
+    if "toy" not in (cfg.model.student, cfg.model.teacher):
+        return cfg.model.student, cfg.model.teacher
+    from scope_ds.data.toy_pretrain import ensure_toy_models
+
+    toy = ensure_toy_models(cfg.model.toy_cache or None) if rank == 0 else None
+    toy = share(toy)
+    student = str(toy.student) if cfg.model.student == "toy" else cfg.model.student
+    teacher = str(toy.teacher) if cfg.model.teacher == "toy" else cfg.model.teacher
+    return student, teacher
+
+
+def build_engines(
+    cfg: Config, algo: Algorithm, world: int, student_path: str, teacher_path: str, group: Any = None
+) -> tuple[StudentEngine, InferenceEngine | None, InferenceEngine | None, int]:
+    """(student, teacher or None, reference or None, gradient-accumulation steps) on this rank.
+
+    The teacher engine exists only for algorithms that score with it (``algo.needs_teacher``);
+    the reference (the initial student) only for GRPO with a KL term. ``group``: the process
+    group the teacher gathers its parameters on (see ``teacher_group``); None: the default group.
+    """
+    t, chunk = cfg.train, cfg.train.logprob_chunk
+    grad_accum = ds.steps_per_batch(t.prompts_per_step * cfg.rollout.n, world, t.micro_batch_size)
+    common = dict(micro_batch_size=t.micro_batch_size, world_size=world, dtype=cfg.model.dtype)
+    student_ds = ds.build_ds_config(
+        t.ds_config,
+        grad_accum=grad_accum,
+        lr=t.lr,
+        weight_decay=t.weight_decay,
+        grad_clip=t.grad_clip,
+        warmup_steps=t.warmup_steps,
+        **common,
+    )
+    student = StudentEngine(
+        student_path,
+        student_ds,
+        cfg.model.dtype,
+        world_size=world,
+        gradient_checkpointing=cfg.model.gradient_checkpointing,
+        chunk=chunk,
+    )
+    infer_ds = ds.build_ds_config(t.teacher_ds_config, grad_accum=1, **common)
+    teacher = None
+    if algo.needs_teacher:
+        teacher = InferenceEngine(teacher_path, infer_ds, cfg.model.dtype, chunk, group=group)
+    reference = InferenceEngine(student_path, infer_ds, cfg.model.dtype, chunk) if algo.needs_reference else None
+    return student, teacher, reference, grad_accum
+
+
+def teacher_group(cfg: Config, algo: Algorithm, group: Any) -> Any:
+    """The group the teacher gathers its parameters on: ``group`` (see collectives.score_group) if
+    it is to score beside the update (``pipeline.overlap_teacher``); otherwise None, the default.
+
+    Never with a full-vocabulary KL (the update runs the teacher too), nor where the default
+    backend is not gloo: NCCL does not allow two communicators' collectives at once from two
+    threads of one device (they may deadlock unless every rank issues them in the same order).
+    """
+    if not cfg.pipeline.overlap_teacher or algo.uses_full_kl or default_backend() != "gloo":
+        return None
+    return group
+
+
+def start_rollout(cfg: Config, algo: Algorithm, student_path: str, teacher_path: str) -> RolloutSide:
+    """Launch (or attach to) the rollout servers, with a client and the weight sync (rank 0)."""
+    from scope_ds.rollout.client import SyncRolloutClient
+    from scope_ds.rollout.launcher import RolloutServers
+
+    c = cfg.rollout
+    # KD trains on the teacher's answers: its servers serve the teacher and never change.
+    served = teacher_path if algo.uses_teacher_rollouts else student_path
+    if c.servers:
+        servers = RolloutServers.attach(c.servers, timeout_s=c.startup_timeout_s)
+    else:
+        servers = RolloutServers.start(
+            c.backend,
+            served,
+            count=c.num_servers,
+            gpus_per_server=c.gpus_per_server,
+            log_dir=os.path.join(cfg.logging.run_dir, "logs"),
+            random_seed=cfg.train.seed,
+            wait_s=c.startup_timeout_s,
+            # SGLang honours sampling_seed only in its deterministic mode
+            extra_args=["--enable-deterministic-inference"] if c.backend == "sglang" and c.seeded else [],
+        )
+    client = SyncRolloutClient(servers.urls, timeout_s=c.request_timeout_s, max_retries=c.retries)
+    sync = None if algo.uses_teacher_rollouts else weight_sync(cfg, client, student_path)
+    return RolloutSide(servers=servers, client=client, weight_sync=sync)
+
+
+def weight_sync(cfg: Config, client: Any, student_path: str) -> Any:
+    c = cfg.rollout
+    if c.weight_sync == "disk":
+        from scope_ds.rollout.weight_sync import DiskWeightSync
+
+        root = c.sync_dir or os.path.join(cfg.logging.run_dir, "weights")
+        return DiskWeightSync(client, root, config_dir=student_path)
+    from scope_ds.rollout.weight_sync import DistributedWeightSync
+
+    return DistributedWeightSync(client, bucket_bytes=c.bucket_mb << 20)
+
+
+def run_log(cfg: Config, rank: int) -> RunLog:
+    lg = cfg.logging
+    return RunLog(
+        lg.run_dir,
+        rank=rank,
+        total_steps=cfg.train.steps,
+        tensorboard=lg.tensorboard,
+        progress=lg.progress,
+        rollouts=lg.rollouts,
+        wandb_project="scope_ds" if lg.wandb else None,
+    )

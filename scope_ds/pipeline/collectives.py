@@ -1,0 +1,99 @@
+"""What crosses ranks outside the engines: rank 0's objects to every rank, sums, the stop flag.
+
+Rank 0 alone speaks HTTP (rollout servers), so whatever it learns reaches the other ranks here; a
+failure on rank 0 reaches them too, as a PipelineError, instead of leaving them in a collective.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+_stop = threading.Event()  # set by SIGTERM / SIGUSR1: save at the end of the step, then stop
+
+
+class PipelineError(RuntimeError):
+    """A stage failed on rank 0 (a server down, a refused update): every rank stops with it."""
+
+
+@dataclass
+class Failure:
+    """What rank 0 shares instead of a result when its work failed, so every rank stops."""
+
+    message: str
+
+
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the world size (0 and 1 without a process group)."""
+    if not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+def share(obj: T, group: Any = None) -> T:
+    """Rank 0's object on every rank (one broadcast of Python objects, on ``group``)."""
+    if rank_and_world()[1] == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=group)
+    return box[0]
+
+
+def on_rank0(fn: Callable[..., T], *args: Any, group: Any = None) -> T:
+    """``fn(*args)`` on rank 0, its result on every rank. If it raises, every rank raises (rank 0's
+    error as cause) instead of waiting forever in the next collective."""
+    result, error = None, None
+    if rank_and_world()[0] == 0:
+        try:
+            result = fn(*args)
+        except Exception as e:
+            error, result = e, Failure(f"{type(e).__name__}: {e}")
+    got = share(result, group)
+    if isinstance(got, Failure):
+        raise PipelineError(got.message) from error
+    return got
+
+
+def sum_over_ranks(sums: dict[str, float]) -> dict[str, float]:
+    """Each key's sum over ranks (a rank may lack a key: it counts as 0)."""
+    world = rank_and_world()[1]
+    if world == 1:
+        return sums
+    keys: list[Any] = [None] * world
+    dist.all_gather_object(keys, sorted(sums))
+    names = sorted({k for part in keys for k in part})
+    vec = torch.tensor([sums.get(k, 0.0) for k in names], dtype=torch.float64)
+    dist.all_reduce(vec)
+    return dict(zip(names, vec.tolist(), strict=True))
+
+
+def request_stop(signum: int | None = None, frame: Any = None) -> None:
+    """Signal handler: finish the current step, save a checkpoint, exit cleanly."""
+    _stop.set()
+
+
+def stop_requested() -> bool:
+    """True on every rank if any rank was signalled (SLURM may signal only some of them)."""
+    flag = torch.tensor([1.0 if _stop.is_set() else 0.0])
+    if rank_and_world()[1] > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def score_group() -> Any:
+    """A second, gloo (CPU) process group over every rank (a collective: every rank calls it, once).
+
+    The scoring thread (feed.ScoredFeed) shares batches and scores on it while the trainer
+    thread's collectives use the default group, so the two never interleave on one communicator.
+    """
+    return dist.new_group(list(range(dist.get_world_size())), backend="gloo")
+
+
+def default_backend() -> str:
+    return dist.get_backend()

@@ -1,0 +1,221 @@
+"""The two background feeds of the trainer: verified batches (rank 0) and scored batches (every rank).
+
+- ``RolloutProducer`` (rank 0): generates and verifies the batch of step s as soon as every
+  rollout server holds a policy version at most ``pipeline.max_staleness`` behind the one that
+  will train it (k = 0: the synchronous schedule), keeping at most ``pipeline.queue_size`` ready.
+- ``ScoredFeed`` (every rank): takes each verified batch from rank 0's producer, shares it with
+  every rank and scores it with the teacher, on its own process group (``run.score_group``), at
+  most one batch ahead of the trainer: beside the update with ``pipeline.overlap_teacher``,
+  otherwise only while the trainer waits for it.
+Both are a ``_Worker``: one thread, one condition, and the thread's error raised in the trainer.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from scope_ds.data.stream import prompt_stream
+from scope_ds.engines.models import bind_device, current_device
+from scope_ds.pipeline import stages
+from scope_ds.pipeline.collectives import PipelineError, on_rank0
+from scope_ds.pipeline.run import Run
+from scope_ds.pipeline.stages import Batch
+
+
+def timed(times: dict[str, float], name: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)``, adding its wall time to ``times[name]``."""
+    t0 = time.perf_counter()
+    try:
+        return fn(*args)
+    finally:
+        times[name] = times.get(name, 0.0) + time.perf_counter() - t0
+
+
+class _Worker:
+    """A daemon thread that fills ``self._queue`` for one consumer, under one condition.
+
+    Subclasses write ``_work``; the consumer takes items with ``_take``, which raises the thread's
+    error (a PipelineError on every rank) instead of waiting for an item that will never come.
+    """
+
+    what = "work"  # named in the consumer's error
+
+    def __init__(self, name: str, timeout_s: float) -> None:
+        self._cond = threading.Condition()
+        self._queue: collections.deque[Batch] = collections.deque()
+        self._error: BaseException | None = None
+        self._closing = False
+        self._timeout_s = timeout_s
+        self._upstream: _Worker | None = None  # the worker this one takes from: closed before joining
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def _work(self) -> None:
+        raise NotImplementedError
+
+    def _run(self) -> None:
+        try:
+            self._work()
+        except BaseException as e:  # handed to the consumer by _take
+            with self._cond:
+                self._error = e
+                self._cond.notify_all()
+
+    def _wait(self, ready: Callable[[], bool]) -> bool:
+        """In the thread: wait until ``ready()`` or closing; False when closing."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._closing or ready())
+            return not self._closing
+
+    def _put(self, batch: Batch) -> None:
+        with self._cond:
+            self._queue.append(batch)
+            self._cond.notify_all()
+
+    def _take(self) -> Batch | None:
+        """In the consumer: the next item; None once closing; raises the thread's error."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._queue or self._error is not None or self._closing)
+            if self._queue:
+                batch = self._queue.popleft()
+                self._cond.notify_all()
+                return batch
+            if self._error is None:
+                return None
+            if isinstance(self._error, PipelineError):
+                raise self._error
+            raise PipelineError(f"{self.what} failed: {self._error}") from self._error
+
+    def close(self) -> None:
+        """Stop the thread (and the upstream worker it may be waiting on), then join it."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if self._upstream is not None:
+            self._upstream.close()
+        self._thread.join(timeout=self._timeout_s)
+
+
+class RolloutProducer(_Worker):
+    """Rank 0's source of verified batches, generated ahead by a background thread."""
+
+    what = "rollout generation"
+
+    def __init__(self, run: Run, start_step: int, pending: list[Batch] = ()) -> None:
+        """``pending``: batches generated before a checkpoint (steps start_step, start_step + 1, ...)."""
+        super().__init__("rollouts", run.cfg.rollout.request_timeout_s)
+        self.run = run
+        self._first_new = start_step + len(pending)
+        self.prompts = prompt_stream(run.records, run.cfg.data.seed, self._first_new * run.cfg.train.prompts_per_step)
+        self._queue.extend(pending)
+        self._taken: list[Batch] = []  # handed to the scorer, not yet to the trainer
+        self._thread.start()
+
+    def _may_start(self, step: int) -> bool:
+        p = self.run.cfg.pipeline
+        return self.run.versions.may_generate(step, p.max_staleness) and len(self._queue) < p.queue_size
+
+    def _work(self) -> None:
+        for step in range(self._first_new, self.run.cfg.train.steps):
+            if not self._wait(lambda s=step: self._may_start(s)):
+                return
+            batch = Batch(step=step, records=[next(self.prompts) for _ in range(self.run.cfg.train.prompts_per_step)])
+            timed(batch.times, "generate", stages.generate, self.run, batch)
+            timed(batch.times, "verify", stages.verify, self.run, batch)
+            self._put(batch)
+
+    def get(self) -> Batch | None:
+        """The next batch, in step order (None once closing)."""
+        batch = self._take()
+        if batch is not None:
+            with self._cond:
+                self._taken.append(batch)
+        return batch
+
+    def release(self, step: int) -> None:
+        """The trainer holds the batch of ``step``: no longer pending."""
+        with self._cond:
+            self._taken = [b for b in self._taken if b.step != step]
+
+    def pending(self) -> list[Batch]:
+        """The batches generated but not yet trained on, in step order (saved with a checkpoint)."""
+        with self._cond:
+            return [*self._taken, *self._queue]
+
+    def advanced(self) -> None:
+        """The servers hold a newer version (run.versions): a batch waiting for it may start."""
+        with self._cond:
+            self._cond.notify_all()
+
+
+def overlap_teacher(run: Run) -> bool:
+    """Whether the teacher scores beside the update: asked for (``pipeline.overlap_teacher``) and
+    possible (the teacher gathers on its own group, see build.teacher_group; no teacher: trivially)."""
+    if not run.cfg.pipeline.overlap_teacher or run.algo.uses_full_kl:
+        return False
+    return run.teacher is None or run.teacher.group is not None
+
+
+class ScoredFeed(_Worker):
+    """The trainer's feed of scored batches: every rank's teacher-scoring thread.
+
+    Every rank follows rank 0's broadcasts (on ``run.score_group``), so all ranks score the same
+    batches, also while closing; the trainer's collectives stay on the default group.
+    """
+
+    what = "teacher scoring"
+
+    def __init__(self, run: Run, producer: RolloutProducer | None, start_step: int) -> None:
+        super().__init__("scorer", run.cfg.rollout.request_timeout_s)
+        self.run, self.producer = run, producer
+        self._upstream = producer
+        self.overlap = overlap_teacher(run)
+        self._device = current_device()  # per thread on GPUs: the thread binds it
+        self._spans: dict[int, tuple[float, float]] = {}  # step -> when it was scored
+        # The step the trainer waits for: without overlap, scoring runs only then (the trainer's
+        # own collectives, an evaluation before the first step included, are done by then).
+        self._wanted = start_step - 1
+        self._start_step = start_step
+        self._thread.start()
+
+    def _may_score(self, step: int) -> bool:
+        return not self._queue and (self.overlap or self._wanted >= step)
+
+    def _next_batch(self) -> Batch | None:  # rank 0
+        return None if self._closing else self.producer.get()
+
+    def _work(self) -> None:
+        bind_device(self._device)
+        for step in range(self._start_step, self.run.cfg.train.steps):
+            # Not a return on closing: rank 0 says when to stop (None), so that every rank
+            # finishes the batch already shared.
+            self._wait(lambda s=step: self._may_score(s))
+            batch = on_rank0(self._next_batch, group=self.run.score_group)
+            if batch is None:
+                return
+            t0 = time.perf_counter()
+            timed(batch.times, "teacher", stages.score, self.run, batch)
+            with self._cond:
+                self._spans[batch.step] = (t0, time.perf_counter())
+            self._put(batch)
+
+    def get(self, step: int) -> Batch:
+        """The scored batch of ``step``; raises the scorer's error (a PipelineError on every rank
+        when generation failed on rank 0)."""
+        t0 = time.perf_counter()
+        with self._cond:
+            self._wanted = step
+            self._cond.notify_all()
+        batch = self._take()
+        if batch is None:
+            raise PipelineError("the scored-batch feed closed before the trainer's last step")
+        with self._cond:
+            start, end = self._spans.pop(batch.step)
+        if self.producer:
+            self.producer.release(batch.step)
+        t1 = time.perf_counter()  # idle: waiting, less the scoring of this batch meanwhile
+        batch.times["idle"] = (t1 - t0) - max(0.0, min(t1, end) - max(t0, start))
+        return batch

@@ -1,0 +1,129 @@
+"""The training loop: one global batch per step, in the order things happen.
+
+    generate -> verify (rank 0's RolloutProducer thread)
+    -> score (every rank's ScoredFeed thread)
+    -> update -> sync (the trainer, this thread)
+    -> log / save / evaluate
+
+One loop for every schedule: ``pipeline.max_staleness`` = 0 is the synchronous one (batch s is
+generated only once step s-1's weights are on the servers); k >= 1 lets generation run up to k
+policy versions ahead of the update (see feed.py and versions.py).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from scope_ds import checkpoint
+from scope_ds.pipeline import stages
+from scope_ds.pipeline.collectives import PipelineError, on_rank0, stop_requested
+from scope_ds.pipeline.feed import RolloutProducer, ScoredFeed, timed
+from scope_ds.pipeline.run import Run
+from scope_ds.pipeline.stages import Batch
+
+BUSY_STAGES = ("generate", "verify", "teacher", "update", "sync")
+
+
+def train(run: Run) -> dict[str, float]:
+    """Run (or resume) the configured steps; returns the last step's metrics (rank 0; others: {})."""
+    cfg, steps = run.cfg, run.cfg.train.steps
+    start, pending = restore(run)
+    producer = RolloutProducer(run, start, pending) if run.rank == 0 else None
+    feed = ScoredFeed(run, producer, start)
+    if cfg.pipeline.max_staleness and cfg.pipeline.overlap_teacher and not feed.overlap:
+        run.log.message("pipeline.overlap_teacher: off here (full-vocabulary KL, or not gloo); see docs/pipeline.md")
+    if cfg.data.eval_every and start == 0:
+        run.log.log(0, on_rank0(evaluate, run))
+    last, done = {}, start  # done: steps whose update is applied
+    try:
+        for step in range(start, steps):
+            t0 = time.perf_counter()
+            batch = feed.get(step)  # generated, verified and scored
+            staleness = staleness_metrics(run, batch)
+            metrics = timed(batch.times, "update", stages.update, run, batch)
+            done = step + 1
+            timed(batch.times, "sync", stages.sync, run)
+            if producer:
+                producer.advanced()
+            metrics.update(staleness)
+            metrics.update(step_metrics(run, batch, time.perf_counter() - t0))
+            if cfg.data.eval_every and done % cfg.data.eval_every == 0:
+                metrics.update(on_rank0(evaluate, run))
+            run.log.rollouts(done, batch.rollouts)
+            run.log.log(done, metrics)
+            last = metrics if run.rank == 0 else {}
+            stop = stop_requested()
+            if stop or done == steps or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0):
+                save(run, done, producer)
+            if stop:
+                run.log.message(f"stopped by a signal after step {done}; resume with checkpoint.resume=auto")
+                break
+    except PipelineError:
+        save(run, done, producer)  # a server down: keep what was trained, then report
+        raise
+    finally:
+        feed.close()
+    if cfg.checkpoint.export_hf:
+        checkpoint.export_hf(run, os.path.join(run.run_dir, "hf"))
+    return last
+
+
+def restore(run: Run) -> tuple[int, list[Batch]]:
+    """(first step, batches generated ahead) after ``checkpoint.resume``; (0, []) for a new run.
+
+    A resumed run also truncates the logs to the checkpoint's step and pushes the restored weights
+    to the rollout servers, which then serve the checkpoint's policy version.
+    """
+    folder = checkpoint.find_checkpoint(run.cfg.checkpoint.resume, checkpoint.checkpoint_root(run))
+    if folder is None:
+        return 0, []
+    state = checkpoint.load(run, folder)
+    run.log.resume_at(state.step)
+    run.log.message(f"resumed from {folder} (step {state.step}, policy version {state.policy_version})")
+    stages.sync(run)
+    return state.step, state.pending
+
+
+def save(run: Run, step: int, producer: RolloutProducer | None) -> None:
+    folder = checkpoint.save(run, step, producer.pending() if producer else [])
+    run.log.message(f"checkpoint {folder}")
+
+
+def evaluate(run: Run) -> dict[str, float]:
+    """Held-out Avg@n / Pass@k (n = data.eval_n) through the rollout servers with the current
+    weights (rank 0). The same per-sample seeds at every evaluation, so that the curve moves with
+    the weights only."""
+    from scope_ds.evaluation import evaluate_records
+
+    if not run.eval_records:
+        return {}
+    return evaluate_records(
+        run.rollout.client,
+        run.tokenizer,
+        run.eval_records,
+        run.verifier,
+        run.cfg.data.eval_n,
+        stages.sampling_params(run),
+        chat_template=run.cfg.data.chat_template,
+        seed=run.cfg.train.seed,
+    )
+
+
+def staleness_metrics(run: Run, batch: Batch) -> dict[str, float]:
+    """How many versions the policy about to be updated is ahead of the one that generated each
+    rollout (before the update). KD's rollouts come from the (fixed) teacher: no staleness."""
+    if run.algo.uses_teacher_rollouts:
+        return {}
+    lag = [run.versions.behind(r.weight_version) for r in batch.rollouts]
+    return {"staleness/mean": sum(lag) / len(lag), "staleness/max": max(lag)}
+
+
+def step_metrics(run: Run, batch: Batch, wall: float) -> dict[str, float]:
+    """Stage times, overlap and throughput of one step (besides the update's own metrics)."""
+    busy = sum(batch.times.get(k, 0.0) for k in BUSY_STAGES)
+    out = {f"time/{k}": v for k, v in batch.times.items()}
+    tokens = sum(r.response_length for r in batch.rollouts)
+    out.update({"time/step": wall, "pipeline/overlap": busy / max(wall, 1e-9), "policy/version": run.versions.student})
+    out["perf/tokens_per_s"] = tokens / max(wall, 1e-9)
+    return out

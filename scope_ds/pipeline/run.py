@@ -1,0 +1,72 @@
+"""The parts of a training run, as every stage and checkpoint function receives them.
+
+Built once by ``build.build_run``; the stages read the parts and change only what they own (the
+engines' weights, the policy versions). Rank 0 alone holds what speaks HTTP (``rollout``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from scope_ds.algorithms.base import Algorithm
+from scope_ds.config import Config
+from scope_ds.data.record import PromptRecord
+from scope_ds.engines.models import InferenceEngine, StudentEngine
+from scope_ds.metrics import RunLog
+from scope_ds.pipeline.versions import PolicyVersions
+from scope_ds.rewards import Verifier
+
+
+@dataclass
+class RolloutSide:
+    """Rank 0's rollout servers, the client that speaks to them, and the weight sync (None for
+    KD, whose servers serve the fixed teacher)."""
+
+    servers: Any  # rollout.launcher.RolloutServers: launched or attached servers, stopped at close
+    client: Any  # rollout.client.SyncRolloutClient
+    weight_sync: Any = None  # rollout.weight_sync.DiskWeightSync | DistributedWeightSync | None
+
+    def close(self) -> None:
+        if self.weight_sync is not None and hasattr(self.weight_sync, "close"):
+            self.weight_sync.close()
+        self.client.close()
+        self.servers.stop()
+
+
+@dataclass
+class Run:
+    """Everything a training run holds."""
+
+    cfg: Config
+    rank: int
+    world: int
+    algo: Algorithm
+    tokenizer: Any  # the student's (and teacher's) Hugging Face tokenizer
+    student_path: str  # the student's model folder (config and tokenizer files for exports)
+    student: StudentEngine
+    teacher: InferenceEngine | None  # only for algorithms that score with it (algo.needs_teacher)
+    reference: InferenceEngine | None  # the initial student, for GRPO's KL term
+    grad_accum: int  # micro-batches per optimizer step on every rank
+    versions: PolicyVersions
+    verifier: Verifier | None = None  # the reward of a response text (rank 0)
+    records: list[PromptRecord] | None = None  # training prompts (rank 0 draws from them)
+    eval_records: list[PromptRecord] | None = None  # held-out prompts, never trained on
+    score_group: Any = None  # the scoring thread's process group (collectives.score_group)
+    log: RunLog | None = None  # metrics.jsonl, rollouts, TensorBoard, the progress bar (rank 0 writes)
+    rollout: RolloutSide | None = None  # rank 0 only
+
+    @property
+    def run_dir(self) -> str:
+        return self.cfg.logging.run_dir
+
+    @property
+    def pad_id(self) -> int:
+        pad = getattr(self.tokenizer, "pad_token_id", None)
+        return pad if pad is not None else 0
+
+    def close(self) -> None:
+        if self.log is not None:
+            self.log.close()
+        if self.rollout is not None:
+            self.rollout.close()

@@ -1,0 +1,233 @@
+"""The stages of one training step, each a function of the run's parts and a batch.
+
+generate -> verify (rank 0, over HTTP) -> score (teacher, every rank) -> update (student, every
+rank) -> sync (weights to the rollout servers). The loop (loop.py) and the feeds (feed.py) decide
+when each runs; nothing here knows about threads.
+
+Shape legend: B = rollouts, T = response positions.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from scope_ds.algorithms import Path, RolloutStats, TokenBatch
+from scope_ds.algorithms.base import Plan
+from scope_ds.config import Config
+from scope_ds.data import encoding
+from scope_ds.data.record import PromptRecord
+from scope_ds.engines.batching import TokenInputs, collate, gather_response, micro_batches, rank_share
+from scope_ds.metrics import batch_metrics
+from scope_ds.ops import reverse_kl
+from scope_ds.pipeline.collectives import on_rank0, sum_over_ranks
+from scope_ds.pipeline.run import Run
+from scope_ds.sample import Rollout
+
+
+@dataclass
+class Batch:
+    """One global batch as it moves through the stages."""
+
+    step: int  # the optimizer step this batch trains
+    records: list[PromptRecord]  # the prompts, in group order
+    rollouts: list[Rollout] = field(default_factory=list)  # n per prompt, prompt-major
+    times: dict[str, float] = field(default_factory=dict)  # stage -> busy seconds
+
+    def to_json(self) -> dict:
+        """What a checkpoint keeps of a batch generated ahead: prompts and rollouts as generated
+        and verified (the teacher's scores are recomputed after a resume)."""
+        return {
+            "step": self.step,
+            "records": [vars(r) for r in self.records],
+            "rollouts": [{**r.to_json(), "teacher_logprobs": None} for r in self.rollouts],
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict) -> Batch:
+        records = [PromptRecord(**r) for r in obj["records"]]
+        return cls(step=obj["step"], records=records, rollouts=[Rollout.from_json(r) for r in obj["rollouts"]])
+
+
+# ---------------------------------------------------------------------------------- rank 0 (HTTP)
+
+
+def generate(run: Run, batch: Batch) -> None:
+    """Sample ``rollout.n`` rollouts per prompt from the rollout servers (rank 0)."""
+    chat = run.cfg.data.chat_template
+    groups = run.rollout.client.generate_many(
+        [encoding.encode_prompt(run.tokenizer, r.prompt, chat) for r in batch.records],
+        sampling_params(run),
+        n=run.cfg.rollout.n,
+        prompt_ids=[r.prompt_id for r in batch.records],
+        group_ids=[f"{batch.step}:{i}" for i in range(len(batch.records))],
+        seeds=sample_seeds(run.cfg, batch.step, len(batch.records)),
+    )
+    batch.rollouts = [r for group in groups for r in group]
+
+
+def sampling_params(run: Run) -> dict:
+    """The run's sampling parameters (rollout section), with the tokenizer's stop token."""
+    c = run.cfg.rollout
+    return encoding.sampling_params(run.tokenizer, c.temperature, c.top_p, c.top_k, c.max_new_tokens)
+
+
+def sample_seeds(cfg: Config, step: int, prompts: int) -> list[int] | None:
+    """Per-prompt sampling seeds of a step (sample j of prompt i uses seeds[i] + j), or None."""
+    if not cfg.rollout.seeded:
+        return None
+    n = cfg.rollout.n
+    base = (cfg.train.seed * 1_000_003 + step) * prompts
+    return [((base + i) * n) % 2**62 for i in range(prompts)]
+
+
+def verify(run: Run, batch: Batch) -> None:
+    """Decode each response and route it by the verifier's reward (rank 0)."""
+    n = len(batch.rollouts) // len(batch.records)  # prompt-major: n rollouts per record
+    for i, r in enumerate(batch.rollouts):
+        encoding.decode_and_verify(run.tokenizer, r, batch.records[i // n].answer, run.verifier)
+
+
+# ---------------------------------------------------------------------------------- every rank
+
+
+def score(run: Run, batch: Batch) -> None:
+    """Teacher log-probs of the rollouts the algorithm needs them for, spread evenly over ranks;
+    every rank ends with every scored rollout's ``teacher_logprobs``."""
+    correct = torch.tensor([r.correct for r in batch.rollouts])
+    need = torch.nonzero(run.algo.teacher_mask(correct)).flatten().tolist()
+    if run.teacher is None or not need:
+        return
+    mine = [need[i] for i in rank_share(len(need), run.rank, run.world)]
+    size = run.cfg.train.score_batch_size  # no backward: larger batches than training fit
+    count = math.ceil(math.ceil(len(need) / run.world) / size)
+    out: dict[int, list[float]] = {}
+    for mb in micro_batches(mine, size, count):
+        inputs = _inputs(run, batch, mb, run.teacher.device)
+        logp = run.teacher.score(inputs, run.cfg.rollout.temperature)
+        for row, i in enumerate(mb):
+            out[i] = logp[row, : batch.rollouts[i].response_length].tolist()
+    if run.world > 1:  # on the teacher's group: scoring may run beside the update (feed.ScoredFeed)
+        parts: list = [None] * run.world
+        torch.distributed.all_gather_object(parts, out, group=run.teacher.group)
+        out = {k: v for part in parts for k, v in part.items()}
+    for i, logp in out.items():
+        batch.rollouts[i].teacher_logprobs = logp
+
+
+def _inputs(run: Run, batch: Batch, mb: list[int], device: torch.device) -> TokenInputs:
+    """A micro-batch of the batch's rollouts ``mb`` on ``device`` (an empty ``mb``: one dummy row)."""
+    return collate([batch.rollouts[i] for i in mb] or [None], mb or [-1], run.pad_id).to(device)
+
+
+def plan(run: Run, batch: Batch) -> tuple[RolloutStats, Plan, float]:
+    """The algorithm's plan over the global batch; fills each rollout's path, weight and log-likelihoods."""
+    rs = batch.rollouts
+    s_logp = torch.tensor([float(sum(r.behaviour_logprobs)) for r in rs], dtype=torch.float64)
+    t_logp = torch.tensor(
+        [float(sum(r.teacher_logprobs)) if r.teacher_logprobs is not None else math.nan for r in rs],
+        dtype=torch.float64,
+    )
+    stats = RolloutStats(
+        group_B=_groups(rs),
+        correct_B=torch.tensor([r.correct for r in rs]),
+        lengths_B=torch.tensor([r.response_length for r in rs]),
+        reward_B=torch.tensor([r.reward for r in rs], dtype=torch.float64),
+        student_seq_logp_B=s_logp,
+        teacher_seq_logp_B=t_logp,
+    )
+    p = run.algo.plan(stats)
+    for i, r in enumerate(rs):
+        r.path = Path(int(p.path_B[i])).name.lower()
+        r.weight = float(p.weight_B[i])
+        r.student_seq_logp = float(s_logp[i])
+        r.teacher_seq_logp = None if math.isnan(t_logp[i]) else float(t_logp[i])
+    return stats, p, run.algo.normalizer(p, stats)
+
+
+def _groups(rollouts: list[Rollout]) -> torch.Tensor:
+    """Each rollout's prompt group as an index 0, 1, ... in order of first appearance."""
+    ids = {g: i for i, g in enumerate(dict.fromkeys(r.group_id for r in rollouts))}
+    return torch.tensor([ids[r.group_id] for r in rollouts])
+
+
+def _token_batch(run: Run, batch: Batch, mb: list[int], p: Plan, inputs: TokenInputs, logits) -> TokenBatch:
+    temp = run.cfg.rollout.temperature
+    logp = run.student.response_logprobs(logits, inputs, temp)
+    teacher = torch.zeros_like(inputs.old_logp_BT)
+    for row, i in enumerate(mb):
+        t = batch.rollouts[i].teacher_logprobs
+        if t is not None:
+            teacher[row, : len(t)] = torch.tensor(t)
+    idx = torch.tensor(mb, dtype=torch.long) if mb else torch.zeros(1, dtype=torch.long)
+    dev = logp.device  # the plan is on the CPU; the loss runs where the logits are
+    path = (p.path_B[idx] if mb else torch.tensor([int(Path.SKIP)])).to(dev)
+    weight = (p.weight_B[idx] if mb else torch.zeros(1, dtype=torch.float64)).to(dev)
+    adv = None if p.advantage_B is None else (p.advantage_B[idx] if mb else torch.zeros(1, dtype=torch.float64)).to(dev)
+    ref = run.reference.score(inputs, temp) if run.reference is not None else None
+    kl = None
+    if run.algo.uses_full_kl:
+        with torch.no_grad():
+            t_logits = run.teacher.logits(inputs)
+        kl = gather_response(reverse_kl(logits, t_logits, temperature=temp, chunk=run.student.chunk), inputs)
+    return TokenBatch(
+        logp_BT=logp,
+        old_logp_BT=inputs.old_logp_BT,
+        mask_BT=inputs.mask_BT,
+        path_B=path,
+        weight_B=weight,
+        advantage_B=adv,
+        teacher_logp_BT=teacher,
+        ref_logp_BT=ref,
+        kl_BT=kl,
+    )
+
+
+def update(run: Run, batch: Batch) -> dict[str, float]:
+    """One optimizer step of the student on this rank's share of the batch; metrics summed over
+    ranks. The student is one policy version further afterwards."""
+    stats, p, normalizer = plan(run, batch)
+    mine = rank_share(len(batch.rollouts), run.rank, run.world)
+    sums: dict[str, float] = {}
+    for mb in micro_batches(mine, run.cfg.train.micro_batch_size, run.grad_accum):
+        inputs = _inputs(run, batch, mb, run.student.device)
+        logits = run.student.logits(inputs)
+        loss, parts = run.algo.loss(_token_batch(run, batch, mb, p, inputs, logits), normalizer)
+        run.student.backward(loss)
+        ent = run.student.response_entropy(logits, inputs, run.cfg.rollout.temperature)
+        tokens = float(inputs.mask_BT.sum())
+        parts["loss/total"] = float(loss.detach())
+        parts.update({"entropy/sum": float(ent.sum()), "entropy/tokens": tokens})
+        parts["is/truncated_tokens"] = parts.pop("is/truncated_share") * tokens
+        for k, v in parts.items():
+            sums[k] = sums.get(k, 0.0) + v
+    run.versions.stepped()
+    sums = sum_over_ranks(sums)
+    out = {k: v for k, v in sums.items() if k.startswith("loss/")}
+    tokens = max(sums.pop("entropy/tokens", 0.0), 1.0)
+    out["entropy/student"] = sums.get("entropy/sum", 0.0) / tokens
+    out["is/truncated_share"] = sums.get("is/truncated_tokens", 0.0) / tokens
+    out.update(run.student.step_stats())
+    out.update(batch_metrics(batch.rollouts, stats, p))
+    return out
+
+
+def sync(run: Run) -> None:
+    """Push the student's weights, labelled with its policy version, to the rollout servers
+    (every rank takes part in the gather); afterwards every server holds that version. KD's
+    servers serve the fixed teacher: nothing to push, they count as synced at once."""
+    if not run.algo.uses_teacher_rollouts:
+        params = run.student.full_parameters(run.rank)
+        on_rank0(_push, run, params)
+    run.versions.synced()
+
+
+def _push(run: Run, params: Iterator[tuple[str, torch.Tensor]]) -> None:  # rank 0
+    try:
+        run.rollout.weight_sync.update(params, run.versions.student)
+    finally:
+        for _ in params:  # rank 0 must finish the gather, also after an error here
+            pass
