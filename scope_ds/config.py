@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import string
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -19,6 +20,8 @@ import yaml
 
 from scope_ds.algorithms import Algorithm, algorithm_options, build_algorithm
 from scope_ds.choices import check_choice, check_literal_fields, literal_values
+from scope_ds.data.encoding import TruncatedPolicy
+from scope_ds.rollout.protocol import GREEDY_EPS
 
 
 class ConfigError(ValueError):
@@ -49,7 +52,10 @@ class DataConfig:
     chat_template: bool = True  # wrap with the tokenizer's chat template when it has one
     verifier: Literal["auto", "toy", "math"] = "auto"  # auto: toy for the toy source, math otherwise
     missing_answer: Literal["skip", "error"] = "skip"  # skip: skip rows without an answer, count them | error: refuse
-    max_prompt_tokens: int = 512  # longer prompts are skipped and counted
+    max_prompt_tokens: int = 512  # longer prompts (tokens as sent, chat template included) are skipped, counted
+    # A truncated response (finish_reason "length"): verify: the verifier routes it, as any other
+    # (the authors' code) | incorrect: it counts as incorrect whatever it holds | skip: not trained on
+    truncated: TruncatedPolicy = "verify"
     eval_every: int = 0  # evaluate on held-out prompts every N steps (0 = never)
     eval_prompts: int = 64  # number of held-out prompts per evaluation
     eval_n: int = 4  # samples per held-out prompt (Avg@n, Pass@k for k <= n), at rollout.temperature
@@ -87,10 +93,19 @@ class RolloutConfig:
     def check(self) -> None:
         for key in ("num_servers", "gpus_per_server", "n", "max_new_tokens", "bucket_mb"):
             _positive(f"rollout.{key}", getattr(self, key))
-        _positive("rollout.temperature", self.temperature)
+        if self.temperature < GREEDY_EPS:
+            raise ConfigError(
+                f"rollout.temperature must be >= {GREEDY_EPS:g}, got {self.temperature!r}: below it servers sample "
+                "greedily and report log-probs at T = 1 while the trainer divides by the raw value, and "
+                "greedy rollouts cannot train these losses"
+            )
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"rollout.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k == 0 or self.top_k < -1:
+            raise ConfigError(f"rollout.top_k must be -1 (whole vocabulary) or >= 1, got {self.top_k}")
         _positive("rollout.retries", self.retries, strict=False)
+        _positive("rollout.request_timeout_s", self.request_timeout_s)
+        _positive("rollout.startup_timeout_s", self.startup_timeout_s)
 
 
 @dataclass
@@ -138,6 +153,11 @@ class CheckpointConfig:
     def check(self) -> None:
         _positive("checkpoint.every", self.every, strict=False)
         _positive("checkpoint.keep", self.keep)
+        if self.resume not in ("none", "auto") and not os.path.isdir(self.resume):
+            raise ConfigError(
+                f"checkpoint.resume: no checkpoint folder at {self.resume!r} (from {os.getcwd()}); "
+                "give an existing checkpoint folder (OUT/checkpoints/step_N), auto or none"
+            )
 
 
 @dataclass
@@ -148,6 +168,18 @@ class LoggingConfig:
     wandb: bool = False  # also log to Weights & Biases (needs wandb installed and a login)
     progress: bool = True  # show a progress bar on rank 0
     rollouts: bool = True  # write OUT/rollouts/step_N.jsonl
+
+    def check(self) -> None:
+        try:
+            fields = {name for _, name, _, _ in string.Formatter().parse(self.out_dir) if name is not None}
+        except ValueError as e:  # an unmatched brace
+            raise ConfigError(f"logging.out_dir {self.out_dir!r} is malformed ({e}); write braces as {{{{ }}}}") from None
+        unknown = sorted(fields - {"run_name"})
+        if unknown:
+            raise ConfigError(
+                f"logging.out_dir {self.out_dir!r} has unknown placeholder(s) {unknown}; "
+                "only {run_name} is known (write a literal brace as {{ or }})"
+            )
 
     @property
     def run_dir(self) -> str:
@@ -173,7 +205,18 @@ class Config:
                 check_literal_fields(section, f.name, ConfigError)
             if hasattr(section, "check"):
                 section.check()
-        self.algorithm()
+        algo = self.algorithm()  # a ConfigError for a bad algo option
+        if self.rollout.n < algo.min_group_size:
+            raise ConfigError(
+                f"rollout.n={self.rollout.n} is too small for algo {algo.name!r}: it needs rollout.n >= "
+                f"{algo.min_group_size}, since its group-normalised advantage is 0 for a group of one rollout "
+                "and the run would train nothing"
+            )
+        if self.pipeline.overlap_teacher and algo.uses_full_kl:
+            raise ConfigError(
+                "pipeline.overlap_teacher=true cannot run with algo.kl=full: the update itself runs the teacher "
+                "(its full logits), so there is nothing to score beside it; set pipeline.overlap_teacher=false"
+            )
 
     def algo_options(self) -> dict[str, Any]:
         """The ``algo`` section without its name: the options given, defaults left out."""
@@ -216,7 +259,8 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         except ValueError:
             pass
     if hint in (int, float, str, bool) and (type(value) is not hint):
-        raise ConfigError(f"{key} must be {hint.__name__}, got {value!r} ({type(value).__name__})")
+        quote = " (quote it in YAML: braces and ': ' make a mapping)" if hint is str and isinstance(value, dict) else ""
+        raise ConfigError(f"{key} must be {hint.__name__}, got {value!r} ({type(value).__name__}){quote}")
     return value
 
 
@@ -234,8 +278,11 @@ def _read_recipe(path: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
     """The recipe's mapping, merged over the recipe it names in ``defaults`` (if any)."""
     if not os.path.isfile(path):
         raise ConfigError(f"recipe not found: {path}")
-    if path in seen:
-        raise ConfigError(f"recipe {path} derives from itself through {list(seen)}")
+    # Real paths, so that ./c.yaml, ../sub/c.yaml and a symlink are all the same recipe.
+    real = os.path.realpath(path)
+    if real in seen:
+        chain = " -> ".join([*seen[seen.index(real) :], real])
+        raise ConfigError(f"recipe {path}: defaults form a cycle: {chain}")
     try:
         with open(path) as f:
             data = yaml.safe_load(f) or {}
@@ -246,7 +293,12 @@ def _read_recipe(path: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
     base = data.pop("defaults", None)
     if base is None:
         return data
-    merged = _read_recipe(os.path.join(os.path.dirname(path), base), (*seen, path))
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(
+            f"defaults in {path} must be one recipe path (relative to the recipe), got {base!r}; "
+            "to derive from several, chain them: each recipe names one defaults"
+        )
+    merged = _read_recipe(os.path.join(os.path.dirname(path), base), (*seen, real))
     for section, values in data.items():
         if isinstance(values, dict) and isinstance(merged.get(section), dict):
             merged[section] = {**merged[section], **values}
@@ -256,6 +308,9 @@ def _read_recipe(path: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
+    """``section.key=value`` as ([section, key], value): the value read as YAML, except that a key
+    typed ``str`` takes the raw text where YAML would read a mapping or a list (``data.template={prompt}``,
+    ``data.template=Q: {prompt}``), as nobody means those for a string."""
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like section.key=value")
     key, raw = item.split("=", 1)
@@ -266,7 +321,17 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
+    if isinstance(value, (dict, list)) and _field_hint(*parts) is str:
+        value = raw
     return parts, value
+
+
+def _field_hint(section: str, key: str) -> Any:
+    """The type of config field ``section.key``; None for an unknown one (refused later, by name)."""
+    section_type = typing.get_type_hints(Config).get(section)
+    if not (isinstance(section_type, type) and dataclasses.is_dataclass(section_type)):
+        return None
+    return typing.get_type_hints(section_type).get(key)
 
 
 def load_config(recipe: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

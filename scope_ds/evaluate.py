@@ -2,7 +2,8 @@
 
     python -m scope_ds.evaluate --model DIR_OR_URL [--model ...] \\
         --benchmarks aime24,aime25,amc23,math500,minerva,olympiadbench --n 32 \\
-        [--temperature 0.6 --top-p 0.95 --top-k 20 --max-new-tokens 12288] [--out DIR] [--backend embedded|sglang]
+        [--temperature 0.6 --top-p 0.95 --top-k 20 --max-new-tokens 12288] [--max-prompt-tokens N] \\
+        [--out DIR] [--backend embedded|sglang]
 
 A model folder gets its own rollout server(s) for the run (the embedded CPU server, or SGLang with
 ``--backend sglang``), stopped by pid at the end; a URL attaches to a running server. Writes to
@@ -24,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from scope_ds.data.benchmarks import Benchmark, BenchmarkError, load_benchmark, parse_benchmarks
+from scope_ds.data.encoding import drop_long_prompts
+from scope_ds.data.record import PromptRecord
 from scope_ds.evaluation import report
 from scope_ds.evaluation.estimators import summarize
 from scope_ds.evaluation.sampling import EvalSample, eval_sampling_params, sample_and_verify
@@ -71,6 +74,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=20)
     p.add_argument("--max-new-tokens", type=int, default=12288, help="capped by the server at the context length")
     p.add_argument("--limit", type=int, help="first N prompts of each benchmark only (smoke runs)")
+    p.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        help="skip prompts longer than N tokens as sent (chat template included), counted in the results; "
+        "default: no limit",
+    )
     p.add_argument("--toy-prompts", type=int, default=128, help="prompts of the toy benchmark (held-out split)")
     p.add_argument("--no-chat-template", action="store_true", help="plain prompts even if the tokenizer has one")
     p.add_argument("--tokenizer", help="tokenizer folder for URL models (default: the server's tokenizer_path)")
@@ -101,8 +110,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         value = getattr(args, name)
         if value < 1 and not (name == "top_k" and value == -1):
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    if args.limit is not None and args.limit < 1:
-        p.error(f"--limit must be >= 1, got {args.limit}")
+    for name in ("limit", "max_prompt_tokens"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     return args
 
 
@@ -184,43 +195,84 @@ def write_samples(path: Path, model: str, benchmark: str, groups: list[list[Eval
                 f.write(json.dumps({"model": model, "benchmark": benchmark, **s.to_json()}) + "\n")
 
 
-def bench_summary(bench: Benchmark, groups: list[list[EvalSample]], args: argparse.Namespace) -> dict[str, Any]:
-    """The estimators' figures for one benchmark, plus response lengths and where it came from."""
+def bench_summary(
+    bench: Benchmark, groups: list[list[EvalSample]], args: argparse.Namespace, skipped: int = 0
+) -> dict[str, Any]:
+    """The estimators' figures for one benchmark, plus response lengths, the prompts skipped for
+    --max-prompt-tokens (not in the figures) and where it came from."""
     samples = [s for g in groups for s in g]
     correct = [[s.correct for s in g] for g in groups]
     return {
         **summarize(correct, resamples=args.bootstrap_resamples, seed=args.seed),
+        "skipped_long_prompts": skipped,
         "response_length_mean": sum(s.response_length for s in samples) / len(samples),
         "truncated_share": sum(s.finish_reason == "length" for s in samples) / len(samples),
         "source": bench.source,
     }
 
 
+Fits = dict[str, tuple[list[PromptRecord], int]]  # benchmark name -> (its prompts that fit, how many did not)
+
+
+def fitting_prompts(benchmarks: Sequence[Benchmark], tokenizer: Any, args: argparse.Namespace, label: str) -> Fits:
+    """Each benchmark's prompts within --max-prompt-tokens under this model's tokenizer (all without
+    the flag), and the count of those skipped, printed. EvalError if a benchmark has none left."""
+    fits: Fits = {}
+    for bench in benchmarks:
+        if args.max_prompt_tokens is None:
+            fits[bench.name] = (bench.records, 0)
+            continue
+        records, skipped = drop_long_prompts(
+            bench.records, tokenizer, args.max_prompt_tokens, not args.no_chat_template
+        )
+        if not records:
+            raise EvalError(
+                f"benchmark {bench.name!r}: all {skipped} prompts are longer than --max-prompt-tokens "
+                f"{args.max_prompt_tokens} for model {label!r}"
+            )
+        if skipped:
+            print(
+                f"{label} / {bench.name}: skipped {skipped} of {len(bench.records)} prompts longer than "
+                f"{args.max_prompt_tokens} tokens",
+                flush=True,
+            )
+        fits[bench.name] = (records, skipped)
+    return fits
+
+
 def evaluate_model(
-    target: ModelTarget, benchmarks: Sequence[Benchmark], args: argparse.Namespace, out: Path, tokenizer: Any = None
+    target: ModelTarget,
+    benchmarks: Sequence[Benchmark],
+    args: argparse.Namespace,
+    out: Path,
+    tokenizer: Any = None,
+    fits: Fits | None = None,
 ) -> dict[str, Any]:
     """One model on every benchmark: its results.json entry; samples files written on the way.
 
-    ``tokenizer`` None: loaded once the server is up (a URL model's comes from its server)."""
+    ``tokenizer`` None: loaded once the server is up (a URL model's comes from its server); ``fits``
+    None: :func:`fitting_prompts` with that tokenizer."""
     from tqdm import tqdm
 
     summaries: dict[str, Any] = {}
     seed = args.seed if args.seeded else None
     with serving(target, args, out / "logs") as urls:
         tokenizer = tokenizer or load_tokenizer(target, args.tokenizer, urls)
+        fits = fits or fitting_prompts(benchmarks, tokenizer, args, target.label)
         params = eval_sampling_params(tokenizer, args.temperature, args.top_p, args.top_k, args.max_new_tokens)
-        total = sum(len(b.records) for b in benchmarks) * args.n
+        total = sum(len(records) for records, _ in fits.values()) * args.n
         bar = tqdm(total=total, unit="sample", desc=target.label, disable=args.no_progress, dynamic_ncols=True)
         with SyncRolloutClient(urls, timeout_s=3600.0) as client, bar:
             for bench in benchmarks:
                 bar.set_postfix_str(bench.name)
+                records, skipped = fits[bench.name]
                 groups = sample_and_verify(
-                    client, tokenizer, bench.records, bench.verifier, args.n, params,
+                    client, tokenizer, records, bench.verifier, args.n, params,
                     chat_template=not args.no_chat_template, progress=bar, seed=seed,
                 )  # fmt: skip
                 path = out / f"samples_{_safe(target.label)}_{_safe(bench.name)}.jsonl"
                 write_samples(path, target.label, bench.name, groups)
-                summaries[bench.name] = bench_summary(bench, groups, args)
+                summaries[bench.name] = bench_summary(bench, groups, args, skipped)
     average = report.average(summaries)
     return {"label": target.label, "source": target.source, "benchmarks": summaries, "average": average}
 
@@ -243,18 +295,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         sources[name.strip()] = source.strip()
     specs = parse_benchmarks(args.benchmarks, sources, args.question_field, args.answer_field)
     benchmarks = [load_benchmark(s, args.toy_prompts, args.seed, args.limit) for s in specs]
-    # Folders' tokenizers now, so that a broken one stops the command before any server starts.
+    # Folders' tokenizers (and prompts that fit) now, so that a broken one stops the command before
+    # any server starts.
     tokenizers = {t.label: load_tokenizer(t, None, []) for t in targets if not t.is_url}
+    fits = {label: fitting_prompts(benchmarks, tok, args, label) for label, tok in tokenizers.items()}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    keys = ("n", "temperature", "top_p", "top_k", "max_new_tokens", "seed", "seeded", "no_chat_template")
+    keys = (
+        "n", "temperature", "top_p", "top_k", "max_new_tokens", "max_prompt_tokens", "seed", "seeded",
+        "no_chat_template",
+    )  # fmt: skip
     settings = {k: getattr(args, k) for k in keys}
     settings.update(benchmarks={b.name: b.source for b in benchmarks}, bootstrap_resamples=args.bootstrap_resamples)
     results: dict[str, Any] = {"settings": settings, "models": []}
     names = [b.name for b in benchmarks]
     for target in targets:
         t0 = time.perf_counter()
-        results["models"].append(evaluate_model(target, benchmarks, args, out, tokenizers.get(target.label)))
+        label = target.label
+        results["models"].append(evaluate_model(target, benchmarks, args, out, tokenizers.get(label), fits.get(label)))
         results["models"][-1]["seconds"] = round(time.perf_counter() - t0, 1)
         write_outputs(results, names, args.n, out)
     print(report.markdown_table(results, names, args.n))

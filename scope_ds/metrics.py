@@ -135,15 +135,17 @@ def read_metrics(run_dir: str) -> list[dict[str, Any]]:
 
 
 def batch_metrics(rollouts: Sequence[Rollout], stats: RolloutStats, p: Plan) -> dict[str, float]:
-    """Reward, routing, weights and perplexities of a batch, per path."""
+    """Reward, routing, weights, perplexities and truncation of a batch, per path."""
     n = len(rollouts)
-    lengths = stats.lengths_B.double()
+    lengths = torch.tensor([float(r.response_length) for r in rollouts], dtype=torch.float64)
+    truncated = torch.tensor([r.finish_reason == "length" for r in rollouts])
     out = {
         "reward/mean": float(stats.reward_B.mean()),
         "reward/accuracy": float(stats.correct_B.double().mean()),
         "response/length_mean": float(lengths.mean()),
         "response/tokens": float(lengths.sum()),
         "rollouts": n,
+        "response/truncated_share": float(truncated.double().mean()),
     }
     for path in torch.unique(p.path_B).tolist():
         if path == Path.SKIP:
@@ -151,6 +153,7 @@ def batch_metrics(rollouts: Sequence[Rollout], stats: RolloutStats, p: Plan) -> 
         name = Path(path).name.lower()
         sel = p.path_B == path
         out[f"path/{name}_share"] = float(sel.double().mean())
+        out[f"truncated/{name}_share"] = float(truncated[sel].double().mean())
         w = p.weight_B[sel]
         out[f"weight/{name}_mean"] = float(w.mean())
         out[f"weight/{name}_entropy"] = _weight_entropy(p.weight_B, sel, stats.group_B)

@@ -38,6 +38,9 @@ class Rollout:
     # --- Filled by the score / update stages ------------------------------------------------------
     # log pi_T(a_t | ...) per response token, at the rollout temperature; only where the path needs it
     teacher_logprobs: list[float] | None = None
+    # log pi_old(a_t | ...) per response token, recomputed by the trainer before the update at the
+    # algorithm's training temperature (algo.old_logprobs=recompute); None: the server's are used
+    old_logprobs: list[float] | None = None
     student_seq_logp: float | None = None  # log pi_S(y|x), summed over response tokens
     teacher_seq_logp: float | None = None  # log pi_T(y|x); only computed where the path needs it
     weight: float | None = None  # the rollout's weight in the loss (SCOPE Eq. 4 / Eq. 5)

@@ -2,11 +2,11 @@
 """Per-step time of GRPO and SCOPE, synchronous and asynchronous, on the toy task.
 
     python tools/bench_pipeline.py [--steps 8] [--warmup 2] [--repeats 2] [--ranks 1]
-        [--out docs/bench_pipeline.md] [key=value ...]
+        [--configs "GRPO sync,SCOPE sync"] [--out docs/bench_pipeline.md] [key=value ...]
 
 Every run trains the toy pair with the embedded rollout server in its own process, the same
-prompts per step and rollouts per prompt; only the algorithm, pipeline.max_staleness and
-pipeline.overlap_teacher change. Each configuration runs --repeats times, interleaved with the
+prompts per step and rollouts per prompt; only the algorithm, pipeline.max_staleness,
+pipeline.overlap_teacher and where pi_old comes from (algo.old_logprobs) change. Each configuration runs --repeats times, interleaved with the
 others, so that a slow spell of the machine does not land on one configuration. Reported per
 configuration (medians over every step after each run's warm-up): seconds per step, the busy
 time of each stage, the slowest stage, step time over slowest stage, and the two targets.
@@ -24,22 +24,29 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = ("generate", "verify", "teacher", "update", "sync")
-# (name, algorithm, pipeline.max_staleness, pipeline.overlap_teacher)
-CONFIGS = (
-    ("GRPO sync", "grpo", 0, False),
-    ("SCOPE sync", "scope", 0, False),
-    ("SCOPE async k=1", "scope", 1, False),
-    ("SCOPE async k=2", "scope", 2, False),
-    ("SCOPE async k=1, teacher beside update", "scope", 1, True),
-    ("SCOPE async k=2, teacher beside update", "scope", 2, True),
-)
+# name -> its overrides (pi_old is recomputed by the trainer unless a row says otherwise)
+CONFIGS = {
+    "GRPO sync": ["algo.name=grpo"],
+    "SCOPE sync": ["algo.name=scope"],
+    "SCOPE sync, pi_old from the server": ["algo.name=scope", "algo.old_logprobs=server"],
+    "SCOPE async k=1": ["algo.name=scope", "pipeline.max_staleness=1"],
+    "SCOPE async k=2": ["algo.name=scope", "pipeline.max_staleness=2"],
+    "SCOPE async k=1, teacher beside update": [
+        "algo.name=scope",
+        "pipeline.max_staleness=1",
+        "pipeline.overlap_teacher=true",
+    ],
+    "SCOPE async k=2, teacher beside update": [
+        "algo.name=scope",
+        "pipeline.max_staleness=2",
+        "pipeline.overlap_teacher=true",
+    ],
+}
 
 
-def run_one(algo: str, k: int, overlap: bool, args, out_dir: str) -> list[dict]:
+def run_one(name: str, args, out_dir: str) -> list[dict]:
     overrides = [
-        f"algo.name={algo}",
-        f"pipeline.max_staleness={k}",
-        f"pipeline.overlap_teacher={str(overlap).lower()}",
+        *CONFIGS[name],
         f"train.steps={args.steps}",
         f"logging.out_dir={out_dir}",
         "logging.progress=false",
@@ -57,15 +64,15 @@ def run_one(algo: str, k: int, overlap: bool, args, out_dir: str) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.trainer_threads)}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
-        sys.exit(f"{algo} k={k} failed:\n{proc.stderr[-3000:]}")
+        sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
 def summarise(rows: list[dict]) -> dict[str, float]:
-    med = {s: statistics.median(r.get(f"time/{s}", 0.0) for r in rows) for s in STAGES}
+    med = {s: statistics.median(r.get(f"time/{s}", 0.0) for r in rows) for s in (*STAGES, "old_logprobs")}
     step = statistics.median(r["time/step"] for r in rows)
-    slowest = max(med, key=med.get)
+    slowest = max(STAGES, key=med.get)
     return {
         "step": step,
         **med,
@@ -84,27 +91,37 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="runs per configuration, interleaved (machine noise)")
     ap.add_argument("--ranks", type=int, default=1)
     ap.add_argument("--trainer-threads", type=int, default=1)
+    ap.add_argument(
+        "--configs", help="comma-separated configuration names (default: all; GRPO sync and SCOPE sync always)"
+    )
     ap.add_argument("--out", help="also write the table (Markdown) here")
     ap.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
     args = ap.parse_args()
-    rows: dict[str, list[dict]] = {name: [] for name, *_ in CONFIGS}
+    names = list(CONFIGS)
+    if args.configs:
+        wanted = {n.strip() for n in args.configs.split(",")} | {"GRPO sync", "SCOPE sync"}
+        unknown = wanted - set(CONFIGS)
+        if unknown:
+            sys.exit(f"unknown configuration(s) {sorted(unknown)}; known: {names}")
+        names = [n for n in names if n in wanted]
+    rows: dict[str, list[dict]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(args.repeats):
-            for name, algo, k, overlap in CONFIGS:
+            for i, name in enumerate(names):
                 print(f"running {name} ({rep + 1}/{args.repeats}) ...", file=sys.stderr, flush=True)
-                out = os.path.join(tmp, f"{algo}{k}{overlap}{rep}")
-                rows[name] += run_one(algo, k, overlap, args, out)[args.warmup :]
+                rows[name] += run_one(name, args, os.path.join(tmp, f"c{i}r{rep}"))[args.warmup :]
     results = {name: summarise(r) for name, r in rows.items()}
     grpo = results["GRPO sync"]["step"]
     lines = [
-        "| configuration | s / step | generate | verify | teacher | update | sync | slowest stage | "
+        "| configuration | s / step | generate | verify | teacher | update | sync | of which pi_old | slowest stage | "
         "step / slowest | trainer | overlap | <= GRPO sync | <= 1.15 x slowest |",
-        "|" + "---|" * 14,
+        "|" + "---|" * 15,
     ]
     for name, r in results.items():
         lines.append(
             f"| {name} | {r['step']:.2f} | "
             + " | ".join(f"{r[s]:.2f}" for s in STAGES)
+            + f" | {r['old_logprobs']:.2f}"
             + f" | {r['slowest']} {r['slowest_s']:.2f} | {r['step'] / r['slowest_s']:.2f} | {r['trainer']:.2f}"
             + f" | {r['overlap']:.2f} | {'yes' if r['step'] <= grpo else 'no'}"
             + f" | {'yes' if r['step'] <= 1.15 * r['slowest_s'] else 'no'} |"

@@ -8,7 +8,7 @@
 # uvicorn math-verify latex2sympy2_extended antlr4-python3-runtime) in .whl/, and the toy models
 # (`cp -r ~/.cache/scope_ds/toy/v2-seed0 .toy/`). Each step runs under its own timeout and the
 # script goes on after a failure, so one call reports every step:
-#   1. a SCOPE toy run with the trainer on the GPU (NCCL), k = 1, overlap_teacher asked for;
+#   1. a SCOPE toy run with the trainer on the GPU (NCCL), k = 1;
 #   2. tools/bench_pipeline.py with the trainer on the GPU, the embedded server on the CPU cores;
 #   3. the same benchmark with the GPU hidden (trainer on CPU, gloo), on this machine's cores.
 set -uo pipefail
@@ -33,8 +33,8 @@ step() {  # step NAME SECONDS COMMAND...: run, keep its log, print one status li
 }
 
 step train_gpu 150 python3 scope_ds/train.py "$TOY" algo.name=scope pipeline.max_staleness=1 \
-    pipeline.overlap_teacher=true train.steps=6 logging.out_dir=/tmp/run_gpu logging.progress=false data.eval_every=3
-grep -h "overlap_teacher\|error" "$OUT/train_gpu.log" | head -5
+    train.steps=6 logging.out_dir=/tmp/run_gpu logging.progress=false data.eval_every=3
+grep -h "error" "$OUT/train_gpu.log" | head -5
 [ -f /tmp/run_gpu/metrics.jsonl ] && python3 - <<'EOF'
 import json
 rows = [json.loads(line) for line in open("/tmp/run_gpu/metrics.jsonl")]

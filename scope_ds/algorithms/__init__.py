@@ -18,7 +18,7 @@ ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (Scope, OPD, 
 def algorithm_options(name: str) -> dict[str, Any]:
     """The options of algorithm ``name`` with their defaults."""
     cls = _lookup(name)
-    hidden = () if cls.uses_importance_ratio else ("is_cap",)
+    hidden = () if cls.uses_importance_ratio else ("is_cap", "old_logprobs", "mismatch_cap")
     return {f.name: f.default for f in dataclasses.fields(cls) if f.name not in hidden}
 
 

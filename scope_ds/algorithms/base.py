@@ -6,8 +6,10 @@ The trainer calls, in order:
 1. ``teacher_mask(correct_B)``: which rollouts the teacher must score (SCOPE: the incorrect ones);
 2. ``plan(stats)`` once over the whole global batch: each rollout's path, weight and advantage;
 3. ``normalizer(plan, stats)`` once over the whole global batch (see losses.aggregate);
+   where ``recomputes_old_logprobs``, pi_old by a no-grad student forward, before any update;
 4. ``loss(batch, normalizer)`` per micro-batch, on every rank; the micro-batch losses of all ranks
-   and micro-batches sum to the whole-batch objective.
+   and micro-batches sum to the whole-batch objective. Student log-probs (and pi_old's) are taken
+   at ``train_temperature(rollout temperature)``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 
@@ -23,6 +25,8 @@ from scope_ds.algorithms import losses
 from scope_ds.algorithms.losses import Aggregation
 from scope_ds.algorithms.weights import check_rollout_vectors
 from scope_ds.choices import check_literal_fields
+
+OldLogprobs = Literal["recompute", "server"]
 
 
 class Path(IntEnum):
@@ -67,7 +71,7 @@ class TokenBatch:
     """One micro-batch of rollouts as the loss sees it. Values at padding are ignored."""
 
     logp_BT: torch.Tensor  # current student log-probs of the response tokens (with gradient)
-    old_logp_BT: torch.Tensor  # behaviour log-probs (pi_old), from the rollout server
+    old_logp_BT: torch.Tensor  # pi_old: the trainer's no-grad recompute, or the server's (algo.old_logprobs)
     mask_BT: torch.Tensor  # real response tokens
     path_B: torch.Tensor  # from the plan
     weight_B: torch.Tensor  # from the plan
@@ -75,6 +79,7 @@ class TokenBatch:
     teacher_logp_BT: torch.Tensor | None = None  # teacher log-probs of the sampled tokens (OPD paths)
     ref_logp_BT: torch.Tensor | None = None  # reference policy log-probs (GRPO's KL)
     kl_BT: torch.Tensor | None = None  # full-vocab KL(student||teacher) per token, with gradient
+    behaviour_logp_BT: torch.Tensor | None = None  # the rollout server's log-probs; None = not given
 
 
 def _zero_padding(t: torch.Tensor | None, m: torch.Tensor) -> torch.Tensor | None:
@@ -89,16 +94,37 @@ class Algorithm:
     name: ClassVar[str] = ""
     aggregation: Aggregation = "seq-sum"  # seq-sum (paper) | token-mean (authors' code) | seq-mean
     is_cap: float | None = None  # truncate importance ratios above this (stale rollouts); None = no cap
+    # recompute: pi_old from a no-grad trainer forward before the update, and the server's log-probs
+    # only correct the train-inference mismatch (truncated IS) | server: pi_old = the server's log-probs
+    old_logprobs: OldLogprobs = "recompute"
+    mismatch_cap: float = 2.0  # truncate the mismatch weight pi_old / pi_behaviour above this (>= 1)
 
     def __post_init__(self):
         check_literal_fields(self, "algo")
         if self.is_cap is not None and not self.is_cap >= 1.0:
             raise ValueError(f"algo.is_cap must be >= 1 or null, got {self.is_cap}")
+        if not self.mismatch_cap >= 1.0:
+            raise ValueError(f"algo.mismatch_cap must be >= 1, got {self.mismatch_cap}")
 
     # ---- what the trainer must compute --------------------------------------------------------
     uses_teacher_rollouts: ClassVar[bool] = False  # KD trains on answers the teacher generated
-    # False where the loss ignores rho (KD's NLL): is_cap is then no option of the algorithm.
+    # False where the loss ignores rho (KD's NLL): is_cap, old_logprobs and mismatch_cap are then no
+    # options of the algorithm, and nothing is recomputed or reweighted.
     uses_importance_ratio: ClassVar[bool] = True
+    # Rollouts per prompt (rollout.n) below which the plan trains nothing: 2 where the advantage is
+    # normalised within the prompt's group (GRPO), which is 0 for a group of one.
+    min_group_size: ClassVar[int] = 1
+
+    @property
+    def recomputes_old_logprobs(self) -> bool:
+        """Whether the trainer recomputes pi_old (no-grad student forward, at train_temperature) before
+        the update and passes the server's log-probs as ``behaviour_logp_BT``."""
+        return self.uses_importance_ratio and self.old_logprobs == "recompute"
+
+    def train_temperature(self, rollout_temperature: float) -> float:
+        """The temperature at which the trainer takes the student's log-probs for this loss (and
+        pi_old's, when recomputed): the rollout's, so that rho compares like with like."""
+        return rollout_temperature
 
     def teacher_mask(self, correct_B: torch.Tensor) -> torch.Tensor:
         """Rollouts whose teacher log-probs are needed (default: none)."""
@@ -131,7 +157,14 @@ class Algorithm:
         raise NotImplementedError
 
     def loss(self, b: TokenBatch, normalizer: float) -> tuple[torch.Tensor, dict[str, float]]:
-        """Weighted, aggregated loss of one micro-batch and its per-path parts (for metrics)."""
+        """Weighted, aggregated loss of one micro-batch and its metrics: per-path parts of the loss,
+        ``is/truncated_share`` (a share of this micro-batch's real tokens) and, where the mismatch is
+        corrected, the token SUMS of :func:`losses.mismatch_stats` (summed over micro-batches and
+        ranks, then divided by the summed ``mismatch/tokens``).
+
+        With ``recomputes_old_logprobs`` and ``behaviour_logp_BT`` given, each token's term is
+        multiplied by the constant min(pi_old / pi_behaviour, mismatch_cap) before weighting.
+        """
         losses.check_token_tensors(
             b.mask_BT,
             logp_BT=b.logp_BT,
@@ -139,6 +172,7 @@ class Algorithm:
             teacher_logp_BT=self._teacher_on_path(b),
             ref_logp_BT=b.ref_logp_BT,
             kl_BT=b.kl_BT,
+            behaviour_logp_BT=b.behaviour_logp_BT,
         )
         check_rollout_vectors(path_B=b.path_B, weight_B=b.weight_B)
         if b.path_B.shape[0] != b.mask_BT.shape[0]:
@@ -151,9 +185,13 @@ class Algorithm:
             teacher_logp_BT=_zero_padding(b.teacher_logp_BT, m),
             ref_logp_BT=_zero_padding(b.ref_logp_BT, m),
             kl_BT=_zero_padding(b.kl_BT, m),
+            behaviour_logp_BT=_zero_padding(b.behaviour_logp_BT, m),
         )
         rho = losses.importance_ratio(b.logp_BT, b.old_logp_BT, self.is_cap)
         term = self.token_terms(b, rho)
+        corrected = self.recomputes_old_logprobs and b.behaviour_logp_BT is not None
+        if corrected:
+            term = term * losses.mismatch_weight(b.old_logp_BT, b.behaviour_logp_BT, self.mismatch_cap).to(term.dtype)
         weight = b.weight_B.detach().to(term.dtype)
         total = losses.aggregate(term, m, weight, self.aggregation, normalizer)
         metrics = {}
@@ -164,6 +202,8 @@ class Algorithm:
                     part = losses.aggregate(term.detach(), m, weight * sel, self.aggregation, normalizer)
                     metrics[f"loss/{Path(p).name.lower()}"] = float(part)
             metrics["is/truncated_share"] = float(losses.truncated_share(b.logp_BT, b.old_logp_BT, m, self.is_cap))
+            if corrected:
+                metrics.update(losses.mismatch_stats(b.old_logp_BT, b.behaviour_logp_BT, m, self.mismatch_cap))
         return total, metrics
 
     def _teacher_on_path(self, b: TokenBatch) -> torch.Tensor | None:

@@ -16,6 +16,7 @@ from scope_ds.algorithms.weights import group_advantages
 @dataclass
 class GRPO(Algorithm):
     name: ClassVar[str] = "grpo"
+    min_group_size: ClassVar[int] = 2  # r - mean(group) is 0 for a group of one rollout
     aggregation: Aggregation = "token-mean"  # mean over all trained tokens of the global batch
     eps: float = 0.2  # ratio clip range [1 - eps, 1 + eps] (paper's setting)
     kl_coef: float = 1e-4  # weight of k3 KL to the reference policy (paper's setting); 0 = no reference

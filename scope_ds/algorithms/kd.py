@@ -18,6 +18,14 @@ class KD(Algorithm):
     uses_importance_ratio: ClassVar[bool] = False
     aggregation: Aggregation = "token-mean"  # mean NLL over all teacher-answer tokens of the global batch
     only_correct: bool = False  # train only on teacher answers the verifier accepts (rejection sampling)
+    # False: the NLL at T = 1, standard sequence-level KD | True: at the rollout (teacher sampling) temperature
+    nll_at_rollout_temperature: bool = False
+
+    def train_temperature(self, rollout_temperature: float) -> float:
+        # Sequence-level KD is supervised learning on the teacher's answers: the student's own (T = 1)
+        # distribution fits them, as in SFT. The rollout temperature is how the teacher sampled, not a
+        # part of the student's model; the option fits the tempered student instead (docs/algorithms.md).
+        return rollout_temperature if self.nll_at_rollout_temperature else 1.0
 
     def plan(self, stats: RolloutStats) -> Plan:
         keep = stats.lengths_B > 0

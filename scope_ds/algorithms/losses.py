@@ -9,6 +9,7 @@ the gradient does not depend on how the batch was split.
 
 from __future__ import annotations
 
+import math
 import typing
 from typing import Literal
 
@@ -35,19 +36,24 @@ def check_token_tensors(mask_BT: torch.Tensor, **tensors: torch.Tensor | None) -
         check_finite(name, t.detach(), m)
 
 
+def capped_exp(log_x: torch.Tensor, cap: float) -> torch.Tensor:
+    """min(exp(log_x), cap), computed in log space: finite for every finite ``log_x`` (no overflow)."""
+    return torch.exp(torch.clamp(log_x, max=math.log(cap)))
+
+
 def importance_ratio(logp_BT: torch.Tensor, old_logp_BT: torch.Tensor, cap: float | None = None) -> torch.Tensor:
     """rho = pi_theta / pi_old per token (Eq. 1), with gradient d rho = rho d log pi_theta.
 
     With ``cap`` (truncated importance sampling, for stale rollouts) the value is min(rho, cap) and
-    the gradient is scaled by the same factor, so a truncated token still pushes, but no harder than
-    ``cap`` times an on-policy one.
+    the gradient min(rho, cap) d log pi_theta, so a truncated token still pushes, but no harder than
+    ``cap`` times an on-policy one. Computed in log space: never NaN for finite log-probs, however
+    far apart (exp of the log-ratio alone would overflow, and rescaling it give inf * 0).
     """
     log_ratio = logp_BT - old_logp_BT.detach()
-    rho = torch.exp(log_ratio)
     if cap is None:
-        return rho
-    rho_d = rho.detach()
-    return rho * (rho_d.clamp(max=cap) / rho_d)
+        return torch.exp(log_ratio)
+    # exp(x - x.detach()) is 1 in value with gradient d x: the capped constant carries the scale.
+    return capped_exp(log_ratio.detach(), cap) * torch.exp(log_ratio - log_ratio.detach())
 
 
 def truncated_share(logp_BT: torch.Tensor, old_logp_BT: torch.Tensor, mask_BT: torch.Tensor, cap: float | None):
@@ -55,8 +61,39 @@ def truncated_share(logp_BT: torch.Tensor, old_logp_BT: torch.Tensor, mask_BT: t
     if cap is None:
         return torch.zeros((), dtype=torch.float64, device=logp_BT.device)
     m = mask_BT.bool()
-    over = (torch.exp(logp_BT.detach() - old_logp_BT.detach()) > cap) & m
+    over = ((logp_BT.detach() - old_logp_BT.detach()) > math.log(cap)) & m
     return over.sum().double() / m.sum().clamp_min(1)
+
+
+def mismatch_weight(old_logp_BT: torch.Tensor, behaviour_logp_BT: torch.Tensor, cap: float) -> torch.Tensor:
+    """Truncated importance weight min(pi_old / pi_behaviour, cap) per token, a constant (no gradient).
+
+    Corrects for the train-inference mismatch: the tokens were sampled by the rollout server's
+    numerics (pi_behaviour), the loss assumes the trainer's (pi_old, recomputed). Truncated IS, as
+    in verl / slime / AReaL: one-sided, so a token the server under-rates cannot dominate the batch.
+    """
+    return capped_exp((old_logp_BT - behaviour_logp_BT).detach(), cap)
+
+
+def mismatch_stats(
+    old_logp_BT: torch.Tensor, behaviour_logp_BT: torch.Tensor, mask_BT: torch.Tensor, cap: float
+) -> dict[str, float]:
+    """SUMS over the real tokens of one micro-batch, for per-token means over the whole batch:
+
+    - ``mismatch/abs_log_ratio_sum``: sum |log r|, r = pi_old / pi_behaviour;
+    - ``mismatch/k3_sum``: sum (r - 1 - log r), the k3 estimator of KL(pi_behaviour || pi_old)
+      (the tokens are samples of the behaviour policy; inf only past |log r| ~ 709);
+    - ``mismatch/capped_tokens``: tokens whose weight r was truncated at ``cap``;
+    - ``mismatch/tokens``: the real tokens counted (divide the three sums above by its total).
+    """
+    m = mask_BT.bool()
+    d = torch.where(m, (old_logp_BT.detach() - behaviour_logp_BT.detach()).double(), 0.0)
+    return {
+        "mismatch/abs_log_ratio_sum": float(d.abs().sum()),
+        "mismatch/k3_sum": float((torch.expm1(d) - d).sum()),  # expm1: no cancellation near r = 1
+        "mismatch/capped_tokens": float(((d > math.log(cap)) & m).sum()),
+        "mismatch/tokens": float(m.sum()),
+    }
 
 
 def mle_term(rho_BT: torch.Tensor) -> torch.Tensor:

@@ -53,8 +53,8 @@ class Scope(_DistillBase):
 
     name: ClassVar[str] = "scope"
     tau: float = 1.0  # softmax temperature of both weights (paper ablates 0.5, 1, 2)
-    student_weight: WeightMode = "on"  # on (Eq. 4) | off (uniform) | reversed (the authors' run scripts)
-    teacher_weight: WeightMode = "on"  # on (Eq. 5) | off (uniform) | reversed
+    student_weight: WeightMode = "ppl"  # ppl (Eq. 4) | uniform | reversed (the authors' run scripts)
+    teacher_weight: WeightMode = "ppl"  # ppl (Eq. 5) | uniform | reversed
 
     def __post_init__(self):
         super().__post_init__()
@@ -93,7 +93,7 @@ class OPD(_DistillBase):
         everyone = torch.ones_like(stats.correct_B, dtype=torch.bool)
         zeros = torch.zeros_like(stats.lengths_B, dtype=torch.float64)
         w = ppl_weights(
-            zeros, stats.lengths_B, everyone, stats.group_B, sign=1.0, mode="off", normalization=self.normalization
+            zeros, stats.lengths_B, everyone, stats.group_B, sign=1.0, mode="uniform", normalization=self.normalization
         )
         path = torch.where(stats.lengths_B > 0, int(Path.OPD), int(Path.SKIP))
         return Plan(path_B=path, weight_B=w)

@@ -12,7 +12,8 @@ from typing import Literal
 
 import torch
 
-WeightMode = Literal["on", "off", "reversed"]
+# Values YAML reads as strings (it reads on / off as booleans).
+WeightMode = Literal["ppl", "uniform", "reversed"]
 Normalization = Literal["sum", "mean"]
 WEIGHT_MODES = typing.get_args(WeightMode)
 NORMALIZATIONS = typing.get_args(Normalization)
@@ -77,7 +78,7 @@ def ppl_weights(
     *,
     sign: float,
     tau: float = 1.0,
-    mode: str = "on",
+    mode: str = "ppl",
     normalization: str = "sum",
 ) -> torch.Tensor:
     """Perplexity-softmax weights over each group's members (float64, no gradient).
@@ -85,7 +86,7 @@ def ppl_weights(
     score_i = sign * log pi(y_i|x) / (tau |y_i|).  sign = -1 is the student weight of Eq. 4
     (PPL_S^(1/tau), higher student PPL -> larger weight); sign = +1 is the teacher weight of Eq. 5
     (PPL_T^(-1/tau), lower teacher PPL -> larger weight). ``mode='reversed'`` flips the sign (the
-    ablation, and what the authors' run scripts do on the student path); ``'off'`` is uniform.
+    ablation, and what the authors' run scripts do on the student path); ``'uniform'`` weighs every member alike.
     A zero-length response is never a member: it gets weight 0 and does not dilute the others.
     """
     check_rollout_vectors(seq_logp_B=seq_logp_B, lengths_B=lengths_B, member_B=member_B, group_B=group_B)
@@ -98,7 +99,7 @@ def ppl_weights(
     member = member_B.bool() & (lengths_B > 0)
     check_finite("seq_logp_B", seq_logp_B, member)
     seq_logp_B = seq_logp_B.detach().double()
-    if mode == "off":
+    if mode == "uniform":
         score = torch.zeros_like(seq_logp_B)
     else:
         s = -sign if mode == "reversed" else sign

@@ -7,11 +7,17 @@ through these functions: an evaluation then scores exactly what training samples
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+from scope_ds.choices import check_choice, literal_values
+from scope_ds.data.record import PromptRecord
 
 if TYPE_CHECKING:
     from scope_ds.sample import Rollout
+
+# How a truncated response (finish_reason "length") is routed; the type of data.truncated.
+TruncatedPolicy = Literal["verify", "incorrect", "skip"]
 
 
 def encode_prompt(tokenizer: Any, prompt: str, chat_template: bool = True) -> list[int]:
@@ -24,6 +30,17 @@ def encode_prompt(tokenizer: Any, prompt: str, chat_template: bool = True) -> li
         )
         return [int(t) for t in ids]
     return [int(t) for t in tokenizer(prompt, add_special_tokens=True)["input_ids"]]
+
+
+def drop_long_prompts(
+    records: Sequence[PromptRecord], tokenizer: Any, max_tokens: int, chat_template: bool = True
+) -> tuple[list[PromptRecord], int]:
+    """The records whose prompt is at most ``max_tokens`` tokens, in their order, and how many were
+    dropped. Lengths are :func:`encode_prompt`'s (chat template included): exactly the tokens sent."""
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    kept = [r for r in records if len(encode_prompt(tokenizer, r.prompt, chat_template)) <= max_tokens]
+    return kept, len(records) - len(kept)
 
 
 def sampling_params(
@@ -44,9 +61,24 @@ def sampling_params(
     return {**params, **override}
 
 
-def decode_and_verify(tokenizer: Any, rollout: Rollout, answer: str, verifier: Callable[[str, str], float]) -> None:
+def decode_and_verify(
+    tokenizer: Any,
+    rollout: Rollout,
+    answer: str,
+    verifier: Callable[[str, str], float],
+    truncated: TruncatedPolicy = "verify",
+) -> None:
     """Fill ``rollout.text`` (special tokens skipped: what the verifier reads), ``rollout.reward``
-    (the verifier's, as a float) and ``rollout.correct`` (reward >= 1)."""
+    (the verifier's, as a float) and ``rollout.correct`` (reward >= 1).
+
+    A truncated response (``finish_reason == "length"``) under ``truncated="incorrect"`` gets reward
+    0 whatever it contains (the verifier is not asked). "verify" (the authors' code) and "skip"
+    verify it like any other: under "skip" the trainer's plan stage leaves it untrained.
+    """
+    check_choice("truncated", truncated, literal_values(TruncatedPolicy))
     rollout.text = tokenizer.decode(rollout.response_ids, skip_special_tokens=True)
-    rollout.reward = float(verifier(rollout.text, answer))
+    if truncated == "incorrect" and rollout.finish_reason == "length":
+        rollout.reward = 0.0
+    else:
+        rollout.reward = float(verifier(rollout.text, answer))
     rollout.correct = rollout.reward >= 1.0

@@ -38,7 +38,11 @@ class TokenInputs:
 
 
 def collate(rollouts: Sequence[Rollout | None], rows: Sequence[int], pad_id: int) -> TokenInputs:
-    """Pack rollouts (None = a dummy row: one pad token, no response) into padded tensors."""
+    """Pack rollouts (None = a dummy row: one pad token, no response) into padded tensors.
+
+    Every rollout's behaviour log-probs have one entry per response token (raises ValueError naming
+    the rollout otherwise): a short or missing list would silently read as pi_old = 1 (log 0).
+    """
     seqs, plens, rlens = [], [], []
     for r in rollouts:
         if r is None:
@@ -46,6 +50,12 @@ def collate(rollouts: Sequence[Rollout | None], rows: Sequence[int], pad_id: int
             plens.append(1)
             rlens.append(0)
         else:
+            if len(r.behaviour_logprobs) != len(r.response_ids):
+                raise ValueError(
+                    f"rollout prompt_id={r.prompt_id!r} group_id={r.group_id!r} sample_index={r.sample_index} "
+                    f"request_id={r.request_id!r} has {len(r.behaviour_logprobs)} behaviour log-probs for "
+                    f"{len(r.response_ids)} response tokens"
+                )
             seqs.append(list(r.prompt_ids) + list(r.response_ids))
             plens.append(len(r.prompt_ids))
             rlens.append(len(r.response_ids))
@@ -63,9 +73,7 @@ def collate(rollouts: Sequence[Rollout | None], rows: Sequence[int], pad_id: int
         if rlen:
             index[i, :rlen] = torch.arange(plen - 1, plen - 1 + rlen)
             mask[i, :rlen] = True
-            r = rollouts[i]
-            if len(r.behaviour_logprobs) == rlen:
-                old[i, :rlen] = torch.tensor(r.behaviour_logprobs, dtype=torch.float32)
+            old[i, :rlen] = torch.tensor(rollouts[i].behaviour_logprobs, dtype=torch.float32)
     return TokenInputs(ids, attn, targets, index, mask, old, list(rows))
 
 

@@ -5,7 +5,8 @@
     {"settings": {...}, "models": [{"label", "source", "benchmarks": {NAME: SUMMARY}, "average": AVG}]}
 
 where SUMMARY is :func:`scope_ds.evaluation.estimators.summarize`'s dict plus response-length
-figures, and AVG the unweighted mean over the model's benchmarks (as Table 1 averages its six).
+figures and ``skipped_long_prompts`` (prompts over --max-prompt-tokens, not in the figures), and AVG
+the unweighted mean over the model's benchmarks (as Table 1 averages its six).
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ def _cell(summary: dict[str, Any] | None, key: str, n: int) -> str:
 
 def markdown_table(results: dict[str, Any], benchmarks: Sequence[str], n: int) -> str:
     """Two tables, rows = models, columns = benchmarks + Avg, cells "Avg@n / Pass@n" in percent:
-    first with the unbiased Pass@n, then with the authors' bootstrap best-of-n (named apart)."""
+    first with the unbiased Pass@n, then with the authors' bootstrap best-of-n (named apart); then
+    a line naming the prompts skipped as too long, if any were."""
     header = "| Model | " + " | ".join(benchmarks) + " | Avg |"
     rule = "| --- |" + " ---: |" * (len(benchmarks) + 1)
     parts = []
@@ -60,6 +62,15 @@ def markdown_table(results: dict[str, Any], benchmarks: Sequence[str], n: int) -
             cells = [_cell(model["benchmarks"].get(b), key, n) for b in benchmarks]
             rows.append(f"| {model['label']} | " + " | ".join(cells) + f" | {_cell(model['average'], key, n)} |")
         parts.append("\n".join(rows))
+    skipped = [
+        f"{model['label']} / {name}: {s['skipped_long_prompts']} of {s['prompts'] + s['skipped_long_prompts']}"
+        for model in results["models"]
+        for name, s in model["benchmarks"].items()
+        if s.get("skipped_long_prompts")
+    ]
+    if skipped:
+        limit = results.get("settings", {}).get("max_prompt_tokens")
+        parts.append(f"Prompts skipped as longer than {limit} tokens (not scored): " + "; ".join(skipped) + ".")
     return "\n\n".join(parts) + "\n"
 
 

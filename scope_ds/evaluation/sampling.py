@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from scope_ds.data import encoding
 from scope_ds.data.record import PromptRecord
 from scope_ds.evaluation.estimators import avg_at_k, k_values, pass_at_k
-from scope_ds.rollout.client import RolloutServerError, SyncRolloutClient
+from scope_ds.rollout.client import RolloutAbortedError, RolloutServerError, SyncRolloutClient
 
 if TYPE_CHECKING:
     from scope_ds.sample import Rollout
@@ -36,6 +36,7 @@ class EvalSample:
     correct: bool  # verifier reward == 1
     response_length: int  # response tokens, including a matched EOS / stop token
     finish_reason: str  # "stop" or "length" (truncated at max_new_tokens or the context)
+    weight_version: int = 0  # the policy version of the server that generated it
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -102,6 +103,8 @@ def sample_and_verify(
             record = records[index]
             try:
                 rollouts = future.result()
+            except RolloutAbortedError:
+                raise  # names the prompt already
             except RolloutServerError as exc:
                 raise RolloutServerError(
                     exc.url, exc.status, f"prompt {record.prompt_id!r}: {exc.message}", exc.attempts
@@ -125,6 +128,7 @@ def _verified(tokenizer: Any, verify: Verifier, record: PromptRecord, rollout: R
         correct=rollout.correct,
         response_length=len(rollout.response_ids),
         finish_reason=rollout.finish_reason,
+        weight_version=rollout.weight_version,
     )
 
 
@@ -142,6 +146,7 @@ def metrics_from_samples(
         out[f"{prefix}/pass@{k}"] = pass_at_k(correct, k)
     out[f"{prefix}/response_length_mean"] = sum(s.response_length for s in samples) / len(samples)
     out[f"{prefix}/truncated_share"] = sum(s.finish_reason == "length" for s in samples) / len(samples)
+    out[f"{prefix}/weight_version"] = min(s.weight_version for s in samples)  # what was evaluated
     return out
 
 

@@ -4,7 +4,8 @@ Shape legend: N = tokens (flattened batch x time), V = vocabulary, D = hidden si
 tokens. A "logit source" is either logits [N, V] or final hidden states [N, D] plus an LM-head
 weight [V, D]; in both cases logits are materialised C tokens at a time, never [N, V] whole in
 float32. Backward recomputes each chunk's logits instead of saving them, so the autograd graph
-holds only the inputs and one float per token.
+holds only the inputs and one float per token. The compute dtype is float32 for bf16/fp16/fp32
+inputs and float64 for float64 ones, so that gradcheck checks the ops truly in float64.
 
 Three statistics, each per token, all at a given temperature (logits are divided by it):
 - ``logp``:    log p(token)                              (the chosen token's log-prob)
@@ -18,13 +19,20 @@ from __future__ import annotations
 import torch
 
 STATS = ("logp", "entropy", "kl")
-CHUNK_BYTES = 16 * 2**20  # float32 logits of one chunk: tokens per chunk = CHUNK_BYTES // (4 V)
+CHUNK_BYTES = 16 * 2**20  # logits of one chunk: tokens per chunk = CHUNK_BYTES // (V x bytes per element)
 
 
-def _chunk_logits(x: torch.Tensor, weight: torch.Tensor | None, sl: slice, temperature: float) -> torch.Tensor:
-    """float32 logits [C, V] of rows ``sl``: ``x[sl]`` itself, or ``x[sl] @ weight.T``."""
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """float64 for a float64 input, float32 for any other (bf16/fp16 logits are upcast)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _chunk_logits(
+    x: torch.Tensor, weight: torch.Tensor | None, sl: slice, temperature: float, dtype: torch.dtype
+) -> torch.Tensor:
+    """Logits [C, V] in ``dtype`` of rows ``sl``: ``x[sl]`` itself, or ``x[sl] @ weight.T``."""
     z = x[sl] if weight is None else x[sl] @ weight.t()
-    z = z.float()
+    z = z.to(dtype)
     return z / temperature if temperature != 1.0 else z
 
 
@@ -57,7 +65,7 @@ def _softmax(z_CV: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
 
 def _grad_chunk(stat: str, z_CV, tok_C, q_CV, lse_C, lse_q, val_C, scale_C, out=None) -> torch.Tensor:
     """``scale`` x d value / d z [C, V] of one chunk, from the saved normalisers; into ``out`` if given
-    (float32, the chunk's rows of the logits' gradient), else a new tensor."""
+    (the compute dtype, the chunk's rows of the logits' gradient), else a new tensor."""
     if stat == "logp":  # d log p_k / d z_j = 1[j=k] - p_j
         g = _softmax(z_CV, out).mul_(-scale_C[:, None])
         return g.scatter_add_(-1, tok_C[:, None], scale_C[:, None])
@@ -78,13 +86,13 @@ def _slices(n: int, chunk: int):
 class _ChunkedStat(torch.autograd.Function):
     @staticmethod
     def forward(ctx, stat, chunk, temperature, x, weight, tokens, t_x, t_weight):
-        n = x.shape[0]
-        out = torch.empty(n, dtype=torch.float32, device=x.device)
+        n, dt = x.shape[0], _compute_dtype(x)
+        out = torch.empty(n, dtype=dt, device=x.device)
         lse = torch.empty_like(out)
         lse_t = torch.empty_like(out) if stat == "kl" else None
         for sl in _slices(n, chunk):
-            z = _chunk_logits(x, weight, sl, temperature)
-            q = None if t_x is None else _chunk_logits(t_x, t_weight, sl, temperature)
+            z = _chunk_logits(x, weight, sl, temperature, dt)
+            q = None if t_x is None else _chunk_logits(t_x, t_weight, sl, temperature, dt)
             out[sl], lse[sl], lq = _forward_chunk(stat, z, None if tokens is None else tokens[sl], q)
             if lse_t is not None:
                 lse_t[sl] = lq
@@ -96,16 +104,15 @@ class _ChunkedStat(torch.autograd.Function):
     def backward(ctx, grad_N):
         x, weight, tokens, t_x, t_weight, out, lse, lse_t = ctx.saved_tensors
         need_x, need_w = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+        dt = _compute_dtype(x)
         grad_x = torch.empty_like(x) if need_x else None
-        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        grad_w = torch.zeros_like(weight, dtype=dt) if need_w else None
         for sl in _slices(x.shape[0], ctx.chunk):
-            z = _chunk_logits(x, weight, sl, ctx.temperature)
-            q = None if t_x is None else _chunk_logits(t_x, t_weight, sl, ctx.temperature)
+            z = _chunk_logits(x, weight, sl, ctx.temperature, dt)
+            q = None if t_x is None else _chunk_logits(t_x, t_weight, sl, ctx.temperature, dt)
             tok = None if tokens is None else tokens[sl]
-            scale = grad_N[sl].float() / ctx.temperature
-            direct = (
-                grad_x[sl] if weight is None and need_x and x.dtype == torch.float32 and ctx.stat != "entropy" else None
-            )
+            scale = grad_N[sl].to(dt) / ctx.temperature
+            direct = grad_x[sl] if weight is None and need_x and x.dtype == dt and ctx.stat != "entropy" else None
             g_CV = _grad_chunk(
                 ctx.stat, z, tok, q, lse[sl], None if lse_t is None else lse_t[sl], out[sl], scale, direct
             )
@@ -116,7 +123,7 @@ class _ChunkedStat(torch.autograd.Function):
             if need_x:
                 grad_x[sl] = g_CV.to(weight.dtype) @ weight
             if need_w:
-                grad_w.addmm_(g_CV.t(), x[sl].float())
+                grad_w.addmm_(g_CV.t(), x[sl].to(dt))
         if grad_w is not None:
             grad_w = grad_w.to(weight.dtype)
         return None, None, None, grad_x, grad_w, None, None, None
@@ -141,12 +148,13 @@ def chunked_stat(
     temperature: float = 1.0,
     chunk: int | None = None,
 ) -> torch.Tensor:
-    """Per-token ``stat`` ('logp' | 'entropy' | 'kl') in float32, shaped like ``x`` minus its last dim.
+    """Per-token ``stat`` ('logp' | 'entropy' | 'kl'), shaped like ``x`` minus its last dim; float32,
+    or float64 when ``x`` is float64 (then computed in float64 throughout).
 
     ``x`` is logits [..., V] (``weight`` None) or hidden states [..., D] with ``weight`` [V, D].
     ``tokens`` [...] is needed for 'logp'; ``teacher_x`` (+ ``teacher_weight``) for 'kl'.
     Gradients flow to ``x`` and ``weight``; the teacher is treated as a constant. ``chunk`` is the
-    number of tokens whose logits exist at once (default: as many as fit in CHUNK_BYTES of float32).
+    number of tokens whose logits exist at once (default: as many as fit in CHUNK_BYTES).
     """
     if stat not in STATS:
         raise ValueError(f"stat must be one of {STATS}, got {stat!r}")
@@ -175,7 +183,7 @@ def chunked_stat(
             raise ValueError(f"teacher vocabulary {vocab_t} differs from the student's {vocab_s}")
     t_w = None if teacher_weight is None else teacher_weight.detach()
     vocab = x.shape[-1] if weight is None else weight.shape[0]
-    chunk = chunk or max(1, CHUNK_BYTES // (4 * vocab))
+    chunk = chunk or max(1, CHUNK_BYTES // (_compute_dtype(x).itemsize * vocab))
     out = _ChunkedStat.apply(stat, chunk, float(temperature), x_N, weight, tok_N, t_N, t_w)
     return out.reshape(lead)
 

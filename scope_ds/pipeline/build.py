@@ -15,6 +15,8 @@ import torch
 
 from scope_ds.algorithms.base import Algorithm
 from scope_ds.config import Config, ConfigError, save_config
+from scope_ds.data.encoding import drop_long_prompts
+from scope_ds.data.record import PromptRecord
 from scope_ds.data.stream import prompt_source
 from scope_ds.engines import ds
 from scope_ds.engines.compat import check_compatible
@@ -24,6 +26,9 @@ from scope_ds.pipeline.collectives import default_backend, score_group, share
 from scope_ds.pipeline.run import RolloutSide, Run
 from scope_ds.pipeline.versions import PolicyVersions
 from scope_ds.rewards import get_verifier
+from scope_ds.rollout.client import SyncRolloutClient
+from scope_ds.rollout.launcher import RolloutServers
+from scope_ds.rollout.weight_sync import DiskWeightSync, DistributedWeightSync
 
 
 def build_run(cfg: Config) -> Run:
@@ -33,17 +38,16 @@ def build_run(cfg: Config) -> Run:
     algo = cfg.algorithm()
     student_path, teacher_path = resolve_models(cfg, rank)
     tokenizer = check_compatible(student_path, teacher_path, full_vocab=algo.uses_full_kl)
-    records, eval_records, verifier = prompt_source(cfg.data)
-    if not records:
-        raise ConfigError(f"data.source {cfg.data.source!r} has no usable prompts")
+    records, eval_records, verifier = prompts(cfg, tokenizer, rank)
     group = score_group()
     student, teacher, reference, grad_accum = build_engines(
-        cfg, algo, world, student_path, teacher_path, teacher_group(cfg, algo, group)
+        cfg, algo, world, student_path, teacher_path, teacher_group(cfg, group)
     )
     rollout = None
     if rank == 0:
         save_config(cfg, os.path.join(cfg.logging.run_dir, "config.yaml"))
-        rollout = start_rollout(cfg, algo, student_path, teacher_path)
+        evaluates = bool(cfg.data.eval_every and eval_records)
+        rollout = start_rollout(cfg, algo, student_path, teacher_path, evaluates)
     return Run(
         cfg=cfg,
         rank=rank,
@@ -63,6 +67,24 @@ def build_run(cfg: Config) -> Run:
         log=run_log(cfg, rank),
         rollout=rollout,
     )
+
+
+def prompts(cfg: Config, tokenizer: Any, rank: int) -> tuple[list[PromptRecord], list[PromptRecord], str]:
+    """(training prompts, held-out prompts, verifier name), without the prompts longer than
+    ``data.max_prompt_tokens`` (counted and said on rank 0)."""
+    d = cfg.data
+    records, eval_records, verifier = prompt_source(d)
+    records, skipped = drop_long_prompts(records, tokenizer, d.max_prompt_tokens, d.chat_template)
+    eval_records, eval_skipped = drop_long_prompts(eval_records, tokenizer, d.max_prompt_tokens, d.chat_template)
+    if (skipped or eval_skipped) and rank == 0:
+        print(
+            f"data: skipped {skipped} training and {eval_skipped} held-out prompts longer than data.max_prompt_tokens={d.max_prompt_tokens}"
+        )
+    if not records:
+        raise ConfigError(
+            f"data.source {d.source!r} has no usable prompts (data.max_prompt_tokens={d.max_prompt_tokens})"
+        )
+    return records, eval_records, verifier
 
 
 def seed_everything(seed: int) -> None:
@@ -121,55 +143,74 @@ def build_engines(
     return student, teacher, reference, grad_accum
 
 
-def teacher_group(cfg: Config, algo: Algorithm, group: Any) -> Any:
+def teacher_group(cfg: Config, group: Any) -> Any:
     """The group the teacher gathers its parameters on: ``group`` (see collectives.score_group) if
     it is to score beside the update (``pipeline.overlap_teacher``); otherwise None, the default.
 
-    Never with a full-vocabulary KL (the update runs the teacher too), nor where the default
-    backend is not gloo: NCCL does not allow two communicators' collectives at once from two
-    threads of one device (they may deadlock unless every rank issues them in the same order).
+    Only where the default backend is gloo: NCCL does not allow two communicators' collectives at
+    once from two threads of one device (they may deadlock unless every rank issues them in the
+    same order), so overlap asked for on NCCL is refused, naming the key.
     """
-    if not cfg.pipeline.overlap_teacher or algo.uses_full_kl or default_backend() != "gloo":
+    if not cfg.pipeline.overlap_teacher:
         return None
+    if default_backend() != "gloo":
+        raise ConfigError(
+            f"pipeline.overlap_teacher=true needs the gloo backend, and this run's is {default_backend()}: NCCL "
+            "cannot run the teacher's and the student's collectives from two threads at once; set "
+            "pipeline.overlap_teacher=false (docs/pipeline.md)"
+        )
     return group
 
 
-def start_rollout(cfg: Config, algo: Algorithm, student_path: str, teacher_path: str) -> RolloutSide:
-    """Launch (or attach to) the rollout servers, with a client and the weight sync (rank 0)."""
-    from scope_ds.rollout.client import SyncRolloutClient
-    from scope_ds.rollout.launcher import RolloutServers
+def start_rollout(cfg: Config, algo: Algorithm, student_path: str, teacher_path: str, evaluates: bool) -> RolloutSide:
+    """Launch (or attach to) the rollout servers, with a client and the weight sync (rank 0).
 
+    KD trains on the teacher's answers: its servers serve the teacher and never change. With an
+    in-training evaluation (``evaluates``) it also launches one server of the student, which the
+    weight sync keeps up to date, so that evaluation measures the student.
+    """
     c = cfg.rollout
-    # KD trains on the teacher's answers: its servers serve the teacher and never change.
-    served = teacher_path if algo.uses_teacher_rollouts else student_path
     if c.servers:
         servers = RolloutServers.attach(c.servers, timeout_s=c.startup_timeout_s)
     else:
-        servers = RolloutServers.start(
-            c.backend,
-            served,
-            count=c.num_servers,
-            gpus_per_server=c.gpus_per_server,
-            log_dir=os.path.join(cfg.logging.run_dir, "logs"),
-            random_seed=cfg.train.seed,
-            wait_s=c.startup_timeout_s,
-            # SGLang honours sampling_seed only in its deterministic mode
-            extra_args=["--enable-deterministic-inference"] if c.backend == "sglang" and c.seeded else [],
-        )
-    client = SyncRolloutClient(servers.urls, timeout_s=c.request_timeout_s, max_retries=c.retries)
-    sync = None if algo.uses_teacher_rollouts else weight_sync(cfg, client, student_path)
-    return RolloutSide(servers=servers, client=client, weight_sync=sync)
+        served = teacher_path if algo.uses_teacher_rollouts else student_path
+        servers = launch_servers(cfg, served, c.num_servers, "logs")
+    client = rollout_client(cfg, servers.urls)
+    if not algo.uses_teacher_rollouts:
+        return RolloutSide(servers, client, weight_sync(cfg, client, student_path))
+    if not evaluates:
+        return RolloutSide(servers, client)
+    student_servers = launch_servers(cfg, student_path, 1, os.path.join("logs", "eval"))
+    eval_client = rollout_client(cfg, student_servers.urls)
+    sync = weight_sync(cfg, eval_client, student_path)
+    return RolloutSide(servers, client, sync, eval_servers=student_servers, eval_client=eval_client)
 
 
-def weight_sync(cfg: Config, client: Any, student_path: str) -> Any:
+def launch_servers(cfg: Config, model_path: str, count: int, log_dir: str) -> RolloutServers:
+    c = cfg.rollout
+    return RolloutServers.start(
+        c.backend,
+        model_path,
+        count=count,
+        gpus_per_server=c.gpus_per_server,
+        log_dir=os.path.join(cfg.logging.run_dir, log_dir),
+        random_seed=cfg.train.seed,
+        wait_s=c.startup_timeout_s,
+        # SGLang honours sampling_seed only in its deterministic mode
+        extra_args=["--enable-deterministic-inference"] if c.backend == "sglang" and c.seeded else [],
+    )
+
+
+def rollout_client(cfg: Config, urls: list[str]) -> SyncRolloutClient:
+    c = cfg.rollout
+    return SyncRolloutClient(urls, timeout_s=c.request_timeout_s, max_retries=c.retries)
+
+
+def weight_sync(cfg: Config, client: SyncRolloutClient, student_path: str) -> DiskWeightSync | DistributedWeightSync:
     c = cfg.rollout
     if c.weight_sync == "disk":
-        from scope_ds.rollout.weight_sync import DiskWeightSync
-
         root = c.sync_dir or os.path.join(cfg.logging.run_dir, "weights")
         return DiskWeightSync(client, root, config_dir=student_path)
-    from scope_ds.rollout.weight_sync import DistributedWeightSync
-
     return DistributedWeightSync(client, bucket_bytes=c.bucket_mb << 20)
 
 

@@ -151,14 +151,6 @@ class RolloutProducer(_Worker):
             self._cond.notify_all()
 
 
-def overlap_teacher(run: Run) -> bool:
-    """Whether the teacher scores beside the update: asked for (``pipeline.overlap_teacher``) and
-    possible (the teacher gathers on its own group, see build.teacher_group; no teacher: trivially)."""
-    if not run.cfg.pipeline.overlap_teacher or run.algo.uses_full_kl:
-        return False
-    return run.teacher is None or run.teacher.group is not None
-
-
 class ScoredFeed(_Worker):
     """The trainer's feed of scored batches: every rank's teacher-scoring thread.
 
@@ -172,7 +164,7 @@ class ScoredFeed(_Worker):
         super().__init__("scorer", run.cfg.rollout.request_timeout_s)
         self.run, self.producer = run, producer
         self._upstream = producer
-        self.overlap = overlap_teacher(run)
+        self.overlap = run.cfg.pipeline.overlap_teacher  # validated: gloo, no full-vocabulary KL
         self._device = current_device()  # per thread on GPUs: the thread binds it
         self._spans: dict[int, tuple[float, float]] = {}  # step -> when it was scored
         # The step the trainer waits for: without overlap, scoring runs only then (the trainer's

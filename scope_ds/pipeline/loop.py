@@ -23,6 +23,9 @@ from scope_ds.pipeline.run import Run
 from scope_ds.pipeline.stages import Batch
 
 BUSY_STAGES = ("generate", "verify", "teacher", "update", "sync")
+# Mean |log(pi_old / pi_behaviour)| per token above which on-policy rollouts point at a convention
+# error, not at numerics: bf16 and a KV cache move it by hundredths; a temperature mismatch by tenths.
+MISMATCH_WARN = 0.1
 
 
 def train(run: Run) -> dict[str, float]:
@@ -31,8 +34,6 @@ def train(run: Run) -> dict[str, float]:
     start, pending = restore(run)
     producer = RolloutProducer(run, start, pending) if run.rank == 0 else None
     feed = ScoredFeed(run, producer, start)
-    if cfg.pipeline.max_staleness and cfg.pipeline.overlap_teacher and not feed.overlap:
-        run.log.message("pipeline.overlap_teacher: off here (full-vocabulary KL, or not gloo); see docs/pipeline.md")
     if cfg.data.eval_every and start == 0:
         run.log.log(0, on_rank0(evaluate, run))
     last, done = {}, start  # done: steps whose update is applied
@@ -48,6 +49,8 @@ def train(run: Run) -> dict[str, float]:
                 producer.advanced()
             metrics.update(staleness)
             metrics.update(step_metrics(run, batch, time.perf_counter() - t0))
+            if done == start + 1:
+                check_mismatch(run, metrics)
             if cfg.data.eval_every and done % cfg.data.eval_every == 0:
                 metrics.update(on_rank0(evaluate, run))
             run.log.rollouts(done, batch.rollouts)
@@ -99,7 +102,7 @@ def evaluate(run: Run) -> dict[str, float]:
     if not run.eval_records:
         return {}
     return evaluate_records(
-        run.rollout.client,
+        run.rollout.eval_client,
         run.tokenizer,
         run.eval_records,
         run.verifier,
@@ -117,6 +120,19 @@ def staleness_metrics(run: Run, batch: Batch) -> dict[str, float]:
         return {}
     lag = [run.versions.behind(r.weight_version) for r in batch.rollouts]
     return {"staleness/mean": sum(lag) / len(lag), "staleness/max": max(lag)}
+
+
+def check_mismatch(run: Run, metrics: dict[str, float]) -> None:
+    """One line when the first step's on-policy rollouts disagree with the trainer's pi_old by far
+    more than rounding: the server reports its log-probs under another convention."""
+    gap = metrics.get("mismatch/abs_log_ratio")
+    if gap is None or metrics.get("staleness/max", 0) != 0 or gap <= MISMATCH_WARN:
+        return
+    run.log.message(
+        f"mismatch: the rollout servers' log-probs differ from the trainer's by {gap:.3f} nats per token on "
+        "on-policy rollouts: they follow another convention. scope_ds takes them at rollout.temperature; an "
+        "SGLang server started with SGLANG_RETURN_ORIGINAL_LOGPROB=1 reports them at temperature 1 (docs/rollout.md)"
+    )
 
 
 def step_metrics(run: Run, batch: Batch, wall: float) -> dict[str, float]:

@@ -20,18 +20,30 @@ from scope_ds.rewards import Verifier
 
 @dataclass
 class RolloutSide:
-    """Rank 0's rollout servers, the client that speaks to them, and the weight sync (None for
-    KD, whose servers serve the fixed teacher)."""
+    """Rank 0's rollout servers, the client that speaks to them, and the weight sync.
+
+    KD generates with the fixed teacher: its servers never change, and in-training evaluation
+    goes to servers of its own that serve the student (``eval_*``); for every other algorithm
+    those are the rollout servers themselves.
+    """
 
     servers: Any  # rollout.launcher.RolloutServers: launched or attached servers, stopped at close
     client: Any  # rollout.client.SyncRolloutClient
-    weight_sync: Any = None  # rollout.weight_sync.DiskWeightSync | DistributedWeightSync | None
+    weight_sync: Any = None  # pushes the student's weights (to eval_client's servers); None: nothing to push
+    eval_servers: Any = None  # KD: the student's own servers, for evaluation; None: ``servers``
+    eval_client: Any = None  # the client evaluation uses; None: ``client``
+
+    def __post_init__(self) -> None:
+        self.eval_client = self.eval_client or self.client
 
     def close(self) -> None:
         if self.weight_sync is not None and hasattr(self.weight_sync, "close"):
             self.weight_sync.close()
-        self.client.close()
-        self.servers.stop()
+        for client in {id(c): c for c in (self.client, self.eval_client)}.values():
+            client.close()
+        for servers in (self.servers, self.eval_servers):
+            if servers is not None:
+                servers.stop()
 
 
 @dataclass
@@ -55,6 +67,12 @@ class Run:
     score_group: Any = None  # the scoring thread's process group (collectives.score_group)
     log: RunLog | None = None  # metrics.jsonl, rollouts, TensorBoard, the progress bar (rank 0 writes)
     rollout: RolloutSide | None = None  # rank 0 only
+
+    @property
+    def pushes_weights(self) -> bool:
+        """Whether a sync sends the student's weights anywhere (known alike on every rank): always,
+        but for KD without in-training evaluation (its rollout servers serve the teacher)."""
+        return not self.algo.uses_teacher_rollouts or bool(self.cfg.data.eval_every and self.eval_records)
 
     @property
     def run_dir(self) -> str:

@@ -10,8 +10,10 @@ Shape legend: B = rollouts, T = response positions.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -88,7 +90,7 @@ def verify(run: Run, batch: Batch) -> None:
     """Decode each response and route it by the verifier's reward (rank 0)."""
     n = len(batch.rollouts) // len(batch.records)  # prompt-major: n rollouts per record
     for i, r in enumerate(batch.rollouts):
-        encoding.decode_and_verify(run.tokenizer, r, batch.records[i // n].answer, run.verifier)
+        encoding.decode_and_verify(run.tokenizer, r, batch.records[i // n].answer, run.verifier, run.cfg.data.truncated)
 
 
 # ---------------------------------------------------------------------------------- every rank
@@ -107,15 +109,42 @@ def score(run: Run, batch: Batch) -> None:
     out: dict[int, list[float]] = {}
     for mb in micro_batches(mine, size, count):
         inputs = _inputs(run, batch, mb, run.teacher.device)
-        logp = run.teacher.score(inputs, run.cfg.rollout.temperature)
-        for row, i in enumerate(mb):
-            out[i] = logp[row, : batch.rollouts[i].response_length].tolist()
-    if run.world > 1:  # on the teacher's group: scoring may run beside the update (feed.ScoredFeed)
-        parts: list = [None] * run.world
-        torch.distributed.all_gather_object(parts, out, group=run.teacher.group)
-        out = {k: v for part in parts for k, v in part.items()}
-    for i, logp in out.items():
+        out.update(_rows(batch, mb, run.teacher.score(inputs, run.cfg.rollout.temperature)))
+    # on the teacher's group: scoring may run beside the update (feed.ScoredFeed)
+    for i, logp in _gather_rows(run, out, run.teacher.group).items():
         batch.rollouts[i].teacher_logprobs = logp
+
+
+def recompute_old_logprobs(run: Run, batch: Batch) -> None:
+    """pi_old by the trainer (``algo.old_logprobs=recompute``): a no-grad forward of the student,
+    before the update, over this rank's share in the update's own micro-batches (so that rho is 1
+    in value at the update), at the training temperature; every rank ends with every rollout's
+    ``old_logprobs``. The server's log-probs then serve only the train-inference mismatch weight."""
+    if not run.algo.recomputes_old_logprobs:
+        return
+    temp = run.algo.train_temperature(run.cfg.rollout.temperature)
+    out: dict[int, list[float]] = {}
+    for mb in micro_batches(
+        rank_share(len(batch.rollouts), run.rank, run.world), run.cfg.train.micro_batch_size, run.grad_accum
+    ):
+        inputs = _inputs(run, batch, mb, run.student.device)
+        out.update(_rows(batch, mb, run.student.score(inputs, temp)))
+    for i, logp in _gather_rows(run, out).items():
+        batch.rollouts[i].old_logprobs = logp
+
+
+def _rows(batch: Batch, mb: list[int], values_BT: torch.Tensor) -> dict[int, list[float]]:
+    """Rollout index -> its row of per-token values (its response length of them)."""
+    return {i: values_BT[row, : batch.rollouts[i].response_length].tolist() for row, i in enumerate(mb)}
+
+
+def _gather_rows(run: Run, rows: dict[int, list[float]], group: Any = None) -> dict[int, list[float]]:
+    """Every rank's rows on every rank (a collective on ``group``)."""
+    if run.world == 1:
+        return rows
+    parts: list = [None] * run.world
+    torch.distributed.all_gather_object(parts, rows, group=group)
+    return {k: v for part in parts for k, v in part.items()}
 
 
 def _inputs(run: Run, batch: Batch, mb: list[int], device: torch.device) -> TokenInputs:
@@ -126,7 +155,7 @@ def _inputs(run: Run, batch: Batch, mb: list[int], device: torch.device) -> Toke
 def plan(run: Run, batch: Batch) -> tuple[RolloutStats, Plan, float]:
     """The algorithm's plan over the global batch; fills each rollout's path, weight and log-likelihoods."""
     rs = batch.rollouts
-    s_logp = torch.tensor([float(sum(r.behaviour_logprobs)) for r in rs], dtype=torch.float64)
+    s_logp = torch.tensor([float(sum(_old_logprobs(r))) for r in rs], dtype=torch.float64)
     t_logp = torch.tensor(
         [float(sum(r.teacher_logprobs)) if r.teacher_logprobs is not None else math.nan for r in rs],
         dtype=torch.float64,
@@ -134,7 +163,7 @@ def plan(run: Run, batch: Batch) -> tuple[RolloutStats, Plan, float]:
     stats = RolloutStats(
         group_B=_groups(rs),
         correct_B=torch.tensor([r.correct for r in rs]),
-        lengths_B=torch.tensor([r.response_length for r in rs]),
+        lengths_B=torch.tensor([_trained_length(run.cfg, r) for r in rs]),
         reward_B=torch.tensor([r.reward for r in rs], dtype=torch.float64),
         student_seq_logp_B=s_logp,
         teacher_seq_logp_B=t_logp,
@@ -148,6 +177,17 @@ def plan(run: Run, batch: Batch) -> tuple[RolloutStats, Plan, float]:
     return stats, p, run.algo.normalizer(p, stats)
 
 
+def _old_logprobs(r: Rollout) -> list[float]:
+    """pi_old's log-probs of a rollout: the trainer's recomputed ones, else the server's."""
+    return r.old_logprobs if r.old_logprobs is not None else r.behaviour_logprobs
+
+
+def _trained_length(cfg: Config, r: Rollout) -> int:
+    """The response tokens the algorithm may train on: none of a cut-off answer under
+    ``data.truncated=skip`` (a zero-length rollout joins no weight subset and no normaliser)."""
+    return 0 if cfg.data.truncated == "skip" and r.finish_reason == "length" else r.response_length
+
+
 def _groups(rollouts: list[Rollout]) -> torch.Tensor:
     """Each rollout's prompt group as an index 0, 1, ... in order of first appearance."""
     ids = {g: i for i, g in enumerate(dict.fromkeys(r.group_id for r in rollouts))}
@@ -155,13 +195,12 @@ def _groups(rollouts: list[Rollout]) -> torch.Tensor:
 
 
 def _token_batch(run: Run, batch: Batch, mb: list[int], p: Plan, inputs: TokenInputs, logits) -> TokenBatch:
-    temp = run.cfg.rollout.temperature
+    temp = run.algo.train_temperature(run.cfg.rollout.temperature)
     logp = run.student.response_logprobs(logits, inputs, temp)
-    teacher = torch.zeros_like(inputs.old_logp_BT)
-    for row, i in enumerate(mb):
-        t = batch.rollouts[i].teacher_logprobs
-        if t is not None:
-            teacher[row, : len(t)] = torch.tensor(t)
+    rows = [batch.rollouts[i] for i in mb]
+    teacher = _padded([r.teacher_logprobs for r in rows], inputs.old_logp_BT)
+    recomputed = run.algo.recomputes_old_logprobs
+    old = _padded([r.old_logprobs for r in rows], inputs.old_logp_BT) if recomputed else inputs.old_logp_BT
     idx = torch.tensor(mb, dtype=torch.long) if mb else torch.zeros(1, dtype=torch.long)
     dev = logp.device  # the plan is on the CPU; the loss runs where the logits are
     path = (p.path_B[idx] if mb else torch.tensor([int(Path.SKIP)])).to(dev)
@@ -175,7 +214,7 @@ def _token_batch(run: Run, batch: Batch, mb: list[int], p: Plan, inputs: TokenIn
         kl = gather_response(reverse_kl(logits, t_logits, temperature=temp, chunk=run.student.chunk), inputs)
     return TokenBatch(
         logp_BT=logp,
-        old_logp_BT=inputs.old_logp_BT,
+        old_logp_BT=old,
         mask_BT=inputs.mask_BT,
         path_B=path,
         weight_B=weight,
@@ -183,12 +222,25 @@ def _token_batch(run: Run, batch: Batch, mb: list[int], p: Plan, inputs: TokenIn
         teacher_logp_BT=teacher,
         ref_logp_BT=ref,
         kl_BT=kl,
+        behaviour_logp_BT=inputs.old_logp_BT if recomputed else None,
     )
+
+
+def _padded(values: list[list[float] | None], like_BT: torch.Tensor) -> torch.Tensor:
+    """Per-token lists (None: none) as a right-padded tensor of ``like_BT``'s shape, 0 elsewhere."""
+    out = torch.zeros_like(like_BT)
+    for row, v in enumerate(values):
+        if v is not None:
+            out[row, : len(v)] = torch.tensor(v, dtype=out.dtype)
+    return out
 
 
 def update(run: Run, batch: Batch) -> dict[str, float]:
     """One optimizer step of the student on this rank's share of the batch; metrics summed over
     ranks. The student is one policy version further afterwards."""
+    t0 = time.perf_counter()
+    recompute_old_logprobs(run, batch)
+    batch.times["old_logprobs"] = time.perf_counter() - t0
     stats, p, normalizer = plan(run, batch)
     mine = rank_share(len(batch.rollouts), run.rank, run.world)
     sums: dict[str, float] = {}
@@ -210,6 +262,11 @@ def update(run: Run, batch: Batch) -> dict[str, float]:
     tokens = max(sums.pop("entropy/tokens", 0.0), 1.0)
     out["entropy/student"] = sums.get("entropy/sum", 0.0) / tokens
     out["is/truncated_share"] = sums.get("is/truncated_tokens", 0.0) / tokens
+    if "mismatch/tokens" in sums:  # token sums from the loss: per-token means over the batch
+        n = max(sums["mismatch/tokens"], 1.0)
+        out["mismatch/abs_log_ratio"] = sums["mismatch/abs_log_ratio_sum"] / n
+        out["mismatch/k3"] = sums["mismatch/k3_sum"] / n
+        out["mismatch/capped_share"] = sums["mismatch/capped_tokens"] / n
     out.update(run.student.step_stats())
     out.update(batch_metrics(batch.rollouts, stats, p))
     return out
@@ -218,8 +275,9 @@ def update(run: Run, batch: Batch) -> dict[str, float]:
 def sync(run: Run) -> None:
     """Push the student's weights, labelled with its policy version, to the rollout servers
     (every rank takes part in the gather); afterwards every server holds that version. KD's
-    servers serve the fixed teacher: nothing to push, they count as synced at once."""
-    if not run.algo.uses_teacher_rollouts:
+    rollout servers serve the fixed teacher: they count as synced at once, and the weights go
+    only to its evaluation server, if it has one (see Run.pushes_weights)."""
+    if run.pushes_weights:
         params = run.student.full_parameters(run.rank)
         on_rank0(_push, run, params)
     run.versions.synced()

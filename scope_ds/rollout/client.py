@@ -4,6 +4,8 @@ Async (httpx): many requests in flight over one or several servers, each request
 least-loaded server (ties round-robin). Connection errors, timeouts and 5xx answers are retried
 with exponential backoff, on another server when there is one; when the retries run out the
 client raises :class:`RolloutServerError` naming the server and the status. A 4xx is not retried.
+Samples that are still aborted after ``max_abort_resubmits`` resubmissions raise
+:class:`RolloutAbortedError`: a partial rollout is never returned.
 """
 
 from __future__ import annotations
@@ -24,6 +26,12 @@ from scope_ds.sample import Rollout
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+# Idle keep-alive connections are dropped after this many seconds, well before the servers close
+# them (uvicorn's timeout_keep_alive is 5 s in SGLang's launch_server and in our embedded server,
+# KEEP_ALIVE_S in server/main.py). httpx's default expiry is also 5 s: a request sent on a
+# connection idle for ~5 s could cross the server's close and fail with ReadError (and a retry).
+KEEPALIVE_EXPIRY_S = 2.0
+
 
 class RolloutServerError(RuntimeError):
     """A rollout server that failed: unreachable, 5xx after every retry, or a 4xx refusal."""
@@ -33,8 +41,37 @@ class RolloutServerError(RuntimeError):
         self.status = status
         self.message = message
         self.attempts = attempts
-        status_text = f"HTTP {status}" if status is not None else "no answer"
-        super().__init__(f"rollout server {url} failed ({status_text}) after {attempts} attempt(s): {message}")
+        super().__init__(self._describe())
+
+    def _describe(self) -> str:
+        status_text = f"HTTP {self.status}" if self.status is not None else "no answer"
+        return f"rollout server {self.url} failed ({status_text}) after {self.attempts} attempt(s): {self.message}"
+
+
+class RolloutAbortedError(RolloutServerError):
+    """Samples of one prompt still aborted after every resubmission (``max_abort_resubmits``).
+
+    Raised instead of returning partial rollouts (``finish_reason == "abort"``), which a trainer
+    would otherwise train on as if they were whole. A RolloutServerError, so callers that stop on
+    a failing server stop on this too.
+    """
+
+    def __init__(
+        self, url: str, prompt_id: str, group_id: str, samples: list[int], request_ids: list[str], resubmits: int
+    ) -> None:
+        self.prompt_id = prompt_id
+        self.group_id = group_id
+        self.samples = samples  # sample indices still aborted
+        self.request_ids = request_ids  # the servers' ids of their last (aborted) answers
+        self.resubmits = resubmits
+        message = (
+            f"prompt {prompt_id!r} (group {group_id!r}): sample(s) {samples} still aborted after {resubmits} "
+            f"resubmission(s) (max_abort_resubmits); last request id(s) {request_ids}"
+        )
+        super().__init__(url, 200, message, resubmits + 1)
+
+    def _describe(self) -> str:
+        return f"rollout server {self.url}: {self.message}"
 
 
 class RolloutClient:
@@ -64,7 +101,11 @@ class RolloutClient:
         # trust_env=False: a proxy from the environment must never sit between trainer and servers.
         self._http = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout_s, connect=min(10.0, timeout_s)),
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+            limits=httpx.Limits(
+                max_connections=max_connections,
+                max_keepalive_connections=max_connections,
+                keepalive_expiry=KEEPALIVE_EXPIRY_S,
+            ),
             trust_env=False,
         )
 
@@ -142,11 +183,13 @@ class RolloutClient:
         """``n`` rollouts of one prompt, in sample order, each with its producing server and version.
 
         Samples that come back aborted (a pause in "abort" mode, an abort_request) are sent again,
-        up to ``max_abort_resubmits`` times, so that every rollout is whole and of one version.
+        up to ``max_abort_resubmits`` times, so that every rollout is whole and of one version; if
+        some are still aborted then, raises :class:`RolloutAbortedError` (never a partial rollout).
         """
         prompt = [int(t) for t in prompt_ids]
         rollouts: list[Rollout | None] = [None] * n
         missing = list(range(n))
+        server = ""
         for _ in range(self.max_abort_resubmits + 1):
             if seed is None:
                 prompts, params, per = [prompt], {**sampling_params, "n": len(missing)}, len(missing)
@@ -165,6 +208,9 @@ class RolloutClient:
             missing = [slot for slot in missing if rollouts[slot].finish_reason == "abort"]  # type: ignore[union-attr]
             if not missing:
                 break
+        if missing:
+            ids = [rollouts[slot].request_id for slot in missing]  # type: ignore[union-attr]
+            raise RolloutAbortedError(server, prompt_id, group_id, missing, ids, self.max_abort_resubmits)
         for index, rollout in enumerate(rollouts):
             assert rollout is not None
             rollout.sample_index, rollout.prompt_id, rollout.group_id = index, prompt_id, group_id

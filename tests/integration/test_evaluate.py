@@ -102,6 +102,7 @@ def test_evaluate_end_to_end(eval_setup) -> None:
             samples = _samples(out, model["label"].replace(":", "_"), bench)
             summary = model["benchmarks"][bench]
             assert len(samples) == size * N == summary["samples"]
+            assert summary["skipped_long_prompts"] == 0  # no --max-prompt-tokens: no limit
             # The dumped verdicts are the verifier's, and Avg@n is their share.
             assert all(s["correct"] == bool(verifiers[bench](s["text"], s["answer"])) for s in samples)
             assert summary["avg"] == pytest.approx(sum(s["correct"] for s in samples) / len(samples))
@@ -115,7 +116,8 @@ def test_evaluate_end_to_end(eval_setup) -> None:
     trained_local = results["models"][0]["benchmarks"]["local"]
     assert 0.0 < trained_local["avg"] < 1.0  # the estimators above were tested on a real mix
     table = (out / "results.md").read_text()
-    assert "| Model | toy | local | Avg |" in table and "| boxed12 |" in table
+    assert "| Model | toy | local | Avg |" in table and "| boxed12 |" in table and "skipped" not in table
+    assert results["settings"]["max_prompt_tokens"] is None
     for name in ("toy", "local", "average"):
         _assert_png(out / f"pass_at_k_{name}.png")
     assert "results in" in proc.stdout
@@ -154,6 +156,39 @@ def test_evaluate_records_for_training(eval_setup) -> None:
     assert metrics["eval/local/accuracy"] == metrics["eval/local/avg@4"] == pytest.approx(metrics["eval/local/pass@1"])
     assert 0 < metrics["eval/local/response_length_mean"] <= 12
     assert evaluate_records(client, tokenizer, [], "math", 4, params) == {}
+
+
+def test_max_prompt_tokens_skips_long_prompts_and_reports_them(eval_setup) -> None:
+    """--max-prompt-tokens N: prompts longer than N tokens as sent are left out, counted and reported."""
+    from transformers import AutoTokenizer
+
+    from scope_ds.data.encoding import encode_prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(eval_setup["trained"])  # the URL model's: the same tokenizer
+    limit = len(encode_prompt(tokenizer, math_prompt("de")))  # keeps the 2-letter questions, skips the 3-letter
+    out = eval_setup["root"] / "out_limit"
+    proc = _evaluate(
+        "--model", f"small={eval_setup['url']}", "--benchmarks", f"local={eval_setup['bench']}",
+        "--n", "2", "--max-new-tokens", "4", "--max-prompt-tokens", str(limit), "--out", str(out), "--no-progress",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    kept = [f"local:{i}" for i, (q, _) in enumerate(BENCH_ROWS) if len(q) <= 2]
+    assert len(kept) == 2
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["max_prompt_tokens"] == limit
+    summary = results["models"][0]["benchmarks"]["local"]
+    assert (summary["prompts"], summary["samples"], summary["skipped_long_prompts"]) == (2, 4, 2)
+    assert sorted({s["prompt_id"] for s in _samples(out, "small", "local")}) == kept
+    note = f"Prompts skipped as longer than {limit} tokens (not scored): small / local: 2 of 4."
+    assert note in (out / "results.md").read_text() and note in proc.stdout
+    assert f"small / local: skipped 2 of 4 prompts longer than {limit} tokens" in proc.stdout
+    # A benchmark with no prompt short enough is an error that names it.
+    proc = _evaluate(
+        "--model", eval_setup["url"], "--benchmarks", f"local={eval_setup['bench']}",
+        "--max-prompt-tokens", "3", "--out", str(out / "none_fit"), "--no-progress",
+    )  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "'local': all 4 prompts are longer than --max-prompt-tokens 3" in proc.stderr
 
 
 @pytest.mark.parametrize(

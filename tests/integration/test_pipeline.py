@@ -21,6 +21,7 @@ from train_helpers import (
     read_jsonl,
     run_env,
     small_run_overrides,
+    token_logprobs_float64,
 )
 
 
@@ -91,24 +92,15 @@ def test_staleness_never_exceeds_k(model_pair, tmp_path, k, ranks, overlap):
         max(s - 1 - r["weight_version"] for r in read_jsonl(out / "rollouts" / f"step_{s}.jsonl"))
         for s in range(1, steps + 1)
     ]
-    for m in metrics:
-        assert m["pipeline/overlap"] > 0 and all(m[f"time/{s}"] >= 0 for s in ("generate", "teacher", "update", "sync"))
+    # Overlap is busy stage time over wall time: above 1 once the next batch is generated during
+    # the update of the current one (every step after the first, which waits for its batch).
+    overlaps = [m["pipeline/overlap"] for m in metrics]
+    assert overlaps[0] <= 1.05 and all(o > 1 for o in overlaps[1:]), overlaps
 
 
 def _teacher_seq_logp_float64(path, rows) -> list[float]:
     """Sum of the response tokens' log-probs under the teacher (temperature 1), in float64."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float64).eval()
-    out = []
-    with torch.no_grad():
-        for r in rows:
-            ids = torch.tensor([r["prompt_ids"] + r["response_ids"]])
-            logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1], dim=-1)
-            start = len(r["prompt_ids"]) - 1
-            targets = ids[0, 1:][start:]
-            out.append(float(logp[start:].gather(1, targets[:, None]).sum()))
-    return out
+    return [sum(t) for t in token_logprobs_float64(path, rows)]
 
 
 def test_a_rank_with_nothing_to_score_does_not_hang(model_pair, tmp_path):

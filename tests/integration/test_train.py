@@ -18,6 +18,7 @@ from train_helpers import (
     read_jsonl,
     run_env,
     small_run_overrides,
+    token_logprobs_float64,
 )
 
 
@@ -61,13 +62,70 @@ def test_scope_two_ranks_trains_and_logs_reproducible_weights(model_pair, tmp_pa
     assert (out / "config.yaml").is_file() and any((out / "tensorboard").iterdir())
 
 
+def test_scope_takes_every_log_prob_at_the_rollout_temperature(model_pair, tmp_path):
+    """rollout.temperature=0.6 (the paper's): the server's behaviour log-probs, the trainer's pi_old
+    and the teacher's scores are all log-softmax(z / 0.6), and the weights follow from them;
+    checked against float64 forwards of both models (step 1: the initial student)."""
+    student, teacher = model_pair
+    out = tmp_path / "run"
+    check_ok(launch_train([*small_run_overrides(student, teacher, out), "rollout.temperature=0.6"], ranks=2))
+    rows = read_jsonl(out / "rollouts" / "step_1.jsonl")
+    s_ref = token_logprobs_float64(student, rows, temperature=0.6)
+    scored = [i for i, r in enumerate(rows) if r["teacher_logprobs"] is not None]
+    assert scored and all(not rows[i]["correct"] for i in scored)
+    t_ref = dict(zip(scored, token_logprobs_float64(teacher, [rows[i] for i in scored], temperature=0.6), strict=True))
+    for i, r in enumerate(rows):
+        assert r["old_logprobs"] == pytest.approx(s_ref[i], abs=1e-4)
+        assert r["behaviour_logprobs"] == pytest.approx(s_ref[i], abs=1e-4)
+        if i in t_ref:
+            assert r["teacher_logprobs"] == pytest.approx(t_ref[i], abs=1e-4)
+    reference_rows = [
+        {**r, "old_logprobs": s_ref[i], "teacher_seq_logp": sum(t_ref[i]) if i in t_ref else None}
+        for i, r in enumerate(rows)
+    ]
+    expected = expected_scope_weights(reference_rows)
+    assert [r["weight"] for r in rows] == pytest.approx([expected[i] for i in range(len(rows))], abs=1e-5)
+    first = [m for m in read_jsonl(out / "metrics.jsonl") if m["step"] == 1][0]
+    assert first["mismatch/abs_log_ratio"] < 1e-4 and first["mismatch/capped_share"] == 0
+
+
+def test_a_server_reporting_log_probs_at_temperature_one_is_named(model_pair, tmp_path):
+    """SGLANG_RETURN_ORIGINAL_LOGPROB=1 (log-probs at T = 1) against rollouts at T = 0.6: the first
+    on-policy step says so in one line, naming the setting, and the mismatch metrics show it."""
+    student, teacher = model_pair
+    out = tmp_path / "run"
+    args = [*small_run_overrides(student, teacher, out), "rollout.temperature=0.6", "train.steps=1"]
+    proc = launch_train(args, ranks=1, env={"SGLANG_RETURN_ORIGINAL_LOGPROB": "1"})
+    check_ok(proc)
+    assert "SGLANG_RETURN_ORIGINAL_LOGPROB" in proc.stdout + proc.stderr
+    (m,) = [m for m in read_jsonl(out / "metrics.jsonl") if m["step"] == 1]
+    assert m["mismatch/abs_log_ratio"] > 0.1 and m["mismatch/k3"] > 0
+
+
+def test_kd_loss_is_the_nll_of_the_teacher_answers_at_temperature_one(model_pair, tmp_path):
+    """Sequence-level KD: the mean NLL over the teacher's answer tokens under the student at T = 1,
+    whatever temperature the teacher sampled at (float64 reference of the step-1 loss)."""
+    student, teacher = model_pair
+    out = tmp_path / "run"
+    overrides = [*small_run_overrides(student, teacher, out), "algo.name=kd", "rollout.temperature=0.6"]
+    check_ok(launch_train([*overrides, "train.steps=1"], ranks=2))
+    rows = [r for r in read_jsonl(out / "rollouts" / "step_1.jsonl") if r["response_length"]]
+    ref = token_logprobs_float64(student, rows, temperature=1.0)
+    nll = -sum(sum(t) for t in ref) / sum(len(t) for t in ref)
+    (m,) = [m for m in read_jsonl(out / "metrics.jsonl") if m["step"] == 1]
+    assert m["loss/nll"] == pytest.approx(nll, rel=1e-5) and m["loss/total"] == pytest.approx(nll, rel=1e-5)
+
+
 @pytest.mark.parametrize("algo", ["opd", "grpo", "kd"])
 def test_baselines_two_ranks(model_pair, tmp_path, algo):
     student, teacher = model_pair
     out = tmp_path / "run"
-    check_ok(launch_train([*small_run_overrides(student, teacher, out), f"algo.name={algo}"], ranks=2))
-    if algo == "kd":  # trains on the teacher's answers: no weight sync, the servers keep version 0
-        metrics = read_jsonl(out / "metrics.jsonl")
+    evals = ["data.eval_every=2", "data.eval_prompts=2", "data.eval_n=1"]
+    check_ok(launch_train([*small_run_overrides(student, teacher, out), f"algo.name={algo}", *evals], ranks=2))
+    evaluated = {m["step"]: m["eval/weight_version"] for m in read_jsonl(out / "metrics.jsonl") if "eval/accuracy" in m}
+    assert evaluated == {0: 0, 2: 2}  # evaluation measures the student, after 2 updates (KD too)
+    if algo == "kd":  # trains on the teacher's answers: its rollout servers keep the teacher, version 0
+        metrics = [m for m in read_jsonl(out / "metrics.jsonl") if m["step"] > 0]
         assert len(metrics) == 2 and all(math.isfinite(m["loss/total"]) for m in metrics)
         rows = read_jsonl(out / "rollouts" / "step_2.jsonl")
         assert {r["path"] for r in rows} <= {"nll", "skip"} and {r["weight_version"] for r in rows} == {0}
@@ -85,16 +143,23 @@ def test_baselines_two_ranks(model_pair, tmp_path, algo):
 
 
 def test_zero3_step_is_the_same_on_one_and_two_ranks(model_pair, tmp_path):
-    """The same fixed batch and one SCOPE step: 1 rank and 2 ranks give the same updated weights.
-    With 2 ranks the teacher scoring the next batch in a thread, beside the step (on its own
-    process group, as pipeline.Scorer does), changes neither the step nor the scores."""
+    """The same fixed batch and one SCOPE step with plain SGD (no clipping, no weight decay): on 1
+    and on 2 ranks the weight change is -lr times the float64 gradient of Eq. 6, and grad_norm its
+    norm, so DeepSpeed's loss scaling and averaging are undone exactly. With 2 ranks the teacher
+    scoring the next batch in a thread, beside the step (on its own process group, as
+    feed.ScoredFeed does), changes neither the step nor the scores."""
     import subprocess
 
     student, teacher = model_pair
+    sgd = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    sgd["optimizer"] = {"type": "SGD", "params": {}}
+    sgd["zero_allow_untested_optimizer"] = True  # torch's SGD under ZeRO-3: DeepSpeed asks for the flag
+    (tmp_path / "sgd.json").write_text(json.dumps(sgd))
+    plain = [f"train.ds_config={tmp_path / 'sgd.json'}", "train.grad_clip=0", "train.weight_decay=0", "train.lr=1e-3"]
     outs = {}
     for ranks, concurrent in ((1, 0), (2, 0), (2, 1)):
         out = tmp_path / f"w{ranks}{concurrent}.pt"
-        cmd = deepspeed_cmd(ZERO3_STEP, [student, teacher, out, f"concurrent={concurrent}"], ranks)
+        cmd = deepspeed_cmd(ZERO3_STEP, [student, teacher, out, f"concurrent={concurrent}", *plain], ranks)
         # one intra-op thread: the scorer thread's ops must not change how the step's ops split their work
         proc = subprocess.run(cmd, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600)
         check_ok(proc)
@@ -103,9 +168,16 @@ def test_zero3_step_is_the_same_on_one_and_two_ranks(model_pair, tmp_path):
     assert one["metrics"]["loss/total"] == pytest.approx(two["metrics"]["loss/total"], rel=1e-5)
     assert sorted(one["teacher_logp"]) == sorted(two["teacher_logp"])  # scored the same (incorrect) rollouts
     initial = load_weights(student)
+    grad, loss = _scope_gradient_float64(student, teacher)
+    norm = math.sqrt(sum(float((g**2).sum()) for g in grad.values()))
+    for run in (one, two):
+        assert run["metrics"]["grad_norm"] == pytest.approx(norm, rel=1e-4)
+        assert run["metrics"]["loss/total"] == pytest.approx(loss, rel=1e-5)
+        for name, g in grad.items():  # SGD: w1 = w0 - lr * g
+            step = (initial[name].double() - run["weights"][name].double()) / 1e-3
+            torch.testing.assert_close(step, g, atol=1e-3 * float(g.abs().max()) + 1e-6, rtol=1e-3)
     for name, w in one["weights"].items():
         torch.testing.assert_close(w, two["weights"][name], atol=1e-5, rtol=1e-5)
-    assert any(not torch.equal(initial[k], one["weights"][k]) for k in initial)
 
     (s0, s1), (u0, u1) = beside["spans"]["score"], beside["spans"]["update"]
     assert s0 < u1 and u0 < s1  # the scoring ran while the step did
@@ -113,6 +185,48 @@ def test_zero3_step_is_the_same_on_one_and_two_ranks(model_pair, tmp_path):
     for name, w in two["weights"].items():
         assert torch.equal(w, beside["weights"][name]), name
     assert beside["teacher_logp_after"] == two["teacher_logp_after"] and two["teacher_logp_after"]
+
+
+def _scope_gradient_float64(student, teacher, cap: float = 2.0) -> tuple[dict[str, torch.Tensor], float]:
+    """Eq. 6 on zero3_step.py's batch, written out in float64 with plain PyTorch: pi_old = the
+    student's own (detached) log-probs, so rho = 1 in value; each token's term times the truncated
+    train-inference weight min(pi_old / pi_behaviour, cap); Eq. 4 / 5 weights within each group;
+    divided by the number of prompts (seq-sum). Returns (gradient by parameter name, loss)."""
+    from transformers import AutoModelForCausalLM
+    from zero3_step import synthetic_batch
+
+    model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float64)
+    t_model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float64).eval()
+    rollouts = synthetic_batch(str(student), 4, 4, model.config.vocab_size).rollouts
+
+    def logp(m, r):
+        ids = torch.tensor([r.prompt_ids + r.response_ids])
+        lp = torch.log_softmax(m(input_ids=ids).logits[0, :-1], dim=-1)
+        start = len(r.prompt_ids) - 1
+        return lp[start:].gather(1, ids[0, 1:][start:, None])[:, 0]
+
+    terms, weight_logits = [], {}
+    for i, r in enumerate(rollouts):
+        if not r.response_ids:
+            continue
+        s = logp(model, r)
+        with torch.no_grad():
+            t = logp(t_model, r)
+        old = s.detach()
+        mismatch = torch.exp(old - torch.tensor(r.behaviour_logprobs, dtype=torch.float64)).clamp(max=cap)
+        rho = torch.exp(s - old)
+        term = -rho if r.correct else rho * (old - t)
+        terms.append((i, (mismatch * term).sum()))
+        n = len(r.response_ids)  # Eq. 4: PPL_S^(1/tau); Eq. 5: PPL_T^(-1/tau), tau = 1
+        weight_logits[i] = (r.group_id, r.correct, -float(old.sum()) / n if r.correct else float(t.sum()) / n)
+    weights = {}
+    for i, (group, correct, z) in weight_logits.items():
+        subset = [v[2] for v in weight_logits.values() if v[0] == group and v[1] == correct]
+        weights[i] = math.exp(z) / sum(math.exp(v) for v in subset)
+    groups = len({r.group_id for r in rollouts})
+    loss = sum(weights[i] * term for i, term in terms) / groups
+    loss.backward()
+    return {k: p.grad for k, p in model.named_parameters()}, float(loss.detach())
 
 
 def test_bad_input_fails_before_training_with_a_clear_error(model_pair, tmp_path, tiny_llama_builder):
@@ -147,9 +261,15 @@ def test_bad_input_fails_before_training_with_a_clear_error(model_pair, tmp_path
     assert proc.returncode == 2 and "malformed recipe" in proc.stderr
 
 
-def _jsonl(path, rows: int):
-    """``rows`` math rows, the second without its answer."""
-    lines = [{"problem": f"What is {i}+1?", **({"answer": str(i + 1)} if i != 1 else {})} for i in range(rows)]
+def _jsonl(path, rows: int, long_row: int | None = None):
+    """``rows`` math rows, the second without its answer (and ``long_row`` with a long question)."""
+    lines = [
+        {
+            "problem": f"What is {i}+1?" + (" Think." * 5 if i == long_row else ""),
+            **({"answer": str(i + 1)} if i != 1 else {}),
+        }
+        for i in range(rows)
+    ]
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return path
 
@@ -161,13 +281,18 @@ def _other_vocab_teacher(path, builder):
     return folder
 
 
-def test_rows_without_an_answer_are_skipped_and_counted(model_pair, tmp_path):
+def test_rows_without_an_answer_and_long_prompts_are_skipped_and_counted(model_pair, tmp_path):
+    """Row 1 has no answer; row 3's prompt is longer than data.max_prompt_tokens (the tiny
+    tokenizer is one token per character, plus BOS): neither is ever trained on."""
     student, teacher = model_pair
     out = tmp_path / "run"
-    data = _jsonl(tmp_path / "rows.jsonl", 3)
+    data = _jsonl(tmp_path / "rows.jsonl", 4, long_row=3)
+    limit = len("What is 0+1?" + "\n\nPut your final answer within \\boxed{}.") + 1  # row 0's prompt, in tokens
     args = [*small_run_overrides(student, teacher, out), f"data.source={data}", "train.steps=1"]
-    proc = launch_train(args, launcher="python")
+    proc = launch_train([*args, f"data.max_prompt_tokens={limit}"], launcher="python")
     check_ok(proc)
-    assert f"skipped 1 of 3 rows of {data} without 'answer'" in proc.stdout
+    assert f"skipped 1 of 4 rows of {data} without 'answer'" in proc.stdout
+    assert f"skipped 1 training and 0 held-out prompts longer than data.max_prompt_tokens={limit}" in proc.stdout
     rows = read_jsonl(out / "rollouts" / "step_1.jsonl")
-    assert {r["prompt_id"] for r in rows} <= {"rows:0", "rows:2"}  # row 1 never trained on
+    assert {r["prompt_id"] for r in rows} <= {"rows:0", "rows:2"}  # rows 1 and 3 never trained on
+    assert all(len(r["prompt_ids"]) <= limit for r in rows)

@@ -62,9 +62,12 @@ def run_env() -> dict[str, str]:
     return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 
-def launch_train(args: list[str], ranks: int = 2, timeout: int = 600, launcher: str = "deepspeed"):
-    """Run scope_ds/train.py under the deepspeed launcher; returns the CompletedProcess."""
-    env = run_env()
+def launch_train(
+    args: list[str], ranks: int = 2, timeout: int = 600, launcher: str = "deepspeed", env: dict[str, str] | None = None
+):
+    """Run scope_ds/train.py under the deepspeed launcher (``env``: extra variables); returns the
+    CompletedProcess."""
+    env = {**run_env(), **(env or {})}
     if launcher == "deepspeed":
         cmd = deepspeed_cmd(TRAIN, args, ranks)
     else:
@@ -87,8 +90,28 @@ def load_weights(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def token_logprobs_float64(model_path: Path, rows: list[dict], temperature: float = 1.0) -> list[list[float]]:
+    """Each logged rollout's response-token log-probs under the model at ``temperature``, computed
+    in float64 by a plain Hugging Face forward (one rollout at a time, no padding)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float64).eval()
+    out = []
+    with torch.no_grad():
+        for r in rows:
+            ids = torch.tensor([r["prompt_ids"] + r["response_ids"]])
+            logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1] / temperature, dim=-1)
+            start = len(r["prompt_ids"]) - 1
+            targets = ids[0, 1:][start:]
+            out.append(logp[start:].gather(1, targets[:, None])[:, 0].tolist())
+    return out
+
+
 def expected_scope_weights(rows: list[dict], tau: float = 1.0) -> dict[int, float]:
-    """SCOPE.md's Eq. 4 / 5 from the logged fields alone: per group and path, PPL^(+-1/tau) / sum."""
+    """SCOPE.md's Eq. 4 / 5 from the logged fields alone: per group and path, PPL^(+-1/tau) / sum.
+
+    The student's log-likelihood is the trainer's recomputed pi_old where it was logged, else the
+    server's behaviour log-probs (``algo.old_logprobs=server``)."""
     subsets = defaultdict(list)
     for i, r in enumerate(rows):
         if r["response_length"] > 0:
@@ -98,7 +121,8 @@ def expected_scope_weights(rows: list[dict], tau: float = 1.0) -> dict[int, floa
         vals = {}
         for i in members:
             r = rows[i]
-            logp = sum(r["behaviour_logprobs"]) if correct else r["teacher_seq_logp"]
+            student = r.get("old_logprobs") or r["behaviour_logprobs"]
+            logp = sum(student) if correct else r["teacher_seq_logp"]
             ppl = math.exp(-logp / r["response_length"])
             vals[i] = ppl ** (1 / tau) if correct else ppl ** (-1 / tau)
         total = sum(vals.values())

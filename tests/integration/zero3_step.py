@@ -3,6 +3,9 @@
     deepspeed --num_gpus N tests/integration/zero3_step.py STUDENT TEACHER OUT.pt [incorrect=K]
         [concurrent=0|1] [key=value ...]
 
+The batch's behaviour log-probs are the student's own (float64) plus noise of up to 0.3 nats, as
+a rollout server's would be after a little drift, so that importance ratios stay near 1.
+
 Used by test_train.py to check that 1 and 2 ranks give the same step (ZeRO-3 numerics). It also
 scores a second batch after the step: with concurrent=1 in a thread while the step runs (on the
 teacher's own process group, as the pipeline does), with concurrent=0 after it.
@@ -17,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
+from train_helpers import token_logprobs_float64  # noqa: E402
 
 from scope_ds.config import load_config  # noqa: E402
 from scope_ds.engines import ds  # noqa: E402
@@ -28,7 +32,9 @@ from scope_ds.pipeline.versions import PolicyVersions  # noqa: E402
 from scope_ds.sample import Rollout  # noqa: E402
 
 
-def synthetic_batch(prompts: int, n: int, vocab: int, seed: int = 0, incorrect: int | None = None) -> stages.Batch:
+def synthetic_batch(
+    student: str, prompts: int, n: int, vocab: int, seed: int = 0, incorrect: int | None = None
+) -> stages.Batch:
     """Ragged prompts and responses, half of them 'correct' (or all but ``incorrect`` of them),
     identical on every rank."""
     rng = random.Random(seed)
@@ -44,7 +50,6 @@ def synthetic_batch(prompts: int, n: int, vocab: int, seed: int = 0, incorrect: 
                     group_id=f"0:{p}",
                     prompt_ids=prompt,
                     response_ids=resp,
-                    behaviour_logprobs=[-rng.uniform(0.5, 4) for _ in resp],
                     correct=rng.random() < 0.5,
                 )
             )
@@ -52,6 +57,9 @@ def synthetic_batch(prompts: int, n: int, vocab: int, seed: int = 0, incorrect: 
         if incorrect is not None:
             r.correct = i >= incorrect
         r.reward = float(r.correct)
+    rows = [{"prompt_ids": r.prompt_ids, "response_ids": r.response_ids} for r in rollouts]
+    for r, logp in zip(rollouts, token_logprobs_float64(student, rows), strict=True):
+        r.behaviour_logprobs = [x + rng.uniform(-0.3, 0.3) for x in logp]
     return stages.Batch(step=0, records=[], rollouts=rollouts)
 
 
@@ -80,10 +88,9 @@ def main() -> None:
         grad_accum=grad_accum,
         versions=PolicyVersions(),
     )
-    batch = synthetic_batch(
-        cfg.train.prompts_per_step, cfg.rollout.n, student.vocab_size, incorrect=opts.get("incorrect")
-    )
-    after = synthetic_batch(cfg.train.prompts_per_step, cfg.rollout.n, student.vocab_size, seed=1)
+    size = (cfg.train.prompts_per_step, cfg.rollout.n, student.vocab_size)
+    batch = synthetic_batch(student_path, *size, incorrect=opts.get("incorrect"))
+    after = synthetic_batch(student_path, *size, seed=1)
     stages.score(run, batch)
     spans = {}
 

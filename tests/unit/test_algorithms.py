@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from scope_ds.algorithms import Path, RolloutStats, TokenBatch, algorithm_options, build_algorithm
+from scope_ds.algorithms.losses import importance_ratio, mismatch_stats, truncated_share
 from scope_ds.algorithms.weights import group_advantages, ppl_weights
 
 # ---------------------------------------------------------------- random global batches
@@ -80,7 +81,7 @@ def run_loss(algo, d, rows, normalizer, plan, logits, **extra):
 # ---------------------------------------------------------------- float64 references
 
 
-def ref_scope_weights(d, tau=1.0, normalization="sum", student="on", teacher="on"):
+def ref_scope_weights(d, tau=1.0, normalization="sum", student="ppl", teacher="ppl"):
     """Eq. 4 / 5 literally: PPL^(+-1/tau) / sum over the subset, one group at a time."""
     s_lp, t_lp = seq_sum(d["old_logp"], d["mask"]), seq_sum(d["teacher_logp"], d["mask"])
     w = [0.0] * len(d["lengths"])
@@ -98,23 +99,25 @@ def ref_scope_weights(d, tau=1.0, normalization="sum", student="on", teacher="on
                 expo = (1 / tau) if is_correct else (-1 / tau)
                 if mode == "reversed":
                     expo = -expo
-                vals[i] = 1.0 if mode == "off" else ppl**expo
+                vals[i] = 1.0 if mode == "uniform" else ppl**expo
             total = sum(vals.values())
             for i in idx:
                 w[i] = vals[i] / total * (len(idx) if normalization == "mean" else 1)
     return torch.tensor(w, dtype=torch.float64)
 
 
-def ref_scope_loss(d, w, logits, aggregation="seq-sum"):
+def ref_scope_loss(d, w, logits, aggregation="seq-sum", factor=None):
+    """Eq. 6 token by token; ``factor[i][t]`` (a float) multiplies token t of rollout i when given."""
     lp = policy_logp(logits, d["tokens"])
     total = torch.zeros((), dtype=torch.float64)
     for i in range(len(w)):
         for t in range(int(d["lengths"][i])):
             rho = torch.exp(lp[i, t] - d["old_logp"][i, t])
+            f = 1.0 if factor is None else factor[i][t]
             if d["correct"][i]:
-                total = total - w[i] * rho
+                total = total - w[i] * f * rho
             else:
-                total = total + w[i] * rho * (lp[i, t].detach() - d["teacher_logp"][i, t])
+                total = total + w[i] * f * rho * (lp[i, t].detach() - d["teacher_logp"][i, t])
     if aggregation == "seq-sum":
         return total / d["group"].unique().numel()
     return total / int(d["lengths"][w != 0].sum())
@@ -144,8 +147,8 @@ def test_worked_example_of_scope_md():
         dict(),
         dict(tau=0.5),
         dict(tau=2.0, normalization="mean"),
-        dict(student_weight="reversed", teacher_weight="off"),
-        dict(student_weight="off", teacher_weight="reversed", normalization="mean"),
+        dict(student_weight="reversed", teacher_weight="uniform"),
+        dict(student_weight="uniform", teacher_weight="reversed", normalization="mean"),
     ],
 )
 def test_scope_plan_matches_reference(seed, opts):
@@ -155,8 +158,8 @@ def test_scope_plan_matches_reference(seed, opts):
         d,
         opts.get("tau", 1.0),
         opts.get("normalization", "sum"),
-        opts.get("student_weight", "on"),
-        opts.get("teacher_weight", "on"),
+        opts.get("student_weight", "ppl"),
+        opts.get("teacher_weight", "ppl"),
     )
     torch.testing.assert_close(plan.weight_B, ref)
     assert not plan.weight_B.requires_grad and torch.isfinite(plan.weight_B).all()
@@ -285,21 +288,156 @@ def test_kd_is_token_mean_nll():
     torch.testing.assert_close(loss, -lp[d["mask"]].mean())
 
 
-def test_truncated_importance_ratio_caps_value_and_gradient():
+def ref_capped_ratio(log_ratio, cap):
+    """min(rho, cap) piecewise, which is also its derivative w.r.t. log pi_theta (rho or cap)."""
+    return math.exp(log_ratio) if log_ratio <= math.log(cap) else cap
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("cap", [1.0, 2.0, 10.0])
+def test_capped_ratio_value_and_gradient_match_piecewise_reference(seed, cap):
+    g = torch.Generator().manual_seed(100 + seed)
+    n = 64
+    logp = -5 * torch.rand(n, generator=g, dtype=torch.float64)
+    log_ratio = 2 * torch.randn(n, generator=g, dtype=torch.float64)
+    log_ratio[:4] = torch.tensor([800.0, -800.0, 50.0, -50.0])  # e^800 overflows float64, e^-800 is 0
+    old = logp - log_ratio
+    x = logp.clone().requires_grad_()
+    rho = importance_ratio(x, old, cap)
+    up = torch.randn(n, generator=g, dtype=torch.float64)
+    (rho * up).sum().backward()
+    rho = rho.detach()
+    assert torch.isfinite(rho).all() and torch.isfinite(x.grad).all()
+    lrs = [float(logp[k]) - float(old[k]) for k in range(n)]
+    for k, lr in enumerate(lrs):
+        r = ref_capped_ratio(lr, cap)
+        assert math.isclose(float(rho[k]), r, rel_tol=1e-12), (k, lr)
+        assert math.isclose(float(x.grad[k]), float(up[k]) * r, rel_tol=1e-12), (k, lr)
+    share = truncated_share(logp, old, torch.ones(n, dtype=torch.bool), cap)
+    assert math.isclose(float(share), sum(lr > math.log(cap) for lr in lrs) / n)
+    # the trainer's log-probs are float32: no overflow there either
+    x32 = logp.float().requires_grad_()
+    rho32 = importance_ratio(x32, old.float(), cap)
+    rho32.sum().backward()
+    assert torch.isfinite(rho32).all() and torch.isfinite(x32.grad).all()
+
+
+def test_truncated_ratio_in_the_loss_matches_reference_value_and_gradient():
     d = make_batch(12)
-    d["old_logp"] = torch.where(d["mask"], d["old_logp"] - 2.0, 0.0)  # stale: rho ~ e^2 > cap
-    algo = build_algorithm("scope", {"is_cap": 2.0})
+    cap = 2.0
+    algo = build_algorithm("scope", {"is_cap": cap})
     plan = algo.plan(stats_of(d))
+    lp0 = policy_logp(d["logits"], d["tokens"])
+    g = torch.Generator().manual_seed(120)
+    shift = 1.0 + 2 * torch.randn(lp0.shape, generator=g, dtype=torch.float64)  # stale: many rho > cap
+    pick = torch.randint(0, 6, lp0.shape, generator=g)
+    shift = torch.where(pick == 0, 800.0, torch.where(pick == 1, -800.0, shift))
+    d["old_logp"] = torch.where(d["mask"], lp0 - shift, torch.nan)
     z = d["logits"].clone().requires_grad_()
     loss, metrics = run_loss(algo, d, slice(None), 1.0, plan, z)
-    lp = policy_logp(z, d["tokens"])
-    rho = torch.exp(lp - d["old_logp"])
-    capped = torch.minimum(rho.detach(), torch.tensor(2.0, dtype=torch.float64)) / rho.detach() * rho
-    term = torch.where(d["correct"][:, None], -capped, capped * (lp.detach() - d["teacher_logp"]))
-    ref = (plan.weight_B[:, None] * torch.where(d["mask"], term, 0.0)).sum()
+    loss.backward()
+    # reference: value sum_i w_i sum_t c_it min(rho, cap), with c = -1 (MLE) or the detached
+    # log-ratio to the teacher (OPD); gradient w_i c_it min(rho, cap) d log p(a_t) / d z_t
+    p = torch.softmax(d["logits"], -1)
+    onehot = torch.nn.functional.one_hot(d["tokens"], p.shape[-1]).double()
+    ref, grad, over, count = 0.0, torch.zeros_like(p), 0, 0
+    for i in range(len(d["lengths"])):
+        for t in range(int(d["lengths"][i])):
+            lr = float(lp0[i, t]) - float(d["old_logp"][i, t])
+            c = -1.0 if d["correct"][i] else float(lp0[i, t] - d["teacher_logp"][i, t])
+            r = ref_capped_ratio(lr, cap)
+            ref += float(plan.weight_B[i]) * c * r
+            grad[i, t] = float(plan.weight_B[i]) * c * r * (onehot[i, t] - p[i, t])
+            over, count = over + (lr > math.log(cap)), count + 1
+    assert math.isclose(float(loss.detach()), ref, rel_tol=1e-9)
+    torch.testing.assert_close(z.grad, grad)
+    assert math.isclose(metrics["is/truncated_share"], over / count) and over / count > 0.4
+
+
+def test_mismatch_stats_match_reference():
+    g = torch.Generator().manual_seed(21)
+    shape = (5, 7)
+    mask = torch.rand(shape, generator=g) < 0.7
+    mask[:, 0] = True
+    old = -4 * torch.rand(shape, generator=g, dtype=torch.float64)
+    beh = old + 0.4 * torch.randn(shape, generator=g, dtype=torch.float64)
+    beh[0, 0], beh[1, 0] = old[0, 0] - 2.0, old[1, 0] + 3.0
+    old, beh = torch.where(mask, old, torch.nan), torch.where(mask, beh, -torch.inf)  # padding never counts
+    cap = 1.5
+    out = mismatch_stats(old, beh, mask, cap)
+    abs_sum, k3_sum, capped, n = 0.0, 0.0, 0, 0
+    for i in range(shape[0]):
+        for t in range(shape[1]):
+            if mask[i, t]:
+                lr = float(old[i, t]) - float(beh[i, t])
+                r = math.exp(lr)  # pi_old / pi_behaviour
+                abs_sum, k3_sum, capped, n = abs_sum + abs(lr), k3_sum + (r - 1 - lr), capped + (r > cap), n + 1
+    assert set(out) == {"mismatch/abs_log_ratio_sum", "mismatch/k3_sum", "mismatch/capped_tokens", "mismatch/tokens"}
+    assert math.isclose(out["mismatch/abs_log_ratio_sum"], abs_sum, rel_tol=1e-12)
+    assert math.isclose(out["mismatch/k3_sum"], k3_sum, rel_tol=1e-9)
+    assert out["mismatch/capped_tokens"] == capped >= 1 and out["mismatch/tokens"] == n
+
+
+@pytest.mark.parametrize("aggregation", ["seq-sum", "token-mean"])
+def test_recomputed_pi_old_weights_each_token_by_the_truncated_mismatch_ratio(aggregation):
+    d = make_batch(16)
+    cap = 2.0
+    algo = build_algorithm("scope", {"aggregation": aggregation, "mismatch_cap": cap})
+    assert algo.old_logprobs == "recompute" and algo.recomputes_old_logprobs
+    stats = stats_of(d)
+    plan = algo.plan(stats)
+    norm = algo.normalizer(plan, stats)
+    g = torch.Generator().manual_seed(160)
+    log_r = 0.8 * torch.randn(d["mask"].shape, generator=g, dtype=torch.float64)
+    pick = torch.randint(0, 6, log_r.shape, generator=g)
+    log_r = torch.where(pick == 0, 800.0, torch.where(pick == 1, -800.0, log_r))
+    beh = torch.where(d["mask"], d["old_logp"] - log_r, torch.nan)  # log(pi_old / pi_behaviour) = log_r
+    z1 = d["logits"].clone().requires_grad_()
+    loss, metrics = run_loss(algo, d, slice(None), norm, plan, z1, behaviour_logp_BT=beh)
+    loss.backward()
+    lrs = [[float(d["old_logp"][i, t]) - float(beh[i, t]) for t in range(int(n))] for i, n in enumerate(d["lengths"])]
+    factor = [[ref_capped_ratio(lr, cap) for lr in row] for row in lrs]
+    z2 = d["logits"].clone().requires_grad_()
+    ref = ref_scope_loss(d, ref_scope_weights(d), z2, aggregation, factor=factor)
+    ref.backward()
     torch.testing.assert_close(loss, ref)
-    share = ((rho.detach() > 2.0) & d["mask"]).sum() / d["mask"].sum()
-    assert math.isclose(metrics["is/truncated_share"], float(share)) and metrics["is/truncated_share"] > 0.5
+    torch.testing.assert_close(z1.grad, z2.grad)
+    assert math.isclose(metrics["loss/mle"] + metrics["loss/opd"], float(loss.detach()), rel_tol=1e-9, abs_tol=1e-12)
+    assert metrics["mismatch/capped_tokens"] == sum(lr > math.log(cap) for row in lrs for lr in row) > 0
+    assert metrics["mismatch/tokens"] == float(d["mask"].sum()) and "is/truncated_share" in metrics
+
+
+def test_server_old_logprobs_and_kd_ignore_behaviour_logprobs():
+    d = make_batch(17)
+    beh = torch.where(d["mask"], d["old_logp"] - 1.0, torch.nan)
+    for name, opts in [
+        ("scope", {"old_logprobs": "server"}),
+        ("grpo", {"old_logprobs": "server", "kl_coef": 0.0}),
+        ("kd", {}),
+    ]:
+        algo = build_algorithm(name, opts)
+        assert not algo.recomputes_old_logprobs
+        stats = stats_of(d)
+        plan = algo.plan(stats)
+        norm = algo.normalizer(plan, stats)
+        with_b, m_with = run_loss(algo, d, slice(None), norm, plan, d["logits"], behaviour_logp_BT=beh)
+        without, m_without = run_loss(algo, d, slice(None), norm, plan, d["logits"])
+        assert torch.equal(with_b, without) and m_with == m_without
+        assert not any(k.startswith("mismatch/") for k in m_with)
+    # recompute without behaviour log-probs given: no correction either; with them it does act
+    algo = build_algorithm("scope")
+    plan = algo.plan(stats_of(d))
+    server, _ = run_loss(build_algorithm("scope", {"old_logprobs": "server"}), d, slice(None), 1.0, plan, d["logits"])
+    assert torch.equal(run_loss(algo, d, slice(None), 1.0, plan, d["logits"])[0], server)
+    corrected = run_loss(algo, d, slice(None), 1.0, plan, d["logits"], behaviour_logp_BT=beh)[0]
+    assert not torch.allclose(corrected, server)
+
+
+def test_train_temperature_kd_takes_the_nll_at_one_unless_asked():
+    for name in ("scope", "opd", "grpo"):
+        assert build_algorithm(name).train_temperature(0.6) == 0.6
+    assert build_algorithm("kd").train_temperature(0.6) == 1.0
+    assert build_algorithm("kd", {"nll_at_rollout_temperature": True}).train_temperature(0.6) == 0.6
 
 
 @pytest.mark.parametrize(
@@ -361,17 +499,31 @@ def test_registry_names_and_errors():
 
 
 @pytest.mark.parametrize("name", ["scope", "opd", "grpo"])
-def test_is_cap_is_an_option_of_every_algorithm_that_uses_the_ratio(name):
-    assert algorithm_options(name)["is_cap"] is None
+def test_ratio_options_are_options_of_every_algorithm_that_uses_the_ratio(name):
+    opts = algorithm_options(name)
+    assert (opts["is_cap"], opts["old_logprobs"], opts["mismatch_cap"]) == (None, "recompute", 2.0)
     assert build_algorithm(name, {"is_cap": 1.5}).is_cap == 1.5
+    algo = build_algorithm(name, {"old_logprobs": "server", "mismatch_cap": 3})
+    assert (algo.old_logprobs, algo.mismatch_cap) == ("server", 3)
     with pytest.raises(ValueError, match="algo.is_cap must be >= 1 or null, got 0.5"):
         build_algorithm(name, {"is_cap": 0.5})
+    with pytest.raises(ValueError, match="algo.mismatch_cap must be >= 1, got 0.5"):
+        build_algorithm(name, {"mismatch_cap": 0.5})
+    with pytest.raises(ValueError, match="algo.mismatch_cap must be float, got None"):
+        build_algorithm(name, {"mismatch_cap": None})
+    with pytest.raises(ValueError, match=r"algo.old_logprobs must be one of \['recompute', 'server'\], got 'trainer'"):
+        build_algorithm(name, {"old_logprobs": "trainer"})
 
 
-def test_kd_has_no_is_cap_its_loss_ignores_the_ratio():
-    assert algorithm_options("kd") == {"aggregation": "token-mean", "only_correct": False}
-    with pytest.raises(ValueError, match=r"unknown option\(s\) \['is_cap'\]"):
-        build_algorithm("kd", {"is_cap": 2.0})
+@pytest.mark.parametrize("option", ["is_cap", "old_logprobs", "mismatch_cap"])
+def test_kd_has_no_ratio_options_its_loss_ignores_the_ratio(option):
+    assert algorithm_options("kd") == {
+        "aggregation": "token-mean",
+        "only_correct": False,
+        "nll_at_rollout_temperature": False,
+    }
+    with pytest.raises(ValueError, match=rf"unknown option\(s\) \['{option}'\]"):
+        build_algorithm("kd", {option: 2.0})
 
 
 def test_which_algorithms_need_the_teacher_engine():

@@ -1,5 +1,9 @@
 """The config tree: recipes, derivation, dotted overrides, and errors that name the key."""
 
+import re
+import shlex
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -27,6 +31,7 @@ def test_resolved_config_is_written_with_every_key(tmp_path):
     save_config(cfg, str(tmp_path / "run" / "config.yaml"))
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["algo"]["tau"] == 0.5 and saved["algo"]["normalization"] == "sum"
+    assert saved["algo"]["old_logprobs"] == "recompute" and saved["algo"]["mismatch_cap"] == 2.0
     assert saved["train"]["steps"] == cfg.train.steps
     # the written file is itself a valid recipe that gives the same config
     again = load_config(str(tmp_path / "run" / "config.yaml"))
@@ -46,21 +51,59 @@ def test_resolved_config_is_written_with_every_key(tmp_path):
         (["model.dtype=fp16"], "model.dtype must be one of ['float32', 'bfloat16'], got 'fp16'"),
         (["model.dtype=16"], "model.dtype must be str, got 16"),
         (["data.verifier=gsm"], "data.verifier must be one of ['auto', 'toy', 'math']"),
+        (["data.truncated=drop"], "data.truncated must be one of ['verify', 'incorrect', 'skip'], got 'drop'"),
+        (["data.truncated=1"], "data.truncated must be str, got 1"),
+        (["rollout.temperature=0"], "rollout.temperature must be >= 1e-06, got 0.0: below it servers sample greedily"),
+        (["rollout.temperature=1e-7"], "rollout.temperature must be >= 1e-06, got 1e-07"),
+        (["rollout.temperature=-0.5"], "rollout.temperature must be >= 1e-06"),
         (["algo.kl=exact"], "algo.kl must be one of ['sampled', 'full'], got 'exact'"),
         (["algo.name=ppo"], "unknown algo.name 'ppo'"),
         (["algo.taux=2"], "['algo.taux']"),
         (["algo.tau=-1"], "algo.tau must be > 0"),
         (["algo.name=grpo", "algo.tau=1"], "for algo 'grpo'"),
+        (["algo.old_logprobs=trainer"], "algo.old_logprobs must be one of ['recompute', 'server'], got 'trainer'"),
+        (["algo.mismatch_cap=0.5"], "algo.mismatch_cap must be >= 1, got 0.5"),
+        (["algo.name=kd", "algo.mismatch_cap=3"], "for algo 'kd'"),
         (["data.template=no placeholder"], "data.template must contain {prompt}"),
         (["train.steps=1.5"], "train.steps must be int"),
         (["rollout"], "must look like section.key=value"),
         (["a.b.c=1"], "must be section.key"),
+        (["rollout.top_k=0"], "rollout.top_k must be -1 (whole vocabulary) or >= 1, got 0"),
+        (["rollout.top_k=-2"], "rollout.top_k must be -1 (whole vocabulary) or >= 1, got -2"),
+        (["rollout.request_timeout_s=0"], "rollout.request_timeout_s must be > 0"),
+        (["rollout.startup_timeout_s=-5"], "rollout.startup_timeout_s must be > 0"),
+        (["logging.out_dir=runs/{name}"], "logging.out_dir 'runs/{name}' has unknown placeholder(s) ['name']"),
+        (["logging.out_dir=runs/{run_name}/{}"], "unknown placeholder(s) ['']"),
+        (["logging.out_dir=runs/{run_name"], "logging.out_dir 'runs/{run_name' is malformed"),
+        (["algo.name=grpo", "rollout.n=1"], "rollout.n=1 is too small for algo 'grpo': it needs rollout.n >= 2"),
+        (["checkpoint.resume=/nonexistent/step_3"], "checkpoint.resume: no checkpoint folder at '/nonexistent/step_3'"),
     ],
 )
 def test_bad_values_name_the_key(overrides, message):
     with pytest.raises(ConfigError) as e:
         load_config(None, overrides)
     assert message in str(e.value)
+
+
+def test_overlap_teacher_with_the_full_kl_is_refused_naming_the_key():
+    with pytest.raises(ConfigError, match="pipeline.overlap_teacher=true cannot run with algo.kl=full"):
+        load_config(None, ["pipeline.overlap_teacher=true", "algo.kl=full"])
+    assert load_config(None, ["pipeline.overlap_teacher=true"]).pipeline.overlap_teacher
+
+
+def test_weight_modes_are_words_yaml_keeps():
+    """`off` / `on` would reach the config as booleans; the modes are ppl | uniform | reversed."""
+    cfg = load_config(None, ["algo.student_weight=uniform", "algo.teacher_weight=reversed"])
+    assert (cfg.algorithm().student_weight, cfg.algorithm().teacher_weight) == ("uniform", "reversed")
+    with pytest.raises(ConfigError, match="algo.student_weight"):
+        load_config(None, ["algo.student_weight=off"])
+
+
+def test_truncated_choices_and_the_smallest_temperature_load():
+    assert load_config().data.truncated == "verify"  # the authors' routing
+    for value in ("verify", "incorrect", "skip"):
+        assert load_config(None, [f"data.truncated={value}"]).data.truncated == value
+    assert load_config(None, ["rollout.temperature=1e-6"]).rollout.temperature == 1e-6  # not greedy yet
 
 
 def test_the_config_builds_its_algorithm():
@@ -90,8 +133,11 @@ def test_bad_recipes(tmp_path):
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_config(str(tmp_path / "list.yaml"))
     (tmp_path / "loop.yaml").write_text("defaults: loop.yaml\n")
-    with pytest.raises(ConfigError, match="derives from itself"):
+    with pytest.raises(ConfigError, match="defaults form a cycle"):
         load_config(str(tmp_path / "loop.yaml"))
+    (tmp_path / "template.yaml").write_text("data:\n  template: {prompt}\n")
+    with pytest.raises(ConfigError, match=r"data.template must be str, got \{'prompt': None\} \(dict\) \(quote it"):
+        load_config(str(tmp_path / "template.yaml"))
     (tmp_path / "section.yaml").write_text("rollout: 3\n")
     with pytest.raises(ConfigError, match="rollout must be a mapping"):
         load_config(str(tmp_path / "section.yaml"))
@@ -106,3 +152,111 @@ def test_shipped_recipes_load():
     assert recipes
     for path in recipes:
         load_config(path)
+
+
+def test_group_size_and_placeholders_that_are_fine():
+    assert load_config(None, ["rollout.n=1"]).rollout.n == 1  # SCOPE trains on a group of one
+    assert load_config(None, ["algo.name=grpo", "rollout.n=2"]).rollout.n == 2
+    assert load_config(None, ["rollout.top_k=1"]).rollout.top_k == 1
+    cfg = load_config(None, ["logging.out_dir=runs/{{lit}}/{run_name}", "logging.run_name=r"])
+    assert cfg.logging.run_dir == "runs/{lit}/r"
+
+
+def test_resume_folder_is_checked_in_the_config(tmp_path):
+    (tmp_path / "step_2").mkdir()
+    assert load_config(None, [f"checkpoint.resume={tmp_path / 'step_2'}"]).checkpoint.resume.endswith("step_2")
+    assert load_config(None, ["checkpoint.resume=auto"]).checkpoint.resume == "auto"
+
+
+@pytest.mark.parametrize("spelling", ["c.yaml", "./c.yaml", "../sub/c.yaml"])
+def test_a_defaults_cycle_is_refused_however_it_is_spelled(tmp_path, spelling):
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    (sub / "c.yaml").write_text("defaults: d.yaml\n")
+    (sub / "d.yaml").write_text(f"defaults: {spelling}\nrollout:\n  n: 2\n")
+    with pytest.raises(ConfigError, match="defaults form a cycle"):
+        load_config(str(sub / "c.yaml"))
+
+
+def test_a_list_of_defaults_is_refused(tmp_path):
+    (tmp_path / "a.yaml").write_text("rollout:\n  n: 2\n")
+    (tmp_path / "b.yaml").write_text("defaults: [a.yaml]\n")
+    with pytest.raises(ConfigError, match=r"defaults in .*b.yaml must be one recipe path .*got \['a.yaml'\]"):
+        load_config(str(tmp_path / "b.yaml"))
+
+
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        ("data.template={prompt}", "{prompt}"),
+        ("data.template=Q: {prompt} A:", "Q: {prompt} A:"),
+        ("data.template=[{prompt}]", "[{prompt}]"),
+        ("logging.run_name=[a, b]", "[a, b]"),
+    ],
+)
+def test_a_str_key_takes_the_raw_text_where_yaml_reads_a_mapping_or_list(override, expected):
+    section, key = override.split("=", 1)[0].split(".")
+    assert getattr(getattr(load_config(None, [override]), section), key) == expected
+
+
+# ------------------------------------------------------- documented commands do not rot
+
+_ROOT = Path(__file__).resolve().parents[2]
+_SCRIPTS = ("scope_ds/train.py", "slurm/train.sh")
+_PLACEHOLDER = re.compile(r"\.\.\.|\bX\b|X\.yaml|RECIPE|PATH|\[key=value|\|")
+
+
+def _documented_commands() -> list[tuple[str, str]]:
+    """(where, command) of every train command in README.md and docs/*.md: fenced lines (with their
+    backslash continuations) and inline code spans."""
+    found = []
+    for md in [_ROOT / "README.md", *sorted((_ROOT / "docs").glob("*.md"))]:
+        text = md.read_text()
+        fenced = re.findall(r"```[^\n]*\n(.*?)```", text, flags=re.S)
+        lines = [ln for block in fenced for ln in block.replace("\\\n", " ").splitlines()]
+        lines += re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "", text, flags=re.S))
+        for line in lines:
+            if any(s in line for s in _SCRIPTS) and not _PLACEHOLDER.search(line):
+                found.append((md.name, line.strip()))
+    return found
+
+
+def _recipe_and_overrides(command: str) -> tuple[str | None, list[str]]:
+    words = shlex.split(command)
+    start = next(i for i, w in enumerate(words) if any(w.endswith(s) for s in _SCRIPTS))
+    recipe, overrides, rest = None, [], words[start + 1 :]
+    if words[start].endswith("slurm/train.sh") and rest and not rest[0].startswith("-") and "=" not in rest[0]:
+        recipe, rest = rest[0], rest[1:]
+    it = iter(rest)
+    for w in it:
+        if w == "--config":
+            recipe = next(it)
+        elif "=" in w and not w.startswith("-"):
+            overrides.append(w)
+    return (str(_ROOT / recipe) if recipe else None), overrides
+
+
+def test_the_documented_train_commands_load():
+    commands = _documented_commands()
+    assert len(commands) >= 5, commands  # the parser still finds them
+    assert any("algo.tau=0.5" in c for _, c in commands)
+    for where, command in commands:
+        recipe, overrides = _recipe_and_overrides(command)
+        try:
+            load_config(recipe, overrides)
+        except ConfigError as e:
+            raise AssertionError(f"{where}: {command!r}: {e}") from None
+
+
+def test_the_documented_single_overrides_load():
+    """Inline `section.key=value` spans in the docs, one at a time."""
+    spans = set()
+    for md in [_ROOT / "README.md", *sorted((_ROOT / "docs").glob("*.md"))]:
+        spans |= set(re.findall(r"`((?:[a-z_]+\.[a-z_]+=[^\s`]+ ?)+)`", md.read_text()))
+    spans = {s for s in spans if not _PLACEHOLDER.search(s)}
+    assert "algo.tau=0.5" in spans
+    for span in sorted(spans):
+        try:
+            load_config(None, span.split())
+        except ConfigError as e:
+            raise AssertionError(f"`{span}`: {e}") from None

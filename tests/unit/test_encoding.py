@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-import numpy as np
+import copy
 
-from scope_ds.data.encoding import decode_and_verify, encode_prompt, sampling_params
+import numpy as np
+import pytest
+
+from scope_ds.data.encoding import decode_and_verify, drop_long_prompts, encode_prompt, sampling_params
+from scope_ds.data.record import PromptRecord
 from scope_ds.rewards.toy import verify_toy
 from scope_ds.sample import Rollout
 
@@ -69,3 +73,68 @@ def test_decode_and_verify_fills_text_reward_and_correct() -> None:
     assert type(rollout.reward) is float
     decode_and_verify(tok, rollout, "13", verify_toy)
     assert (rollout.reward, rollout.correct) == (0.0, False)
+
+
+# ---- with a real (character-level) tokenizer ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def char_tokenizer(tmp_path_factory: pytest.TempPathFactory):
+    """The integration tests' character-level tokenizer: one token per character; ids 0-3 are specials."""
+    from transformers import AutoTokenizer
+
+    from tests.integration.conftest import build_tiny_tokenizer
+
+    path = tmp_path_factory.mktemp("char_tokenizer")
+    build_tiny_tokenizer(path)
+    return AutoTokenizer.from_pretrained(path)
+
+
+def test_drop_long_prompts_counts_the_tokens_sent(char_tokenizer) -> None:
+    records = [PromptRecord(f"p{i}", "x" * size, "1") for i, size in enumerate((3, 9, 5, 6, 4))]
+    kept, dropped = drop_long_prompts(records, char_tokenizer, 5, chat_template=False)
+    assert [r.prompt_id for r in kept] == ["p0", "p2", "p4"] and dropped == 2  # order kept; 5 tokens is in
+    assert all(len(encode_prompt(char_tokenizer, r.prompt, False)) <= 5 for r in kept)
+    assert drop_long_prompts(records, char_tokenizer, 9, chat_template=False) == (records, 0)
+    assert drop_long_prompts([], char_tokenizer, 1, chat_template=False) == ([], 0)
+    with pytest.raises(ValueError, match="max_tokens must be >= 1, got 0"):
+        drop_long_prompts(records, char_tokenizer, 0)
+
+
+def test_drop_long_prompts_counts_the_chat_template(char_tokenizer) -> None:
+    """With a chat template, its tokens count too: the limit applies to what the server receives."""
+    chat = copy.deepcopy(char_tokenizer)
+    chat.chat_template = "{% for m in messages %}<s>Q:{{ m['content'] }}</s>{% endfor %}A:"  # 6 tokens + content
+    records = [PromptRecord(f"p{i}", "y" * size, "1") for i, size in enumerate((2, 4, 3))]
+    assert [len(encode_prompt(chat, r.prompt)) for r in records] == [8, 10, 9]
+    kept, dropped = drop_long_prompts(records, chat, 9)
+    assert [r.prompt_id for r in kept] == ["p0", "p2"] and dropped == 1
+    assert drop_long_prompts(records, chat, 9, chat_template=False) == (records, 0)  # plain: 2-4 tokens
+
+
+def _response(tokenizer, text: str, finish_reason: str) -> Rollout:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if finish_reason == "stop":
+        ids = [*ids, tokenizer.eos_token_id]
+    return Rollout(response_ids=ids, finish_reason=finish_reason)
+
+
+@pytest.mark.parametrize(
+    ("truncated", "finish_reason", "correct"),
+    [
+        ("verify", "length", True),  # the authors' routing: the verifier alone
+        ("incorrect", "length", False),  # cut off: incorrect whatever it holds
+        ("incorrect", "stop", True),  # a whole answer is verified as ever
+        ("skip", "length", True),  # verified as usual; the plan stage leaves it untrained
+    ],
+)
+def test_truncated_responses_are_routed_by_the_policy(char_tokenizer, truncated, finish_reason, correct) -> None:
+    rollout = _response(char_tokenizer, "so \\boxed{12}", finish_reason)
+    decode_and_verify(char_tokenizer, rollout, "12", verify_toy, truncated=truncated)
+    assert rollout.text == "so \\boxed{12}"  # decoded under every policy (the rollouts log shows it)
+    assert (rollout.correct, rollout.reward) == (correct, 1.0 if correct else 0.0)
+
+
+def test_an_unknown_truncated_policy_is_refused(char_tokenizer) -> None:
+    with pytest.raises(ValueError, match=r"truncated must be one of \['verify', 'incorrect', 'skip'\], got 'drop'"):
+        decode_and_verify(char_tokenizer, _response(char_tokenizer, "1", "length"), "1", verify_toy, truncated="drop")

@@ -58,22 +58,26 @@ def test_hidden_states_plus_lm_head_match_reference(stat):
 
 @pytest.mark.parametrize("stat", ["logp", "entropy", "kl"])
 def test_gradcheck_float64(stat):
+    """float64 inputs are computed in float64: a true gradcheck, at its default tolerances."""
     g = torch.Generator().manual_seed(3)
     h = torch.randn(5, 4, dtype=torch.float64, generator=g, requires_grad=True)
     w = torch.randn(7, 4, dtype=torch.float64, generator=g, requires_grad=True)
-    z = torch.randn(5, 7, dtype=torch.float64, generator=g, requires_grad=True)
+    z = (2 * torch.randn(5, 7, dtype=torch.float64, generator=g)).requires_grad_()
     q = torch.randn(5, 7, dtype=torch.float64, generator=g)
+    th, tw = torch.randn(5, 3, dtype=torch.float64, generator=g), torch.randn(7, 3, dtype=torch.float64, generator=g)
     tok = torch.randint(0, 7, (5,), generator=g)
 
-    # float32 inside by design; gradcheck with a tolerance that fits it
-    def from_logits(z_):
-        return chunked_stat(stat, z_, tok, teacher_x=q, chunk=2, temperature=0.7).double()
+    def from_logits(z_):  # chunks of 2 over 5 tokens: the last one is ragged
+        return chunked_stat(stat, z_, tok, teacher_x=q, chunk=2, temperature=0.7)
 
-    def from_hidden(h_, w_):
-        return chunked_stat(stat, h_, tok, weight=w_, teacher_x=q, chunk=3).double()
+    def from_hidden(h_, w_):  # the teacher from hidden states plus its own LM head, too
+        return chunked_stat(stat, h_, tok, weight=w_, teacher_x=th, teacher_weight=tw, chunk=3, temperature=1.3)
 
-    assert torch.autograd.gradcheck(from_logits, (z,), eps=1e-3, atol=2e-3, rtol=1e-2)
-    assert torch.autograd.gradcheck(from_hidden, (h, w), eps=1e-3, atol=2e-3, rtol=1e-2)
+    out = from_logits(z)
+    assert out.dtype == torch.float64 and from_hidden(h, w).dtype == torch.float64
+    torch.testing.assert_close(out, ref_stats(z / 0.7, tok, q / 0.7)[stat])  # float64 tolerances
+    assert torch.autograd.gradcheck(from_logits, (z,))
+    assert torch.autograd.gradcheck(from_hidden, (h, w))
 
 
 def test_bfloat16_inputs_are_computed_in_float32():

@@ -16,6 +16,11 @@ from scope_ds.rollout.weight_sync.group import EMBEDDED_BACKEND
 
 log = logging.getLogger("scope_ds.rollout.server")
 
+# Seconds an idle keep-alive connection stays open, as SGLang's launch_server sets uvicorn's
+# timeout_keep_alive. The client drops idle connections sooner (client.KEEPALIVE_EXPIRY_S), so that
+# it never sends a request on a connection the server is closing.
+KEEP_ALIVE_S = 5
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m scope_ds.rollout.server", description=__doc__)
@@ -102,6 +107,12 @@ def main(argv: list[str] | None = None) -> None:
         "serving %s on http://%s:%d (weight_version=%s)", args.model_path, args.host, args.port, args.weight_version
     )
     try:
-        uvicorn.run(build_app(state), host=args.host, port=args.port, log_level=args.log_level.lower())
+        uvicorn.run(
+            build_app(state),
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level.lower(),
+            timeout_keep_alive=KEEP_ALIVE_S,
+        )
     finally:
         state.engine.close()

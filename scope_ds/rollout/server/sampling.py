@@ -3,15 +3,20 @@
 Shapes: B = running sequences, V = vocabulary.
 Log-probs follow SGLang's sampler (0.5.x, default build): log softmax(logits / T) of the sampled
 token, taken before top-k / top-p / min-p truncation; greedy rows report log softmax(logits).
+Like SGLang, ``SGLANG_RETURN_ORIGINAL_LOGPROB=1`` in the server's environment reports the raw
+log softmax(logits) (temperature 1) instead; the trainer detects that convention (loop.check_mismatch).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 
 from scope_ds.rollout.protocol import GREEDY_EPS
+
+ORIGINAL_LOGPROB = os.environ.get("SGLANG_RETURN_ORIGINAL_LOGPROB", "").lower() in ("1", "true")
 
 
 @dataclass(frozen=True)
@@ -108,6 +113,8 @@ def sample_next(
             tokens_B[shared_rows] = torch.multinomial(probs_BV[shared_rows], 1, generator=generator).squeeze(-1)
         for i in torch.nonzero(sample_rows & own).flatten().tolist():
             tokens_B[i] = torch.multinomial(probs_BV[i], 1, generator=row_generators[i]).squeeze(-1)
+    if ORIGINAL_LOGPROB:
+        logprobs_BV = torch.log_softmax(logits_BV, dim=-1)
     logprobs_B = logprobs_BV.gather(-1, tokens_B[:, None]).squeeze(-1)
     return tokens_B, logprobs_B, logprobs_BV
 
