@@ -74,39 +74,83 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save(run: Run, step: int, pending: list[Batch] = ()) -> str:
-    """Save after ``step`` completed steps (a collective: every rank calls it); returns the folder."""
+    """Save after ``step`` completed steps (a collective: every rank calls it); returns the folder.
+
+    Each phase ends with every rank agreeing on how it went: a failure on any rank (a full disk, a
+    folder not writable) is a CheckpointError on every rank at once, in one line naming the path,
+    and the previous checkpoint stays the latest.
+    """
     root = checkpoint_root(run)
     tag = f"step_{step}"
     tmp, final = os.path.join(root, f".tmp-{tag}"), os.path.join(root, tag)
-    if run.rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # a save that died earlier
-        os.makedirs(tmp)
-    _barrier()
+    rank0 = run.rank == 0
+    try:
+        _agreed(run, tag, _fresh_folder if rank0 else None, tmp)
+        _agreed(run, tag, _save_partitions, run, tmp)
+        _agreed(run, tag, _finish if rank0 else None, run, step, pending, tmp, final)
+    except CheckpointError:
+        if rank0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _agreed(run: Run, tag: str, fn: Any, *args: Any) -> None:
+    """``fn(*args)`` on this rank (None: nothing to do here), then every rank learns whether any
+    rank failed (a collective), and all raise the first failure."""
+    error = None
+    if fn is not None:
+        try:
+            fn(*args)
+        except Exception as e:
+            error = f"rank {run.rank}: {_reason(e)}"
+    errors = [error]
+    if run.world > 1:
+        errors = [None] * run.world
+        torch.distributed.all_gather_object(errors, error)
+    failed = [e for e in errors if e]
+    if failed:
+        raise CheckpointError(f"checkpoint {tag} not saved ({failed[0]}); the previous checkpoint is kept")
+
+
+def _reason(e: Exception) -> str:
+    """'no space left on device: PATH', 'permission denied: PATH', or the error in one line."""
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror.lower()}: {e.filename}" if e.filename else e.strerror.lower()
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+def _fresh_folder(tmp: str) -> None:  # rank 0
+    shutil.rmtree(tmp, ignore_errors=True)  # a save that died earlier
+    os.makedirs(tmp)
+
+
+def _save_partitions(run: Run, tmp: str) -> None:  # every rank
     run.student.save_checkpoint(tmp, DS_TAG)
     torch.save(rng_state(), os.path.join(tmp, f"rng_rank{run.rank}.pt"))
-    _barrier()
-    if run.rank == 0:
-        state = {
-            "format": STATE_FORMAT,
-            "step": step,
-            "policy_version": run.versions.student,
-            "world_size": run.world,
-            "pending": [b.to_json() for b in pending],
-            "config": run.cfg.to_dict(),
-        }
-        with open(os.path.join(tmp, STATE), "w") as f:
-            json.dump(state, f)
-        os.makedirs(os.path.join(tmp, "hf_config"))
-        copy_model_files(Path(run.student_path), Path(tmp) / "hf_config")
-        with open(os.path.join(tmp, COMPLETE), "w") as f:
-            f.write(f"{step}\n")
-        if os.path.exists(final):  # the same step saved again (a resumed run): replace it whole
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _write_latest(root, tag)
-        _prune(root, run.cfg.checkpoint.keep)
-    _barrier()
-    return final
+
+
+def _finish(run: Run, step: int, pending: list[Batch], tmp: str, final: str) -> None:  # rank 0
+    state = {
+        "format": STATE_FORMAT,
+        "step": step,
+        "policy_version": run.versions.student,
+        "world_size": run.world,
+        "pending": [b.to_json() for b in pending],
+        "config": run.cfg.to_dict(),
+    }
+    with open(os.path.join(tmp, STATE), "w") as f:
+        json.dump(state, f)
+    os.makedirs(os.path.join(tmp, "hf_config"))
+    copy_model_files(Path(run.student_path), Path(tmp) / "hf_config")
+    with open(os.path.join(tmp, COMPLETE), "w") as f:
+        f.write(f"{step}\n")
+    if os.path.exists(final):  # the same step saved again (a resumed run): replace it whole
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    root = os.path.dirname(final)
+    _write_latest(root, os.path.basename(final))
+    _prune(root, run.cfg.checkpoint.keep)
 
 
 def _write_latest(root: str, tag: str) -> None:

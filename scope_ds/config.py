@@ -56,6 +56,7 @@ class DataConfig:
     # A truncated response (finish_reason "length"): verify: the verifier routes it, as any other
     # (the authors' code) | incorrect: it counts as incorrect whatever it holds | skip: not trained on
     truncated: TruncatedPolicy = "verify"
+    verify_timeout_s: float = 30.0  # the trainer's verifier may take this long per answer; past it: incorrect, counted
     eval_every: int = 0  # evaluate on held-out prompts every N steps (0 = never)
     eval_prompts: int = 64  # number of held-out prompts per evaluation
     eval_n: int = 4  # samples per held-out prompt (Avg@n, Pass@k for k <= n), at rollout.temperature
@@ -66,6 +67,7 @@ class DataConfig:
         _positive("data.eval_every", self.eval_every, strict=False)
         _positive("data.eval_prompts", self.eval_prompts)
         _positive("data.eval_n", self.eval_n)
+        _positive("data.verify_timeout_s", self.verify_timeout_s)
         if "{prompt}" not in self.template:
             raise ConfigError(f"data.template must contain {{prompt}}, got {self.template!r}")
 
@@ -73,6 +75,9 @@ class DataConfig:
 @dataclass
 class RolloutConfig:
     servers: list[str] = field(default_factory=list)  # attach to these URLs; empty = launch servers
+    # Bearer key of the servers (SGLang's --api-key): launched ones get it ("" = a fresh one per run);
+    # attached ones (rollout.servers) are sent it ("" = they require none)
+    api_key: str = ""
     backend: Literal["embedded", "sglang"] = "embedded"  # what to launch: embedded (CPU, tests) | sglang (GPUs)
     num_servers: int = 1  # servers to launch (one per GPU group with sglang)
     gpus_per_server: int = 1  # tensor-parallel size of each launched sglang server
@@ -136,10 +141,12 @@ class PipelineConfig:
     max_staleness: int = 0  # 0 = synchronous; k >= 1: rollouts at most k policy versions old
     queue_size: int = 2  # batches buffered between stages
     overlap_teacher: bool = False  # teacher scores batch s+1 beside the update of s (gloo only; docs/pipeline.md)
+    wait_timeout_s: float = 3600.0  # longest the trainer waits for its next batch before failing with an error
 
     def check(self) -> None:
         _positive("pipeline.max_staleness", self.max_staleness, strict=False)
         _positive("pipeline.queue_size", self.queue_size)
+        _positive("pipeline.wait_timeout_s", self.wait_timeout_s)
 
 
 @dataclass
@@ -168,12 +175,15 @@ class LoggingConfig:
     wandb: bool = False  # also log to Weights & Biases (needs wandb installed and a login)
     progress: bool = True  # show a progress bar on rank 0
     rollouts: bool = True  # write OUT/rollouts/step_N.jsonl
+    overwrite: bool = False  # a fresh run into a used run folder: delete its outputs first (else refused)
 
     def check(self) -> None:
         try:
             fields = {name for _, name, _, _ in string.Formatter().parse(self.out_dir) if name is not None}
         except ValueError as e:  # an unmatched brace
-            raise ConfigError(f"logging.out_dir {self.out_dir!r} is malformed ({e}); write braces as {{{{ }}}}") from None
+            raise ConfigError(
+                f"logging.out_dir {self.out_dir!r} is malformed ({e}); write braces as {{{{ }}}}"
+            ) from None
         unknown = sorted(fields - {"run_name"})
         if unknown:
             raise ConfigError(

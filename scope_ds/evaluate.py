@@ -89,6 +89,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gpus-per-server", type=int, default=1, help="SGLang tensor-parallel size")
     p.add_argument("--server-arg", action="append", default=[], help="extra server flag, repeatable")
     p.add_argument("--server-timeout", type=float, default=900.0, help="seconds to wait for servers to be healthy")
+    p.add_argument(
+        "--api-key", default="", help="API key of attached servers (URL models); launched ones get their own"
+    )
     p.add_argument("--seed", type=int, default=0, help="server sampling seed, bootstrap seed, toy split seed")
     p.add_argument(
         "--seeded",
@@ -140,7 +143,7 @@ def model_targets(specs: Sequence[str]) -> list[ModelTarget]:
     return targets
 
 
-def load_tokenizer(target: ModelTarget, tokenizer_dir: str | None, urls: Sequence[str]) -> Any:
+def load_tokenizer(target: ModelTarget, tokenizer_dir: str | None, servers: RolloutServers) -> Any:
     """The model folder's tokenizer; for a URL, --tokenizer or the server's tokenizer_path."""
     from transformers import AutoTokenizer
 
@@ -149,7 +152,9 @@ def load_tokenizer(target: ModelTarget, tokenizer_dir: str | None, urls: Sequenc
         import httpx
 
         try:
-            path = httpx.get(f"{urls[0]}/model_info", timeout=30.0, trust_env=False).json().get("tokenizer_path")
+            key = {"Authorization": f"Bearer {servers.api_key}"} if servers.api_key else None
+            info = httpx.get(f"{servers.urls[0]}/model_info", headers=key, timeout=30.0, trust_env=False)
+            path = info.json().get("tokenizer_path")
         except (httpx.HTTPError, ValueError, AttributeError) as exc:
             raise EvalError(f"server {target.source}: no /model_info answer ({exc}); pass --tokenizer DIR") from exc
         if not path or not Path(path).is_dir():
@@ -161,10 +166,11 @@ def load_tokenizer(target: ModelTarget, tokenizer_dir: str | None, urls: Sequenc
 
 
 @contextmanager
-def serving(target: ModelTarget, args: argparse.Namespace, log_dir: Path) -> Iterator[list[str]]:
-    """The server URLs for a model: attached, or started now and stopped (by pid) on exit."""
+def serving(target: ModelTarget, args: argparse.Namespace, log_dir: Path) -> Iterator[RolloutServers]:
+    """The servers of a model (with the API key they want): attached, or started now (with a key
+    of their own) and stopped (by pid) on exit."""
     if target.is_url:
-        yield RolloutServers.attach([target.source], timeout_s=min(args.server_timeout, 60.0)).urls
+        yield RolloutServers.attach([target.source], timeout_s=min(args.server_timeout, 60.0), api_key=args.api_key)
         return
     deterministic = args.seeded and args.backend == "sglang"
     servers = RolloutServers.start(
@@ -179,7 +185,7 @@ def serving(target: ModelTarget, args: argparse.Namespace, log_dir: Path) -> Ite
         extra_args=[*args.server_arg, *(["--enable-deterministic-inference"] if deterministic else [])],
     )
     try:
-        yield servers.urls
+        yield servers
     finally:
         servers.stop()
 
@@ -256,13 +262,13 @@ def evaluate_model(
 
     summaries: dict[str, Any] = {}
     seed = args.seed if args.seeded else None
-    with serving(target, args, out / "logs") as urls:
-        tokenizer = tokenizer or load_tokenizer(target, args.tokenizer, urls)
+    with serving(target, args, out / "logs") as servers:
+        tokenizer = tokenizer or load_tokenizer(target, args.tokenizer, servers)
         fits = fits or fitting_prompts(benchmarks, tokenizer, args, target.label)
         params = eval_sampling_params(tokenizer, args.temperature, args.top_p, args.top_k, args.max_new_tokens)
         total = sum(len(records) for records, _ in fits.values()) * args.n
         bar = tqdm(total=total, unit="sample", desc=target.label, disable=args.no_progress, dynamic_ncols=True)
-        with SyncRolloutClient(urls, timeout_s=3600.0) as client, bar:
+        with SyncRolloutClient(servers.urls, timeout_s=3600.0, api_key=servers.api_key) as client, bar:
             for bench in benchmarks:
                 bar.set_postfix_str(bench.name)
                 records, skipped = fits[bench.name]

@@ -9,6 +9,7 @@ safetensors and the standard library: no DeepSpeed, no HTTP.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import uuid
 from collections.abc import Iterable
@@ -40,6 +41,29 @@ def copy_model_files(config_dir: Path, dst: Path, *, overwrite: bool = True) -> 
         if src.is_file() and src.name != _INDEX and not src.name.endswith(_WEIGHT_SUFFIXES):
             if overwrite or not (dst / src.name).exists():
                 shutil.copy2(src, dst / src.name)
+
+
+def _umask() -> int:
+    # Read, not set-and-restore: os.umask(0) would briefly give other threads' new files mode 0666.
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def ordinary_permissions(folder: Path) -> None:
+    """Give ``folder`` and everything in it the modes a new folder and file get here (0755 / 0644
+    under the usual umask 022), whatever a temporary folder or a copied file had (0700 / 0600)."""
+    mask = _umask()
+    folder.chmod(0o777 & ~mask)
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def write_hf_folder(
@@ -75,6 +99,7 @@ def write_hf_folder(
         files.append(tmp / f"part-{len(files)}.safetensors")
         save_file(shards[-1], str(files[-1]), metadata={"format": "pt"})
         _name_shards(tmp, files, total)
+        ordinary_permissions(tmp)
         if out.exists():  # a folder of the same version from an interrupted run: replace it
             shutil.rmtree(out)
         tmp.rename(out)

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scope_ds.config import ConfigError, load_config  # noqa: E402
 from scope_ds.rollout import health  # noqa: E402
-from scope_ds.rollout.launcher import LaunchSpec, embedded_command, sglang_command  # noqa: E402
+from scope_ds.rollout.launcher import LaunchSpec, embedded_command, new_api_key, sglang_command  # noqa: E402
 
 
 class LayoutError(ValueError):
@@ -52,6 +52,7 @@ class Layout:
     servers: list[Server] = field(default_factory=list)  # servers this job starts (and waits for)
     startup_timeout_s: float = 300.0  # how long they may take to answer /health
     run_dir: str = ""  # the run folder (logs go to RUN_DIR/logs)
+    api_key: str = ""  # the key the job's servers require (they listen beyond loopback: never none)
 
     def shell(self) -> str:
         """Bash assignments for ``eval``: scalars, and arrays SERVER_NODES / SERVER_CMDS / SERVER_URLS."""
@@ -62,6 +63,7 @@ class Layout:
             "NTASKS": str(self.ntasks),
             "STARTUP_TIMEOUT": str(int(self.startup_timeout_s)),
             "RUN_DIR": self.run_dir,
+            "API_KEY": self.api_key,
         }
         lines = [f"{k}={shlex.quote(v)}" for k, v in out.items()]
         for name, items in (
@@ -121,7 +123,9 @@ def place_servers(alloc: Allocation, count: int, tp: int, layout: str) -> tuple[
     raise LayoutError(f"SCOPE_DS_SERVER_LAYOUT must be tail or nodes, got {layout!r}")
 
 
-def _servers(kind: str, model: str, places: list[tuple[str, int]], tp: int, alloc: Allocation, seed: int, extra):
+def _servers(
+    kind: str, model: str, places: list[tuple[str, int]], tp: int, alloc: Allocation, seed: int, extra, key: str
+):
     """Server i serves ``model`` at places[i] = (node, first GPU) on ``tp`` GPUs; the k-th server of
     a node listens on port_base + k."""
     servers, used = [], {}
@@ -131,7 +135,7 @@ def _servers(kind: str, model: str, places: list[tuple[str, int]], tp: int, allo
         port = alloc.port_base + used.get(node, 0)
         used[node] = used.get(node, 0) + 1
         first = 0 if alloc.managed else gpu
-        spec = LaunchSpec(model, port, host="0.0.0.0", random_seed=seed + i, tp_size=tp, base_gpu_id=first)
+        spec = LaunchSpec(model, port, host="0.0.0.0", random_seed=seed + i, tp_size=tp, base_gpu_id=first, api_key=key)
         spec.mem_fraction_static, spec.extra_args = mem, tuple(extra)
         servers.append(Server(node, port, build(spec, python="python"), tp if kind == "sglang" else 0))
     return servers
@@ -168,9 +172,14 @@ def train_layout(recipe: str, overrides: list[str], alloc: Allocation, env: dict
         server_nodes = {node for node, _ in places} if layout == "nodes" else set()
         out.train_nodes = [n for n in alloc.nodes if n not in server_nodes]
         out.ntasks = out.tasks_per_node * len(out.train_nodes)
+    out.api_key = r.api_key  # attached servers: theirs, or none
     if places:
+        # Servers on 0.0.0.0 are reachable from the whole cluster: they always get a key, the
+        # recipe's, the job's (SCOPE_DS_API_KEY) or a fresh one, and the trainer gets the same.
+        out.api_key = r.api_key or env.get("SCOPE_DS_API_KEY", "") or new_api_key()
         extra = shlex.split(env.get("SCOPE_DS_SGLANG_ARGS", "")) if r.backend == "sglang" else []
-        out.servers = _servers(r.backend, served_model(cfg), places, r.gpus_per_server, alloc, cfg.train.seed, extra)
+        model, seed = served_model(cfg), cfg.train.seed
+        out.servers = _servers(r.backend, model, places, r.gpus_per_server, alloc, seed, extra, out.api_key)
     return out
 
 

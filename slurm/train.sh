@@ -10,7 +10,8 @@
 #     sbatch --ntasks 2 slurm/train.sh recipes/toy.yaml
 #
 # Rollout servers start first, as job steps of their own, and are waited for on /health; their URLs
-# go to the trainer as rollout.servers=[...].
+# go to the trainer as rollout.servers=[...], with the key they require as rollout.api_key (the
+# recipe's, else SCOPE_DS_API_KEY, else one generated for the job).
 # One training process per GPU (per task on CPU nodes), started by srun with RANK, WORLD_SIZE,
 # LOCAL_RANK, MASTER_ADDR and MASTER_PORT; one log per rank in RUN_DIR/logs/train-JOB.RESTART-rankN.log.
 # Before the time limit SLURM sends USR1 to this script (--signal below); it is passed on to the
@@ -38,7 +39,8 @@ fi
 scope_plan train "$RECIPE" "${ARGS[@]}"
 scope_start_servers
 if [ ${#SERVER_URLS[@]} -gt 0 ]; then
-  ARGS+=("rollout.servers=[$(IFS=,; echo "${SERVER_URLS[*]}")]")
+  # The servers listen beyond loopback, so they require the job's key (slurm/layout.py: API_KEY).
+  ARGS+=("rollout.servers=[$(IFS=,; echo "${SERVER_URLS[*]}")]" "rollout.api_key=$API_KEY")
 fi
 
 STEP=(--overlap --kill-on-bad-exit=1 --ntasks="$NTASKS" --output="$LOG_DIR/train-$LOG_TAG-rank%t.log")

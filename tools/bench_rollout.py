@@ -64,7 +64,7 @@ def bench_throughput(work: Path, levels: list[int], new_tokens: int, rounds: int
     try:
 
         async def run() -> None:
-            client = RolloutClient([proc.url], timeout_s=1800)
+            client = RolloutClient([proc.url], timeout_s=1800, api_key=proc.api_key)
             await _wave(client, 4, 8, SMALL["vocab_size"])  # warm-up
             for c in levels:
                 tokens, seconds = 0, 0.0
@@ -89,7 +89,7 @@ def bench_sync(work: Path, repeats: int) -> list[tuple[str, str]]:
     proc = launch_embedded(str(base), log_dir=work, wait_s=600)[0]
     rows = []
     try:
-        with SyncRolloutClient([proc.url], timeout_s=1800) as client:
+        with SyncRolloutClient([proc.url], timeout_s=1800, api_key=proc.api_key) as client:
             methods = {
                 "disk": DiskWeightSync(client, work / "shared", config_dir=base, keep=1),
                 "distributed (gloo)": DistributedWeightSync(client, backend="gloo"),

@@ -141,7 +141,7 @@ clean_stale_locks() {  # a JIT op build killed midway leaves torch's lock file, 
 start() {
   clean_shm
   clean_stale_locks
-  apt_install slurm-wlm munge
+  apt_install slurm-wlm munge e2fsprogs  # e2fsprogs: chattr, for the read-only folders of test_faults.py
   ensure_mpi
   mkdir -p "$STATE"
   if node_ready; then

@@ -5,13 +5,16 @@
 
 CKPT_DIR is a run's checkpoint folder (its latest complete checkpoint is taken, or step STEP with
 --tag) or one checkpoint (``.../step_N``). OUT_DIR must not exist; it is written whole or not at
-all. Needs no GPU and not the training run's world size. The output is checked before it is
-kept: its logits on a fixed input must match those of the checkpoint's weights.
+all, with ordinary permissions (folders 0755, files 0644, less what the umask removes). The
+weights are written in the run's dtype (model.dtype in the checkpoint's saved config) unless
+--dtype says otherwise. Needs no GPU and not the training run's world size. The output is checked
+before it is kept: its logits on a fixed input must match those of the checkpoint's weights.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
@@ -22,10 +25,24 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from scope_ds.checkpoint import COMPLETE, DS_TAG, CheckpointError, find_checkpoint  # noqa: E402
-from scope_ds.hf_folder import copy_model_files  # noqa: E402
+from scope_ds.checkpoint import COMPLETE, DS_TAG, STATE, CheckpointError, find_checkpoint  # noqa: E402
+from scope_ds.hf_folder import copy_model_files, ordinary_permissions  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+_RUN_DTYPES = {"bfloat16": "bf16", "float32": "fp32"}  # model.dtype -> --dtype
+
+
+def run_dtype(folder: str) -> str:
+    """The --dtype of the run that wrote checkpoint ``folder``: its saved config's model.dtype."""
+    path = os.path.join(folder, STATE)
+    try:
+        with open(path) as f:
+            dtype = json.load(f)["config"]["model"]["dtype"]
+        return _RUN_DTYPES[dtype]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(
+            f"cannot tell the run's dtype from {path} ({type(e).__name__}: {e}); pass --dtype bf16 or --dtype fp32"
+        ) from None
 
 
 def resolve(ckpt_dir: str, tag: str | None) -> str:
@@ -86,13 +103,15 @@ def logits_on_fixed_input(model) -> torch.Tensor:
     return model(input_ids=ids).logits.float()
 
 
-def convert(ckpt_dir: str, out_dir: str, tag: str | None = None, dtype: str = "bf16") -> float:
-    """Write OUT_DIR; returns the largest logit difference between output and checkpoint."""
+def convert(ckpt_dir: str, out_dir: str, tag: str | None = None, dtype: str | None = None) -> tuple[float, str]:
+    """Write OUT_DIR in ``dtype`` (None = the run's); returns the largest logit difference between
+    output and checkpoint, and the dtype written."""
     from transformers import AutoModelForCausalLM
 
     if os.path.exists(out_dir):
         raise FileExistsError(f"{out_dir} exists; choose a new folder (nothing was written)")
     folder = resolve(ckpt_dir, tag)
+    dtype = dtype or run_dtype(folder)
     torch_dtype = DTYPES[dtype]
     reference = build_model(folder, fp32_state_dict(folder), torch.float32)
     expected = logits_on_fixed_input(reference)
@@ -111,11 +130,12 @@ def convert(ckpt_dir: str, out_dir: str, tag: str | None = None, dtype: str = "b
         tol = 1e-5 if torch_dtype == torch.float32 else 2e-2 * float(expected.abs().max())
         if diff > tol:
             raise CheckpointError(f"converted model's logits differ from the checkpoint's by {diff:.3g} (> {tol:.3g})")
+        ordinary_permissions(Path(tmp))  # mkdtemp made it 0700; copies keep the checkpoint's modes
         os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return diff
+    return diff, dtype
 
 
 def main() -> int:
@@ -123,14 +143,14 @@ def main() -> int:
     ap.add_argument("ckpt_dir")
     ap.add_argument("out_dir")
     ap.add_argument("--tag", help="step to convert (default: the latest complete checkpoint)")
-    ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), help="weights' dtype (default: the run's model.dtype)")
     args = ap.parse_args()
     try:
-        diff = convert(args.ckpt_dir, args.out_dir, args.tag, args.dtype)
+        diff, dtype = convert(args.ckpt_dir, args.out_dir, args.tag, args.dtype)
     except (CheckpointError, FileExistsError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {args.out_dir} ({args.dtype}); logits match the checkpoint to {diff:.2e}")
+    print(f"wrote {args.out_dir} ({dtype}); logits match the checkpoint to {diff:.2e}")
     return 0
 
 

@@ -69,16 +69,32 @@ def decode_and_verify(
     truncated: TruncatedPolicy = "verify",
 ) -> None:
     """Fill ``rollout.text`` (special tokens skipped: what the verifier reads), ``rollout.reward``
-    (the verifier's, as a float) and ``rollout.correct`` (reward >= 1).
+    (the verifier's, as a float) and ``rollout.correct`` (reward >= 1); see decode_and_verify_all."""
+    decode_and_verify_all(tokenizer, [rollout], [answer], lambda pairs: ([verifier(*p) for p in pairs], 0), truncated)
+
+
+def decode_and_verify_all(
+    tokenizer: Any,
+    rollouts: Sequence[Rollout],
+    answers: Sequence[str],
+    verify_all: Callable[[list[tuple[str, str]]], tuple[list[float], int]],
+    truncated: TruncatedPolicy = "verify",
+) -> int:
+    """decode_and_verify for many rollouts through ``verify_all(pairs) -> (rewards, timeouts)``
+    (a rewards.pool.VerifierPool's ``verify``); returns the timeouts, which count as incorrect.
 
     A truncated response (``finish_reason == "length"``) under ``truncated="incorrect"`` gets reward
     0 whatever it contains (the verifier is not asked). "verify" (the authors' code) and "skip"
     verify it like any other: under "skip" the trainer's plan stage leaves it untrained.
     """
     check_choice("truncated", truncated, literal_values(TruncatedPolicy))
-    rollout.text = tokenizer.decode(rollout.response_ids, skip_special_tokens=True)
-    if truncated == "incorrect" and rollout.finish_reason == "length":
-        rollout.reward = 0.0
-    else:
-        rollout.reward = float(verifier(rollout.text, answer))
-    rollout.correct = rollout.reward >= 1.0
+    for r in rollouts:
+        r.text = tokenizer.decode(r.response_ids, skip_special_tokens=True)
+        r.reward = 0.0
+    asked = [i for i, r in enumerate(rollouts) if not (truncated == "incorrect" and r.finish_reason == "length")]
+    rewards, timeouts = verify_all([(rollouts[i].text, answers[i]) for i in asked])
+    for i, reward in zip(asked, rewards, strict=True):
+        rollouts[i].reward = float(reward)
+    for r in rollouts:
+        r.correct = r.reward >= 1.0
+    return timeouts

@@ -6,7 +6,10 @@ here alone, from our config plus a JSON file in ``ds_configs/``.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import copy
+import glob
 import hashlib
 import json
 import math
@@ -44,18 +47,46 @@ def resolve_path(path: str) -> str:
     return os.path.join(REPO_ROOT, path)
 
 
+class MasterPortInUseError(ValueError):
+    """The rendezvous port (MASTER_PORT) is held by another process; the message says how to pick another.
+
+    A ValueError, as the other bad-setting errors the entry points print in one line."""
+
+
 def init_distributed() -> tuple[int, int]:
     """Join (or create) the process group DeepSpeed uses; returns (rank, world size).
 
     Works under the deepspeed launcher, torchrun, srun (SLURM_* variables) and mpirun (through
     mpi4py when it is installed, else OMPI_* / PMI_* variables), and as a single process with no
-    launcher at all.
+    launcher at all (on a free port then, unless MASTER_PORT is set). A taken port raises
+    MasterPortInUseError naming ``--master_port``.
     """
     import deepspeed
 
     _env_from_launcher()
-    deepspeed.init_distributed(dist_backend=None, auto_mpi_discovery=False)
-    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    try:
+        deepspeed.init_distributed(dist_backend=None, auto_mpi_discovery=False)
+    except RuntimeError as e:  # torch's DistNetworkError, with a C++ stack in its message
+        if "EADDRINUSE" not in str(e) and "address already in use" not in str(e).lower():
+            raise
+        addr, port = os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]
+        raise MasterPortInUseError(
+            f"the rendezvous port {addr}:{port} (MASTER_PORT) is taken by another process (EADDRINUSE); "
+            f"pick a free one: deepspeed --master_port PORT scope_ds/train.py ..., or MASTER_PORT=PORT for "
+            "torchrun, srun, mpirun or a plain python run"
+        ) from None
+    rank = torch.distributed.get_rank()
+    atexit.register(_unlink_shm_buffers, os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", ""), rank)
+    return rank, torch.distributed.get_world_size()
+
+
+def _unlink_shm_buffers(addr: str, port: str, rank: int) -> None:
+    """Remove this rank's shared-memory allreduce buffer (DeepSpeed's CPU backend), which DeepSpeed
+    never does: 66 MB in /dev/shm per rank per run, until memory runs out. Other ranks that still
+    map it keep their mapping; the name is gone."""
+    for path in glob.glob(f"/dev/shm/deepspeed_*_{addr}_{port}_{rank}"):
+        with contextlib.suppress(OSError):
+            os.unlink(path)
 
 
 # Variables that say an MPI launcher started this process (Open MPI, MPICH / Intel MPI, PMIx).
@@ -74,8 +105,9 @@ def _env_from_launcher() -> None:
                 env["RANK"], env["WORLD_SIZE"] = env[rank_key], env[size_key]
                 env["LOCAL_RANK"] = env.get(local_key, "0")
                 break
-        else:
+        else:  # no launcher: one process, and no other rank needs to know the port in advance
             env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+            env.setdefault("MASTER_PORT", str(_free_port()))
     env.setdefault("MASTER_ADDR", "127.0.0.1")
     env.setdefault("MASTER_PORT", "29500")
     env.setdefault("LOCAL_RANK", "0")

@@ -45,7 +45,7 @@ class EvalSample:
 def eval_sampling_params(
     tokenizer: Any, temperature: float = 0.6, top_p: float = 0.95, top_k: int = 20, max_new_tokens: int = 12288
 ) -> dict[str, Any]:
-    """SGLang sampling params of the paper's evaluation (SCOPE.md), stopping at the tokenizer's EOS."""
+    """SGLang sampling params of the paper's evaluation (docs/algorithms.md), stopping at the tokenizer's EOS."""
     return encoding.sampling_params(tokenizer, temperature, top_p, top_k, max_new_tokens)
 
 

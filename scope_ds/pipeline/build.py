@@ -23,9 +23,10 @@ from scope_ds.engines.compat import check_compatible
 from scope_ds.engines.models import InferenceEngine, StudentEngine
 from scope_ds.metrics import RunLog
 from scope_ds.pipeline.collectives import default_backend, score_group, share
+from scope_ds.pipeline.folders import prepare_folders
 from scope_ds.pipeline.run import RolloutSide, Run
 from scope_ds.pipeline.versions import PolicyVersions
-from scope_ds.rewards import get_verifier
+from scope_ds.rewards.pool import VerifierPool
 from scope_ds.rollout.client import SyncRolloutClient
 from scope_ds.rollout.launcher import RolloutServers
 from scope_ds.rollout.weight_sync import DiskWeightSync, DistributedWeightSync
@@ -37,6 +38,10 @@ def build_run(cfg: Config) -> Run:
     seed_everything(cfg.train.seed + rank)
     algo = cfg.algorithm()
     student_path, teacher_path = resolve_models(cfg, rank)
+    # rank 0 decides (it alone writes the run folder); every rank stops alike
+    problem = share(_folder_problem(cfg, algo, student_path) if rank == 0 else None)
+    if problem:
+        raise ConfigError(problem)
     tokenizer = check_compatible(student_path, teacher_path, full_vocab=algo.uses_full_kl)
     records, eval_records, verifier = prompts(cfg, tokenizer, rank)
     group = score_group()
@@ -60,13 +65,22 @@ def build_run(cfg: Config) -> Run:
         reference=reference,
         grad_accum=grad_accum,
         versions=PolicyVersions(rollout.client.urls if rollout else ()),
-        verifier=get_verifier(verifier),
+        verifier=VerifierPool(verifier, cfg.data.verify_timeout_s) if rank == 0 else None,
         records=records,
         eval_records=eval_records,
         score_group=group,
         log=run_log(cfg, rank),
         rollout=rollout,
     )
+
+
+def _folder_problem(cfg: Config, algo: Algorithm, student_path: str) -> str | None:
+    syncs_to_disk = cfg.rollout.weight_sync == "disk" and (not algo.uses_teacher_rollouts or bool(cfg.data.eval_every))
+    try:
+        prepare_folders(cfg, student_path, syncs_to_disk)
+    except ConfigError as e:
+        return str(e)
+    return None
 
 
 def prompts(cfg: Config, tokenizer: Any, rank: int) -> tuple[list[PromptRecord], list[PromptRecord], str]:
@@ -171,17 +185,17 @@ def start_rollout(cfg: Config, algo: Algorithm, student_path: str, teacher_path:
     """
     c = cfg.rollout
     if c.servers:
-        servers = RolloutServers.attach(c.servers, timeout_s=c.startup_timeout_s)
+        servers = RolloutServers.attach(c.servers, timeout_s=c.startup_timeout_s, api_key=c.api_key)
     else:
         served = teacher_path if algo.uses_teacher_rollouts else student_path
         servers = launch_servers(cfg, served, c.num_servers, "logs")
-    client = rollout_client(cfg, servers.urls)
+    client = rollout_client(cfg, servers)
     if not algo.uses_teacher_rollouts:
         return RolloutSide(servers, client, weight_sync(cfg, client, student_path))
     if not evaluates:
         return RolloutSide(servers, client)
     student_servers = launch_servers(cfg, student_path, 1, os.path.join("logs", "eval"))
-    eval_client = rollout_client(cfg, student_servers.urls)
+    eval_client = rollout_client(cfg, student_servers)
     sync = weight_sync(cfg, eval_client, student_path)
     return RolloutSide(servers, client, sync, eval_servers=student_servers, eval_client=eval_client)
 
@@ -196,14 +210,18 @@ def launch_servers(cfg: Config, model_path: str, count: int, log_dir: str) -> Ro
         log_dir=os.path.join(cfg.logging.run_dir, log_dir),
         random_seed=cfg.train.seed,
         wait_s=c.startup_timeout_s,
+        api_key=c.api_key or None,  # None: a fresh key for this run
         # SGLang honours sampling_seed only in its deterministic mode
         extra_args=["--enable-deterministic-inference"] if c.backend == "sglang" and c.seeded else [],
     )
 
 
-def rollout_client(cfg: Config, urls: list[str]) -> SyncRolloutClient:
+def rollout_client(cfg: Config, servers: RolloutServers) -> SyncRolloutClient:
+    """A client of ``servers`` that sends their API key on every request."""
     c = cfg.rollout
-    return SyncRolloutClient(urls, timeout_s=c.request_timeout_s, max_retries=c.retries)
+    return SyncRolloutClient(
+        servers.urls, timeout_s=c.request_timeout_s, max_retries=c.retries, api_key=servers.api_key
+    )
 
 
 def weight_sync(cfg: Config, client: SyncRolloutClient, student_path: str) -> DiskWeightSync | DistributedWeightSync:

@@ -75,10 +75,13 @@ class _Worker:
             self._queue.append(batch)
             self._cond.notify_all()
 
-    def _take(self) -> Batch | None:
-        """In the consumer: the next item; None once closing; raises the thread's error."""
+    def _take(self, deadline_s: float | None = None) -> Batch | None:
+        """In the consumer: the next item; None once closing; raises the thread's error, or a
+        PipelineError when nothing came within ``deadline_s``."""
         with self._cond:
-            self._cond.wait_for(lambda: self._queue or self._error is not None or self._closing)
+            ready = self._cond.wait_for(lambda: self._queue or self._error is not None or self._closing, deadline_s)
+            if not ready:
+                raise PipelineError(f"{self.what}: nothing came for {deadline_s:g} s (pipeline.wait_timeout_s)")
             if self._queue:
                 batch = self._queue.popleft()
                 self._cond.notify_all()
@@ -201,7 +204,7 @@ class ScoredFeed(_Worker):
         with self._cond:
             self._wanted = step
             self._cond.notify_all()
-        batch = self._take()
+        batch = self._take(self.run.cfg.pipeline.wait_timeout_s)
         if batch is None:
             raise PipelineError("the scored-batch feed closed before the trainer's last step")
         with self._cond:

@@ -44,7 +44,7 @@ def train(run: Run) -> dict[str, float]:
             staleness = staleness_metrics(run, batch)
             metrics = timed(batch.times, "update", stages.update, run, batch)
             done = step + 1
-            timed(batch.times, "sync", stages.sync, run)
+            sync(run, batch, metrics, done)
             if producer:
                 producer.advanced()
             metrics.update(staleness)
@@ -53,8 +53,7 @@ def train(run: Run) -> dict[str, float]:
                 check_mismatch(run, metrics)
             if cfg.data.eval_every and done % cfg.data.eval_every == 0:
                 metrics.update(on_rank0(evaluate, run))
-            run.log.rollouts(done, batch.rollouts)
-            run.log.log(done, metrics)
+            record(run, done, batch, metrics)
             last = metrics if run.rank == 0 else {}
             stop = stop_requested()
             if stop or done == steps or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0):
@@ -79,13 +78,29 @@ def restore(run: Run) -> tuple[int, list[Batch]]:
     to the rollout servers, which then serve the checkpoint's policy version.
     """
     folder = checkpoint.find_checkpoint(run.cfg.checkpoint.resume, checkpoint.checkpoint_root(run))
-    if folder is None:
+    if folder is None:  # resume=auto before any complete save: what an earlier try logged is void
+        run.log.resume_at(-1)
         return 0, []
     state = checkpoint.load(run, folder)
     run.log.resume_at(state.step)
     run.log.message(f"resumed from {folder} (step {state.step}, policy version {state.policy_version})")
     stages.sync(run)
     return state.step, state.pending
+
+
+def sync(run: Run, batch: Batch, metrics: dict[str, float], done: int) -> None:
+    """The weight sync after the update of step ``done``. If it fails, the step is logged all the
+    same: its update is applied, and the checkpoint saved on the way out holds it."""
+    try:
+        timed(batch.times, "sync", stages.sync, run)
+    except PipelineError:
+        record(run, done, batch, metrics)
+        raise
+
+
+def record(run: Run, step: int, batch: Batch, metrics: dict[str, float]) -> None:
+    run.log.rollouts(step, batch.rollouts)
+    run.log.log(step, metrics)
 
 
 def save(run: Run, step: int, producer: RolloutProducer | None) -> None:
@@ -105,7 +120,7 @@ def evaluate(run: Run) -> dict[str, float]:
         run.rollout.eval_client,
         run.tokenizer,
         run.eval_records,
-        run.verifier,
+        run.verifier.name,  # the main thread: math-verify's own timeouts hold here
         run.cfg.data.eval_n,
         stages.sampling_params(run),
         chat_template=run.cfg.data.chat_template,
@@ -142,4 +157,5 @@ def step_metrics(run: Run, batch: Batch, wall: float) -> dict[str, float]:
     tokens = sum(r.response_length for r in batch.rollouts)
     out.update({"time/step": wall, "pipeline/overlap": busy / max(wall, 1e-9), "policy/version": run.versions.student})
     out["perf/tokens_per_s"] = tokens / max(wall, 1e-9)
+    out["reward/verify_timeouts"] = batch.verify_timeouts
     return out

@@ -15,7 +15,7 @@ from scope_ds.data.record import PromptRecord
 from scope_ds.engines.models import InferenceEngine, StudentEngine
 from scope_ds.metrics import RunLog
 from scope_ds.pipeline.versions import PolicyVersions
-from scope_ds.rewards import Verifier
+from scope_ds.rewards.pool import VerifierPool
 
 
 @dataclass
@@ -61,7 +61,7 @@ class Run:
     reference: InferenceEngine | None  # the initial student, for GRPO's KL term
     grad_accum: int  # micro-batches per optimizer step on every rank
     versions: PolicyVersions
-    verifier: Verifier | None = None  # the reward of a response text (rank 0)
+    verifier: VerifierPool | None = None  # rewards of response texts, in worker processes (rank 0)
     records: list[PromptRecord] | None = None  # training prompts (rank 0 draws from them)
     eval_records: list[PromptRecord] | None = None  # held-out prompts, never trained on
     score_group: Any = None  # the scoring thread's process group (collectives.score_group)
@@ -88,3 +88,5 @@ class Run:
             self.log.close()
         if self.rollout is not None:
             self.rollout.close()
+        if self.verifier is not None:
+            self.verifier.close()

@@ -38,6 +38,7 @@ class Batch:
     records: list[PromptRecord]  # the prompts, in group order
     rollouts: list[Rollout] = field(default_factory=list)  # n per prompt, prompt-major
     times: dict[str, float] = field(default_factory=dict)  # stage -> busy seconds
+    verify_timeouts: int = 0  # answers the verifier ran out of time on (counted incorrect)
 
     def to_json(self) -> dict:
         """What a checkpoint keeps of a batch generated ahead: prompts and rollouts as generated
@@ -87,10 +88,13 @@ def sample_seeds(cfg: Config, step: int, prompts: int) -> list[int] | None:
 
 
 def verify(run: Run, batch: Batch) -> None:
-    """Decode each response and route it by the verifier's reward (rank 0)."""
+    """Decode each response and route it by the verifier's reward (rank 0), in the verifier's own
+    processes with a deadline per answer (``data.verify_timeout_s``: past it, incorrect)."""
     n = len(batch.rollouts) // len(batch.records)  # prompt-major: n rollouts per record
-    for i, r in enumerate(batch.rollouts):
-        encoding.decode_and_verify(run.tokenizer, r, batch.records[i // n].answer, run.verifier, run.cfg.data.truncated)
+    answers = [batch.records[i // n].answer for i in range(len(batch.rollouts))]
+    batch.verify_timeouts = encoding.decode_and_verify_all(
+        run.tokenizer, batch.rollouts, answers, run.verifier.verify, run.cfg.data.truncated
+    )
 
 
 # ---------------------------------------------------------------------------------- every rank

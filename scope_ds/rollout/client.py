@@ -87,7 +87,10 @@ class RolloutClient:
         max_backoff_s: float = 8.0,
         max_connections: int = 1024,
         max_abort_resubmits: int = 8,
+        api_key: str = "",
     ) -> None:
+        """``api_key``: sent as ``Authorization: Bearer KEY`` on every request (SGLang's --api-key);
+        "" sends none."""
         if not urls:
             raise ValueError("RolloutClient needs at least one server URL")
         self.urls = [u.rstrip("/") for u in urls]
@@ -107,6 +110,7 @@ class RolloutClient:
                 keepalive_expiry=KEEPALIVE_EXPIRY_S,
             ),
             trust_env=False,
+            headers={"Authorization": f"Bearer {api_key}"} if api_key else None,
         )
 
     async def aclose(self) -> None:

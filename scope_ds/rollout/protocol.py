@@ -1,7 +1,7 @@
 """SGLang's native /generate protocol, client side: build a request, parse an answer.
 
 Pure functions, no I/O, so that the wire format is tested without a server. The shapes follow
-``shared/SGLANG_API.md`` (SGLang 0.5.6 - 0.5.23); the embedded server answers in the same shapes.
+docs/rollout.md, "The HTTP API" (SGLang 0.5.6 - 0.5.23); the embedded server answers in the same shapes.
 """
 
 from __future__ import annotations

@@ -88,13 +88,15 @@ def embedded_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Calla
     """Factory: ``start(model_dir, count=1, **launch_kwargs)`` -> running ServerProcess list.
 
     Servers are real ``python -m scope_ds.rollout.server`` processes on free loopback ports; all
-    are stopped by pid when the module's tests are done.
+    are stopped by pid when the module's tests are done. They require no API key unless the test
+    passes ``api_key`` (None: a fresh one, in ``proc.api_key``), so that tests may speak plain HTTP.
     """
     from scope_ds.rollout.launcher import launch_embedded
 
     started = []
 
     def start(model_dir: Path, count: int = 1, **kwargs: object) -> list:
+        kwargs.setdefault("api_key", "")
         procs = launch_embedded(
             str(model_dir), count=count, log_dir=tmp_path_factory.mktemp("server_logs"), wait_s=120.0, **kwargs
         )

@@ -151,8 +151,9 @@ def test_evaluate_records_for_training(eval_setup) -> None:
     assert texts == [[s.text for s in g] for g in again] != [[s.text for s in g] for g in other]
     assert set(metrics) == {
         "eval/local/accuracy", "eval/local/avg@4", "eval/local/pass@1", "eval/local/pass@2", "eval/local/pass@4",
-        "eval/local/response_length_mean", "eval/local/truncated_share",
+        "eval/local/response_length_mean", "eval/local/truncated_share", "eval/local/weight_version",
     }  # fmt: skip
+    assert metrics["eval/local/weight_version"] == 0  # the server's initial weights
     assert metrics["eval/local/accuracy"] == metrics["eval/local/avg@4"] == pytest.approx(metrics["eval/local/pass@1"])
     assert 0 < metrics["eval/local/response_length_mean"] <= 12
     assert evaluate_records(client, tokenizer, [], "math", 4, params) == {}

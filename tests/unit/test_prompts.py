@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from scope_ds.config import DataConfig
-from scope_ds.data.prompts import EmptyDatasetError, load_prompts
+from scope_ds.data.prompts import DataError, EmptyDatasetError, load_prompts
 from scope_ds.data.record import PromptRecord
 from scope_ds.data.stream import prompt_source, prompt_stream
 
@@ -110,6 +110,52 @@ def test_folder_of_jsonl_files(tmp_path: Path) -> None:
     _write_jsonl(tmp_path / "b.jsonl", ROWS[3:])
     loaded = load_prompts(str(tmp_path), prompt_key="question", template=TEMPLATE)
     assert [r.answer for r in loaded] == ["2", "8"]
+
+
+def test_a_malformed_jsonl_line_is_one_error_naming_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "set.jsonl"
+    path.write_text('{"question": "q", "answer": "1"}\n\n{"question": "r", "answer": 2,}\n')
+    with pytest.raises(DataError, match=r"set.jsonl' line 3: not valid JSON") as e:
+        load_prompts(str(path), prompt_key="question")
+    assert e.value.__cause__ is None and "\n" not in str(e.value)  # one line, no chained tracebacks
+    path.write_text('{"question": "q", "answer": "1"}\n[1, 2]\n')
+    with pytest.raises(DataError, match=r"set.jsonl' line 2: expected a JSON object"):
+        load_prompts(str(path), prompt_key="question")
+
+
+def test_a_malformed_json_array_names_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "set.json"
+    path.write_text('[\n {"problem": "p", "answer": "1"},\n {"problem": "q" "answer": "2"}\n]\n')
+    with pytest.raises(DataError, match=r"set.json' line 3: not valid JSON"):
+        load_prompts(str(path))
+
+
+def test_a_corrupt_parquet_file_names_the_file(tmp_path: Path) -> None:
+    good = _write_parquet(tmp_path / "set.parquet", [{"problem": "p", "answer": "1"}] * 50)
+    data = good.read_bytes()
+    (tmp_path / "bad.parquet").write_bytes(data[: len(data) // 2])  # a truncated copy
+    with pytest.raises(DataError, match=r"dataset file '.*bad.parquet' is not a readable parquet file"):
+        load_prompts(str(tmp_path / "bad.parquet"))
+
+
+@pytest.mark.parametrize("answer", [["1", "2"], {"value": 1}, True])
+def test_answers_that_are_not_text_or_numbers_are_refused_naming_the_row(tmp_path: Path, answer) -> None:
+    path = _write_jsonl(tmp_path / "set.jsonl", [{"problem": "p", "answer": "1"}, {"problem": "q", "answer": answer}])
+    message = rf"row 1 \(prompt_id set:1\): answer field 'answer' is a {type(answer).__name__}"
+    with pytest.raises(DataError, match=message):
+        load_prompts(str(path), prompt_key="problem")
+
+
+def test_numeric_answers_become_their_text(tmp_path: Path) -> None:
+    rows = [{"problem": "p", "answer": 8.0}, {"problem": "q", "answer": 0.5}, {"problem": "r", "answer": -3}]
+    loaded = load_prompts(str(_write_jsonl(tmp_path / "set.jsonl", rows)), prompt_key="problem")
+    assert [r.answer for r in loaded] == ["8", "0.5", "-3"]
+
+
+def test_a_prompt_that_is_not_a_string_is_refused(tmp_path: Path) -> None:
+    path = _write_jsonl(tmp_path / "set.jsonl", [{"problem": ["a"], "answer": "1"}])
+    with pytest.raises(DataError, match="row 0: prompt field 'problem' is a list"):
+        load_prompts(str(path), prompt_key="problem")
 
 
 def _take(stream, n: int) -> list[str]:

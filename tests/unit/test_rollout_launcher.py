@@ -76,3 +76,49 @@ def test_version_parsing_for_the_compat_switch():
     assert parse_version("0.5.20") == (0, 5, 20) < (0, 5, 21)
     assert parse_version("0.5.23.post1") == (0, 5, 23)
     assert parse_version("0.5.21rc1") == (0, 5, 21)
+
+
+def test_api_key_reaches_both_commands_and_is_masked_in_logs():
+    from scope_ds.rollout.launcher import new_api_key, shown_command
+
+    key = new_api_key()
+    assert len(key) >= 32 and key != new_api_key()
+    spec = LaunchSpec("/m", 30001, api_key=key)
+    for cmd in (sglang_command(spec), embedded_command(spec)):
+        assert flags(cmd)["--api-key"] == key
+        assert key not in shown_command(cmd) and "--api-key '***'" in shown_command(cmd)
+    assert "--api-key" not in embedded_command(LaunchSpec("/m", 30001))
+
+
+def test_keyless_servers_are_refused_beyond_loopback(tmp_path):
+    with pytest.raises(ValueError, match="API key"):
+        launch("embedded", "/m", host="0.0.0.0", api_key="", log_dir=tmp_path)
+
+
+def test_a_pid_file_of_another_program_is_left_alone(tmp_path):
+    import subprocess
+
+    from scope_ds.rollout.launcher import stop_stale_servers
+
+    other = subprocess.Popen(["sleep", "60"])
+    try:
+        (tmp_path / "rollout_server_0_30001.pid").write_text(f"{other.pid}\n")
+        (tmp_path / "rollout_server_1_30002.pid").write_text("999999999\n")
+        assert stop_stale_servers(tmp_path) == []
+        assert other.poll() is None and not list(tmp_path.glob("*.pid"))
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_slurm_servers_always_get_the_job_key(tmp_path):
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[2] / "slurm"))
+    from layout import Allocation, train_layout
+
+    over = ["model.student=/m/student", "model.teacher=/m/teacher", f"logging.out_dir={tmp_path}"]
+    lay = train_layout(None, over, Allocation(["n0"], 0, ntasks=2), env={"SCOPE_DS_API_KEY": "jobkey"})
+    assert flags(lay.servers[0].cmd)["--api-key"] == "jobkey" and "API_KEY=jobkey" in lay.shell()
+    fresh = train_layout(None, over, Allocation(["n0"], 0, ntasks=2), env={})
+    assert len(fresh.api_key) >= 32 and flags(fresh.servers[0].cmd)["--api-key"] == fresh.api_key
+    attached = train_layout(None, [*over, "rollout.servers=[http://h:1]"], Allocation(["n0"], 0, ntasks=2), env={})
+    assert attached.servers == [] and attached.api_key == ""

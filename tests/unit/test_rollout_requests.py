@@ -111,3 +111,38 @@ def test_answer_text_trims_a_matched_stop_string():
     res = GenResult([5, 6, 7], [0.0] * 3, {"type": "stop", "matched": "##"}, "0", 0.0, matched_stop_str="##")
     out = answer_object(items[0], res, lambda ids, skip_special_tokens=True: "ab##")
     assert out["text"] == "ab"
+
+
+# ---- limits and JSON types: every refusal is a ProtocolError (a 400), raised before items exist
+def test_huge_counts_are_refused_naming_field_and_limit():
+    from scope_ds.rollout.server.requests import RequestLimits
+
+    with pytest.raises(ProtocolError, match=r"sampling_params\.n .* limit of 1024 \(--max-n\)"):
+        parse({"input_ids": [2, 3], "sampling_params": {"n": 1e300}})
+    with pytest.raises(ProtocolError, match=r"max_new_tokens .* 65536"):
+        parse({"input_ids": [2, 3], "sampling_params": {"max_new_tokens": 2**40}})
+    small = RequestLimits(max_prompts=2, max_input_tokens=5, max_sequences=6)
+    with pytest.raises(ProtocolError, match="--max-prompts"):
+        parse_generate({"input_ids": [[2]] * 3}, context_len=CTX, vocab_size=VOCAB, limits=small)
+    with pytest.raises(ProtocolError, match="--max-input-tokens"):
+        parse_generate({"input_ids": [[2, 3, 4], [2, 3, 4]]}, context_len=CTX, vocab_size=VOCAB, limits=small)
+    with pytest.raises(ProtocolError, match="--max-sequences"):
+        body = {"input_ids": [[2], [3]], "sampling_params": {"n": 4}}
+        parse_generate(body, context_len=CTX, vocab_size=VOCAB, limits=small)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"input_ids": [2, float("inf")]},
+        {"input_ids": [2, float("nan")]},
+        {"input_ids": [2, 3], "sampling_params": {"n": float("inf")}},
+        {"input_ids": [2, 3], "sampling_params": {"stop_token_ids": 7}},
+        {"input_ids": [2, 3], "sampling_params": {"stop": 7}},
+        {"input_ids": [2, 3], "sampling_params": {"sampling_seed": 2**70}},
+        {"input_ids": 4},
+    ],
+)
+def test_wrong_types_are_protocol_errors(body):
+    with pytest.raises(ProtocolError):
+        parse(body)

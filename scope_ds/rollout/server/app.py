@@ -1,13 +1,17 @@
 """The embedded server's HTTP layer: SGLang's native API on FastAPI.
 
-Routes, request shapes and answers follow shared/SGLANG_API.md. Blocking work (weight loads, the
-rendezvous and broadcasts of a distributed update) runs in daemon threads so that the event loop
-keeps answering /health and /generate while it happens.
+Routes, request shapes and answers follow docs/rollout.md ("The HTTP API"). Blocking work (weight loads, the
+rendezvous and broadcasts of a distributed update, parsing and answering large requests) runs in
+threads so that the event loop keeps answering /health and /generate while it happens.
+
+With an API key (``--api-key``, SGLang's scheme) every route but ``/health`` wants
+``Authorization: Bearer KEY`` and answers 401 ``{"error": "Unauthorized"}`` without it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import re
@@ -21,7 +25,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from scope_ds.rollout.protocol import ProtocolError
 from scope_ds.rollout.server.engine import Engine
-from scope_ds.rollout.server.requests import answer_object, parse_generate
+from scope_ds.rollout.server.requests import RequestLimits, answer_object, as_float, as_int, parse_generate
 from scope_ds.rollout.server.weights import DistributedReceiver, load_from_disk
 
 log = logging.getLogger(__name__)
@@ -52,6 +56,35 @@ class ServerState:
     tokenizer: Any = None
     compat: str = "0.5.23"
     receiver: DistributedReceiver = field(default_factory=DistributedReceiver)
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    api_key: str | None = None  # None: no authentication (SGLang without --api-key)
+    group_timeout_s: float = 60.0  # default rendezvous bound of /init_weights_update_group
+
+
+# Bodies and answers above these sizes are parsed / built in a worker thread, off the event loop.
+_THREAD_BODY_BYTES = 256 << 10
+_THREAD_ANSWERS = 256
+# The routes open without the API key (the launcher and SLURM poll it before they hold a client).
+_OPEN_PATHS = frozenset({"/health"})
+
+
+class ApiKeyGate:
+    """ASGI middleware: SGLang's --api-key check (Bearer token), compared in constant time."""
+
+    def __init__(self, app: Any, api_key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] not in _OPEN_PATHS and scope["method"] != "OPTIONS":
+            given = b""
+            for name, value in scope["headers"]:
+                if name == b"authorization":
+                    given = value
+            if not hmac.compare_digest(given, self.expected):
+                await JSONResponse({"error": "Unauthorized"}, status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def _error(message: str, status: int = 400) -> JSONResponse:
@@ -83,14 +116,46 @@ async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
     return await future
 
 
-async def _json(request: Request) -> Any:
-    raw = await request.body()
+def _no_constant(name: str) -> Any:
+    raise ProtocolError(f"invalid JSON body: {name} is not a JSON number")
+
+
+def _loads(raw: bytes) -> Any:
+    try:
+        return json.loads(raw, parse_constant=_no_constant)  # strict JSON: no NaN / Infinity
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise ProtocolError(f"invalid JSON body: {exc}") from exc
+
+
+async def _read(request: Request, limit: int) -> bytes:
+    """The body, refused (400) as soon as it is known to exceed ``limit`` bytes."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ProtocolError(
+            f"the request body is {declared} bytes, above this server's limit of {limit} (--max-body-bytes)"
+        )
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ProtocolError(f"the request body is over this server's limit of {limit} bytes (--max-body-bytes)")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _json(request: Request, limit: int) -> Any:
+    raw = await _read(request, limit)
     if not raw:
         return {}
-    try:
-        return json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise ProtocolError(f"invalid JSON body: {exc}") from exc
+    return await asyncio.to_thread(_loads, raw) if len(raw) > _THREAD_BODY_BYTES else _loads(raw)
+
+
+async def _object(request: Request, limit: int) -> dict[str, Any]:
+    """The body of a control route: a JSON object (an empty body counts as ``{}``)."""
+    body = await _json(request, limit)
+    if not isinstance(body, dict):
+        raise ProtocolError(f"the request body must be a JSON object, got {type(body).__name__}")
+    return body
 
 
 async def _until_disconnect(request: Request) -> None:
@@ -104,12 +169,21 @@ def _add_generate(app: FastAPI, state: ServerState) -> None:
     encode = (lambda text: tok.encode(text, add_special_tokens=False)) if tok is not None else None
     decode = tok.decode if tok is not None else None
 
+    def parse(body: Any) -> tuple[list, bool]:
+        return parse_generate(
+            body, context_len=engine.context_len, vocab_size=engine.vocab_size, encode=encode, limits=state.limits
+        )
+
+    def answer(items: list, results: list) -> list[dict[str, Any]]:
+        return [answer_object(item, res, decode) for item, res in zip(items, results, strict=True)]
+
     @app.post("/generate")
     async def generate(request: Request) -> Response:
-        body = await _json(request)
-        items, single = parse_generate(
-            body, context_len=engine.context_len, vocab_size=engine.vocab_size, encode=encode
-        )
+        raw = await _read(request, state.limits.max_body_bytes)
+        if len(raw) > _THREAD_BODY_BYTES:  # a large body: decode and validate off the event loop
+            items, single = await asyncio.to_thread(lambda: parse(_loads(raw)))
+        else:
+            items, single = parse(_loads(raw) if raw else {})
         seqs = engine.submit(items, asyncio.get_running_loop())
         results = asyncio.gather(*(s.future for s in seqs))
         watch = asyncio.ensure_future(_until_disconnect(request))
@@ -118,7 +192,10 @@ def _add_generate(app: FastAPI, state: ServerState) -> None:
         if results not in done:  # the client went away (e.g. its timeout): free the batch slots
             engine.abort_seqs(seqs, "client disconnected")
             return Response(status_code=499)
-        answers = [answer_object(item, res, decode) for item, res in zip(items, results.result(), strict=True)]
+        if len(items) > _THREAD_ANSWERS:
+            answers = await asyncio.to_thread(answer, items, results.result())
+        else:
+            answers = answer(items, results.result())
         return JSONResponse(answers[0] if single else answers)
 
 
@@ -145,7 +222,7 @@ def _add_info(app: FastAPI, state: ServerState) -> None:
 
     def server_info() -> dict[str, Any]:
         return {
-            **state.server_args,
+            **{k: v for k, v in state.server_args.items() if k != "api_key"},  # never hand out the key
             "version": f"{state.compat} (scope_ds embedded server)",
             "weight_version": engine.weight_version,
             "internal_states": [engine.stats()],
@@ -163,6 +240,7 @@ def _add_info(app: FastAPI, state: ServerState) -> None:
 
 def _add_control(app: FastAPI, state: ServerState) -> None:
     engine = state.engine
+    limit = state.limits.max_body_bytes
 
     @app.api_route("/flush_cache", methods=["GET", "POST"])
     async def flush_cache() -> Response:
@@ -173,7 +251,7 @@ def _add_control(app: FastAPI, state: ServerState) -> None:
 
     @app.post("/pause_generation")
     async def pause_generation(request: Request) -> Response:
-        mode = (await _json(request)).get("mode", "abort")
+        mode = (await _object(request, limit)).get("mode", "abort")
         if mode not in ("abort", "retract", "in_place"):
             raise ProtocolError(f"mode must be abort, retract or in_place, got {mode!r}")
         engine.pause(mode)
@@ -186,14 +264,52 @@ def _add_control(app: FastAPI, state: ServerState) -> None:
 
     @app.post("/abort_request")
     async def abort_request(request: Request) -> Response:
-        body = await _json(request)
-        hits = engine.abort(body.get("rid"), bool(body.get("abort_all", False)))
+        body = await _object(request, limit)
+        rid = body.get("rid")
+        if rid is not None and not isinstance(rid, str):
+            raise ProtocolError(f"rid must be a string, got {type(rid).__name__}")
+        hits = engine.abort(rid, bool(body.get("abort_all", False)))
         return JSONResponse({"success": True, "message": f"aborted {hits} sequence(s)"})
+
+
+def _group_args(b: dict[str, Any], default_timeout_s: float) -> tuple[str, int, int, int, str, float]:
+    """Validated /init_weights_update_group fields; a ProtocolError names the bad one.
+
+    This server holds one rank of the group, the trainer rank 0: so world_size >= 2 and
+    1 <= rank_offset <= world_size - 1. A rank offset of 0 would make the server the rendezvous
+    host and a rank outside the world would wait for ranks that never come."""
+    for key in ("master_address", "master_port", "rank_offset", "world_size"):
+        if key not in b:
+            raise ProtocolError(f"{key} is missing")
+    address, name = b["master_address"], b.get("group_name", "weight_update_group")
+    if not isinstance(address, str) or not address:
+        raise ProtocolError(f"master_address must be a host name or address, got {address!r}")
+    if not isinstance(name, str) or not name:
+        raise ProtocolError(f"group_name must be a non-empty string, got {name!r}")
+    port, offset, world = (as_int(b[k], k) for k in ("master_port", "rank_offset", "world_size"))
+    if not 1 <= port <= 65535:
+        raise ProtocolError(f"master_port must be in [1, 65535], got {port}")
+    if world < 2:
+        raise ProtocolError(f"world_size must be at least 2 (the trainer and this server's 1 rank), got {world}")
+    if not 1 <= offset <= world - 1:
+        raise ProtocolError(f"rank_offset must be in [1, world_size - 1] = [1, {world - 1}], got {offset}")
+    timeout = as_float(b.get("timeout_s", default_timeout_s), "timeout_s")  # scope_ds extension
+    if not 0 < timeout <= 3600:
+        raise ProtocolError(f"timeout_s must be in (0, 3600] seconds, got {timeout}")
+    return address, port, offset, world, name, timeout
+
+
+def _str_list(b: dict[str, Any], key: str) -> list[Any]:
+    value = b.get(key)
+    if not isinstance(value, list):
+        raise ProtocolError(f"{key} must be a list, got {type(value).__name__}")
+    return value
 
 
 def _add_weights(app: FastAPI, state: ServerState) -> None:
     engine = state.engine
     receiver = state.receiver
+    limit = state.limits.max_body_bytes
 
     def bump(body: dict[str, Any]) -> None:
         if body.get("weight_version") is not None:
@@ -201,11 +317,18 @@ def _add_weights(app: FastAPI, state: ServerState) -> None:
 
     @app.post("/update_weights_from_disk")
     async def update_weights_from_disk(request: Request) -> Response:
-        body = await _json(request)
+        body = await _object(request, limit)
+        path = body.get("model_path", "")
+        if not isinstance(path, str):
+            return _result(False, f"model_path must be a string, got {type(path).__name__}")
+        # scope_ds extension: a folder that lacks some of the model's weights is refused unless asked for
+        partial = body.get("allow_partial", False)
+        if not isinstance(partial, bool):
+            return _result(False, f"allow_partial must be true or false, got {partial!r}")
         if body.get("abort_all_requests"):
             engine.abort(None, abort_all=True)
         try:
-            count = await _in_thread(load_from_disk, engine.model, body.get("model_path", ""), engine.model_lock)
+            count = await _in_thread(load_from_disk, engine.model, path, engine.model_lock, partial)
         except (OSError, ValueError, RuntimeError) as exc:
             return _result(False, f"Failed to update weights: {exc}")
         bump(body)
@@ -213,32 +336,36 @@ def _add_weights(app: FastAPI, state: ServerState) -> None:
 
     @app.post("/init_weights_update_group")
     async def init_weights_update_group(request: Request) -> Response:
-        b = await _json(request)
+        b = await _object(request, limit)
         try:
-            args = (b["master_address"], int(b["master_port"]), int(b["rank_offset"]), int(b["world_size"]))
-            name, backend = b.get("group_name", "weight_update_group"), b.get("backend", "nccl")
-            used = await _in_thread(receiver.init_group, *args, name, backend)
-        except (KeyError, ValueError, RuntimeError) as exc:
+            address, port, offset, world, name, timeout = _group_args(b, state.group_timeout_s)
+        except ProtocolError as exc:
+            return _result(False, f"Failed to init group: {exc}")
+        backend = b.get("backend", "nccl")
+        try:
+            used = await _in_thread(receiver.init_group, address, port, offset, world, name, backend, timeout)
+        except Exception as exc:  # a failed or timed-out rendezvous: the trainer gets the reason
             return _result(False, f"Failed to init group: {exc!r}")
         return _result(True, f"Succeeded to initialize custom process group ({used}).")
 
     @app.post("/update_weights_from_distributed")
     async def update_weights_from_distributed(request: Request) -> Response:
-        b = await _json(request)
+        b = await _object(request, limit)
         try:
-            fields = (b["names"], b["dtypes"], b["shapes"], b.get("group_name", "weight_update_group"))
-            await _in_thread(receiver.receive, engine.model, *fields, engine.model_lock)
-        except (KeyError, ValueError, RuntimeError) as exc:
+            fields = (_str_list(b, "names"), _str_list(b, "dtypes"), _str_list(b, "shapes"))
+            name = b.get("group_name", "weight_update_group")
+            await _in_thread(receiver.receive, engine.model, *fields, name, engine.model_lock)
+        except (ProtocolError, KeyError, TypeError, ValueError, RuntimeError) as exc:
             return _result(False, f"Failed to update weights: {exc!r}")
         bump(b)
         return _result(True, "Succeeded to update parameter online from distributed.")
 
     @app.post("/destroy_weights_update_group")
     async def destroy_weights_update_group(request: Request) -> Response:
-        name = (await _json(request)).get("group_name", "weight_update_group")
+        name = (await _object(request, limit)).get("group_name", "weight_update_group")
         try:
             await _in_thread(receiver.destroy, name)
-        except (ValueError, RuntimeError) as exc:
+        except (TypeError, ValueError, RuntimeError) as exc:
             return _result(False, str(exc))
         return _result(True, "Succeeded to destroy custom process group.")
 
@@ -263,6 +390,8 @@ def build_app(state: ServerState) -> FastAPI:
     async def protocol_error(request: Request, exc: ProtocolError) -> JSONResponse:
         return _error(str(exc))
 
+    if state.api_key:
+        app.add_middleware(ApiKeyGate, api_key=state.api_key)
     _add_generate(app, state)
     _add_info(app, state)
     _add_control(app, state)

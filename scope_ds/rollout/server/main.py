@@ -12,6 +12,7 @@ import uvicorn
 
 from scope_ds.rollout.server.app import ServerState, build_app
 from scope_ds.rollout.server.engine import Engine
+from scope_ds.rollout.server.requests import RequestLimits
 from scope_ds.rollout.weight_sync.group import EMBEDDED_BACKEND
 
 log = logging.getLogger("scope_ds.rollout.server")
@@ -20,6 +21,9 @@ log = logging.getLogger("scope_ds.rollout.server")
 # timeout_keep_alive. The client drops idle connections sooner (client.KEEPALIVE_EXPIRY_S), so that
 # it never sends a request on a connection the server is closing.
 KEEP_ALIVE_S = 5
+# Seconds SIGTERM waits for running requests before it cancels them: a generation or a weight-group
+# rendezvous that never ends must not keep the server alive (uvicorn's default waits forever).
+GRACEFUL_SHUTDOWN_S = 5
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,8 +43,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="0.5.23",
         help="SGLang version whose endpoint set to expose; < 0.5.21 has no begin/end_weight_update (404)",
     )
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="as SGLang: every route but /health wants 'Authorization: Bearer KEY' (default: none)",
+    )
+    lim = RequestLimits()
+    p.add_argument("--max-n", type=int, default=lim.max_n, help="largest sampling_params.n")
+    p.add_argument("--max-new-tokens", type=int, default=lim.max_new_tokens, help="largest max_new_tokens")
+    p.add_argument("--max-prompts", type=int, default=lim.max_prompts, help="prompts per /generate request")
+    p.add_argument("--max-sequences", type=int, default=lim.max_sequences, help="prompts x n per request")
+    p.add_argument("--max-input-tokens", type=int, default=lim.max_input_tokens, help="prompt tokens per request")
+    p.add_argument("--max-body-bytes", type=int, default=lim.max_body_bytes, help="request body size, bytes")
+    p.add_argument(
+        "--weight-group-timeout-s",
+        type=float,
+        default=60.0,
+        help="how long /init_weights_update_group waits for the rendezvous (a request's timeout_s overrides)",
+    )
     p.add_argument("--log-level", default="info")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for key in ("max_n", "max_new_tokens", "max_prompts", "max_sequences", "max_input_tokens", "max_body_bytes"):
+        if getattr(args, key) < 1:
+            p.error(f"--{key.replace('_', '-')} must be at least 1")
+    return args
 
 
 def _eos_ids(model: torch.nn.Module) -> set[int]:
@@ -86,7 +112,7 @@ def build_state(args: argparse.Namespace) -> ServerState:
         seed=args.random_seed,
         weight_version=args.weight_version,
     )
-    server_args = {k: v for k, v in vars(args).items()}
+    server_args = {k: v for k, v in vars(args).items() if k != "api_key"}
     server_args.update(tp_size=1, pp_size=1, dp_size=1, context_length=context_len, pid=os.getpid())
     server_args["weight_update_backend"] = EMBEDDED_BACKEND  # scope_ds extension: the trainer must match it
     return ServerState(
@@ -95,6 +121,16 @@ def build_state(args: argparse.Namespace) -> ServerState:
         server_args=server_args,
         tokenizer=tokenizer,
         compat=args.sglang_compat,
+        limits=RequestLimits(
+            max_n=args.max_n,
+            max_new_tokens=args.max_new_tokens,
+            max_prompts=args.max_prompts,
+            max_sequences=args.max_sequences,
+            max_input_tokens=args.max_input_tokens,
+            max_body_bytes=args.max_body_bytes,
+        ),
+        api_key=args.api_key or None,
+        group_timeout_s=args.weight_group_timeout_s,
     )
 
 
@@ -113,6 +149,7 @@ def main(argv: list[str] | None = None) -> None:
             port=args.port,
             log_level=args.log_level.lower(),
             timeout_keep_alive=KEEP_ALIVE_S,
+            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
         )
     finally:
         state.engine.close()

@@ -50,19 +50,50 @@ class GenItem:
     return_text_in_logprobs: bool = False
 
 
-def _as_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+@dataclass(frozen=True)
+class RequestLimits:
+    """Upper bounds on one /generate request (the server's --max-* flags).
+
+    Checked before anything is built from the request, so that one body can neither freeze the
+    event loop nor grow the server's memory without bound; a request above them is a 400.
+    """
+
+    max_n: int = 1024  # samples per prompt (sampling_params.n)
+    max_new_tokens: int = 65536  # sampling_params.max_new_tokens (generation stops at the context anyway)
+    max_prompts: int = 1024  # prompts in one request
+    max_sequences: int = 4096  # prompts x n: sequences one request queues
+    max_input_tokens: int = 1 << 20  # prompt tokens summed over the request's prompts
+    max_body_bytes: int = 64 << 20  # the request body, bytes (every route)
+
+
+def as_int(value: Any, name: str) -> int:
+    # A float must be finite and integral (int(inf) would raise outside our checks); 1e300 passes
+    # here as a Python int, and the range checks of each field refuse it.
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ProtocolError(f"{name} must be an integer, got {value!r}")
+    if isinstance(value, float) and (not math.isfinite(value) or value != int(value)):
         raise ProtocolError(f"{name} must be an integer, got {value!r}")
     return int(value)
 
 
-def _as_float(value: Any, name: str) -> float:
+def _at_most(value: int, limit: int, name: str, flag: str) -> None:
+    if value > limit:
+        raise ProtocolError(f"{name} is {value}, above this server's limit of {limit} ({flag})")
+
+
+def _as_list(value: Any, name: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise ProtocolError(f"{name} must be a list, got {type(value).__name__}")
+    return value
+
+
+def as_float(value: Any, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ProtocolError(f"{name} must be a finite number, got {value!r}")
     return float(value)
 
 
-def parse_sampling_params(raw: Any, has_tokenizer: bool) -> SamplingSpec:
+def parse_sampling_params(raw: Any, has_tokenizer: bool, limits: RequestLimits = RequestLimits()) -> SamplingSpec:
     """Validate one sampling_params object into a SamplingSpec (SGLang's defaults and ranges)."""
     if raw is None:
         raw = {}
@@ -75,13 +106,13 @@ def parse_sampling_params(raw: Any, has_tokenizer: bool) -> SamplingSpec:
     for key, default in _UNSUPPORTED_DEFAULTS.items():
         if key in p and p[key] != default:
             raise ProtocolError(f"sampling parameter {key} is not supported by the embedded server")
-    temperature = _as_float(p.get("temperature", 1.0), "temperature")
-    top_p = _as_float(p.get("top_p", 1.0), "top_p")
-    top_k = _as_int(p.get("top_k", -1), "top_k")
-    min_p = _as_float(p.get("min_p", 0.0), "min_p")
-    max_new = _as_int(p.get("max_new_tokens", 128), "max_new_tokens")
-    n = _as_int(p.get("n", 1), "n")
-    seed = None if p.get("sampling_seed") is None else _as_int(p["sampling_seed"], "sampling_seed")
+    temperature = as_float(p.get("temperature", 1.0), "temperature")
+    top_p = as_float(p.get("top_p", 1.0), "top_p")
+    top_k = as_int(p.get("top_k", -1), "top_k")
+    min_p = as_float(p.get("min_p", 0.0), "min_p")
+    max_new = as_int(p.get("max_new_tokens", 128), "max_new_tokens")
+    n = as_int(p.get("n", 1), "n")
+    seed = None if p.get("sampling_seed") is None else as_int(p["sampling_seed"], "sampling_seed")
     if temperature < 0.0:
         raise ProtocolError(f"temperature must be a non-negative finite number, got {temperature}.")
     if not 0.0 < top_p <= 1.0:
@@ -94,11 +125,16 @@ def parse_sampling_params(raw: Any, has_tokenizer: bool) -> SamplingSpec:
         raise ProtocolError(f"max_new_tokens must be at least 0, got {max_new}.")
     if n < 1:
         raise ProtocolError(f"n must be at least 1, got {n}.")
+    _at_most(n, limits.max_n, "sampling_params.n", "--max-n")
+    _at_most(max_new, limits.max_new_tokens, "sampling_params.max_new_tokens", "--max-new-tokens")
+    if seed is not None and not 0 <= seed < 2**63 - n:  # sample j seeds a torch.Generator with seed + j
+        raise ProtocolError(f"sampling_seed must be in [0, 2**63 - n), got {seed}.")
     stop = p.get("stop") or []
-    stop_strs = (stop,) if isinstance(stop, str) else tuple(str(s) for s in stop)
+    stop_strs = (stop,) if isinstance(stop, str) else tuple(str(s) for s in _as_list(stop, "stop"))
     if stop_strs and not has_tokenizer:
         raise ProtocolError(f"stop={list(stop_strs)!r} is unavailable without a tokenizer (it matches decoded text)")
-    stop_ids = frozenset(_as_int(t, "stop_token_ids") for t in p.get("stop_token_ids") or [])
+    stop_list = _as_list(p.get("stop_token_ids") or [], "stop_token_ids")
+    stop_ids = frozenset(as_int(t, "stop_token_ids") for t in stop_list)
     greedy = is_greedy(temperature)
     return SamplingSpec(
         max_new_tokens=max_new,
@@ -117,11 +153,13 @@ def parse_sampling_params(raw: Any, has_tokenizer: bool) -> SamplingSpec:
     )
 
 
-def _prompts(body: dict[str, Any], encode: Callable[[str], list[int]] | None) -> tuple[list[list[int]], bool]:
+def _prompts(
+    body: dict[str, Any], encode: Callable[[str], list[int]] | None, limits: RequestLimits
+) -> tuple[list[list[int]], bool]:
     """The batch of prompts and whether the request used the single-prompt form."""
     if body.get("input_ids") is not None:
-        ids = body["input_ids"]
-        if not isinstance(ids, list) or len(ids) == 0:
+        ids = _as_list(body["input_ids"], "input_ids")
+        if len(ids) == 0:
             raise ProtocolError("input_ids is empty: send at least one token")
         single = not isinstance(ids[0], list)
         prompts = [ids] if single else ids
@@ -130,15 +168,23 @@ def _prompts(body: dict[str, Any], encode: Callable[[str], list[int]] | None) ->
             raise ProtocolError("text input needs a tokenizer; this server has none, send input_ids")
         texts = body["text"]
         single = isinstance(texts, str)
-        prompts = [encode(t) for t in ([texts] if single else texts)]
+        texts = [texts] if single else _as_list(texts, "text")
+        _at_most(len(texts), limits.max_prompts, "the number of prompts", "--max-prompts")
+        if not all(isinstance(t, str) for t in texts):
+            raise ProtocolError("text must be a string or a list of strings")
+        _at_most(sum(len(t) for t in texts), limits.max_input_tokens, "the total text length", "--max-input-tokens")
+        prompts = [encode(t) for t in texts]
     else:
         raise ProtocolError("Either text or input_ids should be provided.")
     if len(prompts) == 0:
         raise ProtocolError("input_ids is empty: send at least one prompt")
+    _at_most(len(prompts), limits.max_prompts, "the number of prompts", "--max-prompts")
     for i, prompt in enumerate(prompts):
         if not isinstance(prompt, list) or len(prompt) == 0:
-            raise ProtocolError(f"prompt {i} is empty: send at least one token")
-    return [[_as_int(t, "input_ids") for t in p] for p in prompts], single
+            raise ProtocolError(f"prompt {i} is empty or not a list of token ids")
+    total = sum(len(p) for p in prompts)
+    _at_most(total, limits.max_input_tokens, "the total number of input tokens", "--max-input-tokens")
+    return [[as_int(t, "input_ids") for t in p] for p in prompts], single
 
 
 def _per_prompt(body: dict[str, Any], key: str, default: Any, count: int) -> list[Any]:
@@ -158,23 +204,26 @@ def parse_generate(
     context_len: int,
     vocab_size: int,
     encode: Callable[[str], list[int]] | None = None,
+    limits: RequestLimits = RequestLimits(),
 ) -> tuple[list[GenItem], bool]:
-    """Validate a /generate body into prompt-major GenItems; True when the answer is one object."""
+    """Validate a /generate body into prompt-major GenItems; True when the answer is one object.
+
+    Every refusal is a ProtocolError (a 400), raised before any item is built."""
     if not isinstance(body, dict):
         raise ProtocolError("the request body must be a JSON object")
     if body.get("stream"):
         raise ProtocolError("stream=true is not supported by the embedded server")
-    prompts, single = _prompts(body, encode)
+    prompts, single = _prompts(body, encode, limits)
     raw_params = body.get("sampling_params")
+    tok = encode is not None
     if isinstance(raw_params, list):
-        specs = [
-            parse_sampling_params(r, encode is not None) for r in _per_prompt(body, "sampling_params", {}, len(prompts))
-        ]
+        specs = [parse_sampling_params(r, tok, limits) for r in _per_prompt(body, "sampling_params", {}, len(prompts))]
     else:
-        specs = [parse_sampling_params(raw_params, encode is not None)] * len(prompts)
+        specs = [parse_sampling_params(raw_params, tok, limits)] * len(prompts)
     n = specs[0].n
     if any(s.n != n for s in specs):
         raise ProtocolError("all prompts of one request must use the same n")
+    _at_most(len(prompts) * n, limits.max_sequences, "prompts x n", "--max-sequences")
     if n > 1:
         listed = [k for k in _LISTABLE if isinstance(body.get(k), list)]
         if listed:
@@ -202,8 +251,8 @@ def parse_generate(
                     rid=parent if n == 1 else uuid.uuid4().hex,
                     parent_rid=parent,
                     return_logprob=bool(want_lp[i]),
-                    logprob_start_len=_as_int(start[i], "logprob_start_len"),
-                    top_logprobs_num=_as_int(top_num[i], "top_logprobs_num"),
+                    logprob_start_len=as_int(start[i], "logprob_start_len"),
+                    top_logprobs_num=as_int(top_num[i], "top_logprobs_num"),
                     return_text_in_logprobs=bool(body.get("return_text_in_logprobs", False)),
                 )
             )

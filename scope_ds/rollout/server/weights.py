@@ -51,17 +51,39 @@ def safetensors_files(folder: Path) -> list[Path]:
     return files
 
 
-def load_from_disk(model: torch.nn.Module, folder: str | Path, lock: threading.Lock) -> int:
-    """Load every tensor of a safetensors folder into ``model``; returns how many were loaded."""
+def missing_weights(table: dict[str, torch.Tensor], names: set[str]) -> list[str]:
+    """The model's tensors that ``names`` does not cover; tied aliases count once (either name covers)."""
+    by_tensor: dict[int, list[str]] = {}
+    for name, tensor in table.items():
+        by_tensor.setdefault(id(tensor), []).append(name)
+    return sorted(aliases[0] for aliases in by_tensor.values() if not any(a in names for a in aliases))
+
+
+def load_from_disk(
+    model: torch.nn.Module, folder: str | Path, lock: threading.Lock, allow_partial: bool = False
+) -> int:
+    """Load every tensor of a safetensors folder into ``model``; returns how many were loaded.
+
+    The folder must hold every weight of the model unless ``allow_partial``: a folder written for
+    another model (or cut short) is refused by name instead of leaving a mix of old and new weights."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"model_path {folder} is not a folder")
     table = param_table(model)
     files = safetensors_files(folder)
+    names: set[str] = set()
     for path in files:  # validate everything first: a refused update must not half-apply
         with safe_open(str(path), framework="pt") as f:
             for name in f.keys():
                 _check(table, name, f.get_slice(name).get_shape())
+                names.add(name)
+    missing = missing_weights(table, names)
+    if missing and not allow_partial:
+        shown = ", ".join(missing[:8]) + (f", ... ({len(missing)} in all)" if len(missing) > 8 else "")
+        raise ValueError(
+            f"{folder} lacks {len(missing)} of the model's weights: {shown}; "
+            "send allow_partial=true to load only the ones it has"
+        )
     count = 0
     for path in files:
         with safe_open(str(path), framework="pt") as f:
@@ -85,14 +107,29 @@ class DistributedReceiver:
         self.groups: dict[str, torch.distributed.ProcessGroup] = {}
 
     def init_group(
-        self, master_address: str, master_port: int, rank_offset: int, world_size: int, group_name: str, backend: str
+        self,
+        master_address: str,
+        master_port: int,
+        rank_offset: int,
+        world_size: int,
+        group_name: str,
+        backend: str,
+        rendezvous_timeout_s: float = 60.0,
     ) -> str:
+        """Join the group as rank ``rank_offset``; raises if the others have not joined within
+        ``rendezvous_timeout_s`` (the caller validated the ranks)."""
         if group_name in self.groups:
             raise ValueError(f"group {group_name!r} already exists; destroy it first")
         # "nccl" is accepted (SGLang clients send it) but a CPU model can only receive with gloo.
         used = pgroup.EMBEDDED_BACKEND
         self.groups[group_name] = pgroup.init_custom_group(
-            used, master_address, master_port, rank_offset, world_size, group_name
+            used,
+            master_address,
+            master_port,
+            rank_offset,
+            world_size,
+            group_name,
+            rendezvous_timeout_s=rendezvous_timeout_s,
         )
         return used
 
@@ -111,6 +148,11 @@ class DistributedReceiver:
         if not len(names) == len(dtypes) == len(shapes):
             raise ValueError(f"names, dtypes and shapes differ in length ({len(names)}, {len(dtypes)}, {len(shapes)})")
         group = self.groups[group_name]
+        for shape in shapes:  # refuse a malformed bucket before the first broadcast, never in the middle
+            if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+                raise ValueError(f"a shape must be a list of non-negative integers, got {shape!r}")
+        for dtype in dtypes:
+            _dtype(str(dtype))
         received = {}
         for name, dtype, shape in zip(names, dtypes, shapes, strict=True):
             # Always take part in every broadcast, even for a name we will refuse: skipping one

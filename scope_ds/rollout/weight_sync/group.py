@@ -24,13 +24,17 @@ def init_custom_group(
     world_size: int,
     group_name: str,
     timeout_s: float = 300.0,
+    rendezvous_timeout_s: float | None = None,
 ) -> dist.ProcessGroup:
-    """Join (rank 0: create) the group; blocks until all ``world_size`` ranks have joined."""
+    """Join (rank 0: create) the group; blocks until all ``world_size`` ranks have joined.
+
+    ``rendezvous_timeout_s`` (default ``timeout_s``) bounds the join; ``timeout_s`` each collective."""
     timeout = datetime.timedelta(seconds=timeout_s)
+    join = datetime.timedelta(seconds=timeout_s if rendezvous_timeout_s is None else rendezvous_timeout_s)
     store, rank, world_size = next(
-        dist.rendezvous(f"tcp://{master_address}:{master_port}", rank, world_size, timeout=timeout)
+        dist.rendezvous(f"tcp://{master_address}:{master_port}", rank, world_size, timeout=join)
     )
-    store.set_timeout(timeout)
+    store.set_timeout(join)
     store = dist.PrefixStore(group_name, store)
     # torch has no public constructor for a group outside the default one; every RL framework
     # (SGLang, slime, OpenRLHF, verl) uses this helper, so its signature is watched upstream.

@@ -1,0 +1,51 @@
+"""The feeds' hand-off: the consumer gets items in order, the worker's error, or a deadline error."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from scope_ds.pipeline.collectives import PipelineError
+from scope_ds.pipeline.feed import _Worker
+from scope_ds.pipeline.stages import Batch
+
+
+class _Feed(_Worker):
+    what = "test feed"
+
+    def __init__(self, items: int, fail: bool = False, stall: bool = False) -> None:
+        super().__init__("test", timeout_s=5.0)
+        self.items, self.fail, self.stall = items, fail, stall
+        self._thread.start()
+
+    def _work(self) -> None:
+        for step in range(self.items):
+            self._put(Batch(step=step, records=[]))
+        if self.fail:
+            raise OSError("disk gone")
+        if self.stall:
+            self._wait(lambda: False)  # until closed
+
+
+def test_items_in_order_then_none_once_closed():
+    feed = _Feed(2, stall=True)
+    assert [feed._take(5.0).step for _ in range(2)] == [0, 1]
+    feed.close()
+    assert feed._take(5.0) is None
+
+
+def test_the_workers_error_reaches_the_consumer_named():
+    feed = _Feed(1, fail=True)
+    assert feed._take(5.0).step == 0
+    with pytest.raises(PipelineError, match="test feed failed: disk gone"):
+        feed._take(5.0)
+
+
+def test_a_stalled_worker_ends_in_an_error_at_the_deadline():
+    feed = _Feed(0, stall=True)
+    t0 = time.monotonic()
+    with pytest.raises(PipelineError, match=r"test feed: nothing came for 0.3 s \(pipeline.wait_timeout_s\)"):
+        feed._take(0.3)
+    assert 0.25 < time.monotonic() - t0 < 3
+    feed.close()

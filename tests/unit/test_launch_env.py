@@ -1,0 +1,64 @@
+"""The process group's rendezvous: a plain `python scope_ds/train.py` takes a free port, and a taken
+port is one clear error naming --master_port (real sockets, a real process)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from scope_ds.engines import ds
+
+_LAUNCHER_VARS = (
+    "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS",
+    "SLURM_LOCALID", "OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "PMI_RANK", "PMI_SIZE", "PMIX_RANK",
+)  # fmt: skip
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture
+def no_launcher(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in _LAUNCHER_VARS:
+        monkeypatch.delenv(key, raising=False)
+
+
+def test_a_process_started_alone_takes_a_free_port(no_launcher) -> None:
+    ds._env_from_launcher()
+    env = os.environ
+    assert (env["RANK"], env["WORLD_SIZE"], env["MASTER_ADDR"]) == ("0", "1", "127.0.0.1")
+    assert env["MASTER_PORT"] != "29500"
+    with socket.socket() as s:  # free when chosen
+        s.bind(("127.0.0.1", int(env["MASTER_PORT"])))
+
+
+def test_a_given_port_and_a_launchers_ranks_keep_their_port(no_launcher, monkeypatch) -> None:
+    monkeypatch.setenv("MASTER_PORT", "31234")
+    ds._env_from_launcher()
+    assert os.environ["MASTER_PORT"] == "31234"
+    monkeypatch.delenv("MASTER_PORT")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "2")  # the other rank must find the same port: the fixed default
+    ds._env_from_launcher()
+    assert os.environ["MASTER_PORT"] == "29500"
+
+
+def test_a_taken_port_is_one_line_naming_master_port() -> None:
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER_VARS}
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        env.update(MASTER_PORT=str(port), PYTHONPATH=_REPO, CUDA_VISIBLE_DEVICES="")
+        code = (
+            "from scope_ds.engines import ds\n"
+            "try:\n    ds.init_distributed()\n"
+            "except ds.MasterPortInUseError as e:\n    print('CAUGHT', e)\n"
+        )
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (line,) = [ln for ln in proc.stdout.splitlines() if ln.startswith("CAUGHT")]
+    assert f"127.0.0.1:{port} (MASTER_PORT) is taken by another process (EADDRINUSE)" in line
+    assert "deepspeed --master_port PORT" in line
