@@ -12,14 +12,34 @@ from __future__ import annotations
 
 import collections
 import multiprocessing as mp
+import os
+import threading
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from scope_ds.rewards import get_verifier
 
 
 def _verify(name: str, response: str, answer: str) -> float:  # in a worker
     return float(get_verifier(name)(response, answer))
+
+
+def _worker_init(parent_pid: int) -> None:
+    """A worker writes nowhere the trainer's callers read, and ends when the trainer is gone (a
+    kill -9 included): an orphan holding the trainer's stdout would keep a launcher's caller
+    waiting for good. (Not a parent-death signal: that follows the creating thread, and a worker
+    killed while it holds the pool's queue lock would deadlock the pool.)"""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 class VerifierPool:
@@ -31,7 +51,7 @@ class VerifierPool:
         self.name, self.timeout_s, self.workers = name, timeout_s, workers
         # spawn, not fork: the trainer has threads (and torch's) that a fork would copy mid-state
         self._ctx = mp.get_context("spawn")
-        self._pool = self._ctx.Pool(workers)
+        self._pool = self._new_pool()
 
     def verify(self, pairs: Sequence[tuple[str, str]]) -> tuple[list[float], int]:
         """Each (response, answer)'s reward; an answer not verified within ``timeout_s`` of its
@@ -54,8 +74,11 @@ class VerifierPool:
                 todo.extendleft(sorted(running, reverse=True))
                 running.clear()
                 self._pool.terminate()
-                self._pool = self._ctx.Pool(self.workers)
+                self._pool = self._new_pool()
         return rewards, timeouts
+
+    def _new_pool(self) -> Any:
+        return self._ctx.Pool(self.workers, initializer=_worker_init, initargs=(os.getpid(),))
 
     def close(self) -> None:
         self._pool.terminate()

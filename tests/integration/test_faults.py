@@ -32,6 +32,26 @@ def _wait_for(cond, proc: subprocess.Popen, what: str, timeout: float = 300) -> 
         time.sleep(0.05)
 
 
+def _start(args: list[str], ranks: int) -> subprocess.Popen:
+    cmd = deepspeed_cmd(TRAIN, args, ranks)
+    return subprocess.Popen(cmd, cwd=REPO, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _freeze_during_run(args: list[str], ranks: int, ready, folder) -> tuple[subprocess.Popen, str]:
+    """Start a run, make ``folder`` read-only once ``ready()``, and let the run end by itself
+    (300 s at most); the flag is cleared whatever happens. Returns the process and its output."""
+    proc = _start(args, ranks)
+    try:
+        _wait_for(ready, proc, "the moment to make the folder read-only")
+        _immutable(folder, True)
+        output, _ = proc.communicate(timeout=300)
+    finally:
+        _immutable(folder, False)
+        if proc.poll() is None:
+            proc.kill()
+    return proc, output
+
+
 def _steps(out) -> list[int]:
     return [m["step"] for m in read_jsonl(out / "metrics.jsonl")]
 
@@ -45,22 +65,8 @@ def test_a_failed_weight_sync_is_saved_and_resumes(model_pair, tmp_path):
     student, teacher = model_pair
     out, sync_dir = tmp_path / "run", tmp_path / "sync"
     args = [*small_run_overrides(student, teacher, out), "train.steps=3", f"rollout.sync_dir={sync_dir}"]
-    proc = subprocess.Popen(
-        deepspeed_cmd(TRAIN, args, 1),
-        cwd=REPO,
-        env=run_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        _wait_for(lambda: (out / "config.yaml").exists(), proc, "start-up")  # after the folder checks
-        _immutable(sync_dir, True)
-        output, _ = proc.communicate(timeout=300)
-    finally:
-        _immutable(sync_dir, False)
-        if proc.poll() is None:
-            proc.kill()
+    # config.yaml is written after the start-up folder checks, before the first sync
+    proc, output = _freeze_during_run(args, 1, lambda: (out / "config.yaml").exists(), sync_dir)
     assert proc.returncode == 1 and "error: " in output and "operation not permitted" in output.lower(), output[-3000:]
     state = json.loads((out / "checkpoints" / "step_1" / "scope_state.json").read_text())
     assert (state["step"], state["policy_version"]) == (1, 1)
@@ -86,22 +92,7 @@ def test_an_unwritable_checkpoint_folder_fails_every_rank_at_once_and_keeps_the_
         _immutable(ckpt, False)
     # mid-run: step 1 is saved, then the folder turns unwritable before step 2's save
     args = [*args, "train.steps=3", "checkpoint.every=1"]
-    proc = subprocess.Popen(
-        deepspeed_cmd(TRAIN, args, 2),
-        cwd=REPO,
-        env=run_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        _wait_for(lambda: (ckpt / "latest").exists(), proc, "the first checkpoint")
-        _immutable(ckpt, True)
-        output, _ = proc.communicate(timeout=300)  # every rank ends: none waits in a barrier
-    finally:
-        _immutable(ckpt, False)
-        if proc.poll() is None:
-            proc.kill()
+    proc, output = _freeze_during_run(args, 2, lambda: (ckpt / "latest").exists(), ckpt)  # every rank ends
     assert proc.returncode != 0 and "checkpoint step_2 not saved (rank 0: operation not permitted" in output, output[
         -3000:
     ]
@@ -114,14 +105,7 @@ def test_a_rank_killed_before_the_first_save_resumes_from_scratch_with_clean_log
     student, teacher = model_pair
     out = tmp_path / "run"
     args = [*small_run_overrides(student, teacher, out), "train.steps=3", "checkpoint.every=0"]
-    proc = subprocess.Popen(
-        deepspeed_cmd(TRAIN, [*args, "train.steps=50"], 2),
-        cwd=REPO,
-        env=run_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    proc = _start([*args, "train.steps=50"], 2)
     try:
         _wait_for(lambda: (out / "metrics.jsonl").exists() and _steps(out), proc, "a logged step")
         (rank1,) = [p for p in psutil.Process(proc.pid).children(recursive=True) if "--local_rank=1" in p.cmdline()]

@@ -42,3 +42,40 @@ def test_a_pathological_answer_times_out_alone_from_a_thread(pool):
     assert got["result"] == ([1.0, 0.0, 1.0], 1)
     assert got["seconds"] < 3.0 + 15
     assert pool.verify([("\\boxed{5}", "5")]) == ([1.0], 0)  # the pool works on after a restart
+
+
+def test_the_workers_die_with_a_trainer_killed_by_sigkill(tmp_path):
+    """A worker left alive would hold the dead trainer's stdout open (a caller reading it hangs)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    script = tmp_path / "trainer.py"
+    script.write_text(
+        "import sys, time\n"
+        "from scope_ds.rewards.pool import VerifierPool\n"
+        "if __name__ == '__main__':\n"
+        "    pool = VerifierPool('toy', timeout_s=5.0)\n"
+        "    assert pool.verify([('\\\\boxed{1}', '1')]) == ([1.0], 0)\n"
+        "    print(' '.join(str(p.pid) for p in pool._pool._pool), flush=True)\n"
+        "    time.sleep(600)\n"
+    )
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    workers = [int(p) for p in proc.stdout.readline().split()]
+    assert workers
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while any(os.path.exists(f"/proc/{w}") and "zombie" not in _state(w) for w in workers):
+        assert time.monotonic() < deadline, "a verifier worker outlived the trainer"
+        time.sleep(0.1)
+    assert proc.stdout.read() == ""  # EOF: nothing holds the pipe any more
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(line for line in f if line.startswith("State:")).lower()
+    except OSError:
+        return "zombie"
