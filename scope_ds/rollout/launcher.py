@@ -77,8 +77,9 @@ def embedded_command(spec: LaunchSpec, python: str = sys.executable) -> list[str
 
 
 def new_api_key() -> str:
-    """A fresh random key (URL-safe, 256 bits): what a launch uses unless the caller has one."""
-    return secrets.token_urlsafe(32)
+    """A fresh random key (256 bits, hex): what a launch uses unless the caller has one. Hex, not
+    token_urlsafe: a key that starts with '-' reads as an option on the server's command line."""
+    return secrets.token_hex(32)
 
 
 def shown_command(cmd: Sequence[str]) -> str:

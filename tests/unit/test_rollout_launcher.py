@@ -122,3 +122,11 @@ def test_slurm_servers_always_get_the_job_key(tmp_path):
     assert len(fresh.api_key) >= 32 and flags(fresh.servers[0].cmd)["--api-key"] == fresh.api_key
     attached = train_layout(None, [*over, "rollout.servers=[http://h:1]"], Allocation(["n0"], 0, ntasks=2), env={})
     assert attached.servers == [] and attached.api_key == ""
+
+
+def test_generated_api_keys_never_read_as_an_option():
+    """A key starting with '-' made the server's argparse take --api-key for a bare flag."""
+    from scope_ds.rollout.launcher import new_api_key
+
+    keys = [new_api_key() for _ in range(2000)]
+    assert all(k[0] != "-" and len(k) == 64 for k in keys) and len(set(keys)) == len(keys)
