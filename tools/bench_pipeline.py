@@ -2,7 +2,7 @@
 """Per-step time of GRPO and SCOPE, synchronous and asynchronous, on the toy task.
 
     python tools/bench_pipeline.py [--steps 8] [--warmup 2] [--repeats 2] [--ranks 1]
-        [--configs "GRPO sync,SCOPE sync"] [--out docs/bench_pipeline.md] [key=value ...]
+        [--configs "SCOPE async k=1;SCOPE async k=2"] [--out docs/bench_pipeline.md] [key=value ...]
 
 Every run trains the toy pair with the embedded rollout server in its own process, the same
 prompts per step and rollouts per prompt; only the algorithm, pipeline.max_staleness,
@@ -99,7 +99,7 @@ def main() -> None:
     args = ap.parse_args()
     names = list(CONFIGS)
     if args.configs:
-        wanted = {n.strip() for n in args.configs.split(",")} | {"GRPO sync", "SCOPE sync"}
+        wanted = {n.strip() for n in args.configs.split(";")} | {"GRPO sync", "SCOPE sync"}
         unknown = wanted - set(CONFIGS)
         if unknown:
             sys.exit(f"unknown configuration(s) {sorted(unknown)}; known: {names}")
