@@ -24,7 +24,7 @@ from scope_ds.engines.models import InferenceEngine, StudentEngine
 from scope_ds.metrics import RunLog
 from scope_ds.pipeline.collectives import default_backend, score_group, share
 from scope_ds.pipeline.folders import prepare_folders
-from scope_ds.pipeline.run import RolloutSide, Run
+from scope_ds.pipeline.run import RolloutSide, Run, pushes_weights
 from scope_ds.pipeline.versions import PolicyVersions
 from scope_ds.rewards.pool import VerifierPool
 from scope_ds.rollout.client import SyncRolloutClient
@@ -75,7 +75,7 @@ def build_run(cfg: Config) -> Run:
 
 
 def _folder_problem(cfg: Config, algo: Algorithm, student_path: str) -> str | None:
-    syncs_to_disk = cfg.rollout.weight_sync == "disk" and (not algo.uses_teacher_rollouts or bool(cfg.data.eval_every))
+    syncs_to_disk = cfg.rollout.weight_sync == "disk" and pushes_weights(algo, bool(cfg.data.eval_every))
     try:
         prepare_folders(cfg, student_path, syncs_to_disk)
     except ConfigError as e:

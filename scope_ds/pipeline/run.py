@@ -18,6 +18,12 @@ from scope_ds.pipeline.versions import PolicyVersions
 from scope_ds.rewards.pool import VerifierPool
 
 
+def pushes_weights(algo: Algorithm, evaluates: bool) -> bool:
+    """Whether weight syncs send the student anywhere: always, but for KD without in-training
+    evaluation (its rollout servers serve the fixed teacher)."""
+    return not algo.uses_teacher_rollouts or evaluates
+
+
 @dataclass
 class RolloutSide:
     """Rank 0's rollout servers, the client that speaks to them, and the weight sync.
@@ -72,7 +78,7 @@ class Run:
     def pushes_weights(self) -> bool:
         """Whether a sync sends the student's weights anywhere (known alike on every rank): always,
         but for KD without in-training evaluation (its rollout servers serve the teacher)."""
-        return not self.algo.uses_teacher_rollouts or bool(self.cfg.data.eval_every and self.eval_records)
+        return pushes_weights(self.algo, bool(self.cfg.data.eval_every and self.eval_records))
 
     @property
     def run_dir(self) -> str:
