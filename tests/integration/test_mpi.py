@@ -37,16 +37,17 @@ def _mpirun(args: list[str], timeout: int) -> subprocess.CompletedProcess:
     return subprocess.run([*MPIRUN, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def test_ranks_and_rendezvous_come_from_mpi4py(mpi):
+def test_ranks_and_rendezvous_come_from_mpi4py(mpi, tmp_path):
+    # Each rank writes its own file: the ranks' stdout is one pipe and their lines can run together.
     probe = (
-        "import json, os; from scope_ds.engines.ds import _env_from_launcher; _env_from_launcher(); "
-        "print(json.dumps({k: os.environ[k] for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT')}))"
+        "import json, os, sys; from scope_ds.engines.ds import _env_from_launcher; _env_from_launcher(); "
+        "keys = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT'); "
+        "open(os.path.join(sys.argv[1], 'rank' + os.environ['RANK'] + '.json'), 'w')"
+        ".write(json.dumps({k: os.environ[k] for k in keys}))"
     )
-    proc = _mpirun([sys.executable, "-c", probe], timeout=120)
+    proc = _mpirun([sys.executable, "-c", probe, str(tmp_path)], timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    ranks = sorted(
-        (json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")), key=lambda r: r["RANK"]
-    )
+    ranks = sorted((json.loads(f.read_text()) for f in tmp_path.glob("rank*.json")), key=lambda r: r["RANK"])
     assert [(r["RANK"], r["WORLD_SIZE"], r["LOCAL_RANK"]) for r in ranks] == [("0", "2", "0"), ("1", "2", "1")]
     # One rendezvous for all, a free port chosen by rank 0 (not the fixed default of the variable mapping).
     assert len({(r["MASTER_ADDR"], r["MASTER_PORT"]) for r in ranks}) == 1 and ranks[0]["MASTER_PORT"] != "29500"
