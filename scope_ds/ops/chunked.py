@@ -41,21 +41,17 @@ def _dot(a_CV: torch.Tensor, b_CV: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a_CV[:, None, :], b_CV[:, :, None]).view(-1)
 
 
-def _forward_chunk(stat: str, z_CV: torch.Tensor, tok_C, q_CV):
-    """(value [C], lse [C], teacher lse [C] or None) of one chunk; z, q are tempered logits.
-
-    log_softmax is one fused pass (logsumexp is two), and lse = z_k - log p_k for any k.
-    """
-    logp_CV = torch.log_softmax(z_CV, dim=-1)
-    lse_C = z_CV[:, 0] - logp_CV[:, 0]
+def _forward_chunk(stat: str, z_CV: torch.Tensor, logp_CV: torch.Tensor, tok_C, q_CV):
+    """(value [C], teacher lse [C] or None) of one chunk; z, q are tempered logits and logp_CV the
+    log-softmax of z (one fused pass, shared by every statistic at z's temperature)."""
     if stat == "logp":
-        return logp_CV.gather(-1, tok_C[:, None]).squeeze(-1), lse_C, None
+        return logp_CV.gather(-1, tok_C[:, None]).squeeze(-1), None
     p_CV = logp_CV.exp()
     if stat == "entropy":
-        return -_dot(p_CV, logp_CV), lse_C, None
+        return -_dot(p_CV, logp_CV), None
     logq_CV = torch.log_softmax(q_CV, dim=-1)
     lse_q = q_CV[:, 0] - logq_CV[:, 0]
-    return _dot(p_CV, logp_CV.sub_(logq_CV)), lse_C, lse_q
+    return _dot(p_CV, logp_CV - logq_CV), lse_q
 
 
 def _softmax(z_CV: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
@@ -83,41 +79,75 @@ def _slices(n: int, chunk: int):
     return (slice(s, min(s + chunk, n)) for s in range(0, n, chunk))
 
 
-class _ChunkedStat(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, stat, chunk, temperature, x, weight, tokens, t_x, t_weight):
-        n, dt = x.shape[0], _compute_dtype(x)
-        out = torch.empty(n, dtype=dt, device=x.device)
-        lse = torch.empty_like(out)
-        lse_t = torch.empty_like(out) if stat == "kl" else None
-        for sl in _slices(n, chunk):
-            z = _chunk_logits(x, weight, sl, temperature, dt)
-            q = None if t_x is None else _chunk_logits(t_x, t_weight, sl, temperature, dt)
-            out[sl], lse[sl], lq = _forward_chunk(stat, z, None if tokens is None else tokens[sl], q)
-            if lse_t is not None:
-                lse_t[sl] = lq
-        ctx.save_for_backward(x, weight, tokens, t_x, t_weight, out, lse, lse_t)
-        ctx.stat, ctx.chunk, ctx.temperature = stat, chunk, temperature
-        return out
+def _tempered(raw_CV: torch.Tensor | None, temperature: float) -> torch.Tensor | None:
+    return raw_CV if raw_CV is None or temperature == 1.0 else raw_CV / temperature
+
+
+class _ChunkedStats(torch.autograd.Function):
+    """Several statistics (each at its own temperature) from one pass over the chunks: the
+    logits of a chunk are computed once, their log-softmax once per temperature."""
 
     @staticmethod
-    def backward(ctx, grad_N):
-        x, weight, tokens, t_x, t_weight, out, lse, lse_t = ctx.saved_tensors
+    def forward(ctx, stats, temps, chunk, x, weight, tokens, t_x, t_weight):
+        n, dt = x.shape[0], _compute_dtype(x)
+        outs = [torch.empty(n, dtype=dt, device=x.device) for _ in stats]
+        lses = {t: torch.empty(n, dtype=dt, device=x.device) for t in set(temps)}
+        lse_t = {t: torch.empty(n, dtype=dt, device=x.device) for s, t in zip(stats, temps, strict=True) if s == "kl"}
+        for sl in _slices(n, chunk):
+            raw = _chunk_logits(x, weight, sl, 1.0, dt)
+            raw_q = None if t_x is None else _chunk_logits(t_x, t_weight, sl, 1.0, dt)
+            tok = None if tokens is None else tokens[sl]
+            for t in lses:
+                z = _tempered(raw, t)
+                logp_CV = torch.log_softmax(z, dim=-1)
+                lses[t][sl] = z[:, 0] - logp_CV[:, 0]  # lse = z_k - log p_k for any k
+                for i, (s, ts) in enumerate(zip(stats, temps, strict=True)):
+                    if ts == t:
+                        outs[i][sl], lq = _forward_chunk(s, z, logp_CV, tok, _tempered(raw_q, t))
+                        if lq is not None:
+                            lse_t[t][sl] = lq
+        ctx.save_for_backward(x, weight, tokens, t_x, t_weight, *outs)
+        ctx.stats, ctx.temps, ctx.chunk, ctx.lses, ctx.lse_t = stats, temps, chunk, lses, lse_t
+        ctx.set_materialize_grads(False)  # a statistic nobody differentiates gets None: skipped
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x, weight, tokens, t_x, t_weight, *outs = ctx.saved_tensors
         need_x, need_w = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+        wanted = [i for i, g in enumerate(grads) if g is not None]
         dt = _compute_dtype(x)
         grad_x = torch.empty_like(x) if need_x else None
         grad_w = torch.zeros_like(weight, dtype=dt) if need_w else None
+        if not wanted:
+            return None, None, None, None if grad_x is None else grad_x.zero_(), grad_w, None, None, None
         for sl in _slices(x.shape[0], ctx.chunk):
-            z = _chunk_logits(x, weight, sl, ctx.temperature, dt)
-            q = None if t_x is None else _chunk_logits(t_x, t_weight, sl, ctx.temperature, dt)
+            raw = _chunk_logits(x, weight, sl, 1.0, dt)
+            raw_q = None if t_x is None else _chunk_logits(t_x, t_weight, sl, 1.0, dt)
             tok = None if tokens is None else tokens[sl]
-            scale = grad_N[sl].to(dt) / ctx.temperature
-            direct = grad_x[sl] if weight is None and need_x and x.dtype == dt and ctx.stat != "entropy" else None
-            g_CV = _grad_chunk(
-                ctx.stat, z, tok, q, lse[sl], None if lse_t is None else lse_t[sl], out[sl], scale, direct
-            )
+            g_CV = None
+            for i in wanted:
+                stat, t = ctx.stats[i], ctx.temps[i]
+                scale = grads[i][sl].to(dt) / t
+                # the first statistic's gradient straight into grad_x where it is the logits' own
+                direct = None
+                if g_CV is None and len(wanted) == 1 and weight is None and need_x and x.dtype == dt:
+                    direct = grad_x[sl] if stat != "entropy" else None
+                lse_q = ctx.lse_t[t][sl] if stat == "kl" else None
+                g = _grad_chunk(
+                    stat,
+                    _tempered(raw, t),
+                    tok,
+                    _tempered(raw_q, t),
+                    ctx.lses[t][sl],
+                    lse_q,
+                    outs[i][sl],
+                    scale,
+                    direct,
+                )
+                g_CV = g if g_CV is None else g_CV.add_(g)
             if weight is None:
-                if need_x and direct is None:
+                if need_x and g_CV.data_ptr() != grad_x[sl].data_ptr():
                     grad_x[sl] = g_CV
                 continue
             if need_x:
@@ -156,19 +186,46 @@ def chunked_stat(
     Gradients flow to ``x`` and ``weight``; the teacher is treated as a constant. ``chunk`` is the
     number of tokens whose logits exist at once (default: as many as fit in CHUNK_BYTES).
     """
-    if stat not in STATS:
-        raise ValueError(f"stat must be one of {STATS}, got {stat!r}")
+    out = chunked_stats(
+        {stat: temperature},
+        x,
+        tokens,
+        weight=weight,
+        teacher_x=teacher_x,
+        teacher_weight=teacher_weight,
+        chunk=chunk,
+    )
+    return out[stat]
+
+
+def chunked_stats(
+    stats: dict[str, float],
+    x: torch.Tensor,
+    tokens: torch.Tensor | None = None,
+    *,
+    weight: torch.Tensor | None = None,
+    teacher_x: torch.Tensor | None = None,
+    teacher_weight: torch.Tensor | None = None,
+    chunk: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Several of :func:`chunked_stat`'s statistics in one pass, ``{stat: temperature}`` ->
+    ``{stat: values}``: each chunk's logits are computed once (the LM-head product, the costly
+    part), their log-softmax once per temperature. Each output has its own gradient; one that
+    takes no part in the loss (say the entropy, a metric) costs nothing in backward."""
+    if not stats or any(s not in STATS for s in stats):
+        raise ValueError(f"stats must be some of {STATS}, got {list(stats)}")
     if chunk is not None and chunk < 1:
         raise ValueError(f"chunk must be >= 1 or None, got {chunk}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    for s, t in stats.items():
+        if not t > 0:
+            raise ValueError(f"temperature must be > 0, got {t} for {s!r}")
     lead = tuple(x.shape[:-1])
-    if stat == "logp":
+    if "logp" in stats:
         if tokens is None or tuple(tokens.shape) != lead:
             raise ValueError(
                 f"tokens must have shape {lead} for 'logp', got {None if tokens is None else tuple(tokens.shape)}"
             )
-    if stat == "kl" and teacher_x is None:
+    if "kl" in stats and teacher_x is None:
         raise ValueError("teacher_x is required for 'kl'")
     if weight is not None and weight.shape[-1] != x.shape[-1]:
         raise ValueError(f"weight has shape {tuple(weight.shape)}, expected [V, {x.shape[-1]}]")
@@ -184,8 +241,10 @@ def chunked_stat(
     t_w = None if teacher_weight is None else teacher_weight.detach()
     vocab = x.shape[-1] if weight is None else weight.shape[0]
     chunk = chunk or max(1, CHUNK_BYTES // (_compute_dtype(x).itemsize * vocab))
-    out = _ChunkedStat.apply(stat, chunk, float(temperature), x_N, weight, tok_N, t_N, t_w)
-    return out.reshape(lead)
+    names = tuple(stats)
+    temps = tuple(float(stats[s]) for s in names)
+    outs = _ChunkedStats.apply(names, temps, chunk, x_N, weight, tok_N, t_N, t_w)
+    return {s: o.reshape(lead) for s, o in zip(names, outs, strict=True)}
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, **kw) -> torch.Tensor:

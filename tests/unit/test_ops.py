@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from scope_ds.ops import chunked_stat, reverse_kl, token_entropy, token_logprobs
+from scope_ds.ops import chunked_stat, chunked_stats, reverse_kl, token_entropy, token_logprobs
 
 
 def ref_stats(z, tok, q):
@@ -54,6 +54,33 @@ def test_hidden_states_plus_lm_head_match_reference(stat):
     (c * up).sum().backward()
     torch.testing.assert_close(hc.grad.double(), hr.grad, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(wc.grad.double(), wr.grad, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("with_weight", [False, True])
+def test_several_stats_in_one_pass_at_their_own_temperatures(with_weight):
+    """logp and kl (with gradient) at 0.8, entropy (a metric, no gradient) at 1.0: values and the
+    gradient of a loss made of two of them, against float64 whole-logits references."""
+    g = torch.Generator().manual_seed(11)
+    n, d, v = 19, 5, 29
+    h, w = torch.randn(n, d, generator=g), torch.randn(v, d, generator=g)
+    q = torch.randn(n, v, generator=g) * 2
+    tok = torch.randint(0, v, (n,), generator=g)
+    a, b = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    hr, wr = h.double().requires_grad_(), w.double().requires_grad_()
+    zr = hr @ wr.t() if with_weight else (hr @ w.double().t())
+    cold, hot = ref_stats(zr / 0.8, tok, q.double() / 0.8), ref_stats(zr.detach(), tok, None)
+    ((cold["logp"] * a.double()).sum() + (cold["kl"] * b.double()).sum()).backward()
+    hc, wc = h.clone().requires_grad_(), w.clone().requires_grad_()
+    x = hc if with_weight else hc @ w.t()
+    out = chunked_stats(
+        {"logp": 0.8, "entropy": 1.0, "kl": 0.8}, x, tok, weight=wc if with_weight else None, teacher_x=q, chunk=4
+    )
+    for stat, ref in (("logp", cold["logp"]), ("kl", cold["kl"]), ("entropy", hot["entropy"])):
+        torch.testing.assert_close(out[stat].double(), ref.detach(), atol=1e-4, rtol=1e-5)
+    ((out["logp"] * a).sum() + (out["kl"] * b).sum()).backward()
+    torch.testing.assert_close(hc.grad.double(), hr.grad, atol=1e-4, rtol=1e-4)
+    if with_weight:
+        torch.testing.assert_close(wc.grad.double(), wr.grad, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("stat", ["logp", "entropy", "kl"])
