@@ -117,8 +117,13 @@ class RolloutConfig:
 class TrainConfig:
     steps: int = 8  # optimizer steps (one per global batch)
     prompts_per_step: int = 8  # prompts per global batch (x rollout.n rollouts)
-    micro_batch_size: int = 4  # rollouts per forward/backward on one rank
-    score_batch_size: int = 16  # rollouts per teacher (inference-only) forward on one rank
+    # Micro-batches: rollouts packed padding-free into at most this many tokens (prompt + response)
+    # per forward/backward on one rank, the batch balanced over ranks by tokens (docs/training.md)
+    max_tokens_per_micro_batch: int = 8192
+    score_max_tokens_per_micro_batch: int = 16384  # the teacher's (inference-only) forwards: no backward
+    packing: bool = True  # false: today's padded micro-batches of micro_batch_size rollouts, full logits
+    micro_batch_size: int = 4  # packing=false only: rollouts per forward/backward on one rank
+    score_batch_size: int = 16  # packing=false only: rollouts per teacher forward on one rank
     lr: float = 5e-5  # AdamW learning rate, constant after warmup (paper: 5e-5)
     weight_decay: float = 0.01  # AdamW weight decay (paper: 0.01)
     warmup_steps: int = 0  # linear warmup
@@ -129,7 +134,14 @@ class TrainConfig:
     logprob_chunk: int = 0  # tokens per chunk of the log-prob ops (0 = automatic)
 
     def check(self) -> None:
-        for key in ("steps", "prompts_per_step", "micro_batch_size", "score_batch_size"):
+        for key in (
+            "steps",
+            "prompts_per_step",
+            "micro_batch_size",
+            "score_batch_size",
+            "max_tokens_per_micro_batch",
+            "score_max_tokens_per_micro_batch",
+        ):
             _positive(f"train.{key}", getattr(self, key))
         _positive("train.lr", self.lr)
         for key in ("weight_decay", "warmup_steps", "grad_clip", "logprob_chunk"):
@@ -222,6 +234,15 @@ class Config:
                 f"{algo.min_group_size}, since its group-normalised advantage is 0 for a group of one rollout "
                 "and the run would train nothing"
             )
+        if self.train.packing:
+            longest = self.data.max_prompt_tokens + self.rollout.max_new_tokens
+            for key in ("max_tokens_per_micro_batch", "score_max_tokens_per_micro_batch"):
+                if getattr(self.train, key) < longest:
+                    raise ConfigError(
+                        f"train.{key}={getattr(self.train, key)} cannot hold the longest rollout: "
+                        f"data.max_prompt_tokens ({self.data.max_prompt_tokens}) + rollout.max_new_tokens "
+                        f"({self.rollout.max_new_tokens}) = {longest} tokens; raise it to at least {longest}"
+                    )
         if self.pipeline.overlap_teacher and algo.uses_full_kl:
             raise ConfigError(
                 "pipeline.overlap_teacher=true cannot run with algo.kl=full: the update itself runs the teacher "

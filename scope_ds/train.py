@@ -31,6 +31,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def install_stop_handlers(request_stop) -> None:
+    """SIGTERM, SIGUSR1 (SLURM's warnings before a time limit), SIGINT (Ctrl-C) and the exit of the
+    deepspeed launcher above the ranks: save the last finished step, then exit 0. A second SIGINT
+    quits at once, without saving."""
+    from scope_ds.engines.ds_launcher import watch_launcher
+
+    def say(text: str) -> None:  # os.write: a print in a signal handler may re-enter the stream's lock
+        if os.environ.get("RANK", "0") == "0":
+            os.write(2, f"scope_ds: {text}\n".encode())
+
+    def on_interrupt(signum: int, frame: object) -> None:
+        say("interrupted: saving the last finished step, then stopping (Ctrl-C again: quit without saving)")
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        request_stop()
+
+    def on_launcher_gone(what: str) -> None:
+        say(f"{what}: saving the last finished step, then stopping")
+        request_stop()
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, request_stop)
+    signal.signal(signal.SIGINT, on_interrupt)
+    watch_launcher(on_launcher_gone)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -41,8 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     from scope_ds.checkpoint import CheckpointError
     from scope_ds.pipeline import PipelineError, build_run, request_stop, train
 
-    for sig in (signal.SIGTERM, signal.SIGUSR1):  # SLURM's warnings before a time limit
-        signal.signal(sig, request_stop)
+    install_stop_handlers(request_stop)
 
     try:
         run = build_run(cfg)

@@ -12,7 +12,6 @@ import copy
 import glob
 import hashlib
 import json
-import math
 import os
 import socket
 import sys
@@ -151,8 +150,6 @@ def _free_port() -> int:
 def build_ds_config(
     json_path: str,
     *,
-    micro_batch_size: int,
-    grad_accum: int,
     world_size: int,
     dtype: str,
     lr: float | None = None,
@@ -162,7 +159,11 @@ def build_ds_config(
 ) -> dict[str, Any]:
     """The DeepSpeed config dict: the JSON file, completed from our config.
 
-    ``lr`` None builds an inference-only config (no optimizer, no scheduler).
+    ``lr`` None builds an inference-only config (no optimizer, no scheduler). A training config
+    leaves gradient accumulation to the trainer (``managed_gradient_accumulation: false``): a step
+    has as many micro-batches as its packing gives, and the trainer calls ``step()`` once after
+    them. The batch-size keys DeepSpeed requires are set to one rollout per micro-batch; they size
+    nothing (the trainer's micro-batches are token budgets).
     """
     path = resolve_path(json_path)
     if not os.path.isfile(path):
@@ -170,15 +171,16 @@ def build_ds_config(
     with open(path) as f:
         cfg = json.load(f)
     cfg = copy.deepcopy(cfg)
-    cfg["train_micro_batch_size_per_gpu"] = micro_batch_size
-    cfg["gradient_accumulation_steps"] = grad_accum
-    cfg["train_batch_size"] = micro_batch_size * grad_accum * world_size
+    cfg["train_micro_batch_size_per_gpu"] = 1
+    cfg["gradient_accumulation_steps"] = 1
+    cfg["train_batch_size"] = world_size
     cfg["bf16"] = {"enabled": dtype == "bfloat16"}
     cfg["fp16"] = {"enabled": False}
     if lr is None:
         cfg.pop("optimizer", None)
         cfg.pop("scheduler", None)
         return cfg
+    cfg["managed_gradient_accumulation"] = False
     opt = cfg.setdefault("optimizer", {"type": "AdamW", "params": {}})
     opt.setdefault("params", {}).update(lr=lr, weight_decay=weight_decay)
     if opt.get("type", "").lower() in ("adam", "adamw"):
@@ -219,8 +221,3 @@ def load_causal_lm(path: str, ds_config: dict[str, Any], dtype: str) -> torch.nn
     del hf_ds
     model.config.use_cache = False
     return model
-
-
-def steps_per_batch(global_rollouts: int, world_size: int, micro_batch_size: int) -> int:
-    """Micro-batches each rank runs per global batch (the gradient-accumulation steps)."""
-    return max(1, math.ceil(math.ceil(global_rollouts / world_size) / micro_batch_size))

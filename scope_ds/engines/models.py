@@ -4,27 +4,89 @@ Both run on every rank. Under ZeRO-3 a forward pass is a collective (parameters 
 all ranks), so every rank must run the same number of forward passes: callers pad with dummy
 micro-batches (see batching.micro_batches), never skip one.
 
-Shape legend: B = rollouts, L = prompt + response positions, T = response positions, V = vocab.
+Per-token statistics come from the LM head in chunks (scope_ds.ops), never as whole logits: for a
+packed micro-batch (batching.PackedInputs) the model runs to its last hidden states at the response
+positions only (``logits_to_keep``), and its LM head module, asked through ``StatsHead``, returns
+the statistics instead of logits. The head stays a module call, so ZeRO-3's own hooks gather its
+weight for the forward and the backward and reduce-scatter its gradient, tied embeddings included.
+
+Shape legend: B = rollouts, L = prompt + response positions, T = response positions, V = vocab,
+M = response tokens of a packed micro-batch, D = hidden size.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from scope_ds.engines import ds
-from scope_ds.engines.batching import TokenInputs, gather_response
-from scope_ds.ops import token_entropy, token_logprobs
+from scope_ds.engines.batching import PackedInputs, TokenInputs, gather_response, unpack_response
+from scope_ds.ops import chunked_stats
+
+Inputs = TokenInputs | PackedInputs
+
+
+@dataclass
+class _Request:
+    """What the LM head returns instead of logits for one forward pass."""
+
+    stats: dict[str, float]  # statistic -> temperature; empty: the hidden states themselves
+    targets_M: torch.Tensor
+    teacher_x: torch.Tensor | None = None  # the teacher's hidden states [M, D_t], for 'kl'
+    teacher_weight: torch.Tensor | None = None  # the teacher's LM head [V, D_t]
+    chunk: int | None = None
+
+
+class StatsHead:
+    """A model's LM head that, when asked before a forward pass, returns per-token statistics
+    [1, M, k] (or its hidden states [1, M, D]) instead of logits [1, M, V]; unasked, it is the plain
+    head (generation, the padded path). Installed on the head module itself (its ``forward``), so
+    the model's tree, state dict and ZeRO-3 hooks stay as they are."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        head = model.get_output_embeddings()
+        name = type(model).__name__
+        if head is None or not isinstance(head, torch.nn.Linear) or head.bias is not None:
+            raise ValueError(f"{name}: packed micro-batches need a plain LM head (a Linear without bias)")
+        if "logits_to_keep" not in inspect.signature(model.forward).parameters:
+            raise ValueError(f"{name} takes no logits_to_keep: set train.packing=false for this model")
+        if getattr(model.config, "final_logit_softcapping", None):
+            raise ValueError(f"{name} soft-caps its logits after the head: set train.packing=false for this model")
+        self.head, self._plain, self.request = head, head.forward, None
+        head.forward = self._forward
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        req, self.request = self.request, None
+        if req is None:
+            return self._plain(x)
+        if not req.stats:
+            return x
+        h_MD = x.reshape(-1, x.shape[-1])
+        tokens = req.targets_M if "logp" in req.stats else None
+        out = chunked_stats(
+            req.stats,
+            h_MD,
+            tokens,
+            weight=self.head.weight,
+            teacher_x=req.teacher_x,
+            teacher_weight=req.teacher_weight,
+            chunk=req.chunk,
+        )
+        # the entropy is a metric: detached, it costs nothing in backward
+        return torch.stack([v.detach() if k == "entropy" else v for k, v in out.items()], -1)[None]
 
 
 class _Engine:
     """What student and teacher share: loading, a forward pass, per-token log-probs."""
 
-    def __init__(self, path: str, ds_config: dict[str, Any], dtype: str, chunk: int = 0):
+    def __init__(self, path: str, ds_config: dict[str, Any], dtype: str, chunk: int = 0, packing: bool = True):
         self.path, self.ds_config, self.chunk = path, ds_config, chunk or None
         self.model = ds.load_causal_lm(path, ds_config, dtype)
+        self.stats_head = StatsHead(self.model) if packing else None
         self.engine: Any = None
 
     @property
@@ -37,25 +99,60 @@ class _Engine:
         return torch.device(self.engine.device)
 
     def logits(self, inputs: TokenInputs) -> torch.Tensor:
-        """[B, L, V] logits of a micro-batch (with gradient if the caller allows it)."""
+        """[B, L, V] logits of a padded micro-batch (with gradient if the caller allows it)."""
         out = self.engine(input_ids=inputs.input_ids_BL, attention_mask=inputs.attention_mask_BL, use_cache=False)
         return out.logits
 
-    def response_logprobs(self, logits_BLV: torch.Tensor, inputs: TokenInputs, temperature: float) -> torch.Tensor:
-        """[B, T] log-probs of the response tokens at ``temperature`` (logits divided by it)."""
-        logp_BL = token_logprobs(logits_BLV, inputs.targets_BL, temperature=temperature, chunk=self.chunk)
-        return gather_response(logp_BL, inputs)
-
-    def response_entropy(self, logits_BLV: torch.Tensor, inputs: TokenInputs, temperature: float) -> torch.Tensor:
-        with torch.no_grad():
-            return gather_response(
-                token_entropy(logits_BLV.detach(), temperature=temperature, chunk=self.chunk), inputs
+    def _packed(self, inputs: PackedInputs, request: _Request) -> torch.Tensor:
+        """One forward pass of a packed micro-batch whose LM head answers ``request``: [1, M, ...]."""
+        if self.stats_head is None:
+            raise RuntimeError(f"{self.path}: built without packing (train.packing=false)")
+        self.stats_head.request = request
+        try:
+            out = self.engine(
+                input_ids=inputs.input_ids_1N,
+                position_ids=inputs.position_ids_1N,
+                logits_to_keep=inputs.score_pos_M,
+                use_cache=False,
             )
+        finally:
+            self.stats_head.request = None
+        return out.logits
+
+    def hidden(self, inputs: PackedInputs) -> torch.Tensor:
+        """[M, D] last hidden states at the response positions of a packed micro-batch (no gradient)."""
+        with torch.no_grad():
+            h = self._packed(inputs, _Request(stats={}, targets_M=inputs.targets_M))
+        return h.reshape(-1, h.shape[-1])
+
+    def response_stats(
+        self, inputs: Inputs, stats: dict[str, float], teacher: InferenceEngine | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Per-response-token statistics [B, T] of a micro-batch, ``{stat: temperature}`` ->
+        ``{stat: values}`` (0 at padding): 'logp' of the sampled tokens (with gradient where the
+        caller allows), 'entropy' (never a gradient), 'kl' = KL(self || ``teacher``) over the full
+        vocabulary (gradient to self only)."""
+        if isinstance(inputs, PackedInputs):
+            teacher_x = teacher_w = None
+            if "kl" in stats:
+                teacher_x, teacher_w = teacher.hidden(inputs), teacher.head_weight()
+            request = _Request(stats, inputs.targets_M, teacher_x, teacher_w, self.chunk)
+            values = self._packed(inputs, request).reshape(-1, len(stats))
+            cols = {k: values[:, i] for i, k in enumerate(stats)}
+            return {k: unpack_response(v.detach() if k == "entropy" else v, inputs) for k, v in cols.items()}
+        logits = self.logits(inputs)
+        t_logits = None
+        if "kl" in stats:
+            with torch.no_grad():
+                t_logits = teacher.logits(inputs)
+        tokens = inputs.targets_BL if "logp" in stats else None
+        values = chunked_stats(stats, logits, tokens, teacher_x=t_logits, chunk=self.chunk)
+        return {k: gather_response(v.detach() if k == "entropy" else v, inputs) for k, v in values.items()}
 
     @torch.no_grad()
-    def score(self, inputs: TokenInputs, temperature: float) -> torch.Tensor:
+    def score(self, inputs: Inputs, temperature: float) -> torch.Tensor:
         """[B, T] response log-probs without gradient."""
-        return self.response_logprobs(self.logits(inputs), inputs, temperature)
+        return self.response_stats(inputs, {"logp": temperature})["logp"]
 
     def full_parameters(self, rank: int, group_size: int = 32) -> Iterator[tuple[str, torch.Tensor]]:
         """Every parameter gathered whole, as (Hugging Face name, CPU tensor) on rank 0.
@@ -94,24 +191,32 @@ class StudentEngine(_Engine):
         world_size: int,
         gradient_checkpointing: bool = False,
         chunk: int = 0,
+        packing: bool = True,
     ):
         import deepspeed
 
-        super().__init__(path, ds_config, dtype, chunk)
+        super().__init__(path, ds_config, dtype, chunk, packing)
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=self.model, model_parameters=params, config=ds_config
         )
-        # DeepSpeed divides each micro-batch loss by the accumulation steps and averages gradients
-        # over ranks; our losses already carry the global normaliser, so undo both (a plain sum).
-        self.loss_scale = float(world_size * ds_config["gradient_accumulation_steps"])
+        # The trainer owns the accumulation boundary (ds.build_ds_config: a step has as many
+        # micro-batches as its packing gives); DeepSpeed averages gradients over ranks, and our
+        # losses already carry the global normaliser, so undo the average (a plain sum).
+        if ds_config.get("managed_gradient_accumulation", True) or ds_config["gradient_accumulation_steps"] != 1:
+            raise ValueError("the student's DeepSpeed config must leave gradient accumulation to the trainer")
+        self.loss_scale = float(world_size)
         self.engine.train()
 
     def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate the gradient of one micro-batch's loss."""
         self.engine.backward(loss * self.loss_scale)
-        self.engine.step()  # a no-op except at the accumulation boundary
+
+    def step(self) -> None:
+        """The optimizer step on the gradients accumulated since the last one."""
+        self.engine.step()
 
     def save_checkpoint(self, folder: str, tag: str) -> None:
         """Every rank's partition of weights, optimizer and scheduler into ``folder/tag`` (a collective)."""
@@ -139,10 +244,19 @@ class InferenceEngine(_Engine):
     never interleave on one communicator.
     """
 
-    def __init__(self, path: str, ds_config: dict[str, Any], dtype: str, chunk: int = 0, group: Any = None):
+    def __init__(
+        self,
+        path: str,
+        ds_config: dict[str, Any],
+        dtype: str,
+        chunk: int = 0,
+        group: Any = None,
+        packing: bool = True,
+    ):
         import deepspeed
 
-        super().__init__(path, ds_config, dtype, chunk)
+        super().__init__(path, ds_config, dtype, chunk, packing)
+        self._head_weight: torch.Tensor | None = None
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.engine, *_ = deepspeed.initialize(model=self.model, config=ds_config)
@@ -152,12 +266,29 @@ class InferenceEngine(_Engine):
             _gather_on(self.model, group)
             self._warm_up()
 
-    def logits(self, inputs: TokenInputs) -> torch.Tensor:
+    def head_weight(self) -> torch.Tensor:
+        """The LM head's weight [V, D], whole: gathered once and kept (it never changes)."""
+        if self._head_weight is None:  # a collective, on the first call (every rank's same micro-batch)
+            import deepspeed
+
+            w = self.stats_head.head.weight
+            with deepspeed.zero.GatheredParameters([w], modifier_rank=None):
+                self._head_weight = w.data.detach().clone()
+        return self._head_weight
+
+    def _packed(self, inputs: PackedInputs, request: _Request) -> torch.Tensor:
+        self._check_trace()
+        return super()._packed(inputs, request)
+
+    def _check_trace(self) -> None:
         if self.group is not None and not self._trace_complete():
             raise RuntimeError(
                 f"{self.path}: ZeRO-3 changed this model's module order between forward passes, so the "
                 "teacher cannot score beside the update; set pipeline.overlap_teacher=false"
             )
+
+    def logits(self, inputs: TokenInputs) -> torch.Tensor:
+        self._check_trace()
         return super().logits(inputs)
 
     def _coordinator(self) -> Any:

@@ -45,9 +45,7 @@ def build_run(cfg: Config) -> Run:
     tokenizer = check_compatible(student_path, teacher_path, full_vocab=algo.uses_full_kl)
     records, eval_records, verifier = prompts(cfg, tokenizer, rank)
     group = score_group()
-    student, teacher, reference, grad_accum = build_engines(
-        cfg, algo, world, student_path, teacher_path, teacher_group(cfg, group)
-    )
+    student, teacher, reference = build_engines(cfg, algo, world, student_path, teacher_path, teacher_group(cfg, group))
     rollout = None
     if rank == 0:
         save_config(cfg, os.path.join(cfg.logging.run_dir, "config.yaml"))
@@ -63,7 +61,6 @@ def build_run(cfg: Config) -> Run:
         student=student,
         teacher=teacher,
         reference=reference,
-        grad_accum=grad_accum,
         versions=PolicyVersions(rollout.client.urls if rollout else ()),
         verifier=VerifierPool(verifier, cfg.data.verify_timeout_s) if rank == 0 else None,
         records=records,
@@ -122,19 +119,17 @@ def resolve_models(cfg: Config, rank: int) -> tuple[str, str]:
 
 def build_engines(
     cfg: Config, algo: Algorithm, world: int, student_path: str, teacher_path: str, group: Any = None
-) -> tuple[StudentEngine, InferenceEngine | None, InferenceEngine | None, int]:
-    """(student, teacher or None, reference or None, gradient-accumulation steps) on this rank.
+) -> tuple[StudentEngine, InferenceEngine | None, InferenceEngine | None]:
+    """(student, teacher or None, reference or None) on this rank.
 
     The teacher engine exists only for algorithms that score with it (``algo.needs_teacher``);
     the reference (the initial student) only for GRPO with a KL term. ``group``: the process
     group the teacher gathers its parameters on (see ``teacher_group``); None: the default group.
     """
-    t, chunk = cfg.train, cfg.train.logprob_chunk
-    grad_accum = ds.steps_per_batch(t.prompts_per_step * cfg.rollout.n, world, t.micro_batch_size)
-    common = dict(micro_batch_size=t.micro_batch_size, world_size=world, dtype=cfg.model.dtype)
+    t, chunk, packing = cfg.train, cfg.train.logprob_chunk, cfg.train.packing
+    common = dict(world_size=world, dtype=cfg.model.dtype)
     student_ds = ds.build_ds_config(
         t.ds_config,
-        grad_accum=grad_accum,
         lr=t.lr,
         weight_decay=t.weight_decay,
         grad_clip=t.grad_clip,
@@ -148,13 +143,16 @@ def build_engines(
         world_size=world,
         gradient_checkpointing=cfg.model.gradient_checkpointing,
         chunk=chunk,
+        packing=packing,
     )
-    infer_ds = ds.build_ds_config(t.teacher_ds_config, grad_accum=1, **common)
+    infer_ds = ds.build_ds_config(t.teacher_ds_config, **common)
     teacher = None
     if algo.needs_teacher:
-        teacher = InferenceEngine(teacher_path, infer_ds, cfg.model.dtype, chunk, group=group)
-    reference = InferenceEngine(student_path, infer_ds, cfg.model.dtype, chunk) if algo.needs_reference else None
-    return student, teacher, reference, grad_accum
+        teacher = InferenceEngine(teacher_path, infer_ds, cfg.model.dtype, chunk, group=group, packing=packing)
+    reference = None
+    if algo.needs_reference:
+        reference = InferenceEngine(student_path, infer_ds, cfg.model.dtype, chunk, packing=packing)
+    return student, teacher, reference
 
 
 def teacher_group(cfg: Config, group: Any) -> Any:

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 T = TypeVar("T")
-_stop = threading.Event()  # set by SIGTERM / SIGUSR1: save at the end of the step, then stop
+_stop = threading.Event()  # set by SIGTERM / SIGINT / SIGUSR1: save the last finished step, then stop
 
 
 class PipelineError(RuntimeError):
@@ -68,22 +68,40 @@ def sum_over_ranks(sums: dict[str, float]) -> dict[str, float]:
     keys: list[Any] = [None] * world
     dist.all_gather_object(keys, sorted(sums))
     names = sorted({k for part in keys for k in part})
-    vec = torch.tensor([sums.get(k, 0.0) for k in names], dtype=torch.float64)
+    vec = torch.tensor([sums.get(k, 0.0) for k in names], dtype=torch.float64, device=_device())
     dist.all_reduce(vec)
     return dict(zip(names, vec.tolist(), strict=True))
 
 
+def _device() -> str:
+    """Where the default group's tensors live: NCCL (DeepSpeed's choice on GPUs) takes no CPU tensor."""
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().current_device_name()
+
+
+def any_over_ranks(*flags: bool) -> list[bool]:
+    """Each flag OR-ed over ranks (one all-reduce on the default group)."""
+    if rank_and_world()[1] == 1:
+        return list(flags)
+    vec = torch.tensor([float(f) for f in flags], device=_device())
+    dist.all_reduce(vec, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in vec.tolist()]
+
+
 def request_stop(signum: int | None = None, frame: Any = None) -> None:
-    """Signal handler: finish the current step, save a checkpoint, exit cleanly."""
+    """Signal handler: save a checkpoint of the last finished step, exit cleanly."""
     _stop.set()
+
+
+def stop_signalled() -> bool:
+    """This rank was asked to stop (no collective: for the threads, and for waits that poll)."""
+    return _stop.is_set()
 
 
 def stop_requested() -> bool:
     """True on every rank if any rank was signalled (SLURM may signal only some of them)."""
-    flag = torch.tensor([1.0 if _stop.is_set() else 0.0])
-    if rank_and_world()[1] > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
+    return any_over_ranks(_stop.is_set())[0]
 
 
 def score_group() -> Any:

@@ -21,7 +21,7 @@ from typing import Any
 from scope_ds.data.stream import prompt_stream
 from scope_ds.engines.models import bind_device, current_device
 from scope_ds.pipeline import stages
-from scope_ds.pipeline.collectives import PipelineError, on_rank0
+from scope_ds.pipeline.collectives import PipelineError, any_over_ranks, on_rank0, stop_signalled
 from scope_ds.pipeline.run import Run
 from scope_ds.pipeline.stages import Batch
 
@@ -33,6 +33,10 @@ def timed(times: dict[str, float], name: str, fn: Callable[..., Any], *args: Any
         return fn(*args)
     finally:
         times[name] = times.get(name, 0.0) + time.perf_counter() - t0
+
+
+WAITING = object()  # what _Worker._take returns when nothing came in time
+POLL_S = 0.5  # how often the ranks waiting for a batch agree on whether to go on waiting
 
 
 class _Worker:
@@ -75,13 +79,12 @@ class _Worker:
             self._queue.append(batch)
             self._cond.notify_all()
 
-    def _take(self, deadline_s: float | None = None) -> Batch | None:
-        """In the consumer: the next item; None once closing; raises the thread's error, or a
-        PipelineError when nothing came within ``deadline_s``."""
+    def _take(self, timeout_s: float | None = None) -> Batch | None | object:
+        """In the consumer: the next item; None once closing; WAITING when nothing came within
+        ``timeout_s``; raises the thread's error (as a PipelineError)."""
         with self._cond:
-            ready = self._cond.wait_for(lambda: self._queue or self._error is not None or self._closing, deadline_s)
-            if not ready:
-                raise PipelineError(f"{self.what}: nothing came for {deadline_s:g} s (pipeline.wait_timeout_s)")
+            if not self._cond.wait_for(lambda: self._queue or self._error is not None or self._closing, timeout_s):
+                return WAITING
             if self._queue:
                 batch = self._queue.popleft()
                 self._cond.notify_all()
@@ -100,6 +103,35 @@ class _Worker:
         if self._upstream is not None:
             self._upstream.close()
         self._thread.join(timeout=self._timeout_s)
+
+
+def take_together(take: Callable[[float], Any], timeout_s: float, what: str) -> Batch | None:
+    """``take(POLL_S)`` until every rank has its item; None on every rank as soon as any rank is
+    asked to stop. The ranks agree every POLL_S (one all-reduce), so that an error (``take``'s, or
+    a PipelineError once a rank waited ``timeout_s``) is raised on every rank, never in one alone
+    while the others wait in a collective."""
+    t0 = time.perf_counter()
+    got: Any = WAITING
+    error: PipelineError | None = None
+    while True:
+        if got is WAITING and error is None:
+            try:
+                got = take(POLL_S)
+            except PipelineError as e:
+                error = e
+            if got is None:
+                error = PipelineError(f"{what}: the feed closed before the trainer's last step")
+        waiting = got is WAITING and error is None
+        late = waiting and time.perf_counter() - t0 > timeout_s
+        any_waiting, any_failed, any_late, stop = any_over_ranks(waiting, error is not None, late, stop_signalled())
+        if any_late:
+            raise PipelineError(f"{what}: nothing came for {timeout_s:g} s (pipeline.wait_timeout_s)")
+        if not any_waiting and any_failed:
+            raise error or PipelineError(f"{what} failed on another rank")
+        if stop:
+            return None
+        if not any_waiting:
+            return got
 
 
 class RolloutProducer(_Worker):
@@ -128,6 +160,8 @@ class RolloutProducer(_Worker):
             batch = Batch(step=step, records=[next(self.prompts) for _ in range(self.run.cfg.train.prompts_per_step)])
             timed(batch.times, "generate", stages.generate, self.run, batch)
             timed(batch.times, "verify", stages.verify, self.run, batch)
+            if stop_signalled() and batch.verify_timeouts:
+                return  # verified while the run stops: its verifier may have been killed with it
             self._put(batch)
 
     def get(self) -> Batch | None:
@@ -197,16 +231,20 @@ class ScoredFeed(_Worker):
                 self._spans[batch.step] = (t0, time.perf_counter())
             self._put(batch)
 
-    def get(self, step: int) -> Batch:
-        """The scored batch of ``step``; raises the scorer's error (a PipelineError on every rank
-        when generation failed on rank 0)."""
+    def get(self, step: int) -> Batch | None:
+        """The scored batch of ``step``, or None on every rank once any rank is asked to stop while
+        they wait (the batch stays pending in rank 0's producer: the checkpoint keeps it).
+
+        Raises the scorer's error on every rank (a PipelineError when generation failed on rank
+        0), or a PipelineError after ``pipeline.wait_timeout_s`` (see take_together).
+        """
         t0 = time.perf_counter()
         with self._cond:
             self._wanted = step
             self._cond.notify_all()
-        batch = self._take(self.run.cfg.pipeline.wait_timeout_s)
+        batch = take_together(self._take, self.run.cfg.pipeline.wait_timeout_s, self.what)
         if batch is None:
-            raise PipelineError("the scored-batch feed closed before the trainer's last step")
+            return None
         with self._cond:
             start, end = self._spans.pop(batch.step)
         if self.producer:

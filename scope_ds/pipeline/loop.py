@@ -36,11 +36,15 @@ def train(run: Run) -> dict[str, float]:
     feed = ScoredFeed(run, producer, start)
     if cfg.data.eval_every and start == 0:
         run.log.log(0, on_rank0(evaluate, run))
-    last, done = {}, start  # done: steps whose update is applied
+    last, done, stopped = {}, start, False  # done: steps whose update is applied
     try:
         for step in range(start, steps):
             t0 = time.perf_counter()
-            batch = feed.get(step)  # generated, verified and scored
+            batch = feed.get(step)  # generated, verified and scored; None: asked to stop meanwhile
+            if batch is None:
+                stopped = True
+                save(run, done, producer)
+                break
             staleness = staleness_metrics(run, batch)
             metrics = timed(batch.times, "update", stages.update, run, batch)
             done = step + 1
@@ -55,18 +59,21 @@ def train(run: Run) -> dict[str, float]:
                 metrics.update(on_rank0(evaluate, run))
             record(run, done, batch, metrics)
             last = metrics if run.rank == 0 else {}
-            stop = stop_requested()
-            if stop or done == steps or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0):
+            stopped = stop_requested()
+            if stopped or done == steps or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0):
                 save(run, done, producer)
-            if stop:
-                run.log.message(f"stopped by a signal after step {done}; resume with checkpoint.resume=auto")
+            if stopped:
                 break
     except PipelineError:
         save(run, done, producer)  # a server down: keep what was trained, then report
-        raise
+        if not stop_requested():
+            raise
+        stopped = True  # a signal to the launcher's whole tree takes the rollout server down too
     finally:
         feed.close()
-    if cfg.checkpoint.export_hf:
+    if stopped:
+        run.log.message(f"stopped by a signal after step {done}; resume with checkpoint.resume=auto")
+    elif cfg.checkpoint.export_hf:
         checkpoint.export_hf(run, os.path.join(run.run_dir, "hf"))
     return last
 
@@ -99,6 +106,12 @@ def sync(run: Run, batch: Batch, metrics: dict[str, float], done: int) -> None:
 
 
 def record(run: Run, step: int, batch: Batch, metrics: dict[str, float]) -> None:
+    """Log the step's rollouts and metrics (rank 0 writes; a failure, a full disk say, reaches every
+    rank as a PipelineError naming the file, and the run saves what it trained)."""
+    on_rank0(_write_step, run, step, batch, metrics)
+
+
+def _write_step(run: Run, step: int, batch: Batch, metrics: dict[str, float]) -> None:  # rank 0
     run.log.rollouts(step, batch.rollouts)
     run.log.log(step, metrics)
 

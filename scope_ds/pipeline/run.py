@@ -65,7 +65,6 @@ class Run:
     student: StudentEngine
     teacher: InferenceEngine | None  # only for algorithms that score with it (algo.needs_teacher)
     reference: InferenceEngine | None  # the initial student, for GRPO's KL term
-    grad_accum: int  # micro-batches per optimizer step on every rank
     versions: PolicyVersions
     verifier: VerifierPool | None = None  # rewards of response texts, in worker processes (rank 0)
     records: list[PromptRecord] | None = None  # training prompts (rank 0 draws from them)

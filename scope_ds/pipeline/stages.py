@@ -22,10 +22,10 @@ from scope_ds.algorithms.base import Plan
 from scope_ds.config import Config
 from scope_ds.data import encoding
 from scope_ds.data.record import PromptRecord
-from scope_ds.engines.batching import TokenInputs, collate, gather_response, micro_batches, rank_share
+from scope_ds.engines.batching import PackedInputs, collate, collate_packed, plan_micro_batches
+from scope_ds.engines.models import Inputs
 from scope_ds.metrics import batch_metrics
-from scope_ds.ops import reverse_kl
-from scope_ds.pipeline.collectives import on_rank0, sum_over_ranks
+from scope_ds.pipeline.collectives import PipelineError, on_rank0, sum_over_ranks
 from scope_ds.pipeline.run import Run
 from scope_ds.sample import Rollout
 
@@ -101,17 +101,14 @@ def verify(run: Run, batch: Batch) -> None:
 
 
 def score(run: Run, batch: Batch) -> None:
-    """Teacher log-probs of the rollouts the algorithm needs them for, spread evenly over ranks;
+    """Teacher log-probs of the rollouts the algorithm needs them for, spread over ranks by tokens;
     every rank ends with every scored rollout's ``teacher_logprobs``."""
     correct = torch.tensor([r.correct for r in batch.rollouts])
     need = torch.nonzero(run.algo.teacher_mask(correct)).flatten().tolist()
     if run.teacher is None or not need:
         return
-    mine = [need[i] for i in rank_share(len(need), run.rank, run.world)]
-    size = run.cfg.train.score_batch_size  # no backward: larger batches than training fit
-    count = math.ceil(math.ceil(len(need) / run.world) / size)
     out: dict[int, list[float]] = {}
-    for mb in micro_batches(mine, size, count):
+    for mb in micro_batches_of(run, batch, need, scoring=True):  # no backward: a larger budget
         inputs = _inputs(run, batch, mb, run.teacher.device)
         out.update(_rows(batch, mb, run.teacher.score(inputs, run.cfg.rollout.temperature)))
     # on the teacher's group: scoring may run beside the update (feed.ScoredFeed)
@@ -119,22 +116,39 @@ def score(run: Run, batch: Batch) -> None:
         batch.rollouts[i].teacher_logprobs = logp
 
 
-def recompute_old_logprobs(run: Run, batch: Batch) -> None:
+def recompute_old_logprobs(run: Run, batch: Batch, plan: list[list[int]]) -> None:
     """pi_old by the trainer (``algo.old_logprobs=recompute``): a no-grad forward of the student,
-    before the update, over this rank's share in the update's own micro-batches (so that rho is 1
-    in value at the update), at the training temperature; every rank ends with every rollout's
+    before the update, over this rank's micro-batches of the update (``plan``, so that rho is 1 in
+    value at the update), at the training temperature; every rank ends with every rollout's
     ``old_logprobs``. The server's log-probs then serve only the train-inference mismatch weight."""
     if not run.algo.recomputes_old_logprobs:
         return
     temp = run.algo.train_temperature(run.cfg.rollout.temperature)
     out: dict[int, list[float]] = {}
-    for mb in micro_batches(
-        rank_share(len(batch.rollouts), run.rank, run.world), run.cfg.train.micro_batch_size, run.grad_accum
-    ):
+    for mb in plan:
         inputs = _inputs(run, batch, mb, run.student.device)
         out.update(_rows(batch, mb, run.student.score(inputs, temp)))
     for i, logp in _gather_rows(run, out).items():
         batch.rollouts[i].old_logprobs = logp
+
+
+def micro_batches_of(run: Run, batch: Batch, which: list[int], scoring: bool = False) -> list[list[int]]:
+    """This rank's micro-batches (lists of rollout indices) over the batch's rollouts ``which``, as
+    many on every rank: packed into token budgets (``train.max_tokens_per_micro_batch``, or the
+    ``score_`` one for inference-only forwards), or ``train.packing=false``: padded, a fixed number
+    of rollouts each. Every rank computes every rank's share alike: no communication."""
+    t = run.cfg.train
+    lengths = [len(batch.rollouts[i].prompt_ids) + batch.rollouts[i].response_length for i in which]
+    key = "score_max_tokens_per_micro_batch" if scoring else "max_tokens_per_micro_batch"
+    try:
+        if t.packing:
+            plan = plan_micro_batches(lengths, run.rank, run.world, max_tokens=getattr(t, key), what=f"train.{key}")
+        else:
+            size = t.score_batch_size if scoring else t.micro_batch_size
+            plan = plan_micro_batches(lengths, run.rank, run.world, size=size)
+    except ValueError as e:  # alike on every rank
+        raise PipelineError(str(e)) from None
+    return [[which[j] for j in mb] for mb in plan]
 
 
 def _rows(batch: Batch, mb: list[int], values_BT: torch.Tensor) -> dict[int, list[float]]:
@@ -151,9 +165,11 @@ def _gather_rows(run: Run, rows: dict[int, list[float]], group: Any = None) -> d
     return {k: v for part in parts for k, v in part.items()}
 
 
-def _inputs(run: Run, batch: Batch, mb: list[int], device: torch.device) -> TokenInputs:
-    """A micro-batch of the batch's rollouts ``mb`` on ``device`` (an empty ``mb``: one dummy row)."""
-    return collate([batch.rollouts[i] for i in mb] or [None], mb or [-1], run.pad_id).to(device)
+def _inputs(run: Run, batch: Batch, mb: list[int], device: torch.device) -> Inputs:
+    """A micro-batch of the batch's rollouts ``mb`` on ``device``, packed or padded as configured
+    (an empty ``mb``: a dummy, without response tokens)."""
+    make = collate_packed if run.cfg.train.packing else collate
+    return make([batch.rollouts[i] for i in mb] or [None], mb or [-1], run.pad_id).to(device)
 
 
 def plan(run: Run, batch: Batch) -> tuple[RolloutStats, Plan, float]:
@@ -198,24 +214,18 @@ def _groups(rollouts: list[Rollout]) -> torch.Tensor:
     return torch.tensor([ids[r.group_id] for r in rollouts])
 
 
-def _token_batch(run: Run, batch: Batch, mb: list[int], p: Plan, inputs: TokenInputs, logits) -> TokenBatch:
-    temp = run.algo.train_temperature(run.cfg.rollout.temperature)
-    logp = run.student.response_logprobs(logits, inputs, temp)
+def _token_batch(run: Run, batch: Batch, mb: list[int], p: Plan, inputs: Inputs, logp: torch.Tensor, kl) -> TokenBatch:
     rows = [batch.rollouts[i] for i in mb]
     teacher = _padded([r.teacher_logprobs for r in rows], inputs.old_logp_BT)
     recomputed = run.algo.recomputes_old_logprobs
     old = _padded([r.old_logprobs for r in rows], inputs.old_logp_BT) if recomputed else inputs.old_logp_BT
     idx = torch.tensor(mb, dtype=torch.long) if mb else torch.zeros(1, dtype=torch.long)
-    dev = logp.device  # the plan is on the CPU; the loss runs where the logits are
+    dev = logp.device  # the plan is on the CPU; the loss runs where the log-probs are
     path = (p.path_B[idx] if mb else torch.tensor([int(Path.SKIP)])).to(dev)
     weight = (p.weight_B[idx] if mb else torch.zeros(1, dtype=torch.float64)).to(dev)
     adv = None if p.advantage_B is None else (p.advantage_B[idx] if mb else torch.zeros(1, dtype=torch.float64)).to(dev)
+    temp = run.algo.train_temperature(run.cfg.rollout.temperature)
     ref = run.reference.score(inputs, temp) if run.reference is not None else None
-    kl = None
-    if run.algo.uses_full_kl:
-        with torch.no_grad():
-            t_logits = run.teacher.logits(inputs)
-        kl = gather_response(reverse_kl(logits, t_logits, temperature=temp, chunk=run.student.chunk), inputs)
     return TokenBatch(
         logp_BT=logp,
         old_logp_BT=old,
@@ -243,29 +253,37 @@ def update(run: Run, batch: Batch) -> dict[str, float]:
     """One optimizer step of the student on this rank's share of the batch; metrics summed over
     ranks. The student is one policy version further afterwards."""
     t0 = time.perf_counter()
-    recompute_old_logprobs(run, batch)
+    mbs = micro_batches_of(run, batch, list(range(len(batch.rollouts))))
+    recompute_old_logprobs(run, batch, mbs)
     batch.times["old_logprobs"] = time.perf_counter() - t0
     stats, p, normalizer = plan(run, batch)
-    mine = rank_share(len(batch.rollouts), run.rank, run.world)
+    temp = run.algo.train_temperature(run.cfg.rollout.temperature)
+    wanted = {"logp": temp, "entropy": run.cfg.rollout.temperature}
+    if run.algo.uses_full_kl:
+        wanted["kl"] = temp
     sums: dict[str, float] = {}
-    for mb in micro_batches(mine, run.cfg.train.micro_batch_size, run.grad_accum):
+    for mb in mbs:
         inputs = _inputs(run, batch, mb, run.student.device)
-        logits = run.student.logits(inputs)
-        loss, parts = run.algo.loss(_token_batch(run, batch, mb, p, inputs, logits), normalizer)
+        out = run.student.response_stats(inputs, wanted, teacher=run.teacher if "kl" in wanted else None)
+        loss, parts = run.algo.loss(_token_batch(run, batch, mb, p, inputs, out["logp"], out.get("kl")), normalizer)
         run.student.backward(loss)
-        ent = run.student.response_entropy(logits, inputs, run.cfg.rollout.temperature)
         tokens = float(inputs.mask_BT.sum())
         parts["loss/total"] = float(loss.detach())
-        parts.update({"entropy/sum": float(ent.sum()), "entropy/tokens": tokens})
+        parts.update({"entropy/sum": float(out["entropy"].sum()), "entropy/tokens": tokens})
         parts["is/truncated_tokens"] = parts.pop("is/truncated_share") * tokens
+        parts["perf/micro_batches"] = 1.0
+        parts["padding/positions"], parts["padding/all"] = _padding(inputs)
         for k, v in parts.items():
             sums[k] = sums.get(k, 0.0) + v
+    run.student.step()
     run.versions.stepped()
     sums = sum_over_ranks(sums)
     out = {k: v for k, v in sums.items() if k.startswith("loss/")}
     tokens = max(sums.pop("entropy/tokens", 0.0), 1.0)
     out["entropy/student"] = sums.get("entropy/sum", 0.0) / tokens
     out["is/truncated_share"] = sums.get("is/truncated_tokens", 0.0) / tokens
+    out["perf/micro_batches"] = sums["perf/micro_batches"] / run.world  # per rank
+    out["perf/padding_share"] = sums["padding/positions"] / max(sums["padding/all"], 1.0)
     if "mismatch/tokens" in sums:  # token sums from the loss: per-token means over the batch
         n = max(sums["mismatch/tokens"], 1.0)
         out["mismatch/abs_log_ratio"] = sums["mismatch/abs_log_ratio_sum"] / n
@@ -274,6 +292,15 @@ def update(run: Run, batch: Batch) -> dict[str, float]:
     out.update(run.student.step_stats())
     out.update(batch_metrics(batch.rollouts, stats, p))
     return out
+
+
+def _padding(inputs: Inputs) -> tuple[float, float]:
+    """(padding positions, all positions) of one micro-batch's forward; a dummy's token is padding."""
+    dummies = float(sum(1 for r in inputs.rows if r < 0))
+    if isinstance(inputs, PackedInputs):
+        return dummies, float(inputs.input_ids_1N.numel())
+    positions = float(inputs.input_ids_BL.numel())
+    return positions - float(inputs.attention_mask_BL.sum()) + dummies, positions
 
 
 def sync(run: Run) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 import torch
 from train_helpers import (
     REPO,
@@ -121,6 +123,67 @@ def test_signal_saves_a_checkpoint_and_exits_cleanly(model_pair, tmp_path):
     steps = len(read_jsonl(out / "metrics.jsonl"))
     assert latest == f"step_{steps}" and steps < 200
     assert "stopped by a signal" in output
+
+
+# Runs a command as a child subreaper: what its children leave behind is handed to it, so that it
+# reaps (and reports) the exit code of every process of the tree, and ends only once all have ended.
+_REAPER = """
+import ctypes, json, os, subprocess, sys
+ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+runner = subprocess.Popen(sys.argv[2:], start_new_session=True)
+codes = {}
+while True:
+    try:
+        pid, status = os.wait()
+    except ChildProcessError:
+        break
+    codes[pid] = os.waitstatus_to_exitcode(status)
+open(sys.argv[1], "w").write(json.dumps({"runner": runner.pid, "codes": codes}))
+"""
+
+
+@pytest.mark.parametrize(
+    "target, sig, ranks",
+    [("deepspeed", signal.SIGTERM, 1), ("launch.py", signal.SIGINT, 1), ("group", signal.SIGINT, 2)],
+)
+def test_a_signal_to_the_launcher_saves_and_ends_every_process(model_pair, tmp_path, target, sig, ranks):
+    """SIGTERM to the deepspeed command (it dies at once: DeepSpeed's runner has no handler on one
+    node), SIGINT to launch.py, Ctrl-C (SIGINT to the whole process group): the ranks save the last
+    finished step, and no process of the run outlives it. The exit codes are DeepSpeed's launcher's:
+    0 where it is left to report the ranks' exit, 1 where its own handler ran (docs/checkpoints.md)."""
+    student, teacher = model_pair
+    out, report = tmp_path / "run", tmp_path / "codes.json"
+    cmd = [
+        sys.executable,
+        "-c",
+        _REAPER,
+        str(report),
+        *deepspeed_cmd(TRAIN, [*small_run_overrides(student, teacher, out), "train.steps=200"], ranks),
+    ]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for(
+        lambda: (out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().strip(),
+        proc,
+        "the first step",
+        poll=0.2,
+    )
+    runner = psutil.Process(proc.pid).children()[0]
+    launch = runner.children()[0]
+    assert "deepspeed.launcher.launch" in launch.cmdline()
+    if target == "deepspeed":
+        runner.send_signal(sig)
+    elif target == "launch.py":
+        launch.send_signal(sig)
+    else:
+        os.killpg(runner.pid, sig)
+    output, _ = proc.communicate(timeout=300)  # the reaper ends once every process of the run has ended
+    codes = {int(k): v for k, v in json.loads(report.read_text())["codes"].items()}
+    steps = len(read_jsonl(out / "metrics.jsonl"))
+    assert _latest(out) == f"step_{steps}" and steps < 200, output[-4000:]
+    assert f"stopped by a signal after step {steps}" in output, output[-4000:]
+    assert not list((out / "logs").glob("*.pid"))  # the rollout server was stopped, its pid file removed
+    expected = {"deepspeed": (-signal.SIGTERM, 0), "launch.py": (1, 1), "group": (1, 1)}[target]
+    assert (codes[runner.pid], codes[launch.pid]) == expected, output[-4000:]
 
 
 def test_convert_ckpt_of_a_two_rank_checkpoint(model_pair, tmp_path, embedded_servers):

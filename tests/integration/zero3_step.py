@@ -74,7 +74,7 @@ def main() -> None:
     rank, world = ds.init_distributed()
     torch.manual_seed(0)
     algo = cfg.algorithm()
-    student, teacher, reference, grad_accum = build_engines(cfg, algo, world, student_path, teacher_path, score_group())
+    student, teacher, reference = build_engines(cfg, algo, world, student_path, teacher_path, score_group())
     run = Run(  # the parts a step needs: no tokenizer, data or rollout servers
         cfg=cfg,
         rank=rank,
@@ -85,7 +85,6 @@ def main() -> None:
         student=student,
         teacher=teacher,
         reference=reference,
-        grad_accum=grad_accum,
         versions=PolicyVersions(),
     )
     size = (cfg.train.prompts_per_step, cfg.rollout.n, student.vocab_size)

@@ -1,13 +1,16 @@
-"""The feeds' hand-off: the consumer gets items in order, the worker's error, or a deadline error."""
+"""The feeds' hand-off: the consumer gets items in order, the worker's error, a deadline error, or
+None once a stop is requested (one process: the agreement over ranks is trivially its own)."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
 
+from scope_ds.pipeline import collectives
 from scope_ds.pipeline.collectives import PipelineError
-from scope_ds.pipeline.feed import _Worker
+from scope_ds.pipeline.feed import _Worker, take_together
 from scope_ds.pipeline.stages import Batch
 
 
@@ -46,6 +49,24 @@ def test_a_stalled_worker_ends_in_an_error_at_the_deadline():
     feed = _Feed(0, stall=True)
     t0 = time.monotonic()
     with pytest.raises(PipelineError, match=r"test feed: nothing came for 0.3 s \(pipeline.wait_timeout_s\)"):
-        feed._take(0.3)
+        take_together(feed._take, 0.3, feed.what)
     assert 0.25 < time.monotonic() - t0 < 3
+    feed.close()
+
+
+def test_a_stop_request_ends_the_wait_with_none():
+    feed = _Feed(0, stall=True)
+    threading.Timer(0.3, collectives.request_stop).start()
+    t0 = time.monotonic()
+    try:
+        assert take_together(feed._take, 60.0, feed.what) is None
+    finally:
+        collectives._stop.clear()
+        feed.close()
+    assert time.monotonic() - t0 < 3
+
+
+def test_an_item_already_there_is_taken_at_once():
+    feed = _Feed(1, stall=True)
+    assert take_together(feed._take, 60.0, feed.what).step == 0
     feed.close()

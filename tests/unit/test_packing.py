@@ -1,0 +1,172 @@
+"""Packed micro-batches: balanced by tokens, within budget, and per-token statistics equal to those
+of each rollout on its own (a plain float64 forward) and to the padded path's, with gradients.
+
+The engines here wrap plain Hugging Face models (no DeepSpeed): what is under test is the packing,
+the position ids, the LM head's statistics and the unpacking; tests/integration/test_train.py runs
+the same path under ZeRO-3 on two ranks.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from scope_ds.engines.batching import (
+    balance_by_tokens,
+    collate,
+    collate_packed,
+    pack_by_tokens,
+    plan_micro_batches,
+)
+from scope_ds.engines.models import InferenceEngine, StatsHead, _Engine
+from scope_ds.sample import Rollout
+
+VOCAB = 1000
+
+
+def _model(seed: int, attn: str = "sdpa", tie: bool = False) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=tie,
+        attn_implementation=attn,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def _engine(model, cls=_Engine):
+    """An engine around a plain model: the engine's own forward is the model's."""
+    e = cls.__new__(cls)
+    e.path, e.chunk, e.model, e.engine = "test", 5, model, model
+    e.stats_head = StatsHead(model)
+    if cls is InferenceEngine:
+        e._head_weight, e.group = None, None
+    return e
+
+
+def _rollouts(seed: int, count: int = 11) -> list[Rollout]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(count):
+        prompt = [rng.randrange(1, VOCAB) for _ in range(rng.randint(1, 9))]
+        resp = [rng.randrange(1, VOCAB) for _ in range(0 if i == 3 else rng.randint(1, 30))]
+        out.append(Rollout(prompt_ids=prompt, response_ids=resp, behaviour_logprobs=[-1.0] * len(resp)))
+    return out
+
+
+def _reference(model, teacher, rollouts, temperature):
+    """float64, one rollout at a time, no padding: (logp, entropy, KL(model || teacher)) per token."""
+    m, t = model.double(), teacher.double()
+    out = []
+    with torch.no_grad():
+        for r in rollouts:
+            ids = torch.tensor([r.prompt_ids + r.response_ids])
+            start = len(r.prompt_ids) - 1
+            z = m(input_ids=ids).logits[0, start:-1] / temperature
+            q = t(input_ids=ids).logits[0, start:-1] / temperature
+            logp, logq = torch.log_softmax(z, -1), torch.log_softmax(q, -1)
+            tok = ids[0, start + 1 :]
+            p = logp.exp()
+            out.append(
+                {
+                    "logp": logp.gather(1, tok[:, None])[:, 0],
+                    "entropy": -(p * logp).sum(-1),
+                    "kl": (p * (logp - logq)).sum(-1),
+                }
+            )
+    m.float(), t.float()
+    return out
+
+
+def _per_rollout(values_BT: torch.Tensor, mb: list[int], rollouts) -> dict[int, torch.Tensor]:
+    return {i: values_BT[row, : rollouts[i].response_length] for row, i in enumerate(mb)}
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("budget", [40, 97, 10_000])
+def test_packed_stats_equal_each_rollout_alone_and_the_padded_path(attn, budget):
+    student, teacher = _model(0, attn), _model(1, attn)
+    rollouts = _rollouts(budget)
+    ref = _reference(student, teacher, rollouts, 0.7)
+    s, t = _engine(student), _engine(teacher, InferenceEngine)
+    lengths = [len(r.prompt_ids) + r.response_length for r in rollouts]
+    mbs = plan_micro_batches(lengths, 0, 1, max_tokens=budget, what="train.max_tokens_per_micro_batch")
+    assert sorted(i for mb in mbs for i in mb) == list(range(len(rollouts)))
+    assert all(sum(lengths[i] for i in mb) <= budget for mb in mbs)
+    wanted = {"logp": 0.7, "entropy": 0.7, "kl": 0.7}
+    for mb in mbs:
+        got = s.response_stats(collate_packed([rollouts[i] for i in mb], mb, 0), wanted, teacher=t)
+        padded = s.response_stats(collate([rollouts[i] for i in mb], mb, 0), wanted, teacher=t)
+        for stat in wanted:
+            ours, theirs = _per_rollout(got[stat], mb, rollouts), _per_rollout(padded[stat], mb, rollouts)
+            for i in mb:
+                torch.testing.assert_close(ours[i].double(), ref[i][stat], atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(ours[i], theirs[i], atol=1e-5, rtol=1e-5)
+        # padding positions hold 0 (the losses read them only through the mask)
+        assert not got["logp"][~collate_packed([rollouts[i] for i in mb], mb, 0).mask_BT].any()
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_packed_gradients_equal_the_padded_paths(tie):
+    """d/d(parameters) of sum(c * logp) + sum(c' * KL): the LM head's gradient comes through the
+    chunked statistics (tied to the input embedding or not), the rest through the decoder."""
+    rollouts = _rollouts(5, count=7)
+    mb = list(range(len(rollouts)))
+    grads = {}
+    for layout, make in (("packed", collate_packed), ("padded", collate)):
+        student, teacher = _model(0, tie=tie), _model(1)
+        s, t = _engine(student), _engine(teacher, InferenceEngine)
+        inputs = make(rollouts, mb, 0)
+        out = s.response_stats(inputs, {"logp": 0.9, "kl": 0.9, "entropy": 1.0}, teacher=t)
+        g = torch.Generator().manual_seed(2)
+        c1, c2 = torch.randn(out["logp"].shape, generator=g), torch.randn(out["kl"].shape, generator=g)
+        m = inputs.mask_BT
+        loss = (out["logp"] * c1)[m].sum() + (out["kl"] * c2)[m].sum()
+        assert not out["entropy"].requires_grad  # a metric
+        loss.backward()
+        grads[layout] = {n: p.grad.clone() for n, p in student.named_parameters()}
+    assert grads["packed"].keys() == grads["padded"].keys()
+    for name, g in grads["packed"].items():
+        torch.testing.assert_close(g, grads["padded"][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_a_rollout_longer_than_the_budget_is_refused_naming_both_numbers():
+    with pytest.raises(ValueError, match=r"a rollout of 50 tokens .* does not fit train.max_tokens_per_micro_batch=40"):
+        plan_micro_batches([10, 50, 20], 0, 1, max_tokens=40, what="train.max_tokens_per_micro_batch")
+
+
+def test_an_empty_micro_batch_still_scores_one_masked_position():
+    inputs = collate_packed([None], [-1], 0)
+    assert inputs.score_pos_M.tolist() == [0] and not inputs.mask_BT.any()
+    s = _engine(_model(0))
+    assert s.response_stats(inputs, {"logp": 1.0})["logp"].abs().sum() == 0
+
+
+@pytest.mark.parametrize("world", [2, 3, 8])
+def test_ranks_get_tokens_within_one_sequence_and_as_many_micro_batches(world):
+    rng = random.Random(world)
+    for _ in range(20):
+        lengths = [int(rng.paretovariate(1.2) * 30) + 1 for _ in range(rng.randint(world, 200))]
+        shares = balance_by_tokens(lengths, world)
+        assert sorted(i for s in shares for i in s) == list(range(len(lengths)))
+        loads = [sum(lengths[i] for i in s) for s in shares]
+        assert max(loads) - min(loads) <= max(lengths)
+        budget = max(lengths) + rng.randint(0, 300)
+        plans = [plan_micro_batches(lengths, r, world, max_tokens=budget, what="b") for r in range(world)]
+        assert len({len(p) for p in plans}) == 1
+        assert [sorted(i for mb in p for i in mb) for p in plans] == shares
+
+
+def test_first_fit_packs_tightly():
+    lengths = [7, 3, 5, 5, 2, 8]
+    bins = pack_by_tokens(range(6), lengths, 10, "b")
+    assert sorted(sum(lengths[i] for i in b) for b in bins) == [10, 10, 10]
