@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scope_ds.config import load_config  # noqa: E402
+from scope_ds.ops import CHUNK_BYTES  # noqa: E402
 
 GIB = 2**30
 BF16 = 2  # bytes
@@ -110,14 +111,24 @@ def plan(recipe: str, nodes: int, gpus_per_node: int, gpu_gib: float) -> str:
     student, teacher = arch_of(cfg.model.student), arch_of(cfg.model.teacher)
     server_gpus = r.num_servers * r.gpus_per_server
     ranks = nodes * gpus_per_node - server_gpus
-    tokens = cfg.data.max_prompt_tokens + r.max_new_tokens  # the longest sequence, micro-batch 1
+    longest = cfg.data.max_prompt_tokens + r.max_new_tokens
+    # tokens of one micro-batch: the packing budget, or micro_batch_size rollouts padded to the longest
+    tokens = t.max_tokens_per_micro_batch if t.packing else longest * t.micro_batch_size
     ps, pt = student.params(), teacher.params()
     states = ps * STATE_BYTES / ranks
     gathered = max(student.vocab * student.hidden, teacher.vocab * teacher.hidden) * BF16 + 5e7 * BF16
     teacher_part = pt * BF16 / ranks
-    act = student.activation_bytes(tokens * t.micro_batch_size, cfg.model.gradient_checkpointing)
-    act_off = student.activation_bytes(tokens * t.micro_batch_size, False)
-    total = states + gathered + teacher_part + act
+    act = student.activation_bytes(tokens, cfg.model.gradient_checkpointing)
+    act_off = student.activation_bytes(tokens, False)
+    # packed: the LM head's statistics a chunk at a time (ops.CHUNK_BYTES, a few buffers), from the
+    # response positions only; padded: whole float32 logits of every position and their gradient
+    logits = 8 * CHUNK_BYTES if t.packing else tokens * student.vocab * 4 * 2
+    how = (
+        f"{t.max_tokens_per_micro_batch} tokens per micro-batch (train.max_tokens_per_micro_batch)"
+        if t.packing
+        else f"{t.micro_batch_size} rollouts x {longest} tokens, padded (train.packing=false)"
+    )
+    total = states + gathered + teacher_part + act + logits
     rows = [
         f"### {cfg.logging.run_name}: {nodes} nodes x {gpus_per_node} GPUs of {gpu_gib:.0f} GiB, "
         f"{ranks} training ranks + {r.num_servers} SGLang server(s) x {r.gpus_per_server} GPU",
@@ -127,15 +138,22 @@ def plan(recipe: str, nodes: int, gpus_per_node: int, gpu_gib: float) -> str:
         f"| student model states | {gib(states)} | {ps / 1e9:.2f} B params x {STATE_BYTES} B / {ranks} ranks |",
         f"| teacher weights | {gib(teacher_part)} | {pt / 1e9:.2f} B params x 2 B (bf16) / {ranks} ranks |",
         f"| gathered working set | {gib(gathered)} | largest gathered matrix (embedding) + prefetch bucket |",
-        f"| student activations | {gib(act)} | {tokens} tokens x micro-batch {t.micro_batch_size}, gradient "
-        f"checkpointing {'on' if cfg.model.gradient_checkpointing else 'off'} ({gib(act_off)} GiB with it off) |",
+        f"| student activations | {gib(act)} | {how}, gradient checkpointing "
+        f"{'on' if cfg.model.gradient_checkpointing else 'off'} ({gib(act_off)} GiB with it off) |",
+        f"| logits | {gib(logits)} | "
+        + (
+            "chunks of the LM head's output, never whole (scope_ds/ops)"
+            if t.packing
+            else f"{tokens} positions x {student.vocab} x 4 B, and their gradient"
+        )
+        + " |",
         f"| **sum** | **{gib(total)}** | of {gpu_gib:.0f} GiB, before allocator / CUDA / NCCL overhead |",
     ]
     served = teacher if cfg.algorithm().uses_teacher_rollouts else student
     weights = served.params() * BF16 / r.gpus_per_server
     pool = gpu_gib * GIB * float(os.environ.get("SCOPE_DS_SGLANG_MEM", "0.7")) - weights
     kv_tok = served.kv_bytes_per_token() / r.gpus_per_server
-    seqs = pool / kv_tok / tokens
+    seqs = pool / kv_tok / longest
     rollouts = t.prompts_per_step * r.n
     waves = math.ceil(rollouts / (seqs * r.num_servers))
     rows += [
@@ -147,7 +165,7 @@ def plan(recipe: str, nodes: int, gpus_per_node: int, gpu_gib: float) -> str:
         f"x {gpu_gib:.0f} GiB - weights |",
         f"| KV per token | {kv_tok / 1024:.0f} KiB | 2 x {served.layers} layers x {served.kv_heads} KV heads x "
         f"{served.head_dim} x 2 B / tp |",
-        f"| full-length sequences at once | {seqs:.0f} | pool / (KV per token x {tokens} tokens) |",
+        f"| full-length sequences at once | {seqs:.0f} | pool / (KV per token x {longest} tokens) |",
         f"| rollouts per step | {rollouts} | {t.prompts_per_step} prompts x {r.n} |",
         f"| waves if every rollout ran to the cap | {waves} | rollouts / (sequences x {r.num_servers} servers) |",
     ]

@@ -142,6 +142,10 @@ def test_baselines_two_ranks(model_pair, tmp_path, algo):
             assert all(r["path"] == "pg" and r["weight"] == 1.0 for r in rows if r["response_length"])
 
 
+# zero3_step.py's rollouts: prompts of 4-10 tokens, responses of up to 10
+ZERO3_LENGTHS = ["data.max_prompt_tokens=20", "rollout.max_new_tokens=12"]
+
+
 def test_zero3_step_is_the_same_on_one_and_two_ranks(model_pair, tmp_path):
     """The same fixed batch and one SCOPE step with plain SGD (no clipping, no weight decay): on 1
     and on 2 ranks the weight change is -lr times the float64 gradient of Eq. 6, and grad_norm its
@@ -156,21 +160,25 @@ def test_zero3_step_is_the_same_on_one_and_two_ranks(model_pair, tmp_path):
     sgd["zero_allow_untested_optimizer"] = True  # torch's SGD under ZeRO-3: DeepSpeed asks for the flag
     (tmp_path / "sgd.json").write_text(json.dumps(sgd))
     plain = [f"train.ds_config={tmp_path / 'sgd.json'}", "train.grad_clip=0", "train.weight_decay=0", "train.lr=1e-3"]
+    plain += ZERO3_LENGTHS
     outs = {}
-    for ranks, concurrent in ((1, 0), (2, 0), (2, 1)):
-        out = tmp_path / f"w{ranks}{concurrent}.pt"
-        cmd = deepspeed_cmd(ZERO3_STEP, [student, teacher, out, f"concurrent={concurrent}", *plain], ranks)
+    # packed token budgets (two micro-batches on a rank), and the padded layout with whole logits
+    packed, padded = "train.max_tokens_per_micro_batch=60", "train.packing=false"
+    for ranks, concurrent, layout in ((1, 0, packed), (2, 0, packed), (2, 1, packed), (2, 0, padded)):
+        out = tmp_path / f"w{ranks}{concurrent}{layout[6]}.pt"
+        cmd = deepspeed_cmd(ZERO3_STEP, [student, teacher, out, f"concurrent={concurrent}", layout, *plain], ranks)
         # one intra-op thread: the scorer thread's ops must not change how the step's ops split their work
         proc = subprocess.run(cmd, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600)
         check_ok(proc)
-        outs[ranks, concurrent] = torch.load(out)
-    one, two, beside = outs[1, 0], outs[2, 0], outs[2, 1]
+        outs[ranks, concurrent, layout] = torch.load(out)
+    one, two, beside, pad = outs[1, 0, packed], outs[2, 0, packed], outs[2, 1, packed], outs[2, 0, padded]
+    assert two["metrics"]["perf/micro_batches"] == 2 and two["metrics"]["perf/padding_share"] == 0
     assert one["metrics"]["loss/total"] == pytest.approx(two["metrics"]["loss/total"], rel=1e-5)
     assert sorted(one["teacher_logp"]) == sorted(two["teacher_logp"])  # scored the same (incorrect) rollouts
     initial = load_weights(student)
     grad, loss = _scope_gradient_float64(student, teacher)
     norm = math.sqrt(sum(float((g**2).sum()) for g in grad.values()))
-    for run in (one, two):
+    for run in (one, two, pad):
         assert run["metrics"]["grad_norm"] == pytest.approx(norm, rel=1e-4)
         assert run["metrics"]["loss/total"] == pytest.approx(loss, rel=1e-5)
         for name, g in grad.items():  # SGD: w1 = w0 - lr * g
@@ -178,6 +186,8 @@ def test_zero3_step_is_the_same_on_one_and_two_ranks(model_pair, tmp_path):
             torch.testing.assert_close(step, g, atol=1e-3 * float(g.abs().max()) + 1e-6, rtol=1e-3)
     for name, w in one["weights"].items():
         torch.testing.assert_close(w, two["weights"][name], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(pad["weights"][name], two["weights"][name], atol=1e-5, rtol=1e-5)
+    assert pad["metrics"]["grad_norm"] == pytest.approx(two["metrics"]["grad_norm"], rel=1e-5)
 
     (s0, s1), (u0, u1) = beside["spans"]["score"], beside["spans"]["update"]
     assert s0 < u1 and u0 < s1  # the scoring ran while the step did
@@ -185,6 +195,51 @@ def test_zero3_step_is_the_same_on_one_and_two_ranks(model_pair, tmp_path):
     for name, w in two["weights"].items():
         assert torch.equal(w, beside["weights"][name]), name
     assert beside["teacher_logp_after"] == two["teacher_logp_after"] and two["teacher_logp_after"]
+
+
+def test_tied_embeddings_train_the_same_packed_and_padded(tmp_path):
+    """A Qwen3-style student whose LM head is its input embedding (tie_word_embeddings, as in
+    Qwen3-1.7B): one ZeRO-3 step on 2 ranks from hidden states (the head's gradient through the
+    chunked statistics, ZeRO-3 gathering the shared weight) equals the whole-logits step."""
+    import subprocess
+
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    paths = {}
+    for name, seed in (("student", 0), ("teacher", 1)):
+        torch.manual_seed(seed)
+        config = Qwen3Config(
+            vocab_size=96,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            max_position_embeddings=64,
+            tie_word_embeddings=True,
+        )
+        model = Qwen3ForCausalLM(config)
+        with torch.no_grad():
+            model.model.embed_tokens.weight.mul_(20.0)  # peaked distributions, as a trained model's
+        paths[name] = tmp_path / name
+        model.save_pretrained(paths[name])
+    outs = {}
+    for layout in ("train.max_tokens_per_micro_batch=60", "train.packing=false"):
+        out = tmp_path / f"{layout[6]}.pt"
+        args = [paths["student"], paths["teacher"], out, layout, "train.lr=1e-2", *ZERO3_LENGTHS]
+        cmd = deepspeed_cmd(ZERO3_STEP, args, 2)
+        proc = subprocess.run(cmd, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600)
+        check_ok(proc)
+        outs[layout] = torch.load(out)
+    packed, padded = outs.values()
+    assert "lm_head.weight" not in packed["weights"]  # tied: one tensor, the embedding
+    initial = load_weights(paths["student"])
+    moved = (packed["weights"]["model.embed_tokens.weight"] - initial["model.embed_tokens.weight"]).abs().max()
+    assert moved > 1e-4  # the step changed the shared matrix
+    for name, w in packed["weights"].items():
+        torch.testing.assert_close(w, padded["weights"][name], atol=1e-5, rtol=1e-5, msg=name)
+    assert packed["metrics"]["grad_norm"] == pytest.approx(padded["metrics"]["grad_norm"], rel=1e-5)
 
 
 def _scope_gradient_float64(student, teacher, cap: float = 2.0) -> tuple[dict[str, torch.Tensor], float]:

@@ -1,0 +1,258 @@
+#!/usr/bin/env python
+"""One SCOPE training step (teacher scoring + update) at the paper's vocabulary: padded micro-batches
+with whole logits against packed token budgets with statistics from hidden states.
+
+    python tools/bench_step.py [--ranks 2] [--rollouts 16] [--mean 700] [--max 2048] [--hidden 128]
+        [--layers 2] [--steps 2] [--configs "packing=false micro=1;packing=false micro=2;packing=true tokens=4096"]
+
+Builds a Qwen3-shaped random student and teacher (vocabulary 151,936, tied embeddings, small width
+and depth so that this runs on a CPU) once, into ~/.cache/scope_ds/bench_step/. Each configuration
+runs in its own `deepspeed --num_gpus RANKS` job (ZeRO-3, gloo on CPU): the same global batch of
+ragged rollouts (prompts of 20-150 tokens; responses log-normal, mean about --mean, cut at --max;
+half of them incorrect, so the teacher scores those), --steps steps of score + update, the last
+one timed. Prints a Markdown table: peak resident memory per rank during the step (the highest
+rank), seconds per step, trained (response) tokens per second, the padding share of the positions
+the forward passes ran over, micro-batches per rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+VOCAB = 151_936
+DEFAULT_CONFIGS = "packing=false micro=1;packing=false micro=2;packing=true tokens=4096"
+
+
+def _models(hidden: int, layers: int) -> tuple[Path, Path]:
+    """Student (hidden) and teacher (1.5 x hidden) Qwen3-shaped random models, cached by shape."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    root = Path.home() / ".cache" / "scope_ds" / "bench_step" / f"v{VOCAB}-h{hidden}-l{layers}"
+    out = []
+    for name, width, seed in (("student", hidden, 0), ("teacher", hidden * 3 // 2, 1)):
+        folder = root / name
+        if not (folder / "config.json").exists():
+            torch.manual_seed(seed)
+            heads = max(2, width // 32)
+            config = Qwen3Config(
+                vocab_size=VOCAB,
+                hidden_size=width,
+                intermediate_size=3 * width,
+                num_hidden_layers=layers,
+                num_attention_heads=heads,
+                num_key_value_heads=max(1, heads // 2),
+                head_dim=32,
+                max_position_embeddings=4096,
+                tie_word_embeddings=True,
+            )
+            Qwen3ForCausalLM(config).save_pretrained(folder)
+        out.append(folder)
+    return out[0], out[1]
+
+
+def _batch(rollouts: int, group: int, mean: int, cap: int, seed: int = 0):
+    from scope_ds.pipeline.stages import Batch
+    from scope_ds.sample import Rollout
+
+    rng = random.Random(seed)
+    mu = math.log(mean) - 0.5  # log-normal, sigma 1: mean exp(mu + 1/2) before the cut
+    out = []
+    for i in range(rollouts):
+        if i % group == 0:
+            prompt = [rng.randrange(10, VOCAB) for _ in range(rng.randint(20, 150))]
+        length = max(1, min(cap, int(rng.lognormvariate(mu, 1.0))))
+        resp = [rng.randrange(10, VOCAB) for _ in range(length)]
+        correct = rng.random() < 0.5
+        out.append(
+            Rollout(
+                prompt_id=str(i // group),
+                sample_index=i % group,
+                group_id=f"0:{i // group}",
+                prompt_ids=prompt,
+                response_ids=resp,
+                behaviour_logprobs=[rng.uniform(-13.0, -11.0) for _ in resp],  # ~ log(1 / 151936)
+                correct=correct,
+                reward=float(correct),
+            )
+        )
+    return Batch(step=0, records=[], rollouts=out)
+
+
+def _peak_reset() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM, the peak resident set
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"{field}:\s+(\d+) kB", f.read()).group(1))
+
+
+def child(args: argparse.Namespace) -> None:
+    import torch
+
+    from scope_ds.config import load_config
+    from scope_ds.engines import ds
+    from scope_ds.pipeline import stages
+    from scope_ds.pipeline.build import build_engines
+    from scope_ds.pipeline.collectives import score_group
+    from scope_ds.pipeline.run import Run
+    from scope_ds.pipeline.versions import PolicyVersions
+
+    opts = dict(kv.split("=") for kv in args.config.split())
+    packing = opts.get("packing", "true") == "true"
+    overrides = [
+        f"train.packing={str(packing).lower()}",
+        f"train.micro_batch_size={opts.get('micro', 1)}",
+        f"train.score_batch_size={opts.get('micro', 1)}",
+        f"train.max_tokens_per_micro_batch={opts.get('tokens', 4096)}",
+        f"train.score_max_tokens_per_micro_batch={2 * int(opts.get('tokens', 4096))}",
+        "data.max_prompt_tokens=150",
+        f"rollout.max_new_tokens={args.max}",
+        f"rollout.n={args.group}",
+        f"train.prompts_per_step={args.rollouts // args.group}",
+        "model.dtype=float32",
+    ]
+    cfg = load_config(None, overrides)
+    rank, world = ds.init_distributed()
+    torch.manual_seed(0)
+    algo = cfg.algorithm()
+    student, teacher, reference = build_engines(cfg, algo, world, args.student, args.teacher, score_group())
+    run = Run(
+        cfg=cfg,
+        rank=rank,
+        world=world,
+        algo=algo,
+        tokenizer=None,
+        student_path=args.student,
+        student=student,
+        teacher=teacher,
+        reference=reference,
+        versions=PolicyVersions(),
+    )
+    result = {}
+    for _ in range(args.steps):
+        batch = _batch(args.rollouts, args.group, args.mean, args.max)
+        torch.distributed.barrier()
+        _peak_reset()
+        base = _status_kb("VmRSS")
+        t0 = time.perf_counter()
+        stages.score(run, batch)
+        metrics = stages.update(run, batch)
+        torch.distributed.barrier()
+        wall = time.perf_counter() - t0
+        result = {
+            "seconds": wall,
+            "peak_gib": _status_kb("VmHWM") / 2**20,
+            "step_extra_gib": (_status_kb("VmHWM") - base) / 2**20,
+            "tokens": sum(r.response_length for r in batch.rollouts),
+            "padding_share": metrics["perf/padding_share"],
+            "micro_batches": metrics["perf/micro_batches"],
+            "loss": metrics["loss/total"],
+        }
+    parts: list = [None] * world
+    torch.distributed.all_gather_object(parts, result)
+    if rank == 0:
+        Path(args.out).write_text(json.dumps(parts))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--rollouts", type=int, default=16, help="rollouts per step (the global batch)")
+    ap.add_argument("--group", type=int, default=4, help="rollouts per prompt")
+    ap.add_argument("--mean", type=int, default=700, help="mean response length before the cut")
+    ap.add_argument("--max", type=int, default=2048, help="longest response")
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=2, help="steps per configuration; the last is timed")
+    ap.add_argument("--configs", default=DEFAULT_CONFIGS, help="';'-separated: packing=true|false micro=N tokens=N")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--config", help=argparse.SUPPRESS)
+    ap.add_argument("--student", help=argparse.SUPPRESS)
+    ap.add_argument("--teacher", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    ap.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args)
+        return 0
+    student, teacher = _models(args.hidden, args.layers)
+    lengths = [r.response_length for r in _batch(args.rollouts, args.group, args.mean, args.max).rollouts]
+    print(
+        f"{args.ranks} ZeRO-3 ranks (CPU, gloo); Qwen3-shaped student hidden {args.hidden} x {args.layers} layers, "
+        f"teacher hidden {args.hidden * 3 // 2}, vocabulary {VOCAB}, float32; {args.rollouts} rollouts per step, "
+        f"responses mean {sum(lengths) / len(lengths):.0f} / max {max(lengths)} tokens",
+        flush=True,
+    )
+    rows = []
+    for config in [c.strip() for c in args.configs.split(";") if c.strip()]:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "result.json"
+            cmd = [
+                sys.executable,
+                "-m",
+                "deepspeed.launcher.runner",
+                "--num_gpus",
+                str(args.ranks),
+                "--master_port",
+                str(_free_port()),
+                __file__,
+                "--child",
+                f"--config={config}",
+                f"--student={student}",
+                f"--teacher={teacher}",
+                f"--out={out}",
+                *[f"--{k}={getattr(args, k)}" for k in ("rollouts", "group", "mean", "max", "steps")],
+            ]
+            env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // args.ranks))}
+            proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+            if proc.returncode or not out.exists():
+                tail = (proc.stdout + proc.stderr)[-3000:]
+                print(f"{config}: failed ({proc.returncode})\n{tail}", file=sys.stderr)
+                rows.append((config, None))
+                continue
+            rows.append((config, json.loads(out.read_text())))
+            print(f"{config}: done", file=sys.stderr, flush=True)
+    print(
+        "\n| configuration | peak RSS per rank (GiB) | of it, the step's (GiB) | s / step | trained tokens / s "
+        "| padding share | micro-batches per rank |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for config, parts in rows:
+        if parts is None:
+            print(f"| {config} | failed | | | | | |")
+            continue
+        peak = max(p["peak_gib"] for p in parts)
+        extra = max(p["step_extra_gib"] for p in parts)
+        wall = max(p["seconds"] for p in parts)
+        tokens = parts[0]["tokens"]
+        print(
+            f"| {config} | {peak:.2f} | {extra:.2f} | {wall:.1f} | {tokens / wall:.0f} | "
+            f"{parts[0]['padding_share']:.1%} | {parts[0]['micro_batches']:.0f} |"
+        )
+    return 0 if all(parts is not None for _, parts in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
