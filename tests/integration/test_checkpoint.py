@@ -182,8 +182,10 @@ def test_a_signal_to_the_launcher_saves_and_ends_every_process(model_pair, tmp_p
     assert _latest(out) == f"step_{steps}" and steps < 200, output[-4000:]
     assert f"stopped by a signal after step {steps}" in output, output[-4000:]
     assert not list((out / "logs").glob("*.pid"))  # the rollout server was stopped, its pid file removed
-    expected = {"deepspeed": (-signal.SIGTERM, 0), "launch.py": (1, 1), "group": (1, 1)}[target]
-    assert (codes[runner.pid], codes[launch.pid]) == expected, output[-4000:]
+    # launch.py is the runner's child; its exit code is ours to see once the runner has gone before it
+    got = (codes[runner.pid], codes.get(launch.pid))
+    expected = {"deepspeed": (-signal.SIGTERM, 0), "launch.py": (1, None), "group": (-signal.SIGINT, 1)}[target]
+    assert got == expected, (got, output[-4000:])
 
 
 def test_convert_ckpt_of_a_two_rank_checkpoint(model_pair, tmp_path, embedded_servers):
