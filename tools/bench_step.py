@@ -120,6 +120,7 @@ def child(args: argparse.Namespace) -> None:
         f"train.micro_batch_size={opts.get('micro', 1)}",
         f"train.score_batch_size={opts.get('micro', 1)}",
         f"train.max_tokens_per_micro_batch={opts.get('tokens', 4096)}",
+        f"train.logprob_chunk={opts.get('chunk', 0)}",
         f"train.score_max_tokens_per_micro_batch={2 * int(opts.get('tokens', 4096))}",
         "data.max_prompt_tokens=150",
         f"rollout.max_new_tokens={args.max}",
@@ -152,11 +153,14 @@ def child(args: argparse.Namespace) -> None:
         base = _status_kb("VmRSS")
         t0 = time.perf_counter()
         stages.score(run, batch)
+        t1 = time.perf_counter()
         metrics = stages.update(run, batch)
         torch.distributed.barrier()
         wall = time.perf_counter() - t0
         result = {
             "seconds": wall,
+            "score_s": t1 - t0,
+            "old_logprobs_s": batch.times["old_logprobs"],
             "peak_gib": _status_kb("VmHWM") / 2**20,
             "step_extra_gib": (_status_kb("VmHWM") - base) / 2**20,
             "tokens": sum(r.response_length for r in batch.rollouts),
@@ -186,7 +190,9 @@ def main() -> int:
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--steps", type=int, default=2, help="steps per configuration; the last is timed")
-    ap.add_argument("--configs", default=DEFAULT_CONFIGS, help="';'-separated: packing=true|false micro=N tokens=N")
+    ap.add_argument(
+        "--configs", default=DEFAULT_CONFIGS, help="';'-separated: packing=true|false micro=N tokens=N chunk=N"
+    )
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--config", help=argparse.SUPPRESS)
     ap.add_argument("--student", help=argparse.SUPPRESS)
@@ -235,7 +241,7 @@ def main() -> int:
             rows.append((config, json.loads(out.read_text())))
             print(f"{config}: done", file=sys.stderr, flush=True)
     print(
-        "\n| configuration | peak RSS per rank (GiB) | of it, the step's (GiB) | s / step | trained tokens / s "
+        "\n| configuration | peak RSS per rank (GiB) | of it, the step's (GiB) | s / step (teacher, pi_old, update) | trained tokens / s "
         "| padding share | micro-batches per rank |"
     )
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
@@ -247,8 +253,10 @@ def main() -> int:
         extra = max(p["step_extra_gib"] for p in parts)
         wall = max(p["seconds"] for p in parts)
         tokens = parts[0]["tokens"]
+        score, old = max(p["score_s"] for p in parts), max(p["old_logprobs_s"] for p in parts)
         print(
-            f"| {config} | {peak:.2f} | {extra:.2f} | {wall:.1f} | {tokens / wall:.0f} | "
+            f"| {config} | {peak:.2f} | {extra:.2f} | {wall:.1f} ({score:.1f}, {old:.1f}, {wall - score - old:.1f}) "
+            f"| {tokens / wall:.0f} | "
             f"{parts[0]['padding_share']:.1%} | {parts[0]['micro_batches']:.0f} |"
         )
     return 0 if all(parts is not None for _, parts in rows) else 1

@@ -99,6 +99,25 @@ def test_an_unwritable_checkpoint_folder_fails_every_rank_at_once_and_keeps_the_
     assert (ckpt / "latest").read_text().strip() == "step_1" and (ckpt / "step_1" / "COMPLETE").is_file()
 
 
+@needs_chattr
+def test_a_failed_log_write_on_rank_0_stops_every_rank_and_keeps_what_was_trained(model_pair, tmp_path):
+    """Rank 0 alone writes the logs; once OUT/rollouts turns unwritable (chattr +i) the next step's
+    write fails there, and every rank stops at once with one line naming the file (no rank left
+    waiting in a collective), the step it trained in the checkpoint."""
+    student, teacher = model_pair
+    out = tmp_path / "run"
+    args = [*small_run_overrides(student, teacher, out), "train.steps=30", "checkpoint.every=0"]
+    t0 = time.monotonic()
+    ready = lambda: (out / "metrics.jsonl").exists() and _steps(out)  # noqa: E731
+    proc, output = _freeze_during_run(args, 2, ready, out / "rollouts")
+    assert proc.returncode == 1 and "error: " in output and "operation not permitted" in output.lower(), output[-3000:]
+    assert str(out / "rollouts" / "step_") in output, output[-3000:]
+    assert time.monotonic() - t0 < 240
+    logged = _steps(out)
+    state = json.loads((out / "checkpoints" / f"step_{logged[-1] + 1}" / "scope_state.json").read_text())
+    assert state["step"] == state["policy_version"] == logged[-1] + 1  # trained, not logged: the file could not be
+
+
 def test_a_rank_killed_before_the_first_save_resumes_from_scratch_with_clean_logs(model_pair, tmp_path):
     """kill -9 of rank 1 mid-run, no checkpoint yet: resume=auto starts over, and the steps the
     dead run logged are dropped, so every step is logged once."""
