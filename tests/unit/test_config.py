@@ -269,3 +269,12 @@ def test_docs_and_recipes_cite_nothing_outside_the_project():
     outside = re.compile(r"(?<![/\w])shared/|SCOPE\.md|SGLANG_API\.md")
     hits = [f"{p.name}:{i}" for p in files for i, ln in enumerate(p.read_text().splitlines(), 1) if outside.search(ln)]
     assert hits == []
+
+
+@pytest.mark.parametrize("key", ["max_tokens_per_micro_batch", "score_max_tokens_per_micro_batch"])
+def test_a_token_budget_that_cannot_hold_the_longest_rollout_is_refused_naming_both_numbers(key):
+    base = ["data.max_prompt_tokens=100", "rollout.max_new_tokens=200"]
+    load_config(None, [*base, f"train.{key}=300"])  # exactly the longest: fits
+    with pytest.raises(ConfigError, match=rf"train.{key}=299 cannot hold the longest rollout: .* = 300 tokens"):
+        load_config(None, [*base, f"train.{key}=299"])
+    load_config(None, [*base, f"train.{key}=299", "train.packing=false"])  # padded: no budget
