@@ -21,7 +21,7 @@ from typing import Any
 from scope_ds.data.stream import prompt_stream
 from scope_ds.engines.models import bind_device, current_device
 from scope_ds.pipeline import stages
-from scope_ds.pipeline.collectives import PipelineError, any_over_ranks, on_rank0, stop_signalled
+from scope_ds.pipeline.collectives import PipelineError, on_rank0, stop_signalled
 from scope_ds.pipeline.run import Run
 from scope_ds.pipeline.stages import Batch
 
@@ -36,7 +36,8 @@ def timed(times: dict[str, float], name: str, fn: Callable[..., Any], *args: Any
 
 
 WAITING = object()  # what _Worker._take returns when nothing came in time
-POLL_S = 0.5  # how often the ranks waiting for a batch agree on whether to go on waiting
+STOP = "stop"  # what rank 0's scorer shares instead of a batch once it is asked to stop
+POLL_S = 0.5  # how often a wait looks at the stop flag
 
 
 class _Worker:
@@ -105,33 +106,18 @@ class _Worker:
         self._thread.join(timeout=self._timeout_s)
 
 
-def take_together(take: Callable[[float], Any], timeout_s: float, what: str) -> Batch | None:
-    """``take(POLL_S)`` until every rank has its item; None on every rank as soon as any rank is
-    asked to stop. The ranks agree every POLL_S (one all-reduce), so that an error (``take``'s, or
-    a PipelineError once a rank waited ``timeout_s``) is raised on every rank, never in one alone
-    while the others wait in a collective."""
+def take_or_stop(take: Callable[[float], Any], timeout_s: float, what: str) -> Any:
+    """``take(POLL_S)`` until it gives an item (None: closing); STOP as soon as this process is
+    asked to stop; a PipelineError naming ``what`` once nothing came for ``timeout_s``."""
     t0 = time.perf_counter()
-    got: Any = WAITING
-    error: PipelineError | None = None
     while True:
-        if got is WAITING and error is None:
-            try:
-                got = take(POLL_S)
-            except PipelineError as e:
-                error = e
-            if got is None:
-                error = PipelineError(f"{what}: the feed closed before the trainer's last step")
-        waiting = got is WAITING and error is None
-        late = waiting and time.perf_counter() - t0 > timeout_s
-        any_waiting, any_failed, any_late, stop = any_over_ranks(waiting, error is not None, late, stop_signalled())
-        if any_late:
-            raise PipelineError(f"{what}: nothing came for {timeout_s:g} s (pipeline.wait_timeout_s)")
-        if not any_waiting and any_failed:
-            raise error or PipelineError(f"{what} failed on another rank")
-        if stop:
-            return None
-        if not any_waiting:
+        got = take(POLL_S)
+        if got is not WAITING:
             return got
+        if stop_signalled():
+            return STOP
+        if time.perf_counter() - t0 > timeout_s:
+            raise PipelineError(f"{what}: nothing came for {timeout_s:g} s (pipeline.wait_timeout_s)")
 
 
 class RolloutProducer(_Worker):
@@ -164,10 +150,10 @@ class RolloutProducer(_Worker):
                 return  # verified while the run stops: its verifier may have been killed with it
             self._put(batch)
 
-    def get(self) -> Batch | None:
-        """The next batch, in step order (None once closing)."""
-        batch = self._take()
-        if batch is not None:
+    def get(self, timeout_s: float | None = None) -> Batch | None | object:
+        """The next batch, in step order (None once closing; WAITING if none came in ``timeout_s``)."""
+        batch = self._take(timeout_s)
+        if isinstance(batch, Batch):
             with self._cond:
                 self._taken.append(batch)
         return batch
@@ -213,8 +199,13 @@ class ScoredFeed(_Worker):
     def _may_score(self, step: int) -> bool:
         return not self._queue and (self.overlap or self._wanted >= step)
 
-    def _next_batch(self) -> Batch | None:  # rank 0
-        return None if self._closing else self.producer.get()
+    def _next_batch(self) -> Batch | str | None:  # rank 0
+        """The producer's next batch; STOP once this rank is asked to stop (shared like a batch, so
+        every rank's trainer ends its wait at once, with no collective of its own meanwhile: the
+        teacher may be gathering on the default group); None when closing."""
+        if self._closing:
+            return None
+        return take_or_stop(self.producer.get, self.run.cfg.pipeline.wait_timeout_s, self.producer.what)
 
     def _work(self) -> None:
         bind_device(self._device)
@@ -225,6 +216,9 @@ class ScoredFeed(_Worker):
             batch = on_rank0(self._next_batch, group=self.run.score_group)
             if batch is None:
                 return
+            if batch == STOP:
+                self._put(STOP)
+                return
             t0 = time.perf_counter()
             timed(batch.times, "teacher", stages.score, self.run, batch)
             with self._cond:
@@ -232,18 +226,23 @@ class ScoredFeed(_Worker):
             self._put(batch)
 
     def get(self, step: int) -> Batch | None:
-        """The scored batch of ``step``, or None on every rank once any rank is asked to stop while
+        """The scored batch of ``step``, or None on every rank once rank 0 is asked to stop while
         they wait (the batch stays pending in rank 0's producer: the checkpoint keeps it).
 
         Raises the scorer's error on every rank (a PipelineError when generation failed on rank
-        0), or a PipelineError after ``pipeline.wait_timeout_s`` (see take_together).
+        0), or a PipelineError after ``pipeline.wait_timeout_s``.
         """
         t0 = time.perf_counter()
         with self._cond:
             self._wanted = step
             self._cond.notify_all()
-        batch = take_together(self._take, self.run.cfg.pipeline.wait_timeout_s, self.what)
+        timeout_s = self.run.cfg.pipeline.wait_timeout_s
+        batch = self._take(timeout_s)
+        if batch is WAITING:
+            raise PipelineError(f"{self.what}: nothing came for {timeout_s:g} s (pipeline.wait_timeout_s)")
         if batch is None:
+            raise PipelineError("the scored-batch feed closed before the trainer's last step")
+        if batch == STOP:
             return None
         with self._cond:
             start, end = self._spans.pop(batch.step)

@@ -1,5 +1,5 @@
 """The feeds' hand-off: the consumer gets items in order, the worker's error, a deadline error, or
-None once a stop is requested (one process: the agreement over ranks is trivially its own)."""
+STOP once a stop is requested (what rank 0's scorer then shares instead of a batch)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from scope_ds.pipeline import collectives
 from scope_ds.pipeline.collectives import PipelineError
-from scope_ds.pipeline.feed import _Worker, take_together
+from scope_ds.pipeline.feed import STOP, _Worker, take_or_stop
 from scope_ds.pipeline.stages import Batch
 
 
@@ -49,7 +49,7 @@ def test_a_stalled_worker_ends_in_an_error_at_the_deadline():
     feed = _Feed(0, stall=True)
     t0 = time.monotonic()
     with pytest.raises(PipelineError, match=r"test feed: nothing came for 0.3 s \(pipeline.wait_timeout_s\)"):
-        take_together(feed._take, 0.3, feed.what)
+        take_or_stop(feed._take, 0.3, feed.what)
     assert 0.25 < time.monotonic() - t0 < 3
     feed.close()
 
@@ -59,7 +59,7 @@ def test_a_stop_request_ends_the_wait_with_none():
     threading.Timer(0.3, collectives.request_stop).start()
     t0 = time.monotonic()
     try:
-        assert take_together(feed._take, 60.0, feed.what) is None
+        assert take_or_stop(feed._take, 60.0, feed.what) == STOP
     finally:
         collectives._stop.clear()
         feed.close()
@@ -68,5 +68,5 @@ def test_a_stop_request_ends_the_wait_with_none():
 
 def test_an_item_already_there_is_taken_at_once():
     feed = _Feed(1, stall=True)
-    assert take_together(feed._take, 60.0, feed.what).step == 0
+    assert take_or_stop(feed._take, 60.0, feed.what).step == 0
     feed.close()
