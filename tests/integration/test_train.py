@@ -44,11 +44,20 @@ def _check_run(out, student, algo: str) -> list[dict]:
     return rows
 
 
-def test_scope_two_ranks_trains_and_logs_reproducible_weights(model_pair, tmp_path):
+@pytest.fixture(scope="module")
+def scope_run(model_pair, tmp_path_factory):
+    """One 2-rank SCOPE run at rollout.temperature=0.6 (the paper's), evaluated every 2 steps,
+    shared by the tests that read it."""
     student, teacher = model_pair
-    out = tmp_path / "run"
+    out = tmp_path_factory.mktemp("scope") / "run"
     evals = ["data.eval_every=2", "data.eval_prompts=3", "data.eval_n=2"]
-    check_ok(launch_train([*small_run_overrides(student, teacher, out), *evals], ranks=2))
+    check_ok(launch_train([*small_run_overrides(student, teacher, out), "rollout.temperature=0.6", *evals], ranks=2))
+    return out
+
+
+def test_scope_two_ranks_trains_and_logs_reproducible_weights(model_pair, scope_run):
+    student, _ = model_pair
+    out = scope_run
     evaluated = {m["step"]: m for m in read_jsonl(out / "metrics.jsonl") if "eval/accuracy" in m}
     assert sorted(evaluated) == [0, 2]  # before training, then every 2 steps
     assert all(0 <= m["eval/accuracy"] <= m["eval/pass@2"] <= 1 for m in evaluated.values())
@@ -62,13 +71,12 @@ def test_scope_two_ranks_trains_and_logs_reproducible_weights(model_pair, tmp_pa
     assert (out / "config.yaml").is_file() and any((out / "tensorboard").iterdir())
 
 
-def test_scope_takes_every_log_prob_at_the_rollout_temperature(model_pair, tmp_path):
+def test_scope_takes_every_log_prob_at_the_rollout_temperature(model_pair, scope_run):
     """rollout.temperature=0.6 (the paper's): the server's behaviour log-probs, the trainer's pi_old
     and the teacher's scores are all log-softmax(z / 0.6), and the weights follow from them;
     checked against float64 forwards of both models (step 1: the initial student)."""
     student, teacher = model_pair
-    out = tmp_path / "run"
-    check_ok(launch_train([*small_run_overrides(student, teacher, out), "rollout.temperature=0.6"], ranks=2))
+    out = scope_run
     rows = read_jsonl(out / "rollouts" / "step_1.jsonl")
     s_ref = token_logprobs_float64(student, rows, temperature=0.6)
     scored = [i for i, r in enumerate(rows) if r["teacher_logprobs"] is not None]
@@ -102,26 +110,41 @@ def test_a_server_reporting_log_probs_at_temperature_one_is_named(model_pair, tm
     assert m["mismatch/abs_log_ratio"] > 0.1 and m["mismatch/k3"] > 0
 
 
-def test_kd_loss_is_the_nll_of_the_teacher_answers_at_temperature_one(model_pair, tmp_path):
+def _baseline_run(model_pair, out, algo: str) -> None:
+    student, teacher = model_pair
+    evals = ["data.eval_every=2", "data.eval_prompts=2", "data.eval_n=1"]
+    # KD's teacher samples at 0.6, which its NLL must not follow (test_kd_loss_is_...)
+    temperature = ["rollout.temperature=0.6"] if algo == "kd" else []
+    args = [*small_run_overrides(student, teacher, out), f"algo.name={algo}", *evals, *temperature]
+    check_ok(launch_train(args, ranks=2))
+
+
+@pytest.fixture(scope="module")
+def kd_run(model_pair, tmp_path_factory):
+    out = tmp_path_factory.mktemp("kd") / "run"
+    _baseline_run(model_pair, out, "kd")
+    return out
+
+
+def test_kd_loss_is_the_nll_of_the_teacher_answers_at_temperature_one(model_pair, kd_run):
     """Sequence-level KD: the mean NLL over the teacher's answer tokens under the student at T = 1,
     whatever temperature the teacher sampled at (float64 reference of the step-1 loss)."""
-    student, teacher = model_pair
-    out = tmp_path / "run"
-    overrides = [*small_run_overrides(student, teacher, out), "algo.name=kd", "rollout.temperature=0.6"]
-    check_ok(launch_train([*overrides, "train.steps=1"], ranks=2))
-    rows = [r for r in read_jsonl(out / "rollouts" / "step_1.jsonl") if r["response_length"]]
+    student, _ = model_pair
+    rows = [r for r in read_jsonl(kd_run / "rollouts" / "step_1.jsonl") if r["response_length"]]
     ref = token_logprobs_float64(student, rows, temperature=1.0)
     nll = -sum(sum(t) for t in ref) / sum(len(t) for t in ref)
-    (m,) = [m for m in read_jsonl(out / "metrics.jsonl") if m["step"] == 1]
+    (m,) = [m for m in read_jsonl(kd_run / "metrics.jsonl") if m["step"] == 1]
     assert m["loss/nll"] == pytest.approx(nll, rel=1e-5) and m["loss/total"] == pytest.approx(nll, rel=1e-5)
 
 
 @pytest.mark.parametrize("algo", ["opd", "grpo", "kd"])
-def test_baselines_two_ranks(model_pair, tmp_path, algo):
-    student, teacher = model_pair
-    out = tmp_path / "run"
-    evals = ["data.eval_every=2", "data.eval_prompts=2", "data.eval_n=1"]
-    check_ok(launch_train([*small_run_overrides(student, teacher, out), f"algo.name={algo}", *evals], ranks=2))
+def test_baselines_two_ranks(model_pair, tmp_path, algo, request):
+    student, _ = model_pair
+    if algo == "kd":
+        out = request.getfixturevalue("kd_run")
+    else:
+        out = tmp_path / "run"
+        _baseline_run(model_pair, out, algo)
     evaluated = {m["step"]: m["eval/weight_version"] for m in read_jsonl(out / "metrics.jsonl") if "eval/accuracy" in m}
     assert evaluated == {0: 0, 2: 2}  # evaluation measures the student, after 2 updates (KD too)
     if algo == "kd":  # trains on the teacher's answers: its rollout servers keep the teacher, version 0
