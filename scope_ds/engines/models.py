@@ -322,6 +322,13 @@ def current_device() -> Any:
     return get_accelerator().current_device()
 
 
+def current_device_name() -> str:
+    """This thread's accelerator device as a torch device string ("cuda:N", "cpu")."""
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().current_device_name()
+
+
 def bind_device(device: Any) -> None:
     """Make ``device`` this thread's accelerator device: a new thread starts on device 0 on GPUs."""
     from deepspeed.accelerator import get_accelerator

@@ -75,9 +75,9 @@ def sum_over_ranks(sums: dict[str, float]) -> dict[str, float]:
 
 def _device() -> str:
     """Where the default group's tensors live: NCCL (DeepSpeed's choice on GPUs) takes no CPU tensor."""
-    from deepspeed.accelerator import get_accelerator
+    from scope_ds.engines.models import current_device_name
 
-    return get_accelerator().current_device_name()
+    return current_device_name()
 
 
 def any_over_ranks(*flags: bool) -> list[bool]:

@@ -142,11 +142,11 @@ def test_a_fresh_run_into_a_used_folder_is_refused_unless_overwritten(model_pair
     student, teacher = model_pair
     out = tmp_path / "run"
     args = [*small_run_overrides(student, teacher, out), "train.steps=1"]
-    check_ok(launch_train(args, ranks=1))
-    proc = launch_train(args, ranks=1)
+    check_ok(launch_train(args, launcher="python"))
+    proc = launch_train(args, launcher="python")
     assert proc.returncode == 2 and "checkpoint.resume=auto" in proc.stderr and "logging.overwrite=true" in proc.stderr
     assert _steps(out) == [1]
-    check_ok(launch_train([*args, "logging.overwrite=true", "train.steps=2"], ranks=1))
+    check_ok(launch_train([*args, "logging.overwrite=true", "train.steps=2"], launcher="python"))
     assert _steps(out) == [1, 2] and sorted(p.name for p in (out / "rollouts").iterdir()) == [
         "step_1.jsonl",
         "step_2.jsonl",
