@@ -188,10 +188,18 @@ def test_a_signal_to_the_launcher_saves_and_ends_every_process(model_pair, tmp_p
     assert got == expected, (got, output[-4000:])
 
 
-def test_convert_ckpt_of_a_two_rank_checkpoint(model_pair, tmp_path, embedded_servers):
+@pytest.fixture(scope="module")
+def two_rank_run(model_pair, tmp_path_factory):
+    """A finished 2-rank run (2 steps, its checkpoint and export), for the tests below that read it;
+    the last of them (test_resume_errors_are_clear) adds an incomplete checkpoint folder to it."""
     student, teacher = model_pair
-    out = tmp_path / "run"
+    out = tmp_path_factory.mktemp("two_rank") / "run"
     check_ok(launch_train(small_run_overrides(student, teacher, out), ranks=2))
+    return out
+
+
+def test_convert_ckpt_of_a_two_rank_checkpoint(two_rank_run, tmp_path, embedded_servers):
+    out = two_rank_run
     hf = tmp_path / "converted"
     tool = [sys.executable, str(REPO / "tools" / "convert_ckpt.py")]
     proc = subprocess.run(
@@ -234,10 +242,9 @@ def test_convert_ckpt_of_a_two_rank_checkpoint(model_pair, tmp_path, embedded_se
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
-def test_resume_errors_are_clear(model_pair, tmp_path):
+def test_resume_errors_are_clear(model_pair, two_rank_run, tmp_path):
     student, teacher = model_pair
-    out = tmp_path / "run"
-    check_ok(launch_train(small_run_overrides(student, teacher, out), ranks=2))
+    out = two_rank_run
     cases = {
         "written by 2 ranks and this run has 1": ["checkpoint.resume=auto", "train.steps=3"],
         "no checkpoint folder": [f"checkpoint.resume={tmp_path / 'none'}"],
