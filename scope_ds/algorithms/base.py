@@ -206,6 +206,59 @@ class Algorithm:
                 metrics.update(losses.mismatch_stats(b.old_logp_BT, b.behaviour_logp_BT, m, self.mismatch_cap))
         return total, metrics
 
+    def token_grad_fn(self, b: TokenBatch, normalizer: float, index_BT: torch.Tensor, n_tokens: int):
+        """d loss / d (logp, kl) token by token, for an LM head that applies the loss's gradient in
+        the pass that computes the statistics (``ops.chunked_stats(grad_fn=...)``): no logits are
+        recomputed in backward. ``b`` holds the micro-batch's constants (its ``logp_BT`` / ``kl_BT``
+        are not read); ``index_BT`` is the flat position of each real token among ``n_tokens``.
+
+        The loss is sum_i w_i agg_t(term_it) / normalizer, and term_it a function of token t's own
+        log-prob (and KL) given constants, so a token's gradient needs only its own values: each
+        chunk's loss is this same loss over its tokens, one row each (a seq-mean's 1 / length moves
+        into the row's weight). Returns ``grad_fn(rows, {stat: values}) -> {stat: d loss / d stat}``."""
+        m = b.mask_BT.bool()
+        weight_BT = b.weight_B.detach().double()[:, None].expand(m.shape)
+        algo = self
+        if self.aggregation == "seq-mean":
+            weight_BT = weight_BT / m.sum(-1, keepdim=True).clamp_min(1)
+            algo = dataclasses.replace(self, aggregation="seq-sum")  # the same sum, with the weights above
+
+        def flat(t_BT: torch.Tensor | None) -> torch.Tensor | None:
+            if t_BT is None:
+                return None
+            out = torch.zeros(n_tokens, dtype=t_BT.dtype, device=t_BT.device)
+            out[index_BT[m]] = t_BT[m]
+            return out
+
+        def per_row(v_B: torch.Tensor | None) -> torch.Tensor | None:
+            return None if v_B is None else flat(v_B[:, None].expand(m.shape))
+
+        consts = {
+            "old_logp_BT": flat(b.old_logp_BT),
+            "teacher_logp_BT": flat(b.teacher_logp_BT),
+            "ref_logp_BT": flat(b.ref_logp_BT),
+            "behaviour_logp_BT": flat(b.behaviour_logp_BT),
+        }
+        rows_of = {"path_B": per_row(b.path_B), "weight_B": flat(weight_BT), "advantage_B": per_row(b.advantage_B)}
+
+        def grad_fn(rows: slice, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+            leaves = {k: values[k].detach()[:, None].requires_grad_() for k in ("logp", "kl") if k in values}
+            with torch.enable_grad():
+                tb = TokenBatch(
+                    logp_BT=leaves["logp"],
+                    kl_BT=leaves.get("kl"),
+                    mask_BT=torch.ones_like(leaves["logp"], dtype=torch.bool),
+                    **{k: None if v is None else v[rows][:, None] for k, v in consts.items()},
+                    **{k: None if v is None else v[rows] for k, v in rows_of.items()},
+                )
+                loss, _ = algo.loss(tb, normalizer)
+                if not loss.requires_grad:  # nothing in these rows depends on the statistics
+                    return dict.fromkeys(leaves)
+                grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+            return {k: None if g is None else g[:, 0] for k, g in zip(leaves, grads, strict=True)}
+
+        return grad_fn
+
     def _teacher_on_path(self, b: TokenBatch) -> torch.Tensor | None:
         # Teacher log-probs are only required (and checked) on rows routed to OPD.
         if b.teacher_logp_BT is None:

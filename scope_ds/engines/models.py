@@ -25,7 +25,7 @@ import torch
 
 from scope_ds.engines import ds
 from scope_ds.engines.batching import PackedInputs, TokenInputs, gather_response, unpack_response
-from scope_ds.ops import chunked_stats
+from scope_ds.ops import GradFn, chunked_stats
 
 Inputs = TokenInputs | PackedInputs
 
@@ -39,6 +39,7 @@ class _Request:
     teacher_x: torch.Tensor | None = None  # the teacher's hidden states [M, D_t], for 'kl'
     teacher_weight: torch.Tensor | None = None  # the teacher's LM head [V, D_t]
     chunk: int | None = None
+    grad_fn: GradFn | None = None  # a loss's gradient, applied in the forward pass (see chunked_stats)
 
 
 class StatsHead:
@@ -75,9 +76,15 @@ class StatsHead:
             teacher_x=req.teacher_x,
             teacher_weight=req.teacher_weight,
             chunk=req.chunk,
+            grad_fn=req.grad_fn,
         )
-        # the entropy is a metric: detached, it costs nothing in backward
-        return torch.stack([v.detach() if k == "entropy" else v for k, v in out.items()], -1)[None]
+        # the entropy is a metric: detached, it costs nothing in backward; the anchor, when the
+        # loss's gradient was applied in this pass, rides along as a last column
+        anchor = out.pop("anchor", None)
+        cols = [v.detach() if k == "entropy" else v for k, v in out.items()]
+        if anchor is not None:
+            cols.append(anchor.expand(h_MD.shape[0]))
+        return torch.stack(cols, -1)[None]
 
 
 class _Engine:
@@ -126,20 +133,34 @@ class _Engine:
         return h.reshape(-1, h.shape[-1])
 
     def response_stats(
-        self, inputs: Inputs, stats: dict[str, float], teacher: InferenceEngine | None = None
+        self,
+        inputs: Inputs,
+        stats: dict[str, float],
+        teacher: InferenceEngine | None = None,
+        grad_fn: GradFn | None = None,
     ) -> dict[str, torch.Tensor]:
         """Per-response-token statistics [B, T] of a micro-batch, ``{stat: temperature}`` ->
         ``{stat: values}`` (0 at padding): 'logp' of the sampled tokens (with gradient where the
         caller allows), 'entropy' (never a gradient), 'kl' = KL(self || ``teacher``) over the full
-        vocabulary (gradient to self only)."""
+        vocabulary (gradient to self only).
+
+        ``grad_fn`` (packed micro-batches only; flat positions m of ``inputs.targets_M``): the
+        gradient of a per-token loss applied in the forward pass (``ops.chunked_stats``); the
+        statistics then carry no gradient and ``"anchor"`` is the zero scalar to add to the loss."""
         if isinstance(inputs, PackedInputs):
             teacher_x = teacher_w = None
             if "kl" in stats:
                 teacher_x, teacher_w = teacher.hidden(inputs), teacher.head_weight()
-            request = _Request(stats, inputs.targets_M, teacher_x, teacher_w, self.chunk)
-            values = self._packed(inputs, request).reshape(-1, len(stats))
+            request = _Request(stats, inputs.targets_M, teacher_x, teacher_w, self.chunk, grad_fn)
+            values = self._packed(inputs, request).reshape(-1, len(stats) + (grad_fn is not None))
             cols = {k: values[:, i] for i, k in enumerate(stats)}
-            return {k: unpack_response(v.detach() if k == "entropy" else v, inputs) for k, v in cols.items()}
+            plain = grad_fn is not None  # the statistics are values then, their gradient applied
+            out = {k: unpack_response(v.detach() if plain or k == "entropy" else v, inputs) for k, v in cols.items()}
+            if grad_fn is not None:  # d out / d anchor = 1 (0 for a micro-batch without response tokens)
+                out["anchor"] = values[:, -1].sum() / max(values.shape[0], 1)
+            return out
+        if grad_fn is not None:
+            raise ValueError("grad_fn needs a packed micro-batch (train.packing=true)")
         logits = self.logits(inputs)
         t_logits = None
         if "kl" in stats:

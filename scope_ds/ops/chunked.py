@@ -16,9 +16,12 @@ The teacher side of ``kl`` is inference-only: it receives no gradient.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 STATS = ("logp", "entropy", "kl")
+GradFn = Callable[[slice, dict[str, torch.Tensor]], dict[str, torch.Tensor | None]]
 CHUNK_BYTES = 16 * 2**20  # logits of one chunk: tokens per chunk = CHUNK_BYTES // (V x bytes per element)
 
 
@@ -83,80 +86,138 @@ def _tempered(raw_CV: torch.Tensor | None, temperature: float) -> torch.Tensor |
     return raw_CV if raw_CV is None or temperature == 1.0 else raw_CV / temperature
 
 
+class _Chunks:
+    """One pass over the chunks of a logit source: each chunk's statistics (forward) and the
+    gradient of its logits (backward, or the fused forward), from the normalisers saved per token.
+
+    Several statistics, each at its own temperature, share a chunk: its logits are computed once
+    (the LM-head product, the costly part), their log-softmax once per temperature."""
+
+    def __init__(self, stats, temps, chunk, x, weight, tokens, t_x, t_weight):
+        self.stats, self.temps, self.chunk = stats, temps, chunk
+        self.x, self.weight, self.tokens, self.t_x, self.t_weight = x, weight, tokens, t_x, t_weight
+        n, self.dt = x.shape[0], _compute_dtype(x)
+        self.outs = [torch.empty(n, dtype=self.dt, device=x.device) for _ in stats]
+        self.lses = {t: torch.empty(n, dtype=self.dt, device=x.device) for t in set(temps)}
+        self.lse_t = {
+            t: torch.empty(n, dtype=self.dt, device=x.device) for s, t in zip(stats, temps, strict=True) if s == "kl"
+        }
+
+    def slices(self):
+        """(rows, the student's untempered logits [C, V], the teacher's or None, the tokens or None)."""
+        for sl in _slices(self.x.shape[0], self.chunk):
+            raw = _chunk_logits(self.x, self.weight, sl, 1.0, self.dt)
+            raw_q = None if self.t_x is None else _chunk_logits(self.t_x, self.t_weight, sl, 1.0, self.dt)
+            yield sl, raw, raw_q, None if self.tokens is None else self.tokens[sl]
+
+    def values(self, sl, raw, raw_q, tok) -> None:
+        """The chunk's statistics into ``outs`` (and its normalisers into ``lses`` / ``lse_t``)."""
+        for t in self.lses:
+            z = _tempered(raw, t)
+            logp_CV = torch.log_softmax(z, dim=-1)
+            self.lses[t][sl] = z[:, 0] - logp_CV[:, 0]  # lse = z_k - log p_k for any k
+            for i, (s, ts) in enumerate(zip(self.stats, self.temps, strict=True)):
+                if ts == t:
+                    self.outs[i][sl], lq = _forward_chunk(s, z, logp_CV, tok, _tempered(raw_q, t))
+                    if lq is not None:
+                        self.lse_t[t][sl] = lq
+
+    def logit_grad(self, sl, raw, raw_q, tok, scales: dict[int, torch.Tensor], direct=None) -> torch.Tensor:
+        """sum_i scales[i] x d stat_i / d raw logits [C, V]; the first term into ``direct`` if given."""
+        g_CV = None
+        for i, scale in scales.items():
+            stat, t = self.stats[i], self.temps[i]
+            lse_q = self.lse_t[t][sl] if stat == "kl" else None
+            into = direct if g_CV is None and len(scales) == 1 and stat != "entropy" else None
+            g = _grad_chunk(
+                stat, _tempered(raw, t), tok, _tempered(raw_q, t), self.lses[t][sl], lse_q, self.outs[i][sl],
+                scale.to(self.dt) / t, into,
+            )  # fmt: skip
+            g_CV = g if g_CV is None else g_CV.add_(g)
+        return g_CV
+
+    def grads(self, need_x: bool, need_w: bool, every_row: bool = False):
+        """(d x, d weight) buffers for the chunks' gradients (None where not needed); x's left
+        uninitialised where ``every_row`` of it will be written."""
+        grad_x = (torch.empty_like(self.x) if every_row else torch.zeros_like(self.x)) if need_x else None
+        grad_w = torch.zeros_like(self.weight, dtype=self.dt) if need_w and self.weight is not None else None
+        return grad_x, grad_w
+
+    def apply(self, sl, g_CV, grad_x, grad_w) -> None:
+        """Chain the chunk's logit gradient to x (and to the LM-head weight)."""
+        if self.weight is None:
+            if grad_x is not None and g_CV.data_ptr() != grad_x[sl].data_ptr():
+                grad_x[sl] = g_CV
+            return
+        if grad_x is not None:
+            grad_x[sl] = g_CV.to(self.weight.dtype) @ self.weight
+        if grad_w is not None:
+            grad_w.addmm_(g_CV.t(), self.x[sl].to(self.dt))
+
+    def direct_into(self, grad_x, sl):
+        """Where a lone logp / kl gradient may be written straight: x's own gradient rows, when x
+        is the logits in the compute dtype."""
+        ok = grad_x is not None and self.weight is None and self.x.dtype == self.dt
+        return grad_x[sl] if ok else None
+
+
 class _ChunkedStats(torch.autograd.Function):
-    """Several statistics (each at its own temperature) from one pass over the chunks: the
-    logits of a chunk are computed once, their log-softmax once per temperature."""
+    """The statistics, with a backward that recomputes each chunk's logits."""
 
     @staticmethod
     def forward(ctx, stats, temps, chunk, x, weight, tokens, t_x, t_weight):
-        n, dt = x.shape[0], _compute_dtype(x)
-        outs = [torch.empty(n, dtype=dt, device=x.device) for _ in stats]
-        lses = {t: torch.empty(n, dtype=dt, device=x.device) for t in set(temps)}
-        lse_t = {t: torch.empty(n, dtype=dt, device=x.device) for s, t in zip(stats, temps, strict=True) if s == "kl"}
-        for sl in _slices(n, chunk):
-            raw = _chunk_logits(x, weight, sl, 1.0, dt)
-            raw_q = None if t_x is None else _chunk_logits(t_x, t_weight, sl, 1.0, dt)
-            tok = None if tokens is None else tokens[sl]
-            for t in lses:
-                z = _tempered(raw, t)
-                logp_CV = torch.log_softmax(z, dim=-1)
-                lses[t][sl] = z[:, 0] - logp_CV[:, 0]  # lse = z_k - log p_k for any k
-                for i, (s, ts) in enumerate(zip(stats, temps, strict=True)):
-                    if ts == t:
-                        outs[i][sl], lq = _forward_chunk(s, z, logp_CV, tok, _tempered(raw_q, t))
-                        if lq is not None:
-                            lse_t[t][sl] = lq
-        ctx.save_for_backward(x, weight, tokens, t_x, t_weight, *outs)
-        ctx.stats, ctx.temps, ctx.chunk, ctx.lses, ctx.lse_t = stats, temps, chunk, lses, lse_t
+        run = _Chunks(stats, temps, chunk, x, weight, tokens, t_x, t_weight)
+        for sl, raw, raw_q, tok in run.slices():
+            run.values(sl, raw, raw_q, tok)
+        ctx.save_for_backward(x, weight, tokens, t_x, t_weight, *run.outs)
+        ctx.stats, ctx.temps, ctx.chunk, ctx.lses, ctx.lse_t = stats, temps, chunk, run.lses, run.lse_t
         ctx.set_materialize_grads(False)  # a statistic nobody differentiates gets None: skipped
-        return tuple(outs)
+        return tuple(run.outs)
 
     @staticmethod
     def backward(ctx, *grads):
         x, weight, tokens, t_x, t_weight, *outs = ctx.saved_tensors
-        need_x, need_w = ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+        run = _Chunks(ctx.stats, ctx.temps, ctx.chunk, x, weight, tokens, t_x, t_weight)
+        run.outs, run.lses, run.lse_t = outs, ctx.lses, ctx.lse_t
         wanted = [i for i, g in enumerate(grads) if g is not None]
-        dt = _compute_dtype(x)
-        grad_x = torch.empty_like(x) if need_x else None
-        grad_w = torch.zeros_like(weight, dtype=dt) if need_w else None
-        if not wanted:
-            return None, None, None, None if grad_x is None else grad_x.zero_(), grad_w, None, None, None
-        for sl in _slices(x.shape[0], ctx.chunk):
-            raw = _chunk_logits(x, weight, sl, 1.0, dt)
-            raw_q = None if t_x is None else _chunk_logits(t_x, t_weight, sl, 1.0, dt)
-            tok = None if tokens is None else tokens[sl]
-            g_CV = None
-            for i in wanted:
-                stat, t = ctx.stats[i], ctx.temps[i]
-                scale = grads[i][sl].to(dt) / t
-                # the first statistic's gradient straight into grad_x where it is the logits' own
-                direct = None
-                if g_CV is None and len(wanted) == 1 and weight is None and need_x and x.dtype == dt:
-                    direct = grad_x[sl] if stat != "entropy" else None
-                lse_q = ctx.lse_t[t][sl] if stat == "kl" else None
-                g = _grad_chunk(
-                    stat,
-                    _tempered(raw, t),
-                    tok,
-                    _tempered(raw_q, t),
-                    ctx.lses[t][sl],
-                    lse_q,
-                    outs[i][sl],
-                    scale,
-                    direct,
+        grad_x, grad_w = run.grads(ctx.needs_input_grad[3], ctx.needs_input_grad[4], every_row=bool(wanted))
+        if wanted:
+            for sl, raw, raw_q, tok in run.slices():
+                g_CV = run.logit_grad(
+                    sl, raw, raw_q, tok, {i: grads[i][sl] for i in wanted}, run.direct_into(grad_x, sl)
                 )
-                g_CV = g if g_CV is None else g_CV.add_(g)
-            if weight is None:
-                if need_x and g_CV.data_ptr() != grad_x[sl].data_ptr():
-                    grad_x[sl] = g_CV
-                continue
-            if need_x:
-                grad_x[sl] = g_CV.to(weight.dtype) @ weight
-            if need_w:
-                grad_w.addmm_(g_CV.t(), x[sl].to(dt))
+                run.apply(sl, g_CV, grad_x, grad_w)
         if grad_w is not None:
             grad_w = grad_w.to(weight.dtype)
         return None, None, None, grad_x, grad_w, None, None, None
+
+
+class _FusedStats(torch.autograd.Function):
+    """The statistics, and the gradient of a loss of them applied in the same pass: ``grad_fn``
+    gives each chunk's d loss / d statistic from its values, so the chunk's logits serve both and
+    backward recomputes nothing. Outputs (anchor, *statistics): the statistics carry no gradient;
+    the anchor is a zero whose gradient g scales the precomputed ones (add it to the loss)."""
+
+    @staticmethod
+    def forward(ctx, stats, temps, chunk, grad_fn, x, weight, tokens, t_x, t_weight):
+        run = _Chunks(stats, temps, chunk, x, weight, tokens, t_x, t_weight)
+        grad_x, grad_w = run.grads(ctx.needs_input_grad[4], ctx.needs_input_grad[5])
+        for sl, raw, raw_q, tok in run.slices():
+            run.values(sl, raw, raw_q, tok)
+            upstream = grad_fn(sl, {s: o[sl] for s, o in zip(stats, run.outs, strict=True)})
+            scales = {i: upstream[s] for i, s in enumerate(stats) if upstream.get(s) is not None}
+            if scales:
+                run.apply(sl, run.logit_grad(sl, raw, raw_q, tok, scales, run.direct_into(grad_x, sl)), grad_x, grad_w)
+        ctx.grad_x, ctx.grad_w = grad_x, None if grad_w is None else grad_w.to(weight.dtype)
+        ctx.mark_non_differentiable(*run.outs)
+        return (torch.zeros((), dtype=run.dt, device=x.device), *run.outs)
+
+    @staticmethod
+    def backward(ctx, g_anchor, *_):
+        grad_x = None if ctx.grad_x is None else ctx.grad_x * g_anchor.to(ctx.grad_x.dtype)
+        grad_w = None if ctx.grad_w is None else ctx.grad_w * g_anchor.to(ctx.grad_w.dtype)
+        ctx.grad_x = ctx.grad_w = None
+        return None, None, None, None, grad_x, grad_w, None, None, None
 
 
 def _flatten(name: str, t: torch.Tensor | None, lead: tuple[int, ...] | None) -> torch.Tensor | None:
@@ -207,11 +268,19 @@ def chunked_stats(
     teacher_x: torch.Tensor | None = None,
     teacher_weight: torch.Tensor | None = None,
     chunk: int | None = None,
+    grad_fn: GradFn | None = None,
 ) -> dict[str, torch.Tensor]:
     """Several of :func:`chunked_stat`'s statistics in one pass, ``{stat: temperature}`` ->
     ``{stat: values}``: each chunk's logits are computed once (the LM-head product, the costly
     part), their log-softmax once per temperature. Each output has its own gradient; one that
-    takes no part in the loss (say the entropy, a metric) costs nothing in backward."""
+    takes no part in the loss (say the entropy, a metric) costs nothing in backward.
+
+    With ``grad_fn`` the gradient of a loss of the statistics is applied in the same pass (no
+    logits recomputed in backward): ``grad_fn(rows, {stat: values [C]})`` returns d loss / d stat
+    [C] of those rows (None or absent: no gradient), which must depend on those rows' values only
+    (a loss that is a sum of per-token terms). The statistics then carry no gradient; the output
+    also holds ``"anchor"``, a zero scalar: backward of ``anchor`` (added to the loss's value)
+    applies the precomputed gradients to ``x`` and ``weight``."""
     if not stats or any(s not in STATS for s in stats):
         raise ValueError(f"stats must be some of {STATS}, got {list(stats)}")
     if chunk is not None and chunk < 1:
@@ -243,8 +312,11 @@ def chunked_stats(
     chunk = chunk or max(1, CHUNK_BYTES // (_compute_dtype(x).itemsize * vocab))
     names = tuple(stats)
     temps = tuple(float(stats[s]) for s in names)
-    outs = _ChunkedStats.apply(names, temps, chunk, x_N, weight, tok_N, t_N, t_w)
-    return {s: o.reshape(lead) for s, o in zip(names, outs, strict=True)}
+    if grad_fn is None:
+        outs = _ChunkedStats.apply(names, temps, chunk, x_N, weight, tok_N, t_N, t_w)
+        return {s: o.reshape(lead) for s, o in zip(names, outs, strict=True)}
+    anchor, *outs = _FusedStats.apply(names, temps, chunk, grad_fn, x_N, weight, tok_N, t_N, t_w)
+    return {"anchor": anchor, **{s: o.reshape(lead) for s, o in zip(names, outs, strict=True)}}
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, **kw) -> torch.Tensor:

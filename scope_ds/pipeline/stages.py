@@ -9,6 +9,7 @@ Shape legend: B = rollouts, T = response positions.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Iterator
@@ -214,20 +215,21 @@ def _groups(rollouts: list[Rollout]) -> torch.Tensor:
     return torch.tensor([ids[r.group_id] for r in rollouts])
 
 
-def _token_batch(run: Run, batch: Batch, mb: list[int], p: Plan, inputs: Inputs, logp: torch.Tensor, kl) -> TokenBatch:
+def _token_batch(run: Run, batch: Batch, mb: list[int], p: Plan, inputs: Inputs) -> TokenBatch:
+    """The loss's constants of a micro-batch; its ``logp_BT`` (zeros) and ``kl_BT`` are the caller's to fill."""
     rows = [batch.rollouts[i] for i in mb]
     teacher = _padded([r.teacher_logprobs for r in rows], inputs.old_logp_BT)
     recomputed = run.algo.recomputes_old_logprobs
     old = _padded([r.old_logprobs for r in rows], inputs.old_logp_BT) if recomputed else inputs.old_logp_BT
     idx = torch.tensor(mb, dtype=torch.long) if mb else torch.zeros(1, dtype=torch.long)
-    dev = logp.device  # the plan is on the CPU; the loss runs where the log-probs are
+    dev = inputs.mask_BT.device  # the plan is on the CPU; the loss runs where the micro-batch is
     path = (p.path_B[idx] if mb else torch.tensor([int(Path.SKIP)])).to(dev)
     weight = (p.weight_B[idx] if mb else torch.zeros(1, dtype=torch.float64)).to(dev)
     adv = None if p.advantage_B is None else (p.advantage_B[idx] if mb else torch.zeros(1, dtype=torch.float64)).to(dev)
     temp = run.algo.train_temperature(run.cfg.rollout.temperature)
     ref = run.reference.score(inputs, temp) if run.reference is not None else None
     return TokenBatch(
-        logp_BT=logp,
+        logp_BT=torch.zeros_like(inputs.old_logp_BT),
         old_logp_BT=old,
         mask_BT=inputs.mask_BT,
         path_B=path,
@@ -235,7 +237,6 @@ def _token_batch(run: Run, batch: Batch, mb: list[int], p: Plan, inputs: Inputs,
         advantage_B=adv,
         teacher_logp_BT=teacher,
         ref_logp_BT=ref,
-        kl_BT=kl,
         behaviour_logp_BT=inputs.old_logp_BT if recomputed else None,
     )
 
@@ -264,9 +265,14 @@ def update(run: Run, batch: Batch) -> dict[str, float]:
     sums: dict[str, float] = {}
     for mb in mbs:
         inputs = _inputs(run, batch, mb, run.student.device)
-        out = run.student.response_stats(inputs, wanted, teacher=run.teacher if "kl" in wanted else None)
-        loss, parts = run.algo.loss(_token_batch(run, batch, mb, p, inputs, out["logp"], out.get("kl")), normalizer)
-        run.student.backward(loss)
+        consts = _token_batch(run, batch, mb, p, inputs)
+        teacher = run.teacher if "kl" in wanted else None
+        grad_fn = None
+        if isinstance(inputs, PackedInputs):  # the loss's gradient applied in the LM head's pass
+            grad_fn = run.algo.token_grad_fn(consts, normalizer, inputs.resp_index_BT, inputs.targets_M.numel())
+        out = run.student.response_stats(inputs, wanted, teacher=teacher, grad_fn=grad_fn)
+        loss, parts = run.algo.loss(dataclasses.replace(consts, logp_BT=out["logp"], kl_BT=out.get("kl")), normalizer)
+        run.student.backward(loss if grad_fn is None else out["anchor"] + loss.detach())
         tokens = float(inputs.mask_BT.sum())
         parts["loss/total"] = float(loss.detach())
         parts.update({"entropy/sum": float(out["entropy"].sum()), "entropy/tokens": tokens})

@@ -462,6 +462,74 @@ def test_data_parallel_split_gives_the_same_gradient(name, opts, shards):
     torch.testing.assert_close(z.grad, whole)
 
 
+@pytest.mark.parametrize(
+    "name,opts,extra",
+    [
+        ("scope", {}, "behaviour"),
+        ("scope", {"aggregation": "seq-mean", "normalization": "mean"}, ""),
+        ("scope", {"old_logprobs": "server", "is_cap": 1.5, "aggregation": "token-mean"}, ""),
+        ("grpo", {"kl_coef": 0.1}, "ref"),
+        ("opd", {"kl": "full"}, "kl"),
+        ("kd", {}, ""),
+    ],
+)
+def test_token_by_token_gradient_is_the_micro_batch_losss(name, opts, extra):
+    """token_grad_fn (what the fused LM head applies, chunk by chunk over a packed order) against
+    autograd of the micro-batch's loss: the same gradient on the logits, every algorithm."""
+    d = make_batch(21, n_groups=3, n=4)
+    g = torch.Generator().manual_seed(210)
+    algo = build_algorithm(name, opts)
+    stats = stats_of(d)
+    plan = algo.plan(stats)
+    norm = algo.normalizer(plan, stats)
+    more = {}
+    if extra == "behaviour":
+        more["behaviour_logp_BT"] = torch.where(
+            d["mask"], d["old_logp"] - 0.7 * torch.randn(d["mask"].shape, generator=g, dtype=torch.float64), 0.0
+        )
+    if extra == "ref":
+        more["ref_logp_BT"] = torch.where(d["mask"], d["old_logp"] - 0.2, 0.0)
+
+    def kl_of(z):
+        return (torch.softmax(z, -1) * (torch.log_softmax(z, -1) - d["teacher"])).sum(-1)
+
+    z = d["logits"].clone().requires_grad_()
+    if extra == "kl":
+        more["kl_BT"] = kl_of(z)
+    loss, _ = run_loss(algo, d, slice(None), norm, plan, z, **more)
+    loss.backward()
+    m = d["mask"]
+    n_tokens = int(m.sum())
+    index = torch.zeros(m.shape, dtype=torch.long)
+    index[m] = torch.randperm(n_tokens, generator=g)  # a packed order, not the rows' order
+    consts = TokenBatch(
+        logp_BT=torch.zeros(m.shape, dtype=torch.float64),
+        old_logp_BT=d["old_logp"],
+        mask_BT=m,
+        path_B=plan.path_B,
+        weight_B=plan.weight_B,
+        advantage_B=plan.advantage_B,
+        teacher_logp_BT=d["teacher_logp"],
+        **{k: v.detach() for k, v in more.items()},
+    )
+    grad_fn = algo.token_grad_fn(consts, norm, index, n_tokens)
+    logp, kl = policy_logp(d["logits"], d["tokens"]), kl_of(d["logits"])
+    flat = {"logp": torch.zeros(n_tokens, dtype=torch.float64), "kl": torch.zeros(n_tokens, dtype=torch.float64)}
+    flat["logp"][index[m]], flat["kl"][index[m]] = logp[m], kl[m]
+    d_logp, d_kl = torch.zeros(n_tokens, dtype=torch.float64), torch.zeros(n_tokens, dtype=torch.float64)
+    for start in range(0, n_tokens, 5):
+        rows = slice(start, min(start + 5, n_tokens))
+        out = grad_fn(rows, {k: v[rows] for k, v in flat.items() if k == "logp" or extra == "kl"})
+        d_logp[rows] = 0.0 if out["logp"] is None else out["logp"]
+        if extra == "kl":
+            d_kl[rows] = out["kl"]
+    up_logp, up_kl = torch.zeros(m.shape, dtype=torch.float64), torch.zeros(m.shape, dtype=torch.float64)
+    up_logp[m], up_kl[m] = d_logp[index[m]], d_kl[index[m]]
+    z2 = d["logits"].clone().requires_grad_()
+    ((up_logp * policy_logp(z2, d["tokens"])).sum() + (up_kl * kl_of(z2)).sum()).backward()
+    torch.testing.assert_close(z2.grad, z.grad)
+
+
 @pytest.mark.parametrize("name,opts", [("scope", {}), ("grpo", {"kl_coef": 0.1}), ("kd", {})])
 def test_gradcheck_where_the_loss_value_is_its_own_objective(name, opts):
     """gradcheck needs value and gradient of one function: true for MLE (-rho), GRPO and KD. The

@@ -122,21 +122,33 @@ def test_packed_gradients_equal_the_padded_paths(tie):
     rollouts = _rollouts(5, count=7)
     mb = list(range(len(rollouts)))
     grads = {}
-    for layout, make in (("packed", collate_packed), ("padded", collate)):
+    for layout, make in (("packed", collate_packed), ("fused", collate_packed), ("padded", collate)):
         student, teacher = _model(0, tie=tie), _model(1)
         s, t = _engine(student), _engine(teacher, InferenceEngine)
         inputs = make(rollouts, mb, 0)
-        out = s.response_stats(inputs, {"logp": 0.9, "kl": 0.9, "entropy": 1.0}, teacher=t)
-        g = torch.Generator().manual_seed(2)
-        c1, c2 = torch.randn(out["logp"].shape, generator=g), torch.randn(out["kl"].shape, generator=g)
         m = inputs.mask_BT
+        g = torch.Generator().manual_seed(2)
+        c1, c2 = torch.randn(m.shape, generator=g), torch.randn(m.shape, generator=g)
+        grad_fn = None
+        if layout == "fused":  # the same loss's gradient, applied token by token in the LM head's pass
+            flat1, flat2 = torch.zeros(inputs.targets_M.numel()), torch.zeros(inputs.targets_M.numel())
+            flat1[inputs.resp_index_BT[m]], flat2[inputs.resp_index_BT[m]] = c1[m], c2[m]
+
+            def grad_fn(rows, values, flat1=flat1, flat2=flat2):
+                return {"logp": flat1[rows], "kl": flat2[rows]}
+
+        out = s.response_stats(inputs, {"logp": 0.9, "kl": 0.9, "entropy": 1.0}, teacher=t, grad_fn=grad_fn)
         loss = (out["logp"] * c1)[m].sum() + (out["kl"] * c2)[m].sum()
         assert not out["entropy"].requires_grad  # a metric
+        if grad_fn is not None:
+            assert not loss.requires_grad and float(out["anchor"]) == 0.0
+            loss = out["anchor"] + loss
         loss.backward()
         grads[layout] = {n: p.grad.clone() for n, p in student.named_parameters()}
-    assert grads["packed"].keys() == grads["padded"].keys()
-    for name, g in grads["packed"].items():
-        torch.testing.assert_close(g, grads["padded"][name], atol=1e-5, rtol=1e-4, msg=name)
+    for layout in ("packed", "fused"):
+        assert grads[layout].keys() == grads["padded"].keys()
+        for name, g in grads[layout].items():
+            torch.testing.assert_close(g, grads["padded"][name], atol=1e-5, rtol=1e-4, msg=f"{layout}: {name}")
 
 
 def test_a_rollout_longer_than_the_budget_is_refused_naming_both_numbers():
