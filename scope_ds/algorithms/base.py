@@ -80,6 +80,9 @@ class TokenBatch:
     ref_logp_BT: torch.Tensor | None = None  # reference policy log-probs (GRPO's KL)
     kl_BT: torch.Tensor | None = None  # full-vocab KL(student||teacher) per token, with gradient
     behaviour_logp_BT: torch.Tensor | None = None  # the rollout server's log-probs; None = not given
+    # rollouts whose pi_old is this pass's own log-prob, detached (on-policy: the weights pi_old would
+    # be recomputed with; see Algorithm.reads_student_logp); their old_logp_BT is not read
+    old_from_logp_B: torch.Tensor | None = None
 
 
 def _zero_padding(t: torch.Tensor | None, m: torch.Tensor) -> torch.Tensor | None:
@@ -130,6 +133,14 @@ class Algorithm:
         """Rollouts whose teacher log-probs are needed (default: none)."""
         return torch.zeros_like(correct_B, dtype=torch.bool)
 
+    def reads_student_logp(self, correct_B: torch.Tensor) -> torch.Tensor:
+        """Rollouts whose plan reads the value of pi_old's log-probs (default: none). With
+        ``recomputes_old_logprobs`` only these are recomputed before the update: pi_old is the
+        policy of the update itself (one optimizer step per batch), so for every other rollout
+        the update's own forward pass gives pi_old, its log-probs detached (rho = 1, gradient
+        d log pi_theta), and no separate pass is needed."""
+        return torch.zeros_like(correct_B, dtype=torch.bool)
+
     @property
     def needs_reference(self) -> bool:
         return False
@@ -165,6 +176,11 @@ class Algorithm:
         With ``recomputes_old_logprobs`` and ``behaviour_logp_BT`` given, each token's term is
         multiplied by the constant min(pi_old / pi_behaviour, mismatch_cap) before weighting.
         """
+        if b.old_from_logp_B is not None:
+            mine = b.old_from_logp_B.bool()[:, None]
+            b = dataclasses.replace(
+                b, old_logp_BT=torch.where(mine, b.logp_BT.detach(), b.old_logp_BT), old_from_logp_B=None
+            )
         losses.check_token_tensors(
             b.mask_BT,
             logp_BT=b.logp_BT,
@@ -239,7 +255,12 @@ class Algorithm:
             "ref_logp_BT": flat(b.ref_logp_BT),
             "behaviour_logp_BT": flat(b.behaviour_logp_BT),
         }
-        rows_of = {"path_B": per_row(b.path_B), "weight_B": flat(weight_BT), "advantage_B": per_row(b.advantage_B)}
+        rows_of = {
+            "path_B": per_row(b.path_B),
+            "weight_B": flat(weight_BT),
+            "advantage_B": per_row(b.advantage_B),
+            "old_from_logp_B": per_row(b.old_from_logp_B),
+        }
 
         def grad_fn(rows: slice, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
             leaves = {k: values[k].detach()[:, None].requires_grad_() for k in ("logp", "kl") if k in values}

@@ -64,6 +64,10 @@ class Scope(_DistillBase):
     def teacher_mask(self, correct_B: torch.Tensor) -> torch.Tensor:
         return ~correct_B.bool()
 
+    def reads_student_logp(self, correct_B: torch.Tensor) -> torch.Tensor:
+        # Eq. 4's student perplexity, of the correct rollouts (uniform weights read no value)
+        return correct_B.bool() & (self.student_weight != "uniform")
+
     def plan(self, stats: RolloutStats) -> Plan:
         correct = stats.correct_B.bool()
         nonempty = stats.lengths_B > 0

@@ -117,16 +117,21 @@ def score(run: Run, batch: Batch) -> None:
         batch.rollouts[i].teacher_logprobs = logp
 
 
-def recompute_old_logprobs(run: Run, batch: Batch, plan: list[list[int]]) -> None:
-    """pi_old by the trainer (``algo.old_logprobs=recompute``): a no-grad forward of the student,
-    before the update, over this rank's micro-batches of the update (``plan``, so that rho is 1 in
-    value at the update), at the training temperature; every rank ends with every rollout's
-    ``old_logprobs``. The server's log-probs then serve only the train-inference mismatch weight."""
+def recompute_old_logprobs(run: Run, batch: Batch) -> None:
+    """pi_old by the trainer (``algo.old_logprobs=recompute``) where the plan reads its value
+    (``algo.reads_student_logp``: SCOPE's correct rollouts): a no-grad forward of the student
+    before the update, at the training temperature; every rank ends with those rollouts'
+    ``old_logprobs``. Every other rollout takes pi_old from the update's own pass (the same
+    weights). The server's log-probs then serve only the train-inference mismatch weight."""
     if not run.algo.recomputes_old_logprobs:
+        return
+    reads = run.algo.reads_student_logp(torch.tensor([r.correct for r in batch.rollouts]))
+    which = [i for i, read in enumerate(reads.tolist()) if read]
+    if not which:
         return
     temp = run.algo.train_temperature(run.cfg.rollout.temperature)
     out: dict[int, list[float]] = {}
-    for mb in plan:
+    for mb in micro_batches_of(run, batch, which):
         inputs = _inputs(run, batch, mb, run.student.device)
         out.update(_rows(batch, mb, run.student.score(inputs, temp)))
     for i, logp in _gather_rows(run, out).items():
@@ -221,6 +226,7 @@ def _token_batch(run: Run, batch: Batch, mb: list[int], p: Plan, inputs: Inputs)
     teacher = _padded([r.teacher_logprobs for r in rows], inputs.old_logp_BT)
     recomputed = run.algo.recomputes_old_logprobs
     old = _padded([r.old_logprobs for r in rows], inputs.old_logp_BT) if recomputed else inputs.old_logp_BT
+    from_pass = torch.tensor([r.old_logprobs is None for r in rows] or [False]) if recomputed else None
     idx = torch.tensor(mb, dtype=torch.long) if mb else torch.zeros(1, dtype=torch.long)
     dev = inputs.mask_BT.device  # the plan is on the CPU; the loss runs where the micro-batch is
     path = (p.path_B[idx] if mb else torch.tensor([int(Path.SKIP)])).to(dev)
@@ -238,6 +244,7 @@ def _token_batch(run: Run, batch: Batch, mb: list[int], p: Plan, inputs: Inputs)
         teacher_logp_BT=teacher,
         ref_logp_BT=ref,
         behaviour_logp_BT=inputs.old_logp_BT if recomputed else None,
+        old_from_logp_B=None if from_pass is None else from_pass.to(dev),
     )
 
 
@@ -254,15 +261,16 @@ def update(run: Run, batch: Batch) -> dict[str, float]:
     """One optimizer step of the student on this rank's share of the batch; metrics summed over
     ranks. The student is one policy version further afterwards."""
     t0 = time.perf_counter()
-    mbs = micro_batches_of(run, batch, list(range(len(batch.rollouts))))
-    recompute_old_logprobs(run, batch, mbs)
+    recompute_old_logprobs(run, batch)
     batch.times["old_logprobs"] = time.perf_counter() - t0
+    mbs = micro_batches_of(run, batch, list(range(len(batch.rollouts))))
     stats, p, normalizer = plan(run, batch)
     temp = run.algo.train_temperature(run.cfg.rollout.temperature)
     wanted = {"logp": temp, "entropy": run.cfg.rollout.temperature}
     if run.algo.uses_full_kl:
         wanted["kl"] = temp
     sums: dict[str, float] = {}
+    pass_old: dict[int, list[float]] = {}  # pi_old taken from the update's own pass
     for mb in mbs:
         inputs = _inputs(run, batch, mb, run.student.device)
         consts = _token_batch(run, batch, mb, p, inputs)
@@ -273,6 +281,9 @@ def update(run: Run, batch: Batch) -> dict[str, float]:
         out = run.student.response_stats(inputs, wanted, teacher=teacher, grad_fn=grad_fn)
         loss, parts = run.algo.loss(dataclasses.replace(consts, logp_BT=out["logp"], kl_BT=out.get("kl")), normalizer)
         run.student.backward(loss if grad_fn is None else out["anchor"] + loss.detach())
+        if consts.old_from_logp_B is not None:
+            mine = [i for row, i in enumerate(mb) if bool(consts.old_from_logp_B[row])]
+            pass_old.update({i: v for i, v in _rows(batch, mb, out["logp"].detach()).items() if i in mine})
         tokens = float(inputs.mask_BT.sum())
         parts["loss/total"] = float(loss.detach())
         parts.update({"entropy/sum": float(out["entropy"].sum()), "entropy/tokens": tokens})
@@ -283,6 +294,7 @@ def update(run: Run, batch: Batch) -> dict[str, float]:
             sums[k] = sums.get(k, 0.0) + v
     run.student.step()
     run.versions.stepped()
+    _record_pass_old(run, batch, pass_old)
     sums = sum_over_ranks(sums)
     out = {k: v for k, v in sums.items() if k.startswith("loss/")}
     tokens = max(sums.pop("entropy/tokens", 0.0), 1.0)
@@ -296,8 +308,19 @@ def update(run: Run, batch: Batch) -> dict[str, float]:
         out["mismatch/k3"] = sums["mismatch/k3_sum"] / n
         out["mismatch/capped_share"] = sums["mismatch/capped_tokens"] / n
     out.update(run.student.step_stats())
-    out.update(batch_metrics(batch.rollouts, stats, p))
+    seq_logp = torch.tensor([r.student_seq_logp for r in batch.rollouts], dtype=torch.float64)  # pi_old's, all now
+    out.update(batch_metrics(batch.rollouts, dataclasses.replace(stats, student_seq_logp_B=seq_logp), p))
     return out
+
+
+def _record_pass_old(run: Run, batch: Batch, pass_old: dict[int, list[float]]) -> None:
+    """The rollouts' pi_old from the update's own pass into their records (every rank's, on
+    every rank), and their sequence log-likelihood with it."""
+    if not run.algo.recomputes_old_logprobs or all(r.old_logprobs is not None for r in batch.rollouts):
+        return  # alike on every rank: the batch is the global one
+    for i, logp in _gather_rows(run, pass_old).items():
+        r = batch.rollouts[i]
+        r.old_logprobs, r.student_seq_logp = logp, float(sum(logp))
 
 
 def _padding(inputs: Inputs) -> tuple[float, float]:

@@ -236,6 +236,36 @@ def test_on_policy_gradients_are_nll_and_reverse_kl_policy_gradient():
     torch.testing.assert_close(z.grad, coef[..., None] * dlogp_dz)
 
 
+def test_pi_old_from_the_pass_itself_is_the_on_policy_gradient():
+    """old_from_logp_B: rows whose pi_old is the update pass's own log-prob (not recomputed). Their
+    old_logp_BT is never read (NaN here); the gradient is the on-policy one of the formula above,
+    directly and token by token (token_grad_fn), and other rows keep their recomputed pi_old."""
+    d = make_batch(4)
+    algo = build_algorithm("scope")
+    plan = algo.plan(stats_of(d))
+    from_pass = ~d["correct"]
+    lp = policy_logp(d["logits"], d["tokens"])
+    d_ref = dict(d, old_logp=torch.where(from_pass[:, None] & d["mask"], lp, d["old_logp"]))
+    z_ref = d["logits"].clone().requires_grad_()
+    ref, _ = run_loss(algo, d_ref, slice(None), 2.0, plan, z_ref)
+    ref.backward()
+    d_nan = dict(d, old_logp=torch.where(from_pass[:, None], torch.nan, d["old_logp"]))
+    z = d["logits"].clone().requires_grad_()
+    loss, _ = run_loss(algo, d_nan, slice(None), 2.0, plan, z, old_from_logp_B=from_pass)
+    loss.backward()
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(z.grad, z_ref.grad)
+    # the incorrect rows alone: on-policy OPD, sum_t w (log p - log q) d log p
+    p = torch.softmax(d["logits"], -1)
+    dlogp_dz = torch.nn.functional.one_hot(d["tokens"], p.shape[-1]).double() - p
+    coef = torch.where(d["mask"] & from_pass[:, None], (lp - d["teacher_logp"]) * plan.weight_B[:, None] / 2.0, 0.0)
+    rows = from_pass.nonzero()[:, 0]
+    torch.testing.assert_close(z.grad[rows], (coef[..., None] * dlogp_dz)[rows])
+    assert algo.reads_student_logp(d["correct"]).tolist() == d["correct"].tolist()
+    assert not build_algorithm("scope", {"student_weight": "uniform"}).reads_student_logp(d["correct"]).any()
+    assert not build_algorithm("opd").reads_student_logp(d["correct"]).any()
+
+
 def test_full_vocab_kl_path_gradient_is_the_kl_gradient():
     d = make_batch(8)
     d["old_logp"] = torch.where(d["mask"], policy_logp(d["logits"], d["tokens"]), 0.0)
@@ -466,6 +496,7 @@ def test_data_parallel_split_gives_the_same_gradient(name, opts, shards):
     "name,opts,extra",
     [
         ("scope", {}, "behaviour"),
+        ("scope", {}, "from_pass"),
         ("scope", {"aggregation": "seq-mean", "normalization": "mean"}, ""),
         ("scope", {"old_logprobs": "server", "is_cap": 1.5, "aggregation": "token-mean"}, ""),
         ("grpo", {"kl_coef": 0.1}, "ref"),
@@ -489,6 +520,8 @@ def test_token_by_token_gradient_is_the_micro_batch_losss(name, opts, extra):
         )
     if extra == "ref":
         more["ref_logp_BT"] = torch.where(d["mask"], d["old_logp"] - 0.2, 0.0)
+    if extra == "from_pass":
+        more["old_from_logp_B"] = ~d["correct"]
 
     def kl_of(z):
         return (torch.softmax(z, -1) * (torch.log_softmax(z, -1) - d["teacher"])).sum(-1)
