@@ -22,7 +22,7 @@ import torch
 
 STATS = ("logp", "entropy", "kl")
 GradFn = Callable[[slice, dict[str, torch.Tensor]], dict[str, torch.Tensor | None]]
-CHUNK_BYTES = 16 * 2**20  # logits of one chunk: tokens per chunk = CHUNK_BYTES // (V x bytes per element)
+CHUNK_BYTES = 32 * 2**20  # logits of one chunk: tokens per chunk = CHUNK_BYTES // (V x bytes per element)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -44,12 +44,14 @@ def _dot(a_CV: torch.Tensor, b_CV: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a_CV[:, None, :], b_CV[:, :, None]).view(-1)
 
 
-def _forward_chunk(stat: str, z_CV: torch.Tensor, logp_CV: torch.Tensor, tok_C, q_CV):
-    """(value [C], teacher lse [C] or None) of one chunk; z, q are tempered logits and logp_CV the
-    log-softmax of z (one fused pass, shared by every statistic at z's temperature)."""
+def _forward_chunk(stat: str, z_CV: torch.Tensor, logp_CV: torch.Tensor, p_CV, tok_C, q_CV):
+    """(value [C], teacher lse [C] or None) of one chunk; z, q are tempered logits, logp_CV the
+    log-softmax of z (one fused pass, shared by every statistic at z's temperature) and p_CV its
+    exp (None: computed here where needed)."""
     if stat == "logp":
         return logp_CV.gather(-1, tok_C[:, None]).squeeze(-1), None
-    p_CV = logp_CV.exp()
+    if p_CV is None:
+        p_CV = logp_CV.exp()
     if stat == "entropy":
         return -_dot(p_CV, logp_CV), None
     logq_CV = torch.log_softmax(q_CV, dim=-1)
@@ -62,18 +64,22 @@ def _softmax(z_CV: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     return torch.softmax(z_CV, dim=-1) if out is None else torch.ops.aten._softmax.out(z_CV, -1, False, out=out)
 
 
-def _grad_chunk(stat: str, z_CV, tok_C, q_CV, lse_C, lse_q, val_C, scale_C, out=None) -> torch.Tensor:
+def _grad_chunk(stat: str, z_CV, tok_C, q_CV, lse_C, lse_q, val_C, scale_C, out=None, p_CV=None) -> torch.Tensor:
     """``scale`` x d value / d z [C, V] of one chunk, from the saved normalisers; into ``out`` if given
-    (the compute dtype, the chunk's rows of the logits' gradient), else a new tensor."""
+    (the compute dtype, the chunk's rows of the logits' gradient), else a new tensor. ``p_CV``: the
+    chunk's softmax where the caller still has it (the fused pass), else it is recomputed."""
     if stat == "logp":  # d log p_k / d z_j = 1[j=k] - p_j
-        g = _softmax(z_CV, out).mul_(-scale_C[:, None])
+        if p_CV is None:
+            g = _softmax(z_CV, out).mul_(-scale_C[:, None])
+        else:
+            g = torch.mul(p_CV, -scale_C[:, None], out=out) if out is not None else p_CV * -scale_C[:, None]
         return g.scatter_add_(-1, tok_C[:, None], scale_C[:, None])
     if stat == "entropy":  # dH/dz_j = -p_j (log p_j + H)
         logp_CV = z_CV - lse_C[:, None]
         p_CV = logp_CV.exp()
         return logp_CV.add_(val_C[:, None]).mul_(p_CV).mul_(-scale_C[:, None])
     # d KL / d z_j = p_j (log p_j - log q_j - KL) = p_j (z_j - q_j - (lse_z - lse_q + KL))
-    ps_CV = torch.softmax(z_CV, dim=-1).mul_(scale_C[:, None])
+    ps_CV = torch.softmax(z_CV, dim=-1).mul_(scale_C[:, None]) if p_CV is None else p_CV * scale_C[:, None]
     d_CV = z_CV - q_CV if out is None else torch.sub(z_CV, q_CV, out=out)
     return d_CV.sub_((lse_C - lse_q + val_C)[:, None]).mul_(ps_CV)
 
@@ -110,20 +116,28 @@ class _Chunks:
             raw_q = None if self.t_x is None else _chunk_logits(self.t_x, self.t_weight, sl, 1.0, self.dt)
             yield sl, raw, raw_q, None if self.tokens is None else self.tokens[sl]
 
-    def values(self, sl, raw, raw_q, tok) -> None:
-        """The chunk's statistics into ``outs`` (and its normalisers into ``lses`` / ``lse_t``)."""
+    def values(self, sl, raw, raw_q, tok, keep_p: bool = False) -> dict[float, torch.Tensor]:
+        """The chunk's statistics into ``outs`` (and its normalisers into ``lses`` / ``lse_t``);
+        with ``keep_p``, returns its softmax per temperature for a gradient in the same pass."""
+        kept = {}
         for t in self.lses:
             z = _tempered(raw, t)
             logp_CV = torch.log_softmax(z, dim=-1)
             self.lses[t][sl] = z[:, 0] - logp_CV[:, 0]  # lse = z_k - log p_k for any k
+            mine = [s for s, ts in zip(self.stats, self.temps, strict=True) if ts == t]
+            p_CV = logp_CV.exp() if keep_p or any(s != "logp" for s in mine) else None
+            if keep_p:
+                kept[t] = p_CV
             for i, (s, ts) in enumerate(zip(self.stats, self.temps, strict=True)):
                 if ts == t:
-                    self.outs[i][sl], lq = _forward_chunk(s, z, logp_CV, tok, _tempered(raw_q, t))
+                    self.outs[i][sl], lq = _forward_chunk(s, z, logp_CV, p_CV, tok, _tempered(raw_q, t))
                     if lq is not None:
                         self.lse_t[t][sl] = lq
+        return kept
 
-    def logit_grad(self, sl, raw, raw_q, tok, scales: dict[int, torch.Tensor], direct=None) -> torch.Tensor:
-        """sum_i scales[i] x d stat_i / d raw logits [C, V]; the first term into ``direct`` if given."""
+    def logit_grad(self, sl, raw, raw_q, tok, scales: dict[int, torch.Tensor], direct=None, p=None) -> torch.Tensor:
+        """sum_i scales[i] x d stat_i / d raw logits [C, V]; the first term into ``direct`` if given;
+        ``p``: the chunk's softmax per temperature, where still at hand."""
         g_CV = None
         for i, scale in scales.items():
             stat, t = self.stats[i], self.temps[i]
@@ -131,7 +145,7 @@ class _Chunks:
             into = direct if g_CV is None and len(scales) == 1 and stat != "entropy" else None
             g = _grad_chunk(
                 stat, _tempered(raw, t), tok, _tempered(raw_q, t), self.lses[t][sl], lse_q, self.outs[i][sl],
-                scale.to(self.dt) / t, into,
+                scale.to(self.dt) / t, into, None if p is None else p.get(t),
             )  # fmt: skip
             g_CV = g if g_CV is None else g_CV.add_(g)
         return g_CV
@@ -203,11 +217,12 @@ class _FusedStats(torch.autograd.Function):
         run = _Chunks(stats, temps, chunk, x, weight, tokens, t_x, t_weight)
         grad_x, grad_w = run.grads(ctx.needs_input_grad[4], ctx.needs_input_grad[5])
         for sl, raw, raw_q, tok in run.slices():
-            run.values(sl, raw, raw_q, tok)
+            p = run.values(sl, raw, raw_q, tok, keep_p=True)
             upstream = grad_fn(sl, {s: o[sl] for s, o in zip(stats, run.outs, strict=True)})
             scales = {i: upstream[s] for i, s in enumerate(stats) if upstream.get(s) is not None}
             if scales:
-                run.apply(sl, run.logit_grad(sl, raw, raw_q, tok, scales, run.direct_into(grad_x, sl)), grad_x, grad_w)
+                g_CV = run.logit_grad(sl, raw, raw_q, tok, scales, run.direct_into(grad_x, sl), p)
+                run.apply(sl, g_CV, grad_x, grad_w)
         ctx.grad_x, ctx.grad_w = grad_x, None if grad_w is None else grad_w.to(weight.dtype)
         ctx.mark_non_differentiable(*run.outs)
         return (torch.zeros((), dtype=run.dt, device=x.device), *run.outs)
