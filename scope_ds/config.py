@@ -131,7 +131,7 @@ class TrainConfig:
     seed: int = 0  # seeds torch, the data order and the rollout server
     ds_config: str = "ds_configs/zero3.json"  # student DeepSpeed JSON (relative to the repo or absolute)
     teacher_ds_config: str = "ds_configs/teacher.json"  # teacher DeepSpeed JSON
-    logprob_chunk: int = 0  # tokens per chunk of the log-prob ops (0 = automatic)
+    logprob_chunk: int = 0  # tokens per chunk of the log-prob ops (0 = as many as fit in 32 MiB of logits)
 
     def check(self) -> None:
         for key in (

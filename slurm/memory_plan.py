@@ -121,8 +121,10 @@ def plan(recipe: str, nodes: int, gpus_per_node: int, gpu_gib: float) -> str:
     act = student.activation_bytes(tokens, cfg.model.gradient_checkpointing)
     act_off = student.activation_bytes(tokens, False)
     # packed: the LM head's statistics a chunk at a time (ops.CHUNK_BYTES, a few buffers), from the
-    # response positions only; padded: whole float32 logits of every position and their gradient
-    logits = 8 * CHUNK_BYTES if t.packing else tokens * student.vocab * 4 * 2
+    # response positions only, and the head's gradient made in that pass (float32 accumulator plus
+    # its bf16 copy, held until backward); padded: whole float32 logits of every position and their gradient
+    head_grad = student.vocab * student.hidden * (4 + BF16)
+    logits = 8 * CHUNK_BYTES + head_grad if t.packing else tokens * student.vocab * 4 * 2
     how = (
         f"{t.max_tokens_per_micro_batch} tokens per micro-batch (train.max_tokens_per_micro_batch)"
         if t.packing
@@ -142,7 +144,8 @@ def plan(recipe: str, nodes: int, gpus_per_node: int, gpu_gib: float) -> str:
         f"{'on' if cfg.model.gradient_checkpointing else 'off'} ({gib(act_off)} GiB with it off) |",
         f"| logits | {gib(logits)} | "
         + (
-            "chunks of the LM head's output, never whole (scope_ds/ops)"
+            f"chunks of the LM head's output, never whole (scope_ds/ops), and the head's gradient "
+            f"made in the same pass ({gib(head_grad)} GiB: vocabulary x hidden x (4 + 2) B)"
             if t.packing
             else f"{tokens} positions x {student.vocab} x 4 B, and their gradient"
         )

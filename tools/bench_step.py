@@ -3,7 +3,7 @@
 with whole logits against packed token budgets with statistics from hidden states.
 
     python tools/bench_step.py [--ranks 2] [--rollouts 16] [--mean 700] [--max 2048] [--hidden 128]
-        [--layers 2] [--steps 2] [--configs "packing=false micro=1;packing=false micro=2;packing=true tokens=4096"]
+        [--layers 2] [--steps 2] [--configs "packing=false micro=1 old=all;packing=true tokens=4096"]
 
 Builds a Qwen3-shaped random student and teacher (vocabulary 151,936, tied embeddings, small width
 and depth so that this runs on a CPU) once, into ~/.cache/scope_ds/bench_step/. Each configuration
@@ -12,7 +12,9 @@ ragged rollouts (prompts of 20-150 tokens; responses log-normal, mean about --me
 half of them incorrect, so the teacher scores those), --steps steps of score + update, the last
 one timed. Prints a Markdown table: peak resident memory per rank during the step (the highest
 rank), seconds per step, trained (response) tokens per second, the padding share of the positions
-the forward passes ran over, micro-batches per rank.
+the forward passes ran over, micro-batches per rank. ``old=all`` recomputes pi_old for every
+rollout (the trainer's behaviour before it took pi_old from the update's own pass where the plan
+does not read it): with ``packing=false micro=1`` it is the step as it was before packing.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 VOCAB = 151_936
-DEFAULT_CONFIGS = "packing=false micro=1;packing=false micro=2;packing=true tokens=4096"
+DEFAULT_CONFIGS = "packing=false micro=1 old=all;packing=false micro=1;packing=false micro=2;packing=true tokens=4096"
 
 
 def _models(hidden: int, layers: int) -> tuple[Path, Path]:
@@ -132,6 +134,8 @@ def child(args: argparse.Namespace) -> None:
     rank, world = ds.init_distributed()
     torch.manual_seed(0)
     algo = cfg.algorithm()
+    if opts.get("old") == "all":  # the issue's baseline: pi_old recomputed for every rollout, as before
+        algo.reads_student_logp = lambda correct_B: torch.ones_like(correct_B, dtype=torch.bool)
     student, teacher, reference = build_engines(cfg, algo, world, args.student, args.teacher, score_group())
     run = Run(
         cfg=cfg,
@@ -191,7 +195,9 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--steps", type=int, default=2, help="steps per configuration; the last is timed")
     ap.add_argument(
-        "--configs", default=DEFAULT_CONFIGS, help="';'-separated: packing=true|false micro=N tokens=N chunk=N"
+        "--configs",
+        default=DEFAULT_CONFIGS,
+        help="';'-separated: packing=true|false micro=N tokens=N chunk=N old=all (pi_old recomputed for every rollout)",
     )
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--config", help=argparse.SUPPRESS)

@@ -4,7 +4,9 @@ Shape legend: N = tokens (flattened batch x time), V = vocabulary, D = hidden si
 tokens. A "logit source" is either logits [N, V] or final hidden states [N, D] plus an LM-head
 weight [V, D]; in both cases logits are materialised C tokens at a time, never [N, V] whole in
 float32. Backward recomputes each chunk's logits instead of saving them, so the autograd graph
-holds only the inputs and one float per token. The compute dtype is float32 for bf16/fp16/fp32
+holds only the inputs and one float per token; or, given the loss's per-token gradient
+(``grad_fn``), the gradient is applied in the forward pass itself and backward recomputes
+nothing. The compute dtype is float32 for bf16/fp16/fp32
 inputs and float64 for float64 ones, so that gradcheck checks the ops truly in float64.
 
 Three statistics, each per token, all at a given temperature (logits are divided by it):
