@@ -62,13 +62,17 @@ def test_kill9_and_resume_gives_the_straight_run(model_pair, tmp_path):
     student, teacher = model_pair
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     common = ["train.steps=6", "checkpoint.every=3"]
-    check_ok(launch_train([*small_run_overrides(student, teacher, straight), *common], ranks=2))
+    check_ok(launch_train([*small_run_overrides(student, teacher, straight), *common], ranks=2, launcher="ranks"))
 
     proc = _start([*small_run_overrides(student, teacher, broken), *common])
     _wait_for(lambda: _latest(broken) == "step_3", proc, "the step-3 checkpoint")
     _kill9(proc, broken)
     assert not (broken / "hf").exists()  # it really died before the end
-    check_ok(launch_train([*small_run_overrides(student, teacher, broken), *common, "checkpoint.resume=auto"]))
+    check_ok(
+        launch_train(
+            [*small_run_overrides(student, teacher, broken), *common, "checkpoint.resume=auto"], launcher="ranks"
+        )
+    )
 
     a, b = load_weights(straight / "hf"), load_weights(broken / "hf")
     for k in a:  # identical up to the float32 rounding of the servers' batched log-probs (~1e-7)
@@ -194,7 +198,7 @@ def two_rank_run(model_pair, tmp_path_factory):
     the last of them (test_resume_errors_are_clear) adds an incomplete checkpoint folder to it."""
     student, teacher = model_pair
     out = tmp_path_factory.mktemp("two_rank") / "run"
-    check_ok(launch_train(small_run_overrides(student, teacher, out), ranks=2))
+    check_ok(launch_train(small_run_overrides(student, teacher, out), ranks=2, launcher="ranks"))
     return out
 
 

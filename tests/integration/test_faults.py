@@ -71,7 +71,7 @@ def test_a_failed_weight_sync_is_saved_and_resumes(model_pair, tmp_path):
     state = json.loads((out / "checkpoints" / "step_1" / "scope_state.json").read_text())
     assert (state["step"], state["policy_version"]) == (1, 1)
     assert _steps(out) == [1] and (out / "rollouts" / "step_1.jsonl").is_file()
-    check_ok(launch_train([*args, "checkpoint.resume=auto"], ranks=1, timeout=300))
+    check_ok(launch_train([*args, "checkpoint.resume=auto"], ranks=1, timeout=300, launcher="ranks"))
     assert _steps(out) == [1, 2, 3]
     assert {r["weight_version"] for r in read_jsonl(out / "rollouts" / "step_2.jsonl")} == {1}
 
@@ -134,7 +134,7 @@ def test_a_rank_killed_before_the_first_save_resumes_from_scratch_with_clean_log
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode != 0 and not (out / "checkpoints" / "latest").exists()
-    check_ok(launch_train([*args, "checkpoint.resume=auto"], ranks=2))
+    check_ok(launch_train([*args, "checkpoint.resume=auto"], ranks=2, launcher="ranks"))
     assert _steps(out) == [1, 2, 3]
 
 

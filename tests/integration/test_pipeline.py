@@ -16,6 +16,7 @@ from train_helpers import (
     ZERO3_STEP,
     check_ok,
     deepspeed_cmd,
+    launch_ranks,
     launch_train,
     load_weights,
     read_jsonl,
@@ -73,7 +74,7 @@ def test_staleness_never_exceeds_k(model_pair, tmp_path, k, ranks, overlap):
         "data.eval_prompts=2",
         "data.eval_n=1",
     ]
-    check_ok(launch_train(args, ranks=ranks))
+    check_ok(launch_train(args, ranks=ranks, launcher="ranks"))
     assert [m["step"] for m in read_jsonl(out / "metrics.jsonl") if "eval/accuracy" in m] == [0, 2, 4]
     scored = [r for s in range(1, steps + 1) for r in read_jsonl(out / "rollouts" / f"step_{s}.jsonl")]
     scored = [r for r in scored if r["teacher_seq_logp"] is not None]
@@ -107,8 +108,7 @@ def test_a_rank_with_nothing_to_score_does_not_hang(model_pair, tmp_path):
     """One incorrect rollout in the batch: rank 1 has no teacher work, but runs the same forwards."""
     student, teacher = model_pair
     out = tmp_path / "one.pt"
-    cmd = deepspeed_cmd(ZERO3_STEP, [student, teacher, out, "incorrect=1"], 2)
-    check_ok(subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600))
+    check_ok(launch_ranks(ZERO3_STEP, [student, teacher, out, "incorrect=1"], 2, dict(os.environ), timeout=600))
     result = torch.load(out)
     assert list(result["teacher_logp"]) == [0]  # only rollout 0 needed (and got) the teacher
 

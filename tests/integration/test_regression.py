@@ -80,7 +80,11 @@ def figures(out) -> dict[int, dict]:
 def test_fixed_seed_scope_run_is_unchanged(model_pair, tmp_path):
     student, teacher = model_pair
     out = tmp_path / "run"
-    check_ok(launch_train([*small_run_overrides(student, teacher, out), "pipeline.max_staleness=0"], ranks=2))
+    check_ok(
+        launch_train(
+            [*small_run_overrides(student, teacher, out), "pipeline.max_staleness=0"], ranks=2, launcher="ranks"
+        )
+    )
     got = figures(out)
     for step, want in EXPECTED.items():
         assert got[step]["responses"] == want["responses"], f"step {step}: other rollouts than before"

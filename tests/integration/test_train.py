@@ -11,8 +11,8 @@ from train_helpers import (
     REPO,
     ZERO3_STEP,
     check_ok,
-    deepspeed_cmd,
     expected_scope_weights,
+    launch_ranks,
     launch_train,
     load_weights,
     read_jsonl,
@@ -51,7 +51,11 @@ def scope_run(model_pair, tmp_path_factory):
     student, teacher = model_pair
     out = tmp_path_factory.mktemp("scope") / "run"
     evals = ["data.eval_every=2", "data.eval_prompts=3", "data.eval_n=2"]
-    check_ok(launch_train([*small_run_overrides(student, teacher, out), "rollout.temperature=0.6", *evals], ranks=2))
+    check_ok(
+        launch_train(
+            [*small_run_overrides(student, teacher, out), "rollout.temperature=0.6", *evals], ranks=2, launcher="ranks"
+        )
+    )
     return out
 
 
@@ -103,7 +107,7 @@ def test_a_server_reporting_log_probs_at_temperature_one_is_named(model_pair, tm
     student, teacher = model_pair
     out = tmp_path / "run"
     args = [*small_run_overrides(student, teacher, out), "rollout.temperature=0.6", "train.steps=1"]
-    proc = launch_train(args, ranks=1, env={"SGLANG_RETURN_ORIGINAL_LOGPROB": "1"})
+    proc = launch_train(args, ranks=1, env={"SGLANG_RETURN_ORIGINAL_LOGPROB": "1"}, launcher="ranks")
     check_ok(proc)
     assert "SGLANG_RETURN_ORIGINAL_LOGPROB" in proc.stdout + proc.stderr
     (m,) = [m for m in read_jsonl(out / "metrics.jsonl") if m["step"] == 1]
@@ -116,7 +120,7 @@ def _baseline_run(model_pair, out, algo: str) -> None:
     # KD's teacher samples at 0.6, which its NLL must not follow (test_kd_loss_is_...)
     temperature = ["rollout.temperature=0.6"] if algo == "kd" else []
     args = [*small_run_overrides(student, teacher, out), f"algo.name={algo}", *evals, *temperature]
-    check_ok(launch_train(args, ranks=2))
+    check_ok(launch_train(args, ranks=2, launcher="ranks"))
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +179,6 @@ def test_zero3_step_is_the_same_on_one_and_two_ranks(model_pair, tmp_path):
     norm, so DeepSpeed's loss scaling and averaging are undone exactly. With 2 ranks the teacher
     scoring the next batch in a thread, beside the step (on its own process group, as
     feed.ScoredFeed does), changes neither the step nor the scores."""
-    import subprocess
 
     student, teacher = model_pair
     sgd = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
@@ -189,9 +192,9 @@ def test_zero3_step_is_the_same_on_one_and_two_ranks(model_pair, tmp_path):
     packed, padded = "train.max_tokens_per_micro_batch=60", "train.packing=false"
     for ranks, concurrent, layout in ((1, 0, packed), (2, 0, packed), (2, 1, packed), (2, 0, padded)):
         out = tmp_path / f"w{ranks}{concurrent}{layout[6]}.pt"
-        cmd = deepspeed_cmd(ZERO3_STEP, [student, teacher, out, f"concurrent={concurrent}", layout, *plain], ranks)
+        args = [student, teacher, out, f"concurrent={concurrent}", layout, *plain]
         # one intra-op thread: the scorer thread's ops must not change how the step's ops split their work
-        proc = subprocess.run(cmd, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600)
+        proc = launch_ranks(ZERO3_STEP, args, ranks, run_env(), timeout=600)
         check_ok(proc)
         outs[ranks, concurrent, layout] = torch.load(out)
     one, two, beside, pad = outs[1, 0, packed], outs[2, 0, packed], outs[2, 1, packed], outs[2, 0, padded]
@@ -224,7 +227,6 @@ def test_tied_embeddings_train_the_same_packed_and_padded(tmp_path):
     """A Qwen3-style student whose LM head is its input embedding (tie_word_embeddings, as in
     Qwen3-1.7B): one ZeRO-3 step on 2 ranks from hidden states (the head's gradient through the
     chunked statistics, ZeRO-3 gathering the shared weight) equals the whole-logits step."""
-    import subprocess
 
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -251,8 +253,7 @@ def test_tied_embeddings_train_the_same_packed_and_padded(tmp_path):
     for layout in ("train.max_tokens_per_micro_batch=60", "train.packing=false"):
         out = tmp_path / f"{layout[6]}.pt"
         args = [paths["student"], paths["teacher"], out, layout, "train.lr=1e-2", *ZERO3_LENGTHS]
-        cmd = deepspeed_cmd(ZERO3_STEP, args, 2)
-        proc = subprocess.run(cmd, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600)
+        proc = launch_ranks(ZERO3_STEP, args, 2, run_env(), timeout=600)
         check_ok(proc)
         outs[layout] = torch.load(out)
     packed, padded = outs.values()

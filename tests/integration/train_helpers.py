@@ -7,6 +7,8 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -65,14 +67,65 @@ def run_env() -> dict[str, str]:
 def launch_train(
     args: list[str], ranks: int = 2, timeout: int = 600, launcher: str = "deepspeed", env: dict[str, str] | None = None
 ):
-    """Run scope_ds/train.py under the deepspeed launcher (``env``: extra variables); returns the
-    CompletedProcess."""
+    """Run scope_ds/train.py (``env``: extra variables); returns the CompletedProcess. ``launcher``:
+    'deepspeed' (the runner and launch.py, as ``deepspeed scope_ds/train.py``), 'ranks' (one
+    process per rank with RANK / WORLD_SIZE / MASTER_* set, as srun or torchrun start them: the
+    same engines, without the launcher's two start-ups) or 'python' (one process)."""
     env = {**run_env(), **(env or {})}
+    if launcher == "ranks":
+        return launch_ranks(TRAIN, args, ranks, env, timeout)
     if launcher == "deepspeed":
         cmd = deepspeed_cmd(TRAIN, args, ranks)
     else:
         cmd = [sys.executable, str(REPO / "scope_ds" / "train.py"), *args]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def launch_ranks(script: Path, args: list, ranks: int, env: dict[str, str], timeout: int, grace: float = 60.0):
+    """``script`` in ``ranks`` processes that find each other from the environment (rank 0's
+    address and a free port), as srun starts a job step's tasks. Once one rank fails, the others
+    get ``grace`` seconds, then are killed (as launch.py does). The CompletedProcess holds the first
+    failing exit status (else 0) and every rank's output, rank 0's first."""
+    port = str(free_port())
+    procs, outs, errs = [], [], []
+    for rank in range(ranks):
+        outs.append(tempfile.TemporaryFile(mode="w+"))
+        errs.append(tempfile.TemporaryFile(mode="w+"))
+        rank_env = {
+            **env,
+            **dict(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(ranks), LOCAL_WORLD_SIZE=str(ranks)),
+            **dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
+        }
+        cmd = [sys.executable, str(script), *map(str, args)]
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=rank_env, stdout=outs[-1], stderr=errs[-1], text=True))
+    deadline, failed_at = time.monotonic() + timeout, None
+    try:
+        while any(p.poll() is None for p in procs):
+            now = time.monotonic()
+            if failed_at is None and any(p.returncode not in (None, 0) for p in procs):
+                failed_at = now
+            if now > deadline:
+                raise subprocess.TimeoutExpired(cmd, timeout)
+            if failed_at is not None and now - failed_at > grace:
+                break
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    codes = [p.returncode for p in procs]
+    rc = next((c for c in codes if c != 0), 0)
+
+    def read(files):
+        text = []
+        for f in files:
+            f.seek(0)
+            text.append(f.read())
+            f.close()
+        return "".join(text)
+
+    return subprocess.CompletedProcess(cmd, rc, read(outs), read(errs))
 
 
 def check_ok(proc) -> None:
