@@ -26,8 +26,9 @@ from train_helpers import (
 
 
 def _start(args: list[str], ranks: int = 2) -> subprocess.Popen:
-    """The deepspeed launcher in its own session, so that kill -9 can take all its ranks at once."""
-    cmd = deepspeed_cmd(TRAIN, args, ranks)
+    """The deepspeed launcher in its own session, so that kill -9 can take all its ranks at once
+    (one rank: a plain process, the same engines)."""
+    cmd = deepspeed_cmd(TRAIN, args, ranks) if ranks > 1 else [sys.executable, str(TRAIN), *args]
     return subprocess.Popen(
         cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )
@@ -101,7 +102,7 @@ def test_kill9_during_a_save_resumes_from_the_previous_checkpoint(model_pair, tm
     assert (ckpts / latest / "COMPLETE").exists()
     assert int(latest.split("_")[1]) < int(partial[0].name.split("_")[1])
     resumed = launch_train(
-        [*args, "train.steps=" + str(int(latest.split("_")[1]) + 1), "checkpoint.resume=auto"], ranks=1
+        [*args, "train.steps=" + str(int(latest.split("_")[1]) + 1), "checkpoint.resume=auto"], launcher="python"
     )
     check_ok(resumed)
     assert f"resumed from {ckpts / latest}" in resumed.stdout + resumed.stderr

@@ -10,6 +10,7 @@ import json
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import psutil
@@ -33,7 +34,8 @@ def _wait_for(cond, proc: subprocess.Popen, what: str, timeout: float = 300) -> 
 
 
 def _start(args: list[str], ranks: int) -> subprocess.Popen:
-    cmd = deepspeed_cmd(TRAIN, args, ranks)
+    """The deepspeed launcher for several ranks; one rank as a plain process (the same engines)."""
+    cmd = deepspeed_cmd(TRAIN, args, ranks) if ranks > 1 else [sys.executable, str(TRAIN), *args]
     return subprocess.Popen(cmd, cwd=REPO, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
