@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -329,10 +330,15 @@ def test_bad_input_fails_before_training_with_a_clear_error(model_pair, tmp_path
             f"data.source={_jsonl(tmp_path / 'empty.jsonl', 0)}",
         ],
     }
-    for message, args in cases.items():
-        proc = launch_train([*args, f"logging.out_dir={tmp_path / 'run'}"], launcher="python", timeout=300)
+
+    def attempt(i: int, args: list[str]):  # each case its own process and folder, two at a time
+        return launch_train([*args, f"logging.out_dir={tmp_path / f'run{i}'}"], launcher="python", timeout=300)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        procs = list(pool.map(attempt, range(len(cases)), cases.values()))
+    for message, proc in zip(cases, procs, strict=True):
         assert proc.returncode == 2, proc.stderr[-3000:]
-        assert message in proc.stderr
+        assert message in proc.stderr, (message, proc.stderr[-3000:])
         assert "Traceback" not in proc.stderr
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: [1, 2\n")
