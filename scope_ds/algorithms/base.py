@@ -176,40 +176,9 @@ class Algorithm:
         With ``recomputes_old_logprobs`` and ``behaviour_logp_BT`` given, each token's term is
         multiplied by the constant min(pi_old / pi_behaviour, mismatch_cap) before weighting.
         """
-        if b.old_from_logp_B is not None:
-            mine = b.old_from_logp_B.bool()[:, None]
-            b = dataclasses.replace(
-                b, old_logp_BT=torch.where(mine, b.logp_BT.detach(), b.old_logp_BT), old_from_logp_B=None
-            )
-        losses.check_token_tensors(
-            b.mask_BT,
-            logp_BT=b.logp_BT,
-            old_logp_BT=b.old_logp_BT,
-            teacher_logp_BT=self._teacher_on_path(b),
-            ref_logp_BT=b.ref_logp_BT,
-            kl_BT=b.kl_BT,
-            behaviour_logp_BT=b.behaviour_logp_BT,
-        )
-        check_rollout_vectors(path_B=b.path_B, weight_B=b.weight_B)
-        if b.path_B.shape[0] != b.mask_BT.shape[0]:
-            raise ValueError(f"path_B has {b.path_B.shape[0]} entries, expected {b.mask_BT.shape[0]} rows of mask_BT")
+        b = self._prepared(b, check=True)
         m = b.mask_BT.bool()
-        b = dataclasses.replace(
-            b,
-            logp_BT=_zero_padding(b.logp_BT, m),
-            old_logp_BT=_zero_padding(b.old_logp_BT, m),
-            teacher_logp_BT=_zero_padding(b.teacher_logp_BT, m),
-            ref_logp_BT=_zero_padding(b.ref_logp_BT, m),
-            kl_BT=_zero_padding(b.kl_BT, m),
-            behaviour_logp_BT=_zero_padding(b.behaviour_logp_BT, m),
-        )
-        rho = losses.importance_ratio(b.logp_BT, b.old_logp_BT, self.is_cap)
-        term = self.token_terms(b, rho)
-        corrected = self.recomputes_old_logprobs and b.behaviour_logp_BT is not None
-        if corrected:
-            term = term * losses.mismatch_weight(b.old_logp_BT, b.behaviour_logp_BT, self.mismatch_cap).to(term.dtype)
-        weight = b.weight_B.detach().to(term.dtype)
-        total = losses.aggregate(term, m, weight, self.aggregation, normalizer)
+        total, term, weight, corrected = self._objective(b, normalizer)
         metrics = {}
         with torch.no_grad():
             for p in torch.unique(b.path_B).tolist():
@@ -221,6 +190,50 @@ class Algorithm:
             if corrected:
                 metrics.update(losses.mismatch_stats(b.old_logp_BT, b.behaviour_logp_BT, m, self.mismatch_cap))
         return total, metrics
+
+    def _prepared(self, b: TokenBatch, check: bool) -> TokenBatch:
+        """``b`` with pi_old filled in where it is the pass's own, checked (``check``: every tensor's
+        shape and finite values on the mask), and padding zeroed."""
+        if b.old_from_logp_B is not None:
+            mine = b.old_from_logp_B.bool()[:, None]
+            b = dataclasses.replace(
+                b, old_logp_BT=torch.where(mine, b.logp_BT.detach(), b.old_logp_BT), old_from_logp_B=None
+            )
+        if check:
+            losses.check_token_tensors(
+                b.mask_BT,
+                logp_BT=b.logp_BT,
+                old_logp_BT=b.old_logp_BT,
+                teacher_logp_BT=self._teacher_on_path(b),
+                ref_logp_BT=b.ref_logp_BT,
+                kl_BT=b.kl_BT,
+                behaviour_logp_BT=b.behaviour_logp_BT,
+            )
+            check_rollout_vectors(path_B=b.path_B, weight_B=b.weight_B)
+            if b.path_B.shape[0] != b.mask_BT.shape[0]:
+                raise ValueError(
+                    f"path_B has {b.path_B.shape[0]} entries, expected {b.mask_BT.shape[0]} rows of mask_BT"
+                )
+        m = b.mask_BT.bool()
+        return dataclasses.replace(
+            b,
+            logp_BT=_zero_padding(b.logp_BT, m),
+            old_logp_BT=_zero_padding(b.old_logp_BT, m),
+            teacher_logp_BT=_zero_padding(b.teacher_logp_BT, m),
+            ref_logp_BT=_zero_padding(b.ref_logp_BT, m),
+            kl_BT=_zero_padding(b.kl_BT, m),
+            behaviour_logp_BT=_zero_padding(b.behaviour_logp_BT, m),
+        )
+
+    def _objective(self, b: TokenBatch, normalizer: float):
+        """(loss, per-token term, per-rollout weight, whether the mismatch is corrected) of a prepared ``b``."""
+        rho = losses.importance_ratio(b.logp_BT, b.old_logp_BT, self.is_cap)
+        term = self.token_terms(b, rho)
+        corrected = self.recomputes_old_logprobs and b.behaviour_logp_BT is not None
+        if corrected:
+            term = term * losses.mismatch_weight(b.old_logp_BT, b.behaviour_logp_BT, self.mismatch_cap).to(term.dtype)
+        weight = b.weight_B.detach().to(term.dtype)
+        return losses.aggregate(term, b.mask_BT.bool(), weight, self.aggregation, normalizer), term, weight, corrected
 
     def token_grad_fn(self, b: TokenBatch, normalizer: float, index_BT: torch.Tensor, n_tokens: int):
         """d loss / d (logp, kl) token by token, for an LM head that applies the loss's gradient in
@@ -234,10 +247,8 @@ class Algorithm:
         into the row's weight). Returns ``grad_fn(rows, {stat: values}) -> {stat: d loss / d stat}``."""
         m = b.mask_BT.bool()
         weight_BT = b.weight_B.detach().double()[:, None].expand(m.shape)
-        algo = self
-        if self.aggregation == "seq-mean":
+        if self.aggregation == "seq-mean":  # a one-token row's mean is its sum: 1 / length goes in the weight
             weight_BT = weight_BT / m.sum(-1, keepdim=True).clamp_min(1)
-            algo = dataclasses.replace(self, aggregation="seq-sum")  # the same sum, with the weights above
 
         def flat(t_BT: torch.Tensor | None) -> torch.Tensor | None:
             if t_BT is None:
@@ -272,7 +283,7 @@ class Algorithm:
                     **{k: None if v is None else v[rows][:, None] for k, v in consts.items()},
                     **{k: None if v is None else v[rows] for k, v in rows_of.items()},
                 )
-                loss, _ = algo.loss(tb, normalizer)
+                loss = self._objective(self._prepared(tb, check=False), normalizer)[0]  # checked once, whole, by loss()
                 if not loss.requires_grad:  # nothing in these rows depends on the statistics
                     return dict.fromkeys(leaves)
                 grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)

@@ -282,8 +282,8 @@ def update(run: Run, batch: Batch) -> dict[str, float]:
         loss, parts = run.algo.loss(dataclasses.replace(consts, logp_BT=out["logp"], kl_BT=out.get("kl")), normalizer)
         run.student.backward(loss if grad_fn is None else out["anchor"] + loss.detach())
         if consts.old_from_logp_B is not None:
-            mine = [i for row, i in enumerate(mb) if bool(consts.old_from_logp_B[row])]
-            pass_old.update({i: v for i, v in _rows(batch, mb, out["logp"].detach()).items() if i in mine})
+            mine = [(row, i) for row, i in enumerate(mb) if bool(consts.old_from_logp_B[row])]
+            pass_old.update(_rows(batch, [i for _, i in mine], out["logp"].detach()[[row for row, _ in mine]]))
         tokens = float(inputs.mask_BT.sum())
         parts["loss/total"] = float(loss.detach())
         parts.update({"entropy/sum": float(out["entropy"].sum()), "entropy/tokens": tokens})
