@@ -80,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         run.close()
+    from scope_ds.engines import ds
+
+    ds.end_distributed()  # every rank finished: an orderly end of the process groups
     return 0
 
 

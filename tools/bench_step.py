@@ -176,6 +176,7 @@ def child(args: argparse.Namespace) -> None:
     torch.distributed.all_gather_object(parts, result)
     if rank == 0:
         Path(args.out).write_text(json.dumps(parts))
+    ds.end_distributed()
 
 
 def _free_port() -> int:

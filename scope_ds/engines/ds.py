@@ -79,6 +79,16 @@ def init_distributed() -> tuple[int, int]:
     return rank, torch.distributed.get_world_size()
 
 
+def end_distributed() -> None:
+    """An orderly end of a run whose ranks all got here: a barrier, then every process group
+    destroyed, so gloo's threads stop before the interpreter tears the groups down (an exit racing
+    them can abort with "terminate called without an active exception" after all the work is
+    done). Not for error paths, where another rank may never reach the barrier."""
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def _unlink_shm_buffers(addr: str, port: str, rank: int) -> None:
     """Remove this rank's shared-memory allreduce buffer (DeepSpeed's CPU backend), which DeepSpeed
     never does: 66 MB in /dev/shm per rank per run, until memory runs out. Other ranks that still

@@ -32,66 +32,22 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _chunk_logits(
-    x: torch.Tensor, weight: torch.Tensor | None, sl: slice, temperature: float, dtype: torch.dtype
-) -> torch.Tensor:
-    """Logits [C, V] in ``dtype`` of rows ``sl``: ``x[sl]`` itself, or ``x[sl] @ weight.T``."""
-    z = x[sl] if weight is None else x[sl] @ weight.t()
-    z = z.to(dtype)
-    return z / temperature if temperature != 1.0 else z
-
-
 def _dot(a_CV: torch.Tensor, b_CV: torch.Tensor) -> torch.Tensor:
     """Row-wise dot product [C] without a [C, V] temporary."""
     return torch.bmm(a_CV[:, None, :], b_CV[:, :, None]).view(-1)
 
 
-def _forward_chunk(stat: str, z_CV: torch.Tensor, logp_CV: torch.Tensor, p_CV, tok_C, q_CV):
-    """(value [C], teacher lse [C] or None) of one chunk; z, q are tempered logits, logp_CV the
-    log-softmax of z (one fused pass, shared by every statistic at z's temperature) and p_CV its
-    exp (None: computed here where needed)."""
-    if stat == "logp":
-        return logp_CV.gather(-1, tok_C[:, None]).squeeze(-1), None
-    if p_CV is None:
-        p_CV = logp_CV.exp()
-    if stat == "entropy":
-        return -_dot(p_CV, logp_CV), None
-    logq_CV = torch.log_softmax(q_CV, dim=-1)
-    lse_q = q_CV[:, 0] - logq_CV[:, 0]
-    return _dot(p_CV, logp_CV - logq_CV), lse_q
-
-
-def _softmax(z_CV: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
-    # The fused softmax, written straight into ``out`` (a slice of the gradient) when given.
-    return torch.softmax(z_CV, dim=-1) if out is None else torch.ops.aten._softmax.out(z_CV, -1, False, out=out)
-
-
-def _grad_chunk(stat: str, z_CV, tok_C, q_CV, lse_C, lse_q, val_C, scale_C, out=None, p_CV=None) -> torch.Tensor:
-    """``scale`` x d value / d z [C, V] of one chunk, from the saved normalisers; into ``out`` if given
-    (the compute dtype, the chunk's rows of the logits' gradient), else a new tensor. ``p_CV``: the
-    chunk's softmax where the caller still has it (the fused pass), else it is recomputed."""
-    if stat == "logp":  # d log p_k / d z_j = 1[j=k] - p_j
-        if p_CV is None:
-            g = _softmax(z_CV, out).mul_(-scale_C[:, None])
-        else:
-            g = torch.mul(p_CV, -scale_C[:, None], out=out) if out is not None else p_CV * -scale_C[:, None]
-        return g.scatter_add_(-1, tok_C[:, None], scale_C[:, None])
-    if stat == "entropy":  # dH/dz_j = -p_j (log p_j + H)
-        logp_CV = z_CV - lse_C[:, None]
-        p_CV = logp_CV.exp()
-        return logp_CV.add_(val_C[:, None]).mul_(p_CV).mul_(-scale_C[:, None])
-    # d KL / d z_j = p_j (log p_j - log q_j - KL) = p_j (z_j - q_j - (lse_z - lse_q + KL))
-    ps_CV = torch.softmax(z_CV, dim=-1).mul_(scale_C[:, None]) if p_CV is None else p_CV * scale_C[:, None]
-    d_CV = z_CV - q_CV if out is None else torch.sub(z_CV, q_CV, out=out)
-    return d_CV.sub_((lse_C - lse_q + val_C)[:, None]).mul_(ps_CV)
+def _softmax_lse(z_CV: torch.Tensor, p_out: torch.Tensor) -> torch.Tensor:
+    """The softmax of ``z`` into ``p_out`` (one fused pass), and returns its normaliser
+    lse = log sum_v exp z_v [C], read off the most probable word: lse = max z - log max p
+    (max p >= 1/V, so its log is exact to rounding; two max reductions cost less than a pass that
+    writes)."""
+    torch.ops.aten._softmax.out(z_CV, -1, False, out=p_out)
+    return z_CV.amax(-1) - p_out.amax(-1).log()
 
 
 def _slices(n: int, chunk: int):
     return (slice(s, min(s + chunk, n)) for s in range(0, n, chunk))
-
-
-def _tempered(raw_CV: torch.Tensor | None, temperature: float) -> torch.Tensor | None:
-    return raw_CV if raw_CV is None or temperature == 1.0 else raw_CV / temperature
 
 
 class _Chunks:
@@ -99,57 +55,117 @@ class _Chunks:
     gradient of its logits (backward, or the fused forward), from the normalisers saved per token.
 
     Several statistics, each at its own temperature, share a chunk: its logits are computed once
-    (the LM-head product, the costly part), their log-softmax once per temperature."""
+    (the LM-head product, the costly part), their softmax once per temperature. Every [C, V]
+    tensor of a chunk lives in a workspace allocated once per pass and reused by every chunk
+    (``_ws``), so the pass allocates a handful of buffers, not several per chunk: on CPUs each
+    fresh allocation of that size is mapped, faulted in page by page and unmapped again."""
 
     def __init__(self, stats, temps, chunk, x, weight, tokens, t_x, t_weight):
         self.stats, self.temps, self.chunk = stats, temps, chunk
         self.x, self.weight, self.tokens, self.t_x, self.t_weight = x, weight, tokens, t_x, t_weight
         n, self.dt = x.shape[0], _compute_dtype(x)
+        self.vocab = x.shape[-1] if weight is None else weight.shape[0]
         self.outs = [torch.empty(n, dtype=self.dt, device=x.device) for _ in stats]
         self.lses = {t: torch.empty(n, dtype=self.dt, device=x.device) for t in set(temps)}
         self.lse_t = {
             t: torch.empty(n, dtype=self.dt, device=x.device) for s, t in zip(stats, temps, strict=True) if s == "kl"
         }
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def _ws(self, name: str, rows: int) -> torch.Tensor:
+        """The pass's [rows, V] workspace ``name`` (allocated at the first chunk)."""
+        buf = self._buffers.get(name)
+        if buf is None:
+            size = (min(self.chunk, self.x.shape[0]), self.vocab)
+            buf = self._buffers[name] = torch.empty(size, dtype=self.dt, device=self.x.device)
+        return buf[:rows]
+
+    def _logits(self, x, weight, sl: slice, name: str) -> torch.Tensor:
+        """Untempered logits [C, V] in the compute dtype of rows ``sl``: ``x[sl]`` itself (a view,
+        never written), or ``x[sl] @ weight.T`` into workspace ``name``."""
+        if weight is None:
+            return x[sl] if x.dtype == self.dt else self._ws(name, sl.stop - sl.start).copy_(x[sl])
+        out = self._ws(name, sl.stop - sl.start)
+        if x.dtype == weight.dtype == self.dt:
+            return torch.mm(x[sl], weight.t(), out=out)
+        return out.copy_(x[sl] @ weight.t())  # bf16 / fp16 product, upcast
+
+    def _tempered(self, raw: torch.Tensor, t: float, name: str) -> torch.Tensor:
+        return raw if t == 1.0 else torch.div(raw, t, out=self._ws(f"{name}@{t}", raw.shape[0]))
 
     def slices(self):
         """(rows, the student's untempered logits [C, V], the teacher's or None, the tokens or None)."""
         for sl in _slices(self.x.shape[0], self.chunk):
-            raw = _chunk_logits(self.x, self.weight, sl, 1.0, self.dt)
-            raw_q = None if self.t_x is None else _chunk_logits(self.t_x, self.t_weight, sl, 1.0, self.dt)
+            raw = self._logits(self.x, self.weight, sl, "z")
+            raw_q = None if self.t_x is None else self._logits(self.t_x, self.t_weight, sl, "q")
             yield sl, raw, raw_q, None if self.tokens is None else self.tokens[sl]
 
-    def values(self, sl, raw, raw_q, tok, keep_p: bool = False) -> dict[float, torch.Tensor]:
-        """The chunk's statistics into ``outs`` (and its normalisers into ``lses`` / ``lse_t``);
-        with ``keep_p``, returns its softmax per temperature for a gradient in the same pass."""
-        kept = {}
-        for t in self.lses:
-            z = _tempered(raw, t)
-            logp_CV = torch.log_softmax(z, dim=-1)
-            self.lses[t][sl] = z[:, 0] - logp_CV[:, 0]  # lse = z_k - log p_k for any k
-            mine = [s for s, ts in zip(self.stats, self.temps, strict=True) if ts == t]
-            p_CV = logp_CV.exp() if keep_p or any(s != "logp" for s in mine) else None
-            if keep_p:
-                kept[t] = p_CV
-            for i, (s, ts) in enumerate(zip(self.stats, self.temps, strict=True)):
-                if ts == t:
-                    self.outs[i][sl], lq = _forward_chunk(s, z, logp_CV, p_CV, tok, _tempered(raw_q, t))
-                    if lq is not None:
-                        self.lse_t[t][sl] = lq
-        return kept
+    def _dkl(self, sl, z, q, t) -> torch.Tensor:
+        """log p - log q [C, V] = (z - q) - (lse_z - lse_q), into a workspace."""
+        d = torch.sub(z, q, out=self._ws(f"dkl@{t}", z.shape[0]))
+        return d.sub_((self.lses[t][sl] - self.lse_t[t][sl])[:, None])
 
-    def logit_grad(self, sl, raw, raw_q, tok, scales: dict[int, torch.Tensor], direct=None, p=None) -> torch.Tensor:
-        """sum_i scales[i] x d stat_i / d raw logits [C, V]; the first term into ``direct`` if given;
-        ``p``: the chunk's softmax per temperature, where still at hand."""
-        g_CV = None
-        for i, scale in scales.items():
+    def values(self, sl, raw, raw_q, tok) -> dict[float, tuple]:
+        """The chunk's statistics into ``outs`` (and its normalisers into ``lses`` / ``lse_t``);
+        returns, per temperature, (tempered logits, softmax, log p - log q or None) for a gradient
+        in the same pass."""
+        at = {}
+        for t in self.lses:
+            z = self._tempered(raw, t, "z")
+            p = self._ws(f"p@{t}", z.shape[0])
+            lse = self.lses[t][sl] = _softmax_lse(z, p)
+            d_kl = None
+            for i, (s, ts) in enumerate(zip(self.stats, self.temps, strict=True)):
+                if ts != t:
+                    continue
+                if s == "logp":
+                    self.outs[i][sl] = z.gather(-1, tok[:, None]).squeeze(-1) - lse
+                elif s == "entropy":  # -sum p log p, log p = z - lse
+                    logp = torch.sub(z, lse[:, None], out=self._ws(f"logp@{t}", z.shape[0]))
+                    self.outs[i][sl] = -_dot(p, logp)
+                else:
+                    q = self._tempered(raw_q, t, "q")
+                    self.lse_t[t][sl] = _softmax_lse(q, self._ws(f"dkl@{t}", q.shape[0]))  # scratch
+                    d_kl = self._dkl(sl, z, q, t)
+                    self.outs[i][sl] = _dot(p, d_kl)
+            at[t] = (z, p, d_kl)
+        return at
+
+    def logit_grad(self, sl, raw, raw_q, tok, scales: dict[int, torch.Tensor], direct=None, at=None) -> torch.Tensor:
+        """sum_i scales[i] x d stat_i / d raw logits [C, V] (into ``direct`` if given, x's own
+        gradient rows); ``at``: the chunk's (z, p, log p - log q) per temperature from ``values``
+        in the same pass, else recomputed from the saved normalisers. Consumes ``at``'s buffers."""
+        rows = raw.shape[0]
+        g_CV = direct
+        for n, (i, scale) in enumerate(scales.items()):
             stat, t = self.stats[i], self.temps[i]
-            lse_q = self.lse_t[t][sl] if stat == "kl" else None
-            into = direct if g_CV is None and len(scales) == 1 and stat != "entropy" else None
-            g = _grad_chunk(
-                stat, _tempered(raw, t), tok, _tempered(raw_q, t), self.lses[t][sl], lse_q, self.outs[i][sl],
-                scale.to(self.dt) / t, into, None if p is None else p.get(t),
-            )  # fmt: skip
-            g_CV = g if g_CV is None else g_CV.add_(g)
+            if at is not None:
+                z, p, d_kl = at[t]
+            else:
+                z = self._tempered(raw, t, "z")
+                p = torch.ops.aten._softmax.out(z, -1, False, out=self._ws(f"p@{t}", rows))
+                d_kl = self._dkl(sl, z, self._tempered(raw_q, t, "q"), t) if stat == "kl" else None
+            s_C1 = (scale.to(self.dt) / t)[:, None]
+            if stat == "logp":  # d log p_k / d z_j = 1[j=k] - p_j
+                if g_CV is None:  # the first term: p itself becomes the gradient when no other needs it
+                    g_CV = p.mul_(-s_C1) if len(scales) == 1 else torch.mul(p, -s_C1, out=self._ws("g", rows))
+                elif n == 0:
+                    torch.mul(p, -s_C1, out=g_CV)
+                else:
+                    g_CV.addcmul_(p, -s_C1)
+                g_CV.scatter_add_(-1, tok[:, None], s_C1)
+                continue
+            if stat == "entropy":  # dH/dz_j = -p_j (log p_j + H)
+                term = torch.sub(z, (self.lses[t][sl] - self.outs[i][sl])[:, None], out=self._ws(f"logp@{t}", rows))
+                term.mul_(p).mul_(-s_C1)
+            else:  # d KL / d z_j = p_j (log p_j - log q_j - KL)
+                term = d_kl.sub_(self.outs[i][sl][:, None]).mul_(p).mul_(s_C1)
+            if g_CV is None:
+                g_CV = term  # in its own workspace, which no later term writes
+            elif n == 0:
+                g_CV.copy_(term)
+            else:
+                g_CV.add_(term)
         return g_CV
 
     def grads(self, need_x: bool, need_w: bool, every_row: bool = False):
@@ -166,7 +182,10 @@ class _Chunks:
                 grad_x[sl] = g_CV
             return
         if grad_x is not None:
-            grad_x[sl] = g_CV.to(self.weight.dtype) @ self.weight
+            if g_CV.dtype == self.weight.dtype == grad_x.dtype:
+                torch.mm(g_CV, self.weight, out=grad_x[sl])
+            else:
+                grad_x[sl] = g_CV.to(self.weight.dtype) @ self.weight
         if grad_w is not None:
             grad_w.addmm_(g_CV.t(), self.x[sl].to(self.dt))
 
@@ -219,11 +238,11 @@ class _FusedStats(torch.autograd.Function):
         run = _Chunks(stats, temps, chunk, x, weight, tokens, t_x, t_weight)
         grad_x, grad_w = run.grads(ctx.needs_input_grad[4], ctx.needs_input_grad[5])
         for sl, raw, raw_q, tok in run.slices():
-            p = run.values(sl, raw, raw_q, tok, keep_p=True)
+            at = run.values(sl, raw, raw_q, tok)
             upstream = grad_fn(sl, {s: o[sl] for s, o in zip(stats, run.outs, strict=True)})
             scales = {i: upstream[s] for i, s in enumerate(stats) if upstream.get(s) is not None}
             if scales:
-                g_CV = run.logit_grad(sl, raw, raw_q, tok, scales, run.direct_into(grad_x, sl), p)
+                g_CV = run.logit_grad(sl, raw, raw_q, tok, scales, run.direct_into(grad_x, sl), at)
                 run.apply(sl, g_CV, grad_x, grad_w)
         ctx.grad_x, ctx.grad_w = grad_x, None if grad_w is None else grad_w.to(weight.dtype)
         ctx.mark_non_differentiable(*run.outs)

@@ -110,10 +110,7 @@ def main() -> None:
     if rank == 0:
         saved = {"weights": weights, "metrics": metrics, "teacher_logp": teacher_logp(batch), "spans": spans}
         torch.save({**saved, "teacher_logp_after": teacher_logp(after)}, out)
-    # an orderly end: gloo's threads stopped before the interpreter tears the groups down (without
-    # it, an exit racing them can abort with "terminate called without an active exception")
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    ds.end_distributed()
 
 
 def teacher_logp(batch: stages.Batch) -> dict[int, list[float]]:

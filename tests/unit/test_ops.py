@@ -84,37 +84,45 @@ def test_several_stats_in_one_pass_at_their_own_temperatures(with_weight):
 
 
 @pytest.mark.parametrize("with_weight", [False, True])
-def test_a_loss_applied_in_the_forward_pass_matches_autograd_of_the_reference(with_weight):
-    """grad_fn: a non-linear loss of per-token logp and kl, its gradient applied chunk by chunk in
-    the forward pass (nothing recomputed in backward), against autograd through float64 whole
-    logits. The statistics' values are the plain ones; the anchor scales the gradient."""
+@pytest.mark.parametrize("wanted", [("logp",), ("logp", "kl"), ("entropy",), ("kl", "entropy", "logp")])
+def test_a_loss_applied_in_the_forward_pass_matches_autograd_of_the_reference(with_weight, wanted):
+    """grad_fn: a non-linear loss of some of the per-token statistics (logp and kl at 0.8, entropy
+    at 1.0), its gradient applied chunk by chunk in the forward pass (nothing recomputed in
+    backward), against autograd through float64 whole logits. The statistics' values are the
+    plain ones; the anchor scales the gradient."""
     g = torch.Generator().manual_seed(13)
     n, d, v = 23, 5, 31
     h, w = torch.randn(n, d, generator=g), torch.randn(v, d, generator=g)
     q = torch.randn(n, v, generator=g) * 2
     tok = torch.randint(0, v, (n,), generator=g)
-    a, b, old = torch.randn(n, generator=g), torch.randn(n, generator=g), torch.randn(n, generator=g) - 3
+    a, b, c = torch.randn(n, generator=g), torch.randn(n, generator=g), torch.randn(n, generator=g)
+    old = torch.randn(n, generator=g) - 3
 
-    def loss_of(logp, kl, rows=slice(None)):  # per token: a * exp(logp - old) + b * kl^2
-        return (a[rows].to(logp.dtype) * torch.exp(logp - old[rows].to(logp.dtype))).sum() + (
-            b[rows].to(kl.dtype) * kl**2
-        ).sum()
+    def loss_of(values, rows=slice(None)):  # per token: a * exp(logp - old) + b * kl^2 + c * entropy^2
+        terms = {
+            "logp": lambda x: a[rows].to(x.dtype) * torch.exp(x - old[rows].to(x.dtype)),
+            "kl": lambda x: b[rows].to(x.dtype) * x**2,
+            "entropy": lambda x: c[rows].to(x.dtype) * x**2,
+        }
+        return sum(terms[k](values[k]).sum() for k in wanted)
 
     hr, wr = h.double().requires_grad_(), w.double().requires_grad_()
     cold = ref_stats((hr @ wr.t()) / 0.8, tok, q.double() / 0.8)
-    (2.5 * loss_of(cold["logp"], cold["kl"])).backward()
+    hot = ref_stats(hr @ wr.t(), tok, None)
+    (2.5 * loss_of({"logp": cold["logp"], "kl": cold["kl"], "entropy": hot["entropy"]})).backward()
     calls = []
 
     def grad_fn(rows, values):
         calls.append(rows)
-        lp, kl = values["logp"].detach().requires_grad_(), values["kl"].detach().requires_grad_()
+        mine = {k: values[k].detach().requires_grad_() for k in wanted}
         with torch.enable_grad():
-            d_lp, d_kl = torch.autograd.grad(loss_of(lp, kl, rows), [lp, kl])
-        return {"logp": d_lp, "kl": d_kl, "entropy": None}
+            grads = torch.autograd.grad(loss_of(mine, rows), list(mine.values()))
+        return dict(zip(mine, grads, strict=True))
 
     hc, wc = h.clone().requires_grad_(), w.clone().requires_grad_()
     x = hc if with_weight else hc @ wc.t()
-    stats = {"logp": 0.8, "entropy": 1.0, "kl": 0.8}
+    temps = {"logp": 0.8, "entropy": 1.0, "kl": 0.8}
+    stats = {k: temps[k] for k in dict.fromkeys((*wanted, *temps))}  # in the order of wanted, then the rest
     kw = dict(weight=wc if with_weight else None, teacher_x=q, chunk=4)
     out = chunked_stats(stats, x, tok, grad_fn=grad_fn, **kw)
     assert len(calls) == 6 and calls[-1] == slice(20, 23)  # 23 tokens in chunks of 4
@@ -122,7 +130,7 @@ def test_a_loss_applied_in_the_forward_pass_matches_autograd_of_the_reference(wi
     for stat in stats:
         torch.testing.assert_close(out[stat], plain[stat], atol=0, rtol=0)
         assert not out[stat].requires_grad
-    (2.5 * out["anchor"] + loss_of(out["logp"], out["kl"]).detach()).backward()
+    (2.5 * out["anchor"] + loss_of(out).detach()).backward()
     torch.testing.assert_close(hc.grad.double(), hr.grad, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(wc.grad.double(), wr.grad, atol=1e-4, rtol=1e-4)
 
