@@ -250,8 +250,9 @@ class _FusedStats(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_anchor, *_):
-        grad_x = None if ctx.grad_x is None else ctx.grad_x * g_anchor.to(ctx.grad_x.dtype)
-        grad_w = None if ctx.grad_w is None else ctx.grad_w * g_anchor.to(ctx.grad_w.dtype)
+        # in place: the buffers are this pass's own, handed over once
+        grad_x = None if ctx.grad_x is None else ctx.grad_x.mul_(g_anchor.to(ctx.grad_x.dtype))
+        grad_w = None if ctx.grad_w is None else ctx.grad_w.mul_(g_anchor.to(ctx.grad_w.dtype))
         ctx.grad_x = ctx.grad_w = None
         return None, None, None, None, grad_x, grad_w, None, None, None
 
