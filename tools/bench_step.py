@@ -15,6 +15,9 @@ rank), seconds per step, trained (response) tokens per second, the padding share
 the forward passes ran over, micro-batches per rank. ``old=all`` recomputes pi_old for every
 rollout (the trainer's behaviour before it took pi_old from the update's own pass where the plan
 does not read it): with ``packing=false micro=1`` it is the step as it was before packing.
+``name=opd kl=full`` runs another algorithm; ``score=all`` scores every rollout of the teacher's
+mask before the update even where the update's full-KL pass gives the teacher's log-probs (as
+before that pass did).
 """
 
 from __future__ import annotations
@@ -129,6 +132,7 @@ def child(args: argparse.Namespace) -> None:
         f"rollout.n={args.group}",
         f"train.prompts_per_step={args.rollouts // args.group}",
         "model.dtype=float32",
+        *[f"algo.{k}={opts[k]}" for k in ("name", "kl") if k in opts],
     ]
     cfg = load_config(None, overrides)
     rank, world = ds.init_distributed()
@@ -136,6 +140,8 @@ def child(args: argparse.Namespace) -> None:
     algo = cfg.algorithm()
     if opts.get("old") == "all":  # the issue's baseline: pi_old recomputed for every rollout, as before
         algo.reads_student_logp = lambda correct_B: torch.ones_like(correct_B, dtype=torch.bool)
+    if opts.get("score") == "all":  # every rollout the teacher is needed for scored before the update, as before
+        algo.reads_teacher_logp = algo.teacher_mask
     student, teacher, reference = build_engines(cfg, algo, world, args.student, args.teacher, score_group())
     run = Run(
         cfg=cfg,
@@ -198,7 +204,8 @@ def main() -> int:
     ap.add_argument(
         "--configs",
         default=DEFAULT_CONFIGS,
-        help="';'-separated: packing=true|false micro=N tokens=N chunk=N old=all (pi_old recomputed for every rollout)",
+        help="';'-separated: packing=true|false micro=N tokens=N chunk=N old=all (pi_old recomputed for every "
+        "rollout) name=ALGO kl=sampled|full score=all (the teacher scores before the update whatever the plan reads)",
     )
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--config", help=argparse.SUPPRESS)

@@ -3,7 +3,9 @@
 Shape legend: B = rollouts, T = response positions (right-padded), mask_BT = real response tokens.
 
 The trainer calls, in order:
-1. ``teacher_mask(correct_B)``: which rollouts the teacher must score (SCOPE: the incorrect ones);
+1. ``teacher_mask(correct_B)``: which rollouts the teacher must score (SCOPE: the incorrect ones),
+   and ``reads_teacher_logp(correct_B)``: which of them before the update (the others, with a
+   full-vocabulary KL, in the update's own pass);
 2. ``plan(stats)`` once over the whole global batch: each rollout's path, weight and advantage;
 3. ``normalizer(plan, stats)`` once over the whole global batch (see losses.aggregate);
    where ``recomputes_old_logprobs``, pi_old by a no-grad student forward, before any update;
@@ -132,6 +134,12 @@ class Algorithm:
     def teacher_mask(self, correct_B: torch.Tensor) -> torch.Tensor:
         """Rollouts whose teacher log-probs are needed (default: none)."""
         return torch.zeros_like(correct_B, dtype=torch.bool)
+
+    def reads_teacher_logp(self, correct_B: torch.Tensor) -> torch.Tensor:
+        """Rollouts of ``teacher_mask`` whose teacher log-probs must exist before the update (the
+        scoring stage computes those); the update's full-vocabulary KL pass gives the others'
+        (default: all of them)."""
+        return self.teacher_mask(correct_B)
 
     def reads_student_logp(self, correct_B: torch.Tensor) -> torch.Tensor:
         """Rollouts whose plan reads the value of pi_old's log-probs (default: none). With

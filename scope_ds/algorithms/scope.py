@@ -30,6 +30,16 @@ class _DistillBase(Algorithm):
     def needs_teacher(self) -> bool:
         return True  # the teacher scores the OPD path (Eq. 3; SCOPE's weights of Eq. 5)
 
+    def reads_teacher_logp(self, correct_B: torch.Tensor) -> torch.Tensor:
+        # kl=sampled: the loss reads them (Eq. 3). kl=full: the loss reads the KL, whose pass in the
+        # update also gives the teacher's log-probs; only weights made from them are needed before.
+        if self.kl == "sampled":
+            return self.teacher_mask(correct_B)
+        return self._weights_read_teacher(correct_B)
+
+    def _weights_read_teacher(self, correct_B: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(correct_B, dtype=torch.bool)  # uniform weights (OPD)
+
     def token_terms(self, b: TokenBatch, rho_BT: torch.Tensor) -> torch.Tensor:
         on_opd = (b.path_B == Path.OPD)[:, None]
         term = torch.where((b.path_B == Path.MLE)[:, None], losses.mle_term(rho_BT), torch.zeros_like(rho_BT))
@@ -64,6 +74,9 @@ class Scope(_DistillBase):
     def teacher_mask(self, correct_B: torch.Tensor) -> torch.Tensor:
         return ~correct_B.bool()
 
+    def _weights_read_teacher(self, correct_B: torch.Tensor) -> torch.Tensor:
+        return ~correct_B.bool() & (self.teacher_weight != "uniform")  # Eq. 5's teacher perplexity
+
     def reads_student_logp(self, correct_B: torch.Tensor) -> torch.Tensor:
         # Eq. 4's student perplexity, of the correct rollouts (uniform weights read no value)
         return correct_B.bool() & (self.student_weight != "uniform")
@@ -71,12 +84,13 @@ class Scope(_DistillBase):
     def plan(self, stats: RolloutStats) -> Plan:
         correct = stats.correct_B.bool()
         nonempty = stats.lengths_B > 0
-        if stats.student_seq_logp_B is None or (stats.teacher_seq_logp_B is None and bool((~correct).any())):
+        reads_teacher = self.teacher_weight != "uniform" and bool((~correct).any())
+        if stats.student_seq_logp_B is None or (stats.teacher_seq_logp_B is None and reads_teacher):
             raise ValueError("scope needs student_seq_logp_B and, for incorrect rollouts, teacher_seq_logp_B")
         args = dict(lengths_B=stats.lengths_B, group_B=stats.group_B, tau=self.tau, normalization=self.normalization)
         w_stu = ppl_weights(stats.student_seq_logp_B, member_B=correct, sign=-1.0, mode=self.student_weight, **args)
         t_logp = stats.teacher_seq_logp_B
-        if t_logp is None:
+        if t_logp is None or not reads_teacher:  # uniform weights read no value (kl=full scores in the update)
             t_logp = torch.zeros_like(stats.student_seq_logp_B)
         w_tea = ppl_weights(t_logp, member_B=~correct, sign=+1.0, mode=self.teacher_weight, **args)
         path = torch.where(correct, int(Path.MLE), int(Path.OPD))

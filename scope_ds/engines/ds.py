@@ -79,6 +79,29 @@ def init_distributed() -> tuple[int, int]:
     return rank, torch.distributed.get_world_size()
 
 
+def threads_per_rank(cores: int, hosts: list[str], host: str) -> int:
+    """Intra-op threads for one rank: the cores it may run on, shared by the ranks of its host."""
+    return max(1, cores // max(1, hosts.count(host)))
+
+
+def default_threads(world: int) -> int:
+    """Sets this rank's intra-op threads and returns them: ``OMP_NUM_THREADS`` where it is set (the
+    user's choice, or the launcher's: torchrun sets 1), else this host's cores shared by its ranks
+    (``threads_per_rank``). Left alone, every rank would take every core, and two ranks on a
+    two-core machine (a third process, the rollout server, beside them) spend their time waiting
+    on each other's threads. A collective (the ranks' host names) when ``world`` > 1."""
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    host = socket.gethostname()
+    hosts = [host]
+    if world > 1:
+        hosts = [""] * world
+        torch.distributed.all_gather_object(hosts, host)
+    n = threads_per_rank(len(os.sched_getaffinity(0)), hosts, host)
+    torch.set_num_threads(n)
+    return n
+
+
 def end_distributed() -> None:
     """An orderly end of a run whose ranks all got here: a barrier, then every process group
     destroyed, so gloo's threads stop before the interpreter tears the groups down (an exit racing

@@ -27,6 +27,8 @@ from scope_ds.engines import ds
 from scope_ds.engines.batching import PackedInputs, TokenInputs, gather_response, unpack_response
 from scope_ds.ops import GradFn, chunked_stats
 
+_TEACHER = {"kl", "teacher_logp"}  # statistics that read the teacher
+
 Inputs = TokenInputs | PackedInputs
 
 
@@ -67,7 +69,7 @@ class StatsHead:
         if not req.stats:
             return x
         h_MD = x.reshape(-1, x.shape[-1])
-        tokens = req.targets_M if "logp" in req.stats else None
+        tokens = req.targets_M if {"logp", "teacher_logp"} & set(req.stats) else None
         out = chunked_stats(
             req.stats,
             h_MD,
@@ -142,14 +144,15 @@ class _Engine:
         """Per-response-token statistics [B, T] of a micro-batch, ``{stat: temperature}`` ->
         ``{stat: values}`` (0 at padding): 'logp' of the sampled tokens (with gradient where the
         caller allows), 'entropy' (never a gradient), 'kl' = KL(self || ``teacher``) over the full
-        vocabulary (gradient to self only).
+        vocabulary (gradient to self only), 'teacher_logp' = the teacher's log-probs of the sampled
+        tokens from the same pass (no gradient).
 
         ``grad_fn`` (packed micro-batches only; flat positions m of ``inputs.targets_M``): the
         gradient of a per-token loss applied in the forward pass (``ops.chunked_stats``); the
         statistics then carry no gradient and ``"anchor"`` is the zero scalar to add to the loss."""
         if isinstance(inputs, PackedInputs):
             teacher_x = teacher_w = None
-            if "kl" in stats:
+            if _TEACHER & set(stats):
                 teacher_x, teacher_w = teacher.hidden(inputs), teacher.head_weight()
             request = _Request(stats, inputs.targets_M, teacher_x, teacher_w, self.chunk, grad_fn)
             values = self._packed(inputs, request).reshape(-1, len(stats) + (grad_fn is not None))
@@ -163,10 +166,10 @@ class _Engine:
             raise ValueError("grad_fn needs a packed micro-batch (train.packing=true)")
         logits = self.logits(inputs)
         t_logits = None
-        if "kl" in stats:
+        if _TEACHER & set(stats):
             with torch.no_grad():
                 t_logits = teacher.logits(inputs)
-        tokens = inputs.targets_BL if "logp" in stats else None
+        tokens = inputs.targets_BL if {"logp", "teacher_logp"} & set(stats) else None
         values = chunked_stats(stats, logits, tokens, teacher_x=t_logits, chunk=self.chunk)
         return {k: gather_response(v.detach() if k == "entropy" else v, inputs) for k, v in values.items()}
 

@@ -9,11 +9,12 @@ holds only the inputs and one float per token; or, given the loss's per-token gr
 nothing. The compute dtype is float32 for bf16/fp16/fp32
 inputs and float64 for float64 ones, so that gradcheck checks the ops truly in float64.
 
-Three statistics, each per token, all at a given temperature (logits are divided by it):
-- ``logp``:    log p(token)                              (the chosen token's log-prob)
-- ``entropy``: -sum_v p_v log p_v
-- ``kl``:      sum_v p_v (log p_v - log q_v)              reverse KL(student || teacher)
-The teacher side of ``kl`` is inference-only: it receives no gradient.
+Four statistics, each per token, all at a given temperature (logits are divided by it):
+- ``logp``:         log p(token)                         (the chosen token's log-prob)
+- ``entropy``:      -sum_v p_v log p_v
+- ``kl``:           sum_v p_v (log p_v - log q_v)         reverse KL(student || teacher)
+- ``teacher_logp``: log q(token)                         (the teacher's, from the same pass as ``kl``)
+The teacher side is inference-only: it receives no gradient, and ``teacher_logp`` has none.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from collections.abc import Callable
 
 import torch
 
-STATS = ("logp", "entropy", "kl")
+STATS = ("logp", "entropy", "kl", "teacher_logp")
+_TEACHER = ("kl", "teacher_logp")  # the statistics that read the teacher
 GradFn = Callable[[slice, dict[str, torch.Tensor]], dict[str, torch.Tensor | None]]
 CHUNK_BYTES = 32 * 2**20  # logits of one chunk: tokens per chunk = CHUNK_BYTES // (V x bytes per element)
 
@@ -68,7 +70,9 @@ class _Chunks:
         self.outs = [torch.empty(n, dtype=self.dt, device=x.device) for _ in stats]
         self.lses = {t: torch.empty(n, dtype=self.dt, device=x.device) for t in set(temps)}
         self.lse_t = {
-            t: torch.empty(n, dtype=self.dt, device=x.device) for s, t in zip(stats, temps, strict=True) if s == "kl"
+            t: torch.empty(n, dtype=self.dt, device=x.device)
+            for s, t in zip(stats, temps, strict=True)
+            if s in _TEACHER
         }
         self._buffers: dict[str, torch.Tensor] = {}
 
@@ -114,18 +118,21 @@ class _Chunks:
             z = self._tempered(raw, t, "z")
             p = self._ws(f"p@{t}", z.shape[0])
             lse = self.lses[t][sl] = _softmax_lse(z, p)
+            mine = [(i, s) for i, (s, ts) in enumerate(zip(self.stats, self.temps, strict=True)) if ts == t]
+            q = None
+            if t in self.lse_t:  # the teacher's normaliser, its softmax in the KL's workspace (a scratch here)
+                q = self._tempered(raw_q, t, "q")
+                self.lse_t[t][sl] = _softmax_lse(q, self._ws(f"dkl@{t}", q.shape[0]))
             d_kl = None
-            for i, (s, ts) in enumerate(zip(self.stats, self.temps, strict=True)):
-                if ts != t:
-                    continue
+            for i, s in mine:
                 if s == "logp":
                     self.outs[i][sl] = z.gather(-1, tok[:, None]).squeeze(-1) - lse
+                elif s == "teacher_logp":
+                    self.outs[i][sl] = q.gather(-1, tok[:, None]).squeeze(-1) - self.lse_t[t][sl]
                 elif s == "entropy":  # -sum p log p, log p = z - lse
                     logp = torch.sub(z, lse[:, None], out=self._ws(f"logp@{t}", z.shape[0]))
                     self.outs[i][sl] = -_dot(p, logp)
                 else:
-                    q = self._tempered(raw_q, t, "q")
-                    self.lse_t[t][sl] = _softmax_lse(q, self._ws(f"dkl@{t}", q.shape[0]))  # scratch
                     d_kl = self._dkl(sl, z, q, t)
                     self.outs[i][sl] = _dot(p, d_kl)
             at[t] = (z, p, d_kl)
@@ -207,6 +214,7 @@ class _ChunkedStats(torch.autograd.Function):
         ctx.save_for_backward(x, weight, tokens, t_x, t_weight, *run.outs)
         ctx.stats, ctx.temps, ctx.chunk, ctx.lses, ctx.lse_t = stats, temps, chunk, run.lses, run.lse_t
         ctx.set_materialize_grads(False)  # a statistic nobody differentiates gets None: skipped
+        ctx.mark_non_differentiable(*[o for s, o in zip(stats, run.outs, strict=True) if s == "teacher_logp"])
         return tuple(run.outs)
 
     @staticmethod
@@ -214,7 +222,7 @@ class _ChunkedStats(torch.autograd.Function):
         x, weight, tokens, t_x, t_weight, *outs = ctx.saved_tensors
         run = _Chunks(ctx.stats, ctx.temps, ctx.chunk, x, weight, tokens, t_x, t_weight)
         run.outs, run.lses, run.lse_t = outs, ctx.lses, ctx.lse_t
-        wanted = [i for i, g in enumerate(grads) if g is not None]
+        wanted = [i for i, g in enumerate(grads) if g is not None and ctx.stats[i] != "teacher_logp"]
         grad_x, grad_w = run.grads(ctx.needs_input_grad[3], ctx.needs_input_grad[4], every_row=bool(wanted))
         if wanted:
             for sl, raw, raw_q, tok in run.slices():
@@ -240,7 +248,9 @@ class _FusedStats(torch.autograd.Function):
         for sl, raw, raw_q, tok in run.slices():
             at = run.values(sl, raw, raw_q, tok)
             upstream = grad_fn(sl, {s: o[sl] for s, o in zip(stats, run.outs, strict=True)})
-            scales = {i: upstream[s] for i, s in enumerate(stats) if upstream.get(s) is not None}
+            scales = {
+                i: upstream[s] for i, s in enumerate(stats) if upstream.get(s) is not None and s != "teacher_logp"
+            }
             if scales:
                 g_CV = run.logit_grad(sl, raw, raw_q, tok, scales, run.direct_into(grad_x, sl), at)
                 run.apply(sl, g_CV, grad_x, grad_w)
@@ -276,11 +286,12 @@ def chunked_stat(
     temperature: float = 1.0,
     chunk: int | None = None,
 ) -> torch.Tensor:
-    """Per-token ``stat`` ('logp' | 'entropy' | 'kl'), shaped like ``x`` minus its last dim; float32,
+    """Per-token ``stat`` ('logp' | 'entropy' | 'kl' | 'teacher_logp'), shaped like ``x`` minus its last dim; float32,
     or float64 when ``x`` is float64 (then computed in float64 throughout).
 
     ``x`` is logits [..., V] (``weight`` None) or hidden states [..., D] with ``weight`` [V, D].
-    ``tokens`` [...] is needed for 'logp'; ``teacher_x`` (+ ``teacher_weight``) for 'kl'.
+    ``tokens`` [...] is needed for 'logp' and 'teacher_logp'; ``teacher_x`` (+ ``teacher_weight``) for
+    'kl' and 'teacher_logp'.
     Gradients flow to ``x`` and ``weight``; the teacher is treated as a constant. ``chunk`` is the
     number of tokens whose logits exist at once (default: as many as fit in CHUNK_BYTES).
     """
@@ -326,13 +337,14 @@ def chunked_stats(
         if not t > 0:
             raise ValueError(f"temperature must be > 0, got {t} for {s!r}")
     lead = tuple(x.shape[:-1])
-    if "logp" in stats:
-        if tokens is None or tuple(tokens.shape) != lead:
+    for s in ("logp", "teacher_logp"):
+        if s in stats and (tokens is None or tuple(tokens.shape) != lead):
             raise ValueError(
-                f"tokens must have shape {lead} for 'logp', got {None if tokens is None else tuple(tokens.shape)}"
+                f"tokens must have shape {lead} for {s!r}, got {None if tokens is None else tuple(tokens.shape)}"
             )
-    if "kl" in stats and teacher_x is None:
-        raise ValueError("teacher_x is required for 'kl'")
+    for s in _TEACHER:
+        if s in stats and teacher_x is None:
+            raise ValueError(f"teacher_x is required for {s!r}")
     if weight is not None and weight.shape[-1] != x.shape[-1]:
         raise ValueError(f"weight has shape {tuple(weight.shape)}, expected [V, {x.shape[-1]}]")
     x_N = _flatten("x", x, lead)

@@ -35,6 +35,7 @@ from scope_ds.rollout.weight_sync import DiskWeightSync, DistributedWeightSync
 def build_run(cfg: Config) -> Run:
     """Every part of a run on this rank (a collective: every rank calls it)."""
     rank, world = ds.init_distributed()
+    ds.default_threads(world)
     seed_everything(cfg.train.seed + rank)
     algo = cfg.algorithm()
     student_path, teacher_path = resolve_models(cfg, rank)

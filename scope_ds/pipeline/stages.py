@@ -102,10 +102,12 @@ def verify(run: Run, batch: Batch) -> None:
 
 
 def score(run: Run, batch: Batch) -> None:
-    """Teacher log-probs of the rollouts the algorithm needs them for, spread over ranks by tokens;
-    every rank ends with every scored rollout's ``teacher_logprobs``."""
+    """Teacher log-probs of the rollouts the algorithm needs them for before the update
+    (``algo.reads_teacher_logp``; with a full-vocabulary KL the update's own teacher pass gives the
+    rest), spread over ranks by tokens; every rank ends with every scored rollout's
+    ``teacher_logprobs``."""
     correct = torch.tensor([r.correct for r in batch.rollouts])
-    need = torch.nonzero(run.algo.teacher_mask(correct)).flatten().tolist()
+    need = torch.nonzero(run.algo.reads_teacher_logp(correct)).flatten().tolist()
     if run.teacher is None or not need:
         return
     out: dict[int, list[float]] = {}
@@ -267,10 +269,16 @@ def update(run: Run, batch: Batch) -> dict[str, float]:
     stats, p, normalizer = plan(run, batch)
     temp = run.algo.train_temperature(run.cfg.rollout.temperature)
     wanted = {"logp": temp, "entropy": run.cfg.rollout.temperature}
+    unscored = set()  # the teacher's log-probs from the KL's pass, at the scoring temperature
     if run.algo.uses_full_kl:
         wanted["kl"] = temp
+        mask = run.algo.teacher_mask(stats.correct_B).tolist()
+        unscored = {i for i, r in enumerate(batch.rollouts) if mask[i] and r.teacher_logprobs is None}
+        if unscored:
+            wanted["teacher_logp"] = run.cfg.rollout.temperature
     sums: dict[str, float] = {}
     pass_old: dict[int, list[float]] = {}  # pi_old taken from the update's own pass
+    pass_teacher: dict[int, list[float]] = {}
     for mb in mbs:
         inputs = _inputs(run, batch, mb, run.student.device)
         consts = _token_batch(run, batch, mb, p, inputs)
@@ -284,6 +292,9 @@ def update(run: Run, batch: Batch) -> dict[str, float]:
         if consts.old_from_logp_B is not None:
             mine = [(row, i) for row, i in enumerate(mb) if bool(consts.old_from_logp_B[row])]
             pass_old.update(_rows(batch, [i for _, i in mine], out["logp"].detach()[[row for row, _ in mine]]))
+        if "teacher_logp" in out:
+            mine = [(row, i) for row, i in enumerate(mb) if i in unscored]
+            pass_teacher.update(_rows(batch, [i for _, i in mine], out["teacher_logp"][[row for row, _ in mine]]))
         tokens = float(inputs.mask_BT.sum())
         parts["loss/total"] = float(loss.detach())
         parts.update({"entropy/sum": float(out["entropy"].sum()), "entropy/tokens": tokens})
@@ -295,6 +306,12 @@ def update(run: Run, batch: Batch) -> dict[str, float]:
     run.student.step()
     run.versions.stepped()
     _record_pass_old(run, batch, pass_old)
+    if unscored:  # alike on every rank
+        for i, logp in _gather_rows(run, pass_teacher).items():
+            r = batch.rollouts[i]
+            r.teacher_logprobs, r.teacher_seq_logp = logp, float(sum(logp))
+        t_logp = [math.nan if r.teacher_seq_logp is None else r.teacher_seq_logp for r in batch.rollouts]
+        stats = dataclasses.replace(stats, teacher_seq_logp_B=torch.tensor(t_logp, dtype=torch.float64))
     sums = sum_over_ranks(sums)
     out = {k: v for k, v in sums.items() if k.startswith("loss/")}
     tokens = max(sums.pop("entropy/tokens", 0.0), 1.0)

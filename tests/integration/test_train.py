@@ -224,6 +224,37 @@ def test_zero3_step_is_the_same_on_one_and_two_ranks(model_pair, tmp_path):
     assert beside["teacher_logp_after"] == two["teacher_logp_after"] and two["teacher_logp_after"]
 
 
+def test_full_kl_takes_the_teachers_log_probs_from_the_update_pass(model_pair, tmp_path):
+    """OPD with algo.kl=full (uniform weights read no teacher value): the scoring stage runs no
+    teacher pass, and the update's own KL pass records every rollout's teacher log-probs, equal
+    to a float64 forward of the teacher (2 ZeRO-3 ranks, packed)."""
+    from zero3_step import synthetic_batch
+
+    student, teacher = model_pair
+    out = tmp_path / "opd_full.pt"
+    args = [
+        student,
+        teacher,
+        out,
+        "algo.name=opd",
+        "algo.kl=full",
+        "train.max_tokens_per_micro_batch=60",
+        *ZERO3_LENGTHS,
+    ]
+    check_ok(launch_ranks(ZERO3_STEP, args, 2, run_env(), timeout=600))
+    saved = torch.load(out)
+    assert saved["teacher_logp_scored"] == {}  # no scoring pass before the update
+    from transformers import AutoConfig
+
+    batch = synthetic_batch(str(student), 4, 4, AutoConfig.from_pretrained(student).vocab_size)
+    rows = [{"prompt_ids": r.prompt_ids, "response_ids": r.response_ids} for r in batch.rollouts]
+    ref = token_logprobs_float64(teacher, rows)
+    assert {i for i, r in enumerate(batch.rollouts) if r.response_ids} <= set(saved["teacher_logp"])
+    for i, logp in saved["teacher_logp"].items():
+        torch.testing.assert_close(torch.tensor(logp), torch.tensor(ref[i]), atol=1e-5, rtol=1e-5)
+    assert saved["metrics"]["ppl/teacher_opd"] > 1
+
+
 def test_tied_embeddings_train_the_same_packed_and_padded(tmp_path):
     """A Qwen3-style student whose LM head is its input embedding (tie_word_embeddings, as in
     Qwen3-1.7B): one ZeRO-3 step on 2 ranks from hidden states (the head's gradient through the

@@ -91,6 +91,7 @@ def main() -> None:
     batch = synthetic_batch(student_path, *size, incorrect=opts.get("incorrect"))
     after = synthetic_batch(student_path, *size, seed=1)
     stages.score(run, batch)
+    scored = teacher_logp(batch)  # before the update (with kl=full, the update's pass may score the rest)
     spans = {}
 
     def timed(name, fn, *fn_args):
@@ -109,6 +110,7 @@ def main() -> None:
     weights = dict(student.full_parameters(rank))
     if rank == 0:
         saved = {"weights": weights, "metrics": metrics, "teacher_logp": teacher_logp(batch), "spans": spans}
+        saved["teacher_logp_scored"] = scored
         torch.save({**saved, "teacher_logp_after": teacher_logp(after)}, out)
     ds.end_distributed()
 

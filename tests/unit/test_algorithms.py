@@ -1,5 +1,6 @@
 """SCOPE, OPD, GRPO and KD against plain float64 references written here, on fresh random inputs."""
 
+import dataclasses
 import math
 
 import pytest
@@ -264,6 +265,31 @@ def test_pi_old_from_the_pass_itself_is_the_on_policy_gradient():
     assert algo.reads_student_logp(d["correct"]).tolist() == d["correct"].tolist()
     assert not build_algorithm("scope", {"student_weight": "uniform"}).reads_student_logp(d["correct"]).any()
     assert not build_algorithm("opd").reads_student_logp(d["correct"]).any()
+
+
+@pytest.mark.parametrize(
+    "name,options,scored",
+    [
+        ("scope", {}, "incorrect"),  # Eq. 3 reads them per token
+        ("scope", {"kl": "full"}, "incorrect"),  # Eq. 5's weights read their sums
+        ("scope", {"kl": "full", "teacher_weight": "uniform"}, "none"),
+        ("opd", {}, "all"),
+        ("opd", {"kl": "full"}, "none"),  # uniform weights, and the KL's pass gives the log-probs
+        ("grpo", {}, "none"),
+    ],
+)
+def test_the_teacher_scores_before_the_update_only_what_is_read_there(name, options, scored):
+    d = make_batch(8)
+    algo = build_algorithm(name, options)
+    correct = d["correct"].bool()
+    want = {"incorrect": ~correct, "all": torch.ones_like(correct), "none": torch.zeros_like(correct)}[scored]
+    assert algo.reads_teacher_logp(correct).tolist() == want.tolist()
+    assert not bool((algo.reads_teacher_logp(correct) & ~algo.teacher_mask(correct)).any())
+    if scored == "none" and algo.needs_teacher:  # and the plan runs without their values
+        stats = stats_of(d)
+        unscored = torch.full_like(stats.teacher_seq_logp_B, torch.nan)
+        plan = algo.plan(dataclasses.replace(stats, teacher_seq_logp_B=unscored))
+        assert bool(torch.isfinite(plan.weight_B).all())
 
 
 def test_full_vocab_kl_path_gradient_is_the_kl_gradient():

@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from scope_ds.engines import ds
 
@@ -62,3 +63,51 @@ def test_a_taken_port_is_one_line_naming_master_port() -> None:
     (line,) = [ln for ln in proc.stdout.splitlines() if ln.startswith("CAUGHT")]
     assert f"127.0.0.1:{port} (MASTER_PORT) is taken by another process (EADDRINUSE)" in line
     assert "deepspeed --master_port PORT" in line
+
+
+def test_threads_share_the_cores_among_the_ranks_of_a_host() -> None:
+    assert ds.threads_per_rank(16, ["a", "a", "b", "b", "b", "b"], "a") == 8
+    assert ds.threads_per_rank(16, ["a", "a", "b", "b", "b", "b"], "b") == 4
+    assert ds.threads_per_rank(2, ["a", "a", "a"], "a") == 1  # never none
+    assert ds.threads_per_rank(6, ["a"], "a") == 6
+
+
+def test_two_ranks_without_omp_num_threads_take_half_the_cores_each() -> None:
+    """Two real ranks on this host (gloo), OMP_NUM_THREADS unset: each sets cores // 2 intra-op
+    threads."""
+    cores = len(os.sched_getaffinity(0))
+    code = (
+        "import torch\nfrom scope_ds.engines import ds\n"
+        "rank, world = ds.init_distributed()\n"
+        "print('THREADS', ds.default_threads(world), torch.get_num_threads())\n"
+        "ds.end_distributed()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in (*_LAUNCHER_VARS, "OMP_NUM_THREADS")}
+    env.update(PYTHONPATH=_REPO, CUDA_VISIBLE_DEVICES="", MASTER_ADDR="127.0.0.1", WORLD_SIZE="2")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        env["MASTER_PORT"] = str(s.getsockname()[1])
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code],
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(2)
+    ]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    want = str(max(1, cores // 2))
+    for out in outs:
+        assert next(x for x in out.splitlines() if x.startswith("THREADS")).split()[1:] == [want, want], out
+
+
+def test_omp_num_threads_where_set_is_left_as_it_is(monkeypatch) -> None:
+    threads = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    try:
+        torch.set_num_threads(1)
+        assert ds.default_threads(1) == 1 and torch.get_num_threads() == 1  # unset, a lone rank takes every core
+    finally:
+        torch.set_num_threads(threads)

@@ -58,8 +58,9 @@ def test_hidden_states_plus_lm_head_match_reference(stat):
 
 @pytest.mark.parametrize("with_weight", [False, True])
 def test_several_stats_in_one_pass_at_their_own_temperatures(with_weight):
-    """logp and kl (with gradient) at 0.8, entropy (a metric, no gradient) at 1.0: values and the
-    gradient of a loss made of two of them, against float64 whole-logits references."""
+    """logp and kl (with gradient) at 0.8, entropy (a metric) and the teacher's logp (no gradient)
+    at 1.0: values and the gradient of a loss made of two of them, against float64 whole-logits
+    references."""
     g = torch.Generator().manual_seed(11)
     n, d, v = 19, 5, 29
     h, w = torch.randn(n, d, generator=g), torch.randn(v, d, generator=g)
@@ -73,9 +74,17 @@ def test_several_stats_in_one_pass_at_their_own_temperatures(with_weight):
     hc, wc = h.clone().requires_grad_(), w.clone().requires_grad_()
     x = hc if with_weight else hc @ w.t()
     out = chunked_stats(
-        {"logp": 0.8, "entropy": 1.0, "kl": 0.8}, x, tok, weight=wc if with_weight else None, teacher_x=q, chunk=4
+        {"logp": 0.8, "entropy": 1.0, "kl": 0.8, "teacher_logp": 1.0},
+        x,
+        tok,
+        weight=wc if with_weight else None,
+        teacher_x=q,
+        chunk=4,
     )
-    for stat, ref in (("logp", cold["logp"]), ("kl", cold["kl"]), ("entropy", hot["entropy"])):
+    teacher = torch.log_softmax(q.double(), -1).gather(-1, tok[:, None]).squeeze(-1)
+    assert not out["teacher_logp"].requires_grad
+    refs = (("logp", cold["logp"]), ("kl", cold["kl"]), ("entropy", hot["entropy"]), ("teacher_logp", teacher))
+    for stat, ref in refs:
         torch.testing.assert_close(out[stat].double(), ref.detach(), atol=1e-4, rtol=1e-5)
     ((out["logp"] * a).sum() + (out["kl"] * b).sum()).backward()
     torch.testing.assert_close(hc.grad.double(), hr.grad, atol=1e-4, rtol=1e-4)
@@ -121,7 +130,7 @@ def test_a_loss_applied_in_the_forward_pass_matches_autograd_of_the_reference(wi
 
     hc, wc = h.clone().requires_grad_(), w.clone().requires_grad_()
     x = hc if with_weight else hc @ wc.t()
-    temps = {"logp": 0.8, "entropy": 1.0, "kl": 0.8}
+    temps = {"logp": 0.8, "entropy": 1.0, "kl": 0.8, "teacher_logp": 0.8}
     stats = {k: temps[k] for k in dict.fromkeys((*wanted, *temps))}  # in the order of wanted, then the rest
     kw = dict(weight=wc if with_weight else None, teacher_x=q, chunk=4)
     out = chunked_stats(stats, x, tok, grad_fn=grad_fn, **kw)
@@ -130,6 +139,8 @@ def test_a_loss_applied_in_the_forward_pass_matches_autograd_of_the_reference(wi
     for stat in stats:
         torch.testing.assert_close(out[stat], plain[stat], atol=0, rtol=0)
         assert not out[stat].requires_grad
+    teacher = torch.log_softmax(q.double() / 0.8, -1).gather(-1, tok[:, None]).squeeze(-1)
+    torch.testing.assert_close(out["teacher_logp"].double(), teacher, atol=1e-5, rtol=1e-5)
     (2.5 * out["anchor"] + loss_of(out).detach()).backward()
     torch.testing.assert_close(hc.grad.double(), hr.grad, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(wc.grad.double(), wr.grad, atol=1e-4, rtol=1e-4)
