@@ -84,7 +84,7 @@ class Scope(_DistillBase):
     def plan(self, stats: RolloutStats) -> Plan:
         correct = stats.correct_B.bool()
         nonempty = stats.lengths_B > 0
-        reads_teacher = self.teacher_weight != "uniform" and bool((~correct).any())
+        reads_teacher = bool(self._weights_read_teacher(correct).any())
         if stats.student_seq_logp_B is None or (stats.teacher_seq_logp_B is None and reads_teacher):
             raise ValueError("scope needs student_seq_logp_B and, for incorrect rollouts, teacher_seq_logp_B")
         args = dict(lengths_B=stats.lengths_B, group_B=stats.group_B, tau=self.tau, normalization=self.normalization)

@@ -25,9 +25,7 @@ import torch
 
 from scope_ds.engines import ds
 from scope_ds.engines.batching import PackedInputs, TokenInputs, gather_response, unpack_response
-from scope_ds.ops import GradFn, chunked_stats
-
-_TEACHER = {"kl", "teacher_logp"}  # statistics that read the teacher
+from scope_ds.ops import TEACHER_STATS, TOKEN_STATS, GradFn, chunked_stats
 
 Inputs = TokenInputs | PackedInputs
 
@@ -69,7 +67,7 @@ class StatsHead:
         if not req.stats:
             return x
         h_MD = x.reshape(-1, x.shape[-1])
-        tokens = req.targets_M if {"logp", "teacher_logp"} & set(req.stats) else None
+        tokens = req.targets_M if set(TOKEN_STATS) & set(req.stats) else None
         out = chunked_stats(
             req.stats,
             h_MD,
@@ -152,7 +150,7 @@ class _Engine:
         statistics then carry no gradient and ``"anchor"`` is the zero scalar to add to the loss."""
         if isinstance(inputs, PackedInputs):
             teacher_x = teacher_w = None
-            if _TEACHER & set(stats):
+            if set(TEACHER_STATS) & set(stats):
                 teacher_x, teacher_w = teacher.hidden(inputs), teacher.head_weight()
             request = _Request(stats, inputs.targets_M, teacher_x, teacher_w, self.chunk, grad_fn)
             values = self._packed(inputs, request).reshape(-1, len(stats) + (grad_fn is not None))
@@ -166,10 +164,10 @@ class _Engine:
             raise ValueError("grad_fn needs a packed micro-batch (train.packing=true)")
         logits = self.logits(inputs)
         t_logits = None
-        if _TEACHER & set(stats):
+        if set(TEACHER_STATS) & set(stats):
             with torch.no_grad():
                 t_logits = teacher.logits(inputs)
-        tokens = inputs.targets_BL if {"logp", "teacher_logp"} & set(stats) else None
+        tokens = inputs.targets_BL if set(TOKEN_STATS) & set(stats) else None
         values = chunked_stats(stats, logits, tokens, teacher_x=t_logits, chunk=self.chunk)
         return {k: gather_response(v.detach() if k == "entropy" else v, inputs) for k, v in values.items()}
 

@@ -2,6 +2,8 @@
 
 from scope_ds.ops.chunked import (
     CHUNK_BYTES,
+    TEACHER_STATS,
+    TOKEN_STATS,
     GradFn,
     chunked_stat,
     chunked_stats,
@@ -10,4 +12,14 @@ from scope_ds.ops.chunked import (
     token_logprobs,
 )
 
-__all__ = ["CHUNK_BYTES", "GradFn", "chunked_stat", "chunked_stats", "reverse_kl", "token_entropy", "token_logprobs"]
+__all__ = [
+    "CHUNK_BYTES",
+    "TEACHER_STATS",
+    "TOKEN_STATS",
+    "GradFn",
+    "chunked_stat",
+    "chunked_stats",
+    "reverse_kl",
+    "token_entropy",
+    "token_logprobs",
+]

@@ -24,7 +24,8 @@ from collections.abc import Callable
 import torch
 
 STATS = ("logp", "entropy", "kl", "teacher_logp")
-_TEACHER = ("kl", "teacher_logp")  # the statistics that read the teacher
+TEACHER_STATS = ("kl", "teacher_logp")  # the statistics that read the teacher
+TOKEN_STATS = ("logp", "teacher_logp")  # the statistics that read the sampled tokens
 GradFn = Callable[[slice, dict[str, torch.Tensor]], dict[str, torch.Tensor | None]]
 CHUNK_BYTES = 32 * 2**20  # logits of one chunk: tokens per chunk = CHUNK_BYTES // (V x bytes per element)
 
@@ -72,7 +73,7 @@ class _Chunks:
         self.lse_t = {
             t: torch.empty(n, dtype=self.dt, device=x.device)
             for s, t in zip(stats, temps, strict=True)
-            if s in _TEACHER
+            if s in TEACHER_STATS
         }
         self._buffers: dict[str, torch.Tensor] = {}
 
@@ -144,14 +145,18 @@ class _Chunks:
         in the same pass, else recomputed from the saved normalisers. Consumes ``at``'s buffers."""
         rows = raw.shape[0]
         g_CV = direct
+        if at is None:  # each temperature's softmax (and log p - log q) once per chunk, for all its terms
+            at = {}
+            for i in scales:
+                t = self.temps[i]
+                if t not in at:
+                    z = self._tempered(raw, t, "z")
+                    at[t] = (z, torch.ops.aten._softmax.out(z, -1, False, out=self._ws(f"p@{t}", rows)), None)
+                if self.stats[i] == "kl":
+                    at[t] = (*at[t][:2], self._dkl(sl, at[t][0], self._tempered(raw_q, t, "q"), t))
         for n, (i, scale) in enumerate(scales.items()):
             stat, t = self.stats[i], self.temps[i]
-            if at is not None:
-                z, p, d_kl = at[t]
-            else:
-                z = self._tempered(raw, t, "z")
-                p = torch.ops.aten._softmax.out(z, -1, False, out=self._ws(f"p@{t}", rows))
-                d_kl = self._dkl(sl, z, self._tempered(raw_q, t, "q"), t) if stat == "kl" else None
+            z, p, d_kl = at[t]
             s_C1 = (scale.to(self.dt) / t)[:, None]
             if stat == "logp":  # d log p_k / d z_j = 1[j=k] - p_j
                 if g_CV is None:  # the first term: p itself becomes the gradient when no other needs it
@@ -337,12 +342,12 @@ def chunked_stats(
         if not t > 0:
             raise ValueError(f"temperature must be > 0, got {t} for {s!r}")
     lead = tuple(x.shape[:-1])
-    for s in ("logp", "teacher_logp"):
+    for s in TOKEN_STATS:
         if s in stats and (tokens is None or tuple(tokens.shape) != lead):
             raise ValueError(
                 f"tokens must have shape {lead} for {s!r}, got {None if tokens is None else tuple(tokens.shape)}"
             )
-    for s in _TEACHER:
+    for s in TEACHER_STATS:
         if s in stats and teacher_x is None:
             raise ValueError(f"teacher_x is required for {s!r}")
     if weight is not None and weight.shape[-1] != x.shape[-1]:

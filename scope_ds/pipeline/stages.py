@@ -164,6 +164,12 @@ def _rows(batch: Batch, mb: list[int], values_BT: torch.Tensor) -> dict[int, lis
     return {i: values_BT[row, : batch.rollouts[i].response_length].tolist() for row, i in enumerate(mb)}
 
 
+def _kept_rows(batch: Batch, mb: list[int], keep: list[bool], values_BT: torch.Tensor) -> dict[int, list[float]]:
+    """``_rows`` of the micro-batch's rollouts whose ``keep`` is true."""
+    rows = [row for row, k in enumerate(keep) if k]
+    return _rows(batch, [mb[row] for row in rows], values_BT[rows])
+
+
 def _gather_rows(run: Run, rows: dict[int, list[float]], group: Any = None) -> dict[int, list[float]]:
     """Every rank's rows on every rank (a collective on ``group``)."""
     if run.world == 1:
@@ -290,11 +296,10 @@ def update(run: Run, batch: Batch) -> dict[str, float]:
         loss, parts = run.algo.loss(dataclasses.replace(consts, logp_BT=out["logp"], kl_BT=out.get("kl")), normalizer)
         run.student.backward(loss if grad_fn is None else out["anchor"] + loss.detach())
         if consts.old_from_logp_B is not None:
-            mine = [(row, i) for row, i in enumerate(mb) if bool(consts.old_from_logp_B[row])]
-            pass_old.update(_rows(batch, [i for _, i in mine], out["logp"].detach()[[row for row, _ in mine]]))
+            keep = [bool(consts.old_from_logp_B[row]) for row in range(len(mb))]
+            pass_old.update(_kept_rows(batch, mb, keep, out["logp"].detach()))
         if "teacher_logp" in out:
-            mine = [(row, i) for row, i in enumerate(mb) if i in unscored]
-            pass_teacher.update(_rows(batch, [i for _, i in mine], out["teacher_logp"][[row for row, _ in mine]]))
+            pass_teacher.update(_kept_rows(batch, mb, [i in unscored for i in mb], out["teacher_logp"]))
         tokens = float(inputs.mask_BT.sum())
         parts["loss/total"] = float(loss.detach())
         parts.update({"entropy/sum": float(out["entropy"].sum()), "entropy/tokens": tokens})
