@@ -21,6 +21,9 @@ setup(
         "fastapi>=0.110",
         "uvicorn>=0.29",
         "httpx>=0.27",
+        # httpcore imports sniffio on every request (anyio 4.10+ no longer pulls it in): without it,
+        # each request is a failed import, a search of sys.path; 30% of a toy step's generation time.
+        "sniffio>=1.3",
         "pyyaml>=6.0",
         "tqdm>=4.66",
         "tensorboard>=2.16",
