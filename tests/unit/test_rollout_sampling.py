@@ -69,3 +69,16 @@ def test_seeded_generator_is_reproducible():
     a, _, _ = sample_next(logits, bs, torch.Generator().manual_seed(5))
     b, _, _ = sample_next(logits, bs, torch.Generator().manual_seed(5))
     assert a.tolist() == b.tolist()
+
+
+def test_rows_with_their_own_generators_follow_the_distribution_and_ignore_the_batch():
+    probs = torch.tensor([0.5, 0.0, 0.2, 0.3], dtype=torch.float64)  # token 1 has no mass
+    logits = probs.float().log().repeat(6000, 1)
+    gens = [torch.Generator().manual_seed(1000 + i) for i in range(6000)]
+    tokens, _, _ = sample_next(logits, batch(*[SamplingSpec()] * 6000, vocab=4), None, gens)
+    freq = torch.bincount(tokens, minlength=4).double() / 6000
+    assert freq[1] == 0 and torch.allclose(freq, probs, atol=0.02), freq
+    # Row 7 alone, from a fresh generator of the same seed, in a batch of other rows: the same token.
+    shuffled = [torch.Generator().manual_seed(s) for s in (3, 1007, 5)]
+    alone, _, _ = sample_next(logits[:3], batch(*[SamplingSpec()] * 3, vocab=4), torch.Generator(), shuffled)
+    assert alone[1] == tokens[7]

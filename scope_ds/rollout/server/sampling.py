@@ -87,6 +87,30 @@ def _truncated_probs(probs_BV: torch.Tensor, bs: BatchSampling) -> torch.Tensor:
     return torch.zeros_like(probs_BV).scatter_(-1, order_BV, kept_BV)
 
 
+def _uniforms(row_generators: list[torch.Generator | None], shared: torch.Generator | None) -> torch.Tensor:
+    """One U[0, 1) draw per row (float64): from the row's own generator where it has one, else
+    from ``shared``, in row order."""
+    out = torch.empty(len(row_generators), dtype=torch.float64)
+    own = [i for i, g in enumerate(row_generators) if g is not None]
+    if len(own) < len(row_generators):
+        rest = torch.tensor([i for i, g in enumerate(row_generators) if g is None])
+        out[rest] = torch.rand(len(rest), dtype=torch.float64, generator=shared)
+    for i in own:  # one scalar draw per seeded row: its samples do not depend on the rest of the batch
+        out[i] = torch.rand((), dtype=torch.float64, generator=row_generators[i])
+    return out
+
+
+def _inverse_cdf(probs_RV: torch.Tensor, u_R: torch.Tensor) -> torch.Tensor:
+    """Row r's token: the first whose cumulative mass exceeds u_r times the row's total (one batched
+    search instead of a multinomial call per row). Tokens of zero mass are never chosen: their
+    cumulative mass equals their predecessor's; a draw that rounds up to the total takes the last
+    token with mass."""
+    cdf_RV = probs_RV.double().cumsum(dim=-1)
+    picked_R = torch.searchsorted(cdf_RV, (u_R * cdf_RV[:, -1])[:, None], right=True).squeeze(-1)
+    last_R = probs_RV.shape[-1] - 1 - (probs_RV.flip(-1) > 0).int().argmax(dim=-1)
+    return torch.minimum(picked_R, last_R)
+
+
 def sample_next(
     logits_BV: torch.Tensor,
     bs: BatchSampling,
@@ -105,14 +129,13 @@ def sample_next(
     tokens_B = logits_BV.argmax(dim=-1)
     sample_rows = ~bs.greedy_B
     if bool(sample_rows.any()):
-        probs_BV = _truncated_probs(logprobs_BV.exp(), bs)
+        rows = torch.nonzero(sample_rows).flatten()
+        gens = row_generators or [None] * len(tokens_B)
         tokens_B = tokens_B.clone()
-        own = torch.tensor([g is not None for g in row_generators or [None] * len(tokens_B)], dtype=torch.bool)
-        shared_rows = sample_rows & ~own
-        if bool(shared_rows.any()):
-            tokens_B[shared_rows] = torch.multinomial(probs_BV[shared_rows], 1, generator=generator).squeeze(-1)
-        for i in torch.nonzero(sample_rows & own).flatten().tolist():
-            tokens_B[i] = torch.multinomial(probs_BV[i], 1, generator=row_generators[i]).squeeze(-1)
+        tokens_B[rows] = _inverse_cdf(
+            _truncated_probs(logprobs_BV[rows].exp(), bs.select(rows)),
+            _uniforms([gens[i] for i in rows.tolist()], generator),
+        )
     if ORIGINAL_LOGPROB:
         logprobs_BV = torch.log_softmax(logits_BV, dim=-1)
     logprobs_B = logprobs_BV.gather(-1, tokens_B[:, None]).squeeze(-1)
