@@ -131,6 +131,9 @@ class TrainConfig:
     seed: int = 0  # seeds torch, the data order and the rollout server
     ds_config: str = "ds_configs/zero3.json"  # student DeepSpeed JSON (relative to the repo or absolute)
     teacher_ds_config: str = "ds_configs/teacher.json"  # teacher DeepSpeed JSON
+    # The student's ZeRO stage, over the JSON's (0-3; null: the JSON's, 3 in zero3.json). 0-2 keep a
+    # whole copy of the weights on every rank: no per-layer gathers, for models that fit one device.
+    zero_stage: int | None = None
     logprob_chunk: int = 0  # tokens per chunk of the log-prob ops (0 = as many as fit in 32 MiB of logits)
 
     def check(self) -> None:
@@ -144,6 +147,8 @@ class TrainConfig:
         ):
             _positive(f"train.{key}", getattr(self, key))
         _positive("train.lr", self.lr)
+        if self.zero_stage is not None and self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"train.zero_stage must be 0, 1, 2, 3 or null, got {self.zero_stage!r}")
         for key in ("weight_decay", "warmup_steps", "grad_clip", "logprob_chunk"):
             _positive(f"train.{key}", getattr(self, key), strict=False)
 

@@ -202,7 +202,7 @@ class _Engine:
 
 
 class StudentEngine(_Engine):
-    """The trained policy: a DeepSpeed ZeRO-3 engine with optimizer."""
+    """The trained policy: a DeepSpeed engine with optimizer (ZeRO-3 unless train.zero_stage says otherwise)."""
 
     def __init__(
         self,
@@ -230,7 +230,18 @@ class StudentEngine(_Engine):
         if ds_config.get("managed_gradient_accumulation", True) or ds_config["gradient_accumulation_steps"] != 1:
             raise ValueError("the student's DeepSpeed config must leave gradient accumulation to the trainer")
         self.loss_scale = float(world_size)
+        self._stage0_norm: float | None = None
+        if self.engine.zero_optimization_stage() == 0:
+            # Without ZeRO, DeepSpeed hands the step to the torch optimizer and keeps no gradient
+            # norm: take it just before the update, when the ranks' gradients are reduced.
+            self.engine.optimizer.register_step_pre_hook(self._record_norm)
         self.engine.train()
+
+    def _record_norm(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        self._stage0_norm = (
+            float(torch.linalg.vector_norm(torch.stack([g.double().norm() for g in grads]))) if grads else 0.0
+        )
 
     def backward(self, loss: torch.Tensor) -> None:
         """Accumulate the gradient of one micro-batch's loss."""
@@ -252,7 +263,7 @@ class StudentEngine(_Engine):
         return path is not None
 
     def step_stats(self) -> dict[str, float]:
-        norm = self.engine.get_global_grad_norm()
+        norm = self._stage0_norm if self._stage0_norm is not None else self.engine.get_global_grad_norm()
         lr = self.engine.get_lr()
         return {"grad_norm": float(norm) if norm is not None else 0.0, "lr": float(lr[0]) if lr else 0.0}
 

@@ -135,6 +135,7 @@ def build_engines(
         weight_decay=t.weight_decay,
         grad_clip=t.grad_clip,
         warmup_steps=t.warmup_steps,
+        zero_stage=t.zero_stage,
         **common,
     )
     student = StudentEngine(

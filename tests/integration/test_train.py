@@ -191,21 +191,26 @@ def test_zero3_step_is_the_same_on_one_and_two_ranks(model_pair, tmp_path):
     outs = {}
     # packed token budgets (two micro-batches on a rank), and the padded layout with whole logits
     packed, padded = "train.max_tokens_per_micro_batch=60", "train.packing=false"
-    for ranks, concurrent, layout in ((1, 0, packed), (2, 0, packed), (2, 1, packed), (2, 0, padded)):
-        out = tmp_path / f"w{ranks}{concurrent}{layout[6]}.pt"
-        args = [student, teacher, out, f"concurrent={concurrent}", layout, *plain]
+    # and ZeRO stages 0 and 2 (train.zero_stage over the JSON's 3): whole weights on every rank
+    runs = [(1, 0, packed), (2, 0, packed), (2, 1, packed), (2, 0, padded)]
+    runs += [(2, 0, f"{packed} train.zero_stage={stage}") for stage in (0, 2)]
+    for i, (ranks, concurrent, layout) in enumerate(runs):
+        out = tmp_path / f"w{i}.pt"
+        args = [student, teacher, out, f"concurrent={concurrent}", *layout.split(), *plain]
         # one intra-op thread: the scorer thread's ops must not change how the step's ops split their work
         proc = launch_ranks(ZERO3_STEP, args, ranks, run_env(), timeout=600)
         check_ok(proc)
         outs[ranks, concurrent, layout] = torch.load(out)
     one, two, beside, pad = outs[1, 0, packed], outs[2, 0, packed], outs[2, 1, packed], outs[2, 0, padded]
+    zero_stages = [outs[2, 0, f"{packed} train.zero_stage={stage}"] for stage in (0, 2)]
     assert two["metrics"]["perf/micro_batches"] == 2 and two["metrics"]["perf/padding_share"] == 0
     assert one["metrics"]["loss/total"] == pytest.approx(two["metrics"]["loss/total"], rel=1e-5)
     assert sorted(one["teacher_logp"]) == sorted(two["teacher_logp"])  # scored the same (incorrect) rollouts
     initial = load_weights(student)
     grad, loss = _scope_gradient_float64(student, teacher)
     norm = math.sqrt(sum(float((g**2).sum()) for g in grad.values()))
-    for run in (one, two, pad):
+    assert [r["zero_stage"] for r in (two, *zero_stages)] == [3, 0, 2]
+    for run in (one, two, pad, *zero_stages):
         assert run["metrics"]["grad_norm"] == pytest.approx(norm, rel=1e-4)
         assert run["metrics"]["loss/total"] == pytest.approx(loss, rel=1e-5)
         for name, g in grad.items():  # SGD: w1 = w0 - lr * g

@@ -66,6 +66,7 @@ def test_resolved_config_is_written_with_every_key(tmp_path):
         (["algo.name=kd", "algo.mismatch_cap=3"], "for algo 'kd'"),
         (["data.template=no placeholder"], "data.template must contain {prompt}"),
         (["train.steps=1.5"], "train.steps must be int"),
+        (["train.zero_stage=4"], "train.zero_stage must be 0, 1, 2, 3 or null, got 4"),
         (["rollout"], "must look like section.key=value"),
         (["a.b.c=1"], "must be section.key"),
         (["rollout.top_k=0"], "rollout.top_k must be -1 (whole vocabulary) or >= 1, got 0"),
@@ -278,3 +279,20 @@ def test_a_token_budget_that_cannot_hold_the_longest_rollout_is_refused_naming_b
     with pytest.raises(ConfigError, match=rf"train.{key}=299 cannot hold the longest rollout: .* = 300 tokens"):
         load_config(None, [*base, f"train.{key}=299"])
     load_config(None, [*base, f"train.{key}=299", "train.packing=false"])  # padded: no budget
+
+
+def test_zero_stage_replaces_the_jsons_and_drops_what_only_stage_3_reads():
+    from scope_ds.engines.ds import build_ds_config
+
+    common = dict(world_size=2, dtype="float32", lr=1e-3)
+    three = build_ds_config("ds_configs/zero3.json", **common)
+    assert three["zero_optimization"]["stage"] == 3 and "stage3_prefetch_bucket_size" in three["zero_optimization"]
+    assert build_ds_config("ds_configs/zero3.json", zero_stage=3, **common) == three
+    two = build_ds_config("ds_configs/zero3.json", zero_stage=2, **common)["zero_optimization"]
+    assert two["stage"] == 2 and two["overlap_comm"] and not any(k.startswith("stage3_") for k in two)
+    zero = build_ds_config("ds_configs/zero3.json", zero_stage=0, **common)["zero_optimization"]
+    assert zero["stage"] == 0 and "overlap_comm" not in zero and zero["reduce_bucket_size"] == 5e7
+    with pytest.raises(
+        ValueError, match="zero3_offload.json: offload_param needs ZeRO stage 3, not train.zero_stage=2"
+    ):
+        build_ds_config("ds_configs/zero3_offload.json", zero_stage=2, **common)
