@@ -24,6 +24,8 @@ import torch
 # that import fails, so it happens here first.
 import torch._dynamo  # noqa: F401
 
+from scope_ds.engines import attention
+
 # DeepSpeed still calls collectives that torch renamed; the warning repeats every step.
 warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
 
@@ -269,7 +271,12 @@ def load_causal_lm(path: str, ds_config: dict[str, Any], dtype: str) -> torch.nn
     # With a live HfDeepSpeedConfig (ZeRO-3), from_pretrained partitions the weights as it loads
     # them (zero.Init plus gathered initialisation); it is read only while loading.
     hf_ds = HfDeepSpeedConfig(ds_config)  # noqa: F841
-    model = model_cls.from_pretrained(path, dtype=torch_dtype)
+    # SDPA per packed sequence (engines/attention.py) where transformers would run SDPA over the
+    # whole packed row; a model whose config names another attention keeps it.
+    chosen = getattr(config, "_attn_implementation_internal", None) or getattr(config, "attn_implementation", None)
+    own = chosen in (None, "sdpa") and attention.plain_causal(config)
+    attn = {"attn_implementation": attention.register()} if own else {}
+    model = model_cls.from_pretrained(path, dtype=torch_dtype, **attn)
     del hf_ds
     model.config.use_cache = False
     return model

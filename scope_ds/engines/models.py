@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from scope_ds.engines import ds
+from scope_ds.engines import attention, ds
 from scope_ds.engines.batching import PackedInputs, TokenInputs, gather_response, unpack_response
 from scope_ds.ops import TEACHER_STATS, TOKEN_STATS, GradFn, chunked_stats
 
@@ -115,12 +115,16 @@ class _Engine:
         if self.stats_head is None:
             raise RuntimeError(f"{self.path}: built without packing (train.packing=false)")
         self.stats_head.request = request
+        bounds = {}
+        if self.model.config._attn_implementation == attention.NAME:
+            bounds["cu_seq_lens_q"] = attention.sequence_bounds(inputs.position_ids_1N)
         try:
             out = self.engine(
                 input_ids=inputs.input_ids_1N,
                 position_ids=inputs.position_ids_1N,
                 logits_to_keep=inputs.score_pos_M,
                 use_cache=False,
+                **bounds,
             )
         finally:
             self.stats_head.request = None

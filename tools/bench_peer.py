@@ -1,0 +1,222 @@
+#!/usr/bin/env python
+"""scope_ds against TRL's DistillationTrainer on the same small-run work, one after the other.
+
+    pip install trl   # an extra of this benchmark only, not of the package
+    python tools/bench_peer.py [--shapes toy,llama] [--steps 12] [--warmup 3] [--out docs/bench_peer.md]
+        [--configs "opd 2 ranks;opd 1 rank k=1;scope n=4 1 rank k=1"]
+
+Two shapes: the toy pair (0.18M / 0.86M parameters, built by tools/make_toy_models.py) and random
+Llama-architecture models of 10.7M / 27.3M parameters with the toy tokenizer (built here once,
+into ~/.cache/scope_ds/bench_peer/). The work is the same for both systems: 16 toy prompts per
+step, one completion each (four for the SCOPE rows), completions capped at 64 tokens, sampled at
+temperature 1, full-vocabulary reverse KL from the teacher (``algo.name=opd algo.kl=full``; TRL's
+``beta=1``), learning rate 5e-5. Reported: trained completion tokens per second, the median over
+the steps after --warmup, and its ratio to TRL's on the same shape. TRL runs in one process; each
+scope_ds row is a ``train.py`` run (its ranks and the embedded rollout server on this machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+PROMPTS, MAX_NEW, LR = 16, 64, 5e-5
+OPD = ["algo.name=opd", "algo.kl=full", "rollout.n=1"]
+# name -> (ranks, overrides)
+CONFIGS = {
+    "opd 2 ranks": (2, OPD),
+    "opd 1 rank k=1": (1, [*OPD, "pipeline.max_staleness=1"]),
+    "opd 1 rank k=1 zero0": (1, [*OPD, "pipeline.max_staleness=1", "train.zero_stage=0"]),
+    "scope n=4 1 rank k=1": (1, ["algo.name=scope", "rollout.n=4", "pipeline.max_staleness=1"]),
+    "scope n=4 2 ranks": (2, ["algo.name=scope", "rollout.n=4"]),
+}
+DEFAULT_CONFIGS = "opd 2 ranks;opd 1 rank k=1;opd 1 rank k=1 zero0;scope n=4 1 rank k=1"
+
+
+def _llama_pair() -> tuple[str, str]:
+    """Random Llama student (hidden 384, 6 layers) and teacher (512, 8) with the toy tokenizer."""
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from scope_ds.data.toy_pretrain import ensure_toy_models
+
+    toy = ensure_toy_models(None)
+    root = Path.home() / ".cache" / "scope_ds" / "bench_peer" / "llama"
+    out = []
+    for name, width, layers, inner, seed in (("student", 384, 6, 1024, 0), ("teacher", 512, 8, 1536, 1)):
+        folder = root / name
+        if not (folder / "config.json").exists():
+            torch.manual_seed(seed)
+            base = LlamaConfig.from_pretrained(toy.student)
+            config = LlamaConfig(
+                **{k: getattr(base, k) for k in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")},
+                hidden_size=width,
+                intermediate_size=inner,
+                num_hidden_layers=layers,
+                num_attention_heads=width // 64,
+                num_key_value_heads=width // 64,
+                max_position_embeddings=256,
+                tie_word_embeddings=True,
+            )
+            LlamaForCausalLM(config).save_pretrained(folder)
+            for file in Path(toy.student).iterdir():
+                if file.name.startswith(("tokenizer", "special_tokens")):
+                    shutil.copy(file, folder / file.name)
+        out.append(str(folder))
+    return out[0], out[1]
+
+
+def _pair(shape: str) -> tuple[str, str]:
+    if shape == "toy":
+        from scope_ds.data.toy_pretrain import ensure_toy_models
+
+        toy = ensure_toy_models(None)
+        return str(toy.student), str(toy.teacher)
+    if shape == "llama":
+        return _llama_pair()
+    raise SystemExit(f"unknown shape {shape!r} (toy, llama)")
+
+
+def trl_child(student: str, teacher: str, steps: int, out: str) -> None:
+    """TRL's DistillationTrainer on the toy prompts: one step's completions and seconds per step."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import DistillationConfig, DistillationTrainer
+
+    from scope_ds.data.toy import toy_records
+
+    torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(student)
+    tok.padding_side = "left"
+    data = Dataset.from_list([{"prompt": r.prompt} for r in toy_records("train", PROMPTS * steps, 0)])
+    seconds, tokens = [], []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            seconds.append(time.perf_counter() - self.t0)
+
+    args = DistillationConfig(
+        output_dir=tempfile.mkdtemp(prefix="trl_"),
+        per_device_train_batch_size=PROMPTS,
+        gradient_accumulation_steps=1,
+        max_steps=steps,
+        max_completion_length=MAX_NEW,
+        temperature=1.0,
+        beta=1.0,  # reverse KL over the whole vocabulary
+        learning_rate=LR,
+        bf16=False,
+        gradient_checkpointing=False,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    trainer = DistillationTrainer(
+        model=student, teacher_model=teacher, args=args, train_dataset=data, processing_class=tok, callbacks=[Clock()]
+    )
+    generate = trainer._generate_and_score_completions
+
+    def counted(inputs):
+        batch = generate(inputs)
+        tokens.append(int(batch["completion_mask"].sum()))
+        return batch
+
+    trainer._generate_and_score_completions = counted
+    trainer.train()
+    Path(out).write_text(json.dumps({"seconds": seconds, "tokens": tokens}))
+
+
+def run_trl(student: str, teacher: str, args) -> list[float]:
+    out = Path(tempfile.mkdtemp(prefix="bench_peer_")) / "trl.json"
+    cmd = [sys.executable, __file__, "--trl-child", student, teacher, str(args.steps), str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"TRL failed (is trl installed? pip install trl):\n{proc.stderr[-3000:]}")
+    got = json.loads(out.read_text())
+    return [t / s for t, s in zip(got["tokens"], got["seconds"], strict=True)][args.warmup :]
+
+
+def run_ours(name: str, student: str, teacher: str, args) -> list[float]:
+    ranks, overrides = CONFIGS[name]
+    out_dir = tempfile.mkdtemp(prefix="bench_peer_")
+    overrides = [
+        "--config",
+        str(ROOT / "recipes" / "toy.yaml"),
+        f"model.student={student}",
+        f"model.teacher={teacher}",
+        f"train.prompts_per_step={PROMPTS}",
+        f"rollout.max_new_tokens={MAX_NEW}",
+        f"train.lr={LR}",
+        *overrides,
+        f"train.steps={args.steps}",
+        f"logging.out_dir={out_dir}",
+        "logging.progress=false",
+        "data.eval_every=0",
+    ]
+    script = str(ROOT / "scope_ds" / "train.py")
+    if ranks > 1:
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), script, *overrides]
+    else:
+        cmd = [sys.executable, script, *overrides]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"scope_ds {name} failed:\n{proc.stderr[-3000:]}")
+    rows = [json.loads(line) for line in Path(out_dir, "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [r["response/tokens"] / r["time/step"] for r in rows if "time/step" in r][args.warmup :]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shapes", default="toy,llama")
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--configs", default=DEFAULT_CONFIGS)
+    p.add_argument("--out", default=None, help="also write the table to this Markdown file")
+    p.add_argument("--trl-child", nargs=4, metavar=("STUDENT", "TEACHER", "STEPS", "OUT"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.trl_child:
+        student, teacher, steps, out = args.trl_child
+        trl_child(student, teacher, int(steps), out)
+        return 0
+    names = [c.strip() for c in args.configs.split(";") if c.strip()]
+    for name in names:
+        if name not in CONFIGS:
+            raise SystemExit(f"unknown configuration {name!r}; known: {sorted(CONFIGS)}")
+    lines = [
+        "| shape | system | trained tokens / s (median) | / TRL |",
+        "| --- | --- | ---: | ---: |",
+    ]
+    print(lines[0] + "\n" + lines[1], flush=True)
+    for shape in args.shapes.split(","):
+        student, teacher = _pair(shape)
+        t0 = time.time()
+        trl = statistics.median(run_trl(student, teacher, args))
+        results = [("TRL DistillationTrainer, 1 process", trl)]
+        print(f"| {shape} | TRL DistillationTrainer, 1 process | {trl:.1f} | 1.00 |", flush=True)
+        for name in names:
+            ours = statistics.median(run_ours(name, student, teacher, args))
+            results.append((f"scope_ds {name}", ours))
+            print(f"| {shape} | scope_ds {name} | {ours:.1f} | {ours / trl:.2f} |", flush=True)
+        lines += [f"| {shape} | {system} | {v:.1f} | {v / trl:.2f} |" for system, v in results]
+        print(f"({shape}: {time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
+    if args.out:
+        Path(args.out).write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
