@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """scope_ds against TRL's DistillationTrainer on the same small-run work, one after the other.
 
-    pip install trl   # an extra of this benchmark only, not of the package
+    pip install -e ".[bench]"   # trl, an extra of this benchmark only, not of the package
     python tools/bench_peer.py [--shapes toy,llama] [--steps 12] [--warmup 3] [--out docs/bench_peer.md]
         [--configs "opd 2 ranks;opd 1 rank k=1;scope n=4 1 rank k=1"]
 
