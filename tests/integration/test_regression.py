@@ -1,7 +1,10 @@
 """A fixed-seed SCOPE run whose rollouts and losses must not move under a refactor.
 
 The expected figures were produced by the code before the pipeline became a package (issue 12):
-2 ranks, max_staleness=0, 2 steps of 2 prompts x 4 rollouts on the tiny model pair. A change that
+2 ranks, max_staleness=0, 2 steps of 2 prompts x 4 rollouts on the tiny model pair. They were
+regenerated once, on purpose, when the embedded server's sampler became one batched inverse-CDF
+draw per decode step (issue 16): the same distribution, another stream of samples per seed. The
+old figures still held with the old sampler and everything else of that change. A change that
 alters the maths (a loss, a weight, the data order, the sampling seeds) fails here; the float32
 rounding of the server's batched log-probs (~1e-7) is all the tolerance allows.
 """
@@ -18,41 +21,41 @@ from train_helpers import check_ok, launch_train, read_jsonl, small_run_override
 # and the update's metrics.
 EXPECTED = {
     1: {
-        "responses": "b0cbf0aa4bc38785",
+        "responses": "6fa845edfe8d29fd",
         "weights": [
-            0.13170131106564015,
-            0.42075567302882144,
-            0.14826846413157535,
-            0.299274551773963,
-            0.8985395951189172,
-            0.05444578900794239,
-            0.021005203962046654,
-            0.02600941191109368,
+            0.03599343326481581,
+            0.4334221072962469,
+            0.09716235214269042,
+            0.4334221072962469,
+            0.14167240740322962,
+            0.6066044032992088,
+            0.03738894858719481,
+            0.21433424071036666,
         ],
         "metrics": {
-            "loss/total": 18.555761575698853,
-            "loss/opd": 18.555761575698853,
-            "grad_norm": 401.0920989398533,
+            "loss/total": 39.389817237854004,
+            "loss/opd": 39.389817237854004,
+            "grad_norm": 695.3885352382092,
             "reward/accuracy": 0.0,
-            "response/tokens": 63.0,
+            "response/tokens": 74.0,
         },
     },
     2: {
-        "responses": "9b11d75f52bedccc",
+        "responses": "6a8efe7437063205",
         "weights": [
-            0.15247496289856127,
-            0.45361002190994,
-            0.3006000027707835,
-            0.09331501242071534,
-            0.46764451679846053,
-            0.16649457209257618,
-            0.10339439260114262,
-            0.2624665185078207,
+            0.10031259205357912,
+            0.6362115176327372,
+            0.06739910175926617,
+            0.19607678855441746,
+            0.4793345332532587,
+            0.19148255551646876,
+            0.19563578691880038,
+            0.13354712431147217,
         ],
         "metrics": {
-            "loss/total": 56.69150161743164,
-            "loss/opd": 56.69150161743164,
-            "grad_norm": 786.72875619772,
+            "loss/total": 47.92110633850098,
+            "loss/opd": 47.92110633850098,
+            "grad_norm": 779.640264425122,
             "reward/accuracy": 0.0,
             "response/tokens": 96.0,
         },
