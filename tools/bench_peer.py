@@ -201,17 +201,18 @@ def main() -> int:
         "| --- | --- | ---: | ---: |",
     ]
     print(lines[0] + "\n" + lines[1], flush=True)
+
+    def row(shape: str, system: str, value: float, trl: float) -> None:
+        lines.append(f"| {shape} | {system} | {value:.1f} | {value / trl:.2f} |")
+        print(lines[-1], flush=True)
+
     for shape in args.shapes.split(","):
         student, teacher = _pair(shape)
         t0 = time.time()
         trl = statistics.median(run_trl(student, teacher, args))
-        results = [("TRL DistillationTrainer, 1 process", trl)]
-        print(f"| {shape} | TRL DistillationTrainer, 1 process | {trl:.1f} | 1.00 |", flush=True)
+        row(shape, "TRL DistillationTrainer, 1 process", trl, trl)
         for name in names:
-            ours = statistics.median(run_ours(name, student, teacher, args))
-            results.append((f"scope_ds {name}", ours))
-            print(f"| {shape} | scope_ds {name} | {ours:.1f} | {ours / trl:.2f} |", flush=True)
-        lines += [f"| {shape} | {system} | {v:.1f} | {v / trl:.2f} |" for system, v in results]
+            row(shape, f"scope_ds {name}", statistics.median(run_ours(name, student, teacher, args)), trl)
         print(f"({shape}: {time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
     if args.out:
         Path(args.out).write_text("\n".join(lines) + "\n")

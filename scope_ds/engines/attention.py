@@ -3,7 +3,7 @@
 A packed micro-batch is one row of N tokens holding several rollouts (position ids restart at 0 at
 each). transformers' SDPA path attends over it with a dense [N, N] block-diagonal mask: N^2 work
 whatever the rollouts' lengths, where the rollouts themselves need sum(L_i^2); on this CPU the toy
-student's forward + backward took 1.9x the padded layout's. Flash-attention's varlen kernels do
+student's forward + backward took 1.7x the padded layout's (tools/bench_attention.py). Flash-attention's varlen kernels do
 sum(L_i^2), but only on GPUs. This attention, registered with transformers' AttentionInterface,
 runs SDPA with ``is_causal`` on each rollout's slice when the caller passes the sequences' bounds
 (``cu_seq_lens_q``, the keyword transformers' varlen kernels read), and is plain SDPA otherwise.
