@@ -87,6 +87,9 @@ class RolloutConfig:
     top_k: int = -1  # -1 = whole vocabulary
     max_new_tokens: int = 64  # response length cap, tokens
     seeded: bool = True  # seed every prompt's samples (sampling_seed) so that runs and resumes repeat exactly
+    # a sample interrupted by a weight update: continued from its tokens so far by the new weights
+    # (true), or generated again from its first token (false; the tokens so far are thrown away)
+    partial_rollouts: bool = True
     # disk: a safetensors folder + /update_weights_from_disk | distributed: broadcast to the servers
     weight_sync: Literal["disk", "distributed"] = "disk"
     bucket_mb: int = 512  # distributed sync: bytes per broadcast bucket, MB

@@ -25,7 +25,12 @@ class Rollout:
     # temperature convention); the trainer needs them for importance ratios of stale rollouts.
     behaviour_logprobs: list[float] = field(default_factory=list)
     finish_reason: str = ""  # "stop" (EOS / stop token or string), "length" or "abort"
-    weight_version: int = 0  # policy version that produced the rollout (servers' weight_version)
+    # policy version of the rollout's oldest token: the servers' weight_version of its first segment
+    weight_version: int = 0
+    # [first response token, policy version] of each segment: a sample interrupted by a weight
+    # update is continued by the new weights, one segment per request (rollout/client.py)
+    segments: list[list[int]] = field(default_factory=list)
+    generated_tokens: int = 0  # tokens the servers generated for it, including any thrown away
     server: str = ""  # base URL of the server that generated it (for debugging skew between servers)
     request_id: str = ""  # the server's meta_info.id, to match server logs
 

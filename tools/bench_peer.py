@@ -3,7 +3,7 @@
 
     pip install -e ".[bench]"   # trl, an extra of this benchmark only, not of the package
     python tools/bench_peer.py [--shapes toy,llama] [--steps 12] [--warmup 3] [--out docs/bench_peer.md]
-        [--configs "opd 2 ranks;opd 1 rank k=1;scope n=4 1 rank k=1"]
+        [--configs "opd 2 ranks;opd 1 rank k=1;scope n=4 1 rank k=1" | --configs zero]
 
 Two shapes: the toy pair (0.18M / 0.86M parameters, built by tools/make_toy_models.py) and random
 Llama-architecture models of 10.7M / 27.3M parameters with the toy tokenizer (built here once,
@@ -37,7 +37,15 @@ CONFIGS = {
     "opd 1 rank k=1 zero0": (1, [*OPD, "pipeline.max_staleness=1", "train.zero_stage=0"]),
     "scope n=4 1 rank k=1": (1, ["algo.name=scope", "rollout.n=4", "pipeline.max_staleness=1"]),
     "scope n=4 2 ranks": (2, ["algo.name=scope", "rollout.n=4"]),
+    # ZeRO-3 knobs (ds_configs/README.md): ds_configs/zero3.json with these zero_optimization keys
+    "opd 2 ranks persist 1e6": (2, OPD, {"stage3_param_persistence_threshold": 1e6}),
+    "opd 2 ranks persist 1e8": (2, OPD, {"stage3_param_persistence_threshold": 1e8}),
+    "opd 2 ranks prefetch 5e6": (2, OPD, {"stage3_prefetch_bucket_size": 5e6}),
+    "opd 2 ranks prefetch 0": (2, OPD, {"stage3_prefetch_bucket_size": 0}),
+    "opd 2 ranks buckets 5e6": (2, OPD, {"reduce_bucket_size": 5e6, "stage3_prefetch_bucket_size": 5e6}),
+    "opd 2 ranks zero0": (2, [*OPD, "train.zero_stage=0"]),
 }
+ZERO_SWEEP = ";".join(["opd 2 ranks", *(n for n in CONFIGS if n.startswith("opd 2 ranks "))])
 DEFAULT_CONFIGS = "opd 2 ranks;opd 1 rank k=1;opd 1 rank k=1 zero0;scope n=4 1 rank k=1"
 
 
@@ -151,8 +159,13 @@ def run_trl(student: str, teacher: str, args) -> list[float]:
 
 
 def run_ours(name: str, student: str, teacher: str, args) -> list[float]:
-    ranks, overrides = CONFIGS[name]
+    ranks, overrides, *patch = CONFIGS[name]
     out_dir = tempfile.mkdtemp(prefix="bench_peer_")
+    if patch:  # the student's DeepSpeed JSON with some zero_optimization keys changed
+        ds = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())
+        ds["zero_optimization"].update(patch[0])
+        Path(out_dir, "zero3.json").write_text(json.dumps(ds))
+        overrides = [*overrides, f"train.ds_config={out_dir}/zero3.json"]
     overrides = [
         "--config",
         str(ROOT / "recipes" / "toy.yaml"),
@@ -184,7 +197,7 @@ def main() -> int:
     p.add_argument("--shapes", default="toy,llama")
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--configs", default=DEFAULT_CONFIGS)
+    p.add_argument("--configs", default=DEFAULT_CONFIGS, help='";"-separated names, or "zero": the ZeRO-3 knob sweep')
     p.add_argument("--out", default=None, help="also write the table to this Markdown file")
     p.add_argument("--trl-child", nargs=4, metavar=("STUDENT", "TEACHER", "STEPS", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -192,7 +205,8 @@ def main() -> int:
         student, teacher, steps, out = args.trl_child
         trl_child(student, teacher, int(steps), out)
         return 0
-    names = [c.strip() for c in args.configs.split(";") if c.strip()]
+    configs = ZERO_SWEEP if args.configs == "zero" else args.configs
+    names = [c.strip() for c in configs.split(";") if c.strip()]
     for name in names:
         if name not in CONFIGS:
             raise SystemExit(f"unknown configuration {name!r}; known: {sorted(CONFIGS)}")

@@ -220,7 +220,11 @@ def rollout_client(cfg: Config, servers: RolloutServers) -> SyncRolloutClient:
     """A client of ``servers`` that sends their API key on every request."""
     c = cfg.rollout
     return SyncRolloutClient(
-        servers.urls, timeout_s=c.request_timeout_s, max_retries=c.retries, api_key=servers.api_key
+        servers.urls,
+        timeout_s=c.request_timeout_s,
+        max_retries=c.retries,
+        api_key=servers.api_key,
+        partial_rollouts=c.partial_rollouts,
     )
 
 

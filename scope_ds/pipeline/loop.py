@@ -37,6 +37,7 @@ def train(run: Run) -> dict[str, float]:
     if cfg.data.eval_every and start == 0:
         run.log.log(0, on_rank0(evaluate, run))
     last, done, stopped = {}, start, False  # done: steps whose update is applied
+    generated = thrown = 0  # tokens the servers generated for the trained batches; thrown away
     try:
         for step in range(start, steps):
             t0 = time.perf_counter()
@@ -52,6 +53,8 @@ def train(run: Run) -> dict[str, float]:
             if producer:
                 producer.advanced()
             metrics.update(staleness)
+            generated += staleness["rollout/generated_tokens"]
+            thrown += staleness["rollout/regenerated_tokens"]
             metrics.update(step_metrics(run, batch, time.perf_counter() - t0))
             if done == start + 1:
                 check_mismatch(run, metrics)
@@ -71,6 +74,11 @@ def train(run: Run) -> dict[str, float]:
         stopped = True  # a signal to the launcher's whole tree takes the rollout server down too
     finally:
         feed.close()
+    if generated:
+        run.log.message(
+            f"rollouts: {generated} tokens generated for steps {start + 1}-{done}, {thrown} of them thrown away "
+            f"({100 * thrown / generated:.1f}%)"
+        )
     if stopped:
         run.log.message(f"stopped by a signal after step {done}; resume with checkpoint.resume=auto")
     elif cfg.checkpoint.export_hf:
@@ -142,12 +150,22 @@ def evaluate(run: Run) -> dict[str, float]:
 
 
 def staleness_metrics(run: Run, batch: Batch) -> dict[str, float]:
-    """How many versions the policy about to be updated is ahead of the one that generated each
-    rollout (before the update). KD's rollouts come from the (fixed) teacher: no staleness."""
+    """The batch's segments (a rollout continued across a weight update has several) and how many
+    versions the policy about to be updated is ahead of each rollout's oldest token (before the
+    update). KD's rollouts come from the (fixed) teacher: no staleness."""
+    rs = batch.rollouts
+    segments = [max(1, len(r.segments)) for r in rs]
+    generated = sum(max(r.generated_tokens, r.response_length) for r in rs)
+    out = {
+        "rollout/partial_share": sum(s > 1 for s in segments) / len(rs),
+        "rollout/segments_mean": sum(segments) / len(rs),
+        "rollout/generated_tokens": generated,
+        "rollout/regenerated_tokens": generated - sum(r.response_length for r in rs),
+    }
     if run.algo.uses_teacher_rollouts:
-        return {}
-    lag = [run.versions.behind(r.weight_version) for r in batch.rollouts]
-    return {"staleness/mean": sum(lag) / len(lag), "staleness/max": max(lag)}
+        return out
+    lag = [run.versions.behind(r.weight_version) for r in rs]  # weight_version: the oldest token's
+    return {**out, "staleness/mean": sum(lag) / len(lag), "staleness/max": max(lag)}
 
 
 def check_mismatch(run: Run, metrics: dict[str, float]) -> None:

@@ -88,9 +88,11 @@ class RolloutClient:
         max_connections: int = 1024,
         max_abort_resubmits: int = 8,
         api_key: str = "",
+        partial_rollouts: bool = True,
     ) -> None:
         """``api_key``: sent as ``Authorization: Bearer KEY`` on every request (SGLang's --api-key);
-        "" sends none."""
+        "" sends none. ``partial_rollouts``: continue an aborted sample from its tokens so far
+        (True) or generate it again from its first token (False); see :meth:`generate`."""
         if not urls:
             raise ValueError("RolloutClient needs at least one server URL")
         self.urls = [u.rstrip("/") for u in urls]
@@ -99,6 +101,7 @@ class RolloutClient:
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
         self.max_abort_resubmits = max_abort_resubmits
+        self.partial_rollouts = partial_rollouts
         self._inflight = dict.fromkeys(self.urls, 0)
         self._turn = itertools.count()
         # trust_env=False: a proxy from the environment must never sit between trainer and servers.
@@ -184,41 +187,84 @@ class RolloutClient:
         return_logprob: bool = True,
         seed: int | None = None,
     ) -> list[Rollout]:
-        """``n`` rollouts of one prompt, in sample order, each with its producing server and version.
+        """``n`` whole rollouts of one prompt, in sample order, each with its server and versions.
 
-        Samples that come back aborted (a pause in "abort" mode, an abort_request) are sent again,
-        up to ``max_abort_resubmits`` times, so that every rollout is whole and of one version; if
-        some are still aborted then, raises :class:`RolloutAbortedError` (never a partial rollout).
+        A sample that comes back aborted (a pause in "abort" mode around a weight update, an
+        abort_request) is continued, never regenerated (``partial_rollouts``): its tokens and
+        behaviour log-probs are kept and the next request sends prompt + tokens so far as the
+        prompt, ``max_new_tokens`` less what is already there. Each request's tokens become one
+        segment of the rollout, labelled with the weight version that produced them
+        (``Rollout.segments``). With ``partial_rollouts=False`` an aborted sample is generated
+        again from its first token (its tokens so far are thrown away, counted in
+        ``Rollout.generated_tokens``). A sample aborted ``max_abort_resubmits`` times in a row
+        without a new token raises :class:`RolloutAbortedError` (never a partial rollout).
         """
         prompt = [int(t) for t in prompt_ids]
-        rollouts: list[Rollout | None] = [None] * n
+        kept: list[Rollout | None] = [None] * n  # per sample: its segments so far, stitched
+        stalls = [0] * n  # aborts in a row that brought no new token
         missing = list(range(n))
         server = ""
-        for _ in range(self.max_abort_resubmits + 1):
-            if seed is None:
-                prompts, params, per = [prompt], {**sampling_params, "n": len(missing)}, len(missing)
-            else:  # sample j draws from sampling_seed = seed + j, however often it is resent
-                prompts, per = [prompt] * len(missing), 1
-                params = [{**sampling_params, "n": 1, "sampling_seed": seed + slot} for slot in missing]
-            body = protocol.build_generate_request(prompts, params, return_logprob=return_logprob)
-            response = await self.request("POST", "/generate", body)
-            assert response is not None
-            server = str(response.request.url).removesuffix("/generate")
-            groups = protocol.parse_generate_response(
-                _json(response), prompts, per, server=server, return_logprob=return_logprob
-            )
-            for slot, rollout in zip(missing, [r for g in groups for r in g], strict=True):
-                rollouts[slot] = rollout
-            missing = [slot for slot in missing if rollouts[slot].finish_reason == "abort"]  # type: ignore[union-attr]
+        while True:
+            fresh = [s for s in missing if not (self.partial_rollouts and kept[s] and kept[s].response_ids)]
+            calls = [self._sample_request(prompt, sampling_params, fresh, seed, return_logprob)] if fresh else []
+            partial = [slot for slot in missing if slot not in fresh]
+            calls += [
+                self._continue_request(kept[slot], sampling_params, slot, seed, return_logprob) for slot in partial
+            ]
+            answers = await asyncio.gather(*calls)
+            got = dict(zip(fresh, answers[0], strict=True)) if fresh else {}
+            got.update({slot: answer[0] for slot, answer in zip(partial, answers[1 if fresh else 0 :], strict=True)})
+            for slot, (rollout, url) in got.items():
+                server = url
+                before = kept[slot]
+                kept[slot] = _stitched(before, rollout, self.partial_rollouts)
+                progressed = rollout.response_length > 0 and self.partial_rollouts
+                stalls[slot] = 0 if progressed else stalls[slot] + 1
+            missing = [slot for slot in missing if kept[slot].finish_reason == "abort"]  # type: ignore[union-attr]
+            stuck = [slot for slot in missing if stalls[slot] > self.max_abort_resubmits]
+            if stuck:
+                ids = [kept[slot].request_id for slot in stuck]  # type: ignore[union-attr]
+                raise RolloutAbortedError(server, prompt_id, group_id, stuck, ids, self.max_abort_resubmits)
             if not missing:
                 break
-        if missing:
-            ids = [rollouts[slot].request_id for slot in missing]  # type: ignore[union-attr]
-            raise RolloutAbortedError(server, prompt_id, group_id, missing, ids, self.max_abort_resubmits)
-        for index, rollout in enumerate(rollouts):
+        for index, rollout in enumerate(kept):
             assert rollout is not None
             rollout.sample_index, rollout.prompt_id, rollout.group_id = index, prompt_id, group_id
-        return rollouts  # type: ignore[return-value]
+        return kept  # type: ignore[return-value]
+
+    async def _sample_request(
+        self, prompt: list[int], sampling_params: dict[str, Any], slots: list[int], seed: int | None, logprob: bool
+    ) -> list[tuple[Rollout, str]]:
+        """Samples ``slots`` of a prompt from their first token: one request (n = len(slots), or
+        one seeded entry per sample: sample j draws from sampling_seed = seed + j)."""
+        if seed is None:
+            prompts, params, per = [prompt], {**sampling_params, "n": len(slots)}, len(slots)
+        else:
+            prompts, per = [prompt] * len(slots), 1
+            params = [{**sampling_params, "n": 1, "sampling_seed": seed + slot} for slot in slots]
+        return await self._post_generate(prompts, params, per, logprob)
+
+    async def _continue_request(
+        self, so_far: Rollout, sampling_params: dict[str, Any], slot: int, seed: int | None, logprob: bool
+    ) -> list[tuple[Rollout, str]]:
+        """The rest of a sample that has tokens: prompt + its tokens as the prompt, the token budget
+        less what it has; seeded by ``continuation_seed`` (a function of the sample's seed and its
+        position only, so a resumed run continues an interrupted sample as the first run did)."""
+        done = so_far.response_length
+        params = {**sampling_params, "n": 1, "max_new_tokens": int(sampling_params.get("max_new_tokens", 128)) - done}
+        if seed is not None:
+            params["sampling_seed"] = continuation_seed(seed + slot, done)
+        return await self._post_generate([so_far.prompt_ids + so_far.response_ids], params, 1, logprob)
+
+    async def _post_generate(
+        self, prompts: list[list[int]], params: Any, per: int, logprob: bool
+    ) -> list[tuple[Rollout, str]]:
+        body = protocol.build_generate_request(prompts, params, return_logprob=logprob)
+        response = await self.request("POST", "/generate", body)
+        assert response is not None
+        server = str(response.request.url).removesuffix("/generate")
+        groups = protocol.parse_generate_response(_json(response), prompts, per, server=server, return_logprob=logprob)
+        return [(r, server) for g in groups for r in g]
 
     async def generate_many(
         self,
@@ -269,6 +315,33 @@ class RolloutClient:
             raise RolloutServerError(
                 exc.url, exc.status, f"not healthy after {timeout_s:.0f} s ({exc.detail})"
             ) from exc
+
+
+def continuation_seed(seed: int, position: int) -> int:
+    """The sampling seed of a sample's continuation from response token ``position``: a fixed
+    mix of the sample's seed and the position (position 0: the seed itself)."""
+    if position == 0:
+        return seed
+    return (seed * 0x9E3779B97F4A7C15 + position * 0xBF58476D1CE4E5B9) % 2**62
+
+
+def _stitched(before: Rollout | None, answer: Rollout, keep: bool) -> Rollout:
+    """A sample's record after one more answer: the answer itself for a first request (or with
+    ``keep`` False: what came before is thrown away), else the answer's tokens appended to what
+    came before as a new segment. Counts every token the servers generated for the sample."""
+    spent = before.generated_tokens if before is not None else 0
+    if before is None or not keep or not before.response_ids:
+        answer.segments = [[0, answer.weight_version]]
+        answer.generated_tokens = spent + answer.response_length
+        return answer
+    if answer.response_ids:
+        before.segments.append([before.response_length, answer.weight_version])
+    before.response_ids += answer.response_ids
+    before.behaviour_logprobs += answer.behaviour_logprobs
+    before.finish_reason, before.request_id, before.server = answer.finish_reason, answer.request_id, answer.server
+    before.text += answer.text
+    before.generated_tokens = spent + answer.response_length
+    return before
 
 
 def _json(response: httpx.Response | None) -> Any:

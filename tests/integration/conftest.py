@@ -35,7 +35,14 @@ def build_tiny_tokenizer(path: Path) -> None:
 
 
 def build_tiny_llama(
-    path: Path, seed: int = 0, *, hidden: int = 32, layers: int = 2, vocab: int = TINY_VOCAB, tokenizer: bool = True
+    path: Path,
+    seed: int = 0,
+    *,
+    hidden: int = 32,
+    layers: int = 2,
+    vocab: int = TINY_VOCAB,
+    tokenizer: bool = True,
+    context: int = TINY_CONTEXT,
 ) -> Path:
     """Save a random tiny Llama (float32 safetensors) and, by default, the tiny tokenizer into ``path``."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -48,7 +55,7 @@ def build_tiny_llama(
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=TINY_CONTEXT,
+        max_position_embeddings=context,
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,
