@@ -3,6 +3,7 @@
 
     python tools/bench_pipeline.py [--steps 8] [--warmup 2] [--repeats 2] [--ranks 1]
         [--configs "SCOPE async k=1;SCOPE async k=2"] [--out docs/bench_pipeline.md] [key=value ...]
+    python tools/bench_pipeline.py --long [--steps 8] [--out FILE]   # long, ragged responses
 
 Every run trains the toy pair with the embedded rollout server in its own process, the same
 prompts per step and rollouts per prompt; only the algorithm, pipeline.max_staleness,
@@ -44,9 +45,72 @@ CONFIGS = {
 }
 
 
+# --long: partial rollouts against abort-and-regenerate on long, ragged responses
+LONG_CONFIGS = {
+    "SCOPE sync": ["algo.name=scope"],
+    "SCOPE async k=1, regenerate": ["algo.name=scope", "pipeline.max_staleness=1", "rollout.partial_rollouts=false"],
+    "SCOPE async k=1, partial": ["algo.name=scope", "pipeline.max_staleness=1"],
+    "SCOPE async k=2, regenerate": ["algo.name=scope", "pipeline.max_staleness=2", "rollout.partial_rollouts=false"],
+    "SCOPE async k=2, partial": ["algo.name=scope", "pipeline.max_staleness=2"],
+}
+LONG_VOCAB, LONG_MAX_NEW = 512, 2048
+
+
+def long_pair() -> list[str]:
+    """Random Llamas (student hidden 64 x 2 layers, teacher 96 x 3) over a 512-token vocabulary
+    with the toy tokenizer (its 64 ids; the rest decode to nothing) and a 2304-token context.
+    Their logits start near uniform, so EOS (one id of 512) ends a response after a geometric,
+    long-tailed number of tokens: about 500 on average, hundreds to a couple of thousand."""
+    import shutil
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from scope_ds.data.toy_pretrain import ensure_toy_models
+
+    toy = ensure_toy_models(None)
+    root = os.path.join(os.path.expanduser("~"), ".cache", "scope_ds", "bench_long")
+    out = []
+    for name, width, layers, seed in (("student", 64, 2, 0), ("teacher", 96, 3, 1)):
+        folder = os.path.join(root, name)
+        if not os.path.exists(os.path.join(folder, "config.json")):
+            torch.manual_seed(seed)
+            base = LlamaConfig.from_pretrained(toy.student)
+            config = LlamaConfig(
+                **{k: getattr(base, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")},
+                vocab_size=LONG_VOCAB,
+                hidden_size=width,
+                intermediate_size=2 * width,
+                num_hidden_layers=layers,
+                num_attention_heads=4,
+                num_key_value_heads=4,
+                max_position_embeddings=LONG_MAX_NEW + 256,
+                tie_word_embeddings=False,
+            )
+            LlamaForCausalLM(config).save_pretrained(folder)
+            for file in os.listdir(toy.student):
+                if file.startswith(("tokenizer", "special_tokens")):
+                    shutil.copy(os.path.join(toy.student, file), folder)
+        out.append(folder)
+    return out
+
+
+def long_overrides() -> list[str]:
+    student, teacher = long_pair()
+    return [
+        f"model.student={student}",
+        f"model.teacher={teacher}",
+        f"rollout.max_new_tokens={LONG_MAX_NEW}",
+        "train.prompts_per_step=8",
+        "rollout.n=4",
+        "train.max_tokens_per_micro_batch=16384",
+        "train.score_max_tokens_per_micro_batch=32768",
+    ]
+
+
 def run_one(name: str, args, out_dir: str) -> list[dict]:
     overrides = [
-        *CONFIGS[name],
+        *(LONG_CONFIGS if args.long else CONFIGS)[name],
         f"train.steps={args.steps}",
         f"logging.out_dir={out_dir}",
         "logging.progress=false",
@@ -95,8 +159,12 @@ def main() -> None:
         "--configs", help="comma-separated configuration names (default: all; GRPO sync and SCOPE sync always)"
     )
     ap.add_argument("--out", help="also write the table (Markdown) here")
+    ap.add_argument("--long", action="store_true", help="partial rollouts vs regenerate on long, ragged responses")
     ap.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
     args = ap.parse_args()
+    if args.long:
+        args.overrides = [*long_overrides(), *args.overrides]
+        return long_main(args)
     names = list(CONFIGS)
     if args.configs:
         wanted = {n.strip() for n in args.configs.split(";")} | {"GRPO sync", "SCOPE sync"}
@@ -141,6 +209,39 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             f.write(table + "\n\n" + note + "\n")
+
+
+def long_main(args) -> None:
+    """--long: seconds per step, generated tokens per trained token (1.0: nothing thrown away) and
+    the share of steps whose generation a weight sync interrupted, per configuration."""
+    names = list(LONG_CONFIGS)
+    rows: dict[str, list[dict]] = {name: [] for name in names}
+    with tempfile.TemporaryDirectory() as tmp:
+        for rep in range(args.repeats):
+            for i, name in enumerate(names):
+                print(f"running {name} ({rep + 1}/{args.repeats}) ...", file=sys.stderr, flush=True)
+                rows[name] += run_one(name, args, os.path.join(tmp, f"c{i}r{rep}"))[args.warmup :]
+    sync = statistics.median(r["time/step"] for r in rows["SCOPE sync"])
+    lines = [
+        "| configuration | s / step | / sync | generated / trained tokens | steps a sync interrupted | "
+        "mean response tokens | cut at the cap |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, rs in rows.items():
+        step = statistics.median(r["time/step"] for r in rs)
+        generated = sum(r["rollout/generated_tokens"] for r in rs)
+        trained = sum(r["response/tokens"] for r in rs)
+        hit = sum(1 for r in rs if r["rollout/partial_share"] > 0 or r["rollout/regenerated_tokens"] > 0) / len(rs)
+        length = statistics.mean(r["response/length_mean"] for r in rs)
+        cut = statistics.mean(r["response/truncated_share"] for r in rs)
+        lines.append(
+            f"| {name} | {step:.2f} | {step / sync:.2f} | {generated / trained:.3f} | {100 * hit:.0f}% | {length:.0f} | {100 * cut:.1f}% |"
+        )
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(table + "\n")
 
 
 if __name__ == "__main__":
