@@ -85,7 +85,12 @@ def test_staleness_never_exceeds_k(model_pair, tmp_path, k, ranks, overlap):
     for step in range(1, steps + 1):
         rows = read_jsonl(out / "rollouts" / f"step_{step}.jsonl")
         trained_version = step - 1  # the policy that step `step` updated
-        lags += [trained_version - r["weight_version"] for r in rows]
+        for r in rows:  # staleness by the oldest token: the first segment's version
+            (start, oldest), *rest = r["segments"]
+            versions = [oldest, *(v for _, v in rest)]
+            assert start == 0 and r["weight_version"] == oldest and versions == sorted(versions)
+            assert versions[-1] <= trained_version and r["generated_tokens"] == r["response_length"]
+            lags.append(trained_version - oldest)
     assert min(lags) >= 0 and max(lags) <= k
     assert max(lags) >= 1, "with k >= 1 generation should run ahead of the update"
     metrics = [m for m in read_jsonl(out / "metrics.jsonl") if m["step"] >= 1]  # step 0: the first evaluation
