@@ -133,6 +133,17 @@ def run_one(name: str, args, out_dir: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def run_all(names: list[str], args) -> dict[str, list[dict]]:
+    """Each configuration --repeats times, interleaved; its steps after each run's warm-up."""
+    rows: dict[str, list[dict]] = {name: [] for name in names}
+    with tempfile.TemporaryDirectory() as tmp:
+        for rep in range(args.repeats):
+            for i, name in enumerate(names):
+                print(f"running {name} ({rep + 1}/{args.repeats}) ...", file=sys.stderr, flush=True)
+                rows[name] += run_one(name, args, os.path.join(tmp, f"c{i}r{rep}"))[args.warmup :]
+    return rows
+
+
 def summarise(rows: list[dict]) -> dict[str, float]:
     med = {s: statistics.median(r.get(f"time/{s}", 0.0) for r in rows) for s in (*STAGES, "old_logprobs")}
     step = statistics.median(r["time/step"] for r in rows)
@@ -172,12 +183,7 @@ def main() -> None:
         if unknown:
             sys.exit(f"unknown configuration(s) {sorted(unknown)}; known: {names}")
         names = [n for n in names if n in wanted]
-    rows: dict[str, list[dict]] = {name: [] for name in names}
-    with tempfile.TemporaryDirectory() as tmp:
-        for rep in range(args.repeats):
-            for i, name in enumerate(names):
-                print(f"running {name} ({rep + 1}/{args.repeats}) ...", file=sys.stderr, flush=True)
-                rows[name] += run_one(name, args, os.path.join(tmp, f"c{i}r{rep}"))[args.warmup :]
+    rows = run_all(names, args)
     results = {name: summarise(r) for name, r in rows.items()}
     grpo = results["GRPO sync"]["step"]
     lines = [
@@ -215,12 +221,7 @@ def long_main(args) -> None:
     """--long: seconds per step, generated tokens per trained token (1.0: nothing thrown away) and
     the share of steps whose generation a weight sync interrupted, per configuration."""
     names = list(LONG_CONFIGS)
-    rows: dict[str, list[dict]] = {name: [] for name in names}
-    with tempfile.TemporaryDirectory() as tmp:
-        for rep in range(args.repeats):
-            for i, name in enumerate(names):
-                print(f"running {name} ({rep + 1}/{args.repeats}) ...", file=sys.stderr, flush=True)
-                rows[name] += run_one(name, args, os.path.join(tmp, f"c{i}r{rep}"))[args.warmup :]
+    rows = run_all(names, args)
     sync = statistics.median(r["time/step"] for r in rows["SCOPE sync"])
     lines = [
         "| configuration | s / step | / sync | generated / trained tokens | steps a sync interrupted | "
