@@ -11,6 +11,7 @@ import torch
 from train_helpers import (
     REPO,
     ZERO3_STEP,
+    assert_adam_steps_close,
     check_ok,
     expected_scope_weights,
     launch_ranks,
@@ -298,8 +299,8 @@ def test_tied_embeddings_train_the_same_packed_and_padded(tmp_path):
     initial = load_weights(paths["student"])
     moved = (packed["weights"]["model.embed_tokens.weight"] - initial["model.embed_tokens.weight"]).abs().max()
     assert moved > 1e-4  # the step changed the shared matrix
-    for name, w in packed["weights"].items():
-        torch.testing.assert_close(w, padded["weights"][name], atol=1e-5, rtol=1e-5, msg=name)
+    # one Adam step of lr 1e-2 from gradients that differ by float32 rounding (packed vs padded)
+    assert_adam_steps_close(packed["weights"], padded["weights"], lr=1e-2, steps=1)
     assert packed["metrics"]["grad_norm"] == pytest.approx(padded["metrics"]["grad_norm"], rel=1e-5)
 
 

@@ -128,6 +128,21 @@ def launch_ranks(script: Path, args: list, ranks: int, env: dict[str, str], time
     return subprocess.CompletedProcess(cmd, rc, read(outs), read(errs))
 
 
+def assert_adam_steps_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], lr: float, steps: int) -> None:
+    """Two runs' weights after ``steps`` Adam steps of ``lr`` that should be the same but whose
+    gradients differ by float32 rounding (~1e-7 relative: a packed row against padded ones, a
+    server's batched log-probs): Adam's normalised step turns that into up to lr per step for an
+    element whose gradient is near 0. So: at most 0.1% of a tensor's elements beyond 1e-5 and none
+    beyond 2 lr per step. A wrong gradient, a lost step or lost optimizer state moves most
+    elements by about lr."""
+    assert a.keys() == b.keys()
+    for k in a:
+        diff = (a[k].double() - b[k].double()).abs()
+        off = int((diff > 1e-5).sum())
+        assert off <= max(1, diff.numel() // 1000), f"{k}: {off} of {diff.numel()} elements differ by more than 1e-5"
+        assert float(diff.max()) < 2 * lr * steps, f"{k}: an element differs by {float(diff.max()):.3g}"
+
+
 def check_ok(proc) -> None:
     assert proc.returncode == 0, f"training failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
 
