@@ -3,7 +3,8 @@
 A checkpoint is a folder ``<checkpoint.dir>/step_N`` holding:
 - ``ds/``: the DeepSpeed ZeRO-3 checkpoint (every rank's partition of weights and optimizer);
 - ``scope_state.json``: step, policy version, world size, the batches already generated ahead of
-  the update (asynchronous pipeline) as rollout records, the resolved config, and the format
+  the update (asynchronous pipeline) as rollout records, the batch caught being generated with
+  each sample's tokens, log-probs and versions so far, the resolved config, and the format
   version (``STATE_FORMAT``): plain JSON, never a pickled class, so moving code never breaks a
   resume;
 - ``rng_rank{R}.pt``: the random state of every rank;
@@ -52,6 +53,7 @@ class SavedState:
     world_size: int
     pending: list[Batch]  # batches generated ahead of the update, in step order
     config: dict[str, Any]  # the resolved config of the run that saved it
+    in_flight: Batch | None = None  # the batch after them, caught being generated: its samples so far
 
 
 def checkpoint_root(run: Run) -> str:
@@ -73,8 +75,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def save(run: Run, step: int, pending: list[Batch] = ()) -> str:
+def save(run: Run, step: int, pending: list[Batch] = (), in_flight: Batch | None = None) -> str:
     """Save after ``step`` completed steps (a collective: every rank calls it); returns the folder.
+    ``pending``, ``in_flight``: rank 0's batches generated ahead and the one being generated.
 
     Each phase ends with every rank agreeing on how it went: a failure on any rank (a full disk, a
     folder not writable) is a CheckpointError on every rank at once, in one line naming the path,
@@ -87,7 +90,7 @@ def save(run: Run, step: int, pending: list[Batch] = ()) -> str:
     try:
         _agreed(run, tag, _fresh_folder if rank0 else None, tmp)
         _agreed(run, tag, _save_partitions, run, tmp)
-        _agreed(run, tag, _finish if rank0 else None, run, step, pending, tmp, final)
+        _agreed(run, tag, _finish if rank0 else None, run, step, pending, in_flight, tmp, final)
     except CheckpointError:
         if rank0:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -130,13 +133,14 @@ def _save_partitions(run: Run, tmp: str) -> None:  # every rank
     torch.save(rng_state(), os.path.join(tmp, f"rng_rank{run.rank}.pt"))
 
 
-def _finish(run: Run, step: int, pending: list[Batch], tmp: str, final: str) -> None:  # rank 0
-    state = {
+def _finish(run: Run, step: int, pending: list[Batch], in_flight: Batch | None, tmp: str, final: str) -> None:
+    state = {  # rank 0
         "format": STATE_FORMAT,
         "step": step,
         "policy_version": run.versions.student,
         "world_size": run.world,
         "pending": [b.to_json() for b in pending],
+        "in_flight": in_flight and in_flight.to_json(),
         "config": run.cfg.to_dict(),
     }
     with open(os.path.join(tmp, STATE), "w") as f:
@@ -214,7 +218,23 @@ def read_state(folder: str) -> SavedState:
                 f"{path} has checkpoint format {state.get('format')!r}; this version reads format {STATE_FORMAT}"
             )
         pending = [Batch.from_json(b) for b in state["pending"]]
-        return SavedState(state["step"], state["policy_version"], state["world_size"], pending, state["config"])
+        in_flight = (
+            Batch.from_json(state["in_flight"]) if state.get("in_flight") else None
+        )  # absent: none, or an older version
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+    first_new = state["step"] + len(pending)
+    if in_flight is not None and in_flight.step != first_new:
+        raise CheckpointError(
+            f"{path}: the batch in flight is for step {in_flight.step + 1}, not {first_new + 1} (the step after the "
+            f"{len(pending)} batch(es) generated ahead of step {state['step']}): the file was edited or corrupted"
+        )
+    try:
+        return SavedState(
+            state["step"], state["policy_version"], state["world_size"], pending, state["config"], in_flight
+        )
     except CheckpointError:
         raise
     except Exception as e:

@@ -24,6 +24,7 @@ from scope_ds.pipeline import stages
 from scope_ds.pipeline.collectives import PipelineError, on_rank0, stop_signalled
 from scope_ds.pipeline.run import Run
 from scope_ds.pipeline.stages import Batch
+from scope_ds.rollout.client import RolloutServerError
 
 
 def timed(times: dict[str, float], name: str, fn: Callable[..., Any], *args: Any) -> Any:
@@ -38,6 +39,7 @@ def timed(times: dict[str, float], name: str, fn: Callable[..., Any], *args: Any
 WAITING = object()  # what _Worker._take returns when nothing came in time
 STOP = "stop"  # what rank 0's scorer shares instead of a batch once it is asked to stop
 POLL_S = 0.5  # how often a wait looks at the stop flag
+HOLD_TIMEOUT_S = 60.0  # a checkpoint's wait for the samples in flight to stand still
 
 
 class _Worker:
@@ -125,30 +127,41 @@ class RolloutProducer(_Worker):
 
     what = "rollout generation"
 
-    def __init__(self, run: Run, start_step: int, pending: list[Batch] = ()) -> None:
-        """``pending``: batches generated before a checkpoint (steps start_step, start_step + 1, ...)."""
+    def __init__(self, run: Run, start_step: int, pending: list[Batch] = (), in_flight: Batch | None = None) -> None:
+        """``pending``: batches generated before a checkpoint (steps start_step, start_step + 1, ...);
+        ``in_flight``: the batch a checkpoint caught being generated (the step after them), whose
+        samples are continued from their saved tokens."""
         super().__init__("rollouts", run.cfg.rollout.request_timeout_s)
         self.run = run
         self._first_new = start_step + len(pending)
         self.prompts = prompt_stream(run.records, run.cfg.data.seed, self._first_new * run.cfg.train.prompts_per_step)
         self._queue.extend(pending)
         self._taken: list[Batch] = []  # handed to the scorer, not yet to the trainer
+        self._resumed = in_flight
+        self._current: Batch | None = None  # being generated or verified
         self._thread.start()
 
-    def _may_start(self, step: int) -> bool:
-        p = self.run.cfg.pipeline
-        return self.run.versions.may_generate(step, p.max_staleness) and len(self._queue) < p.queue_size
-
     def _work(self) -> None:
+        p = self.run.cfg.pipeline
         for step in range(self._first_new, self.run.cfg.train.steps):
-            if not self._wait(lambda s=step: self._may_start(s)):
+            if not self._wait(lambda: len(self._queue) < p.queue_size):
                 return
-            batch = Batch(step=step, records=[next(self.prompts) for _ in range(self.run.cfg.train.prompts_per_step)])
+            t0 = time.perf_counter()  # held back by the staleness bound from here
+            if not self._wait(lambda s=step: self.run.versions.may_generate(s, p.max_staleness)):
+                return
+            records = [next(self.prompts) for _ in range(self.run.cfg.train.prompts_per_step)]
+            batch, self._resumed = self._resumed or Batch(step=step, records=records), None
+            batch.times["wait_version"] = time.perf_counter() - t0
+            with self._cond:
+                self._current = batch
             timed(batch.times, "generate", stages.generate, self.run, batch)
             timed(batch.times, "verify", stages.verify, self.run, batch)
             if stop_signalled() and batch.verify_timeouts:
-                return  # verified while the run stops: its verifier may have been killed with it
-            self._put(batch)
+                return  # its verifier may have been killed with the run: a checkpoint keeps it in flight
+            with self._cond:
+                batch.samples, self._current = None, None
+                self._queue.append(batch)
+                self._cond.notify_all()
 
     def get(self, timeout_s: float | None = None) -> Batch | None | object:
         """The next batch, in step order (None once closing; WAITING if none came in ``timeout_s``)."""
@@ -163,10 +176,32 @@ class RolloutProducer(_Worker):
         with self._cond:
             self._taken = [b for b in self._taken if b.step != step]
 
-    def pending(self) -> list[Batch]:
-        """The batches generated but not yet trained on, in step order (saved with a checkpoint)."""
-        with self._cond:
-            return [*self._taken, *self._queue]
+    def snapshot(self) -> tuple[list[Batch], Batch | None]:
+        """What a checkpoint keeps: the batches generated but not yet trained on, in step order,
+        and a copy of the batch being generated with its samples' tokens so far.
+
+        The copy is taken while the rollout client holds every sample still (``held``: the
+        requests out are aborted, their tokens stitched into the samples, which then go on). If
+        that fails (a server down), the checkpoint goes without the batch in flight and a resumed
+        run generates it again, which the run's log says.
+        """
+
+        def take() -> tuple[list[Batch], Batch | None]:
+            with self._cond:
+                current = self._current and Batch.from_json(self._current.to_json())
+                return [*self._taken, *self._queue], current
+
+        pending, current = take()
+        if current is None:
+            return pending, None
+        try:
+            return self.run.rollout.client.held(take, timeout_s=HOLD_TIMEOUT_S)
+        except (RolloutServerError, TimeoutError) as e:
+            self.run.log.message(
+                f"checkpoint without the samples of step {current.step + 1} in flight ({e}): a resume generates "
+                "them again"
+            )
+            return pending, None
 
     def advanced(self) -> None:
         """The servers hold a newer version (run.versions): a batch waiting for it may start."""

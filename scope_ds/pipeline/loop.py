@@ -31,8 +31,8 @@ MISMATCH_WARN = 0.1
 def train(run: Run) -> dict[str, float]:
     """Run (or resume) the configured steps; returns the last step's metrics (rank 0; others: {})."""
     cfg, steps = run.cfg, run.cfg.train.steps
-    start, pending = restore(run)
-    producer = RolloutProducer(run, start, pending) if run.rank == 0 else None
+    start, pending, in_flight = restore(run)
+    producer = RolloutProducer(run, start, pending, in_flight) if run.rank == 0 else None
     feed = ScoredFeed(run, producer, start)
     if cfg.data.eval_every and start == 0:
         run.log.log(0, on_rank0(evaluate, run))
@@ -86,8 +86,9 @@ def train(run: Run) -> dict[str, float]:
     return last
 
 
-def restore(run: Run) -> tuple[int, list[Batch]]:
-    """(first step, batches generated ahead) after ``checkpoint.resume``; (0, []) for a new run.
+def restore(run: Run) -> tuple[int, list[Batch], Batch | None]:
+    """(first step, batches generated ahead, the batch that was being generated) after
+    ``checkpoint.resume``; (0, [], None) for a new run.
 
     A resumed run also truncates the logs to the checkpoint's step and pushes the restored weights
     to the rollout servers, which then serve the checkpoint's policy version.
@@ -95,12 +96,12 @@ def restore(run: Run) -> tuple[int, list[Batch]]:
     folder = checkpoint.find_checkpoint(run.cfg.checkpoint.resume, checkpoint.checkpoint_root(run))
     if folder is None:  # resume=auto before any complete save: what an earlier try logged is void
         run.log.resume_at(-1)
-        return 0, []
+        return 0, [], None
     state = checkpoint.load(run, folder)
     run.log.resume_at(state.step)
     run.log.message(f"resumed from {folder} (step {state.step}, policy version {state.policy_version})")
     stages.sync(run)
-    return state.step, state.pending
+    return state.step, state.pending, state.in_flight
 
 
 def sync(run: Run, batch: Batch, metrics: dict[str, float], done: int) -> None:
@@ -125,8 +126,13 @@ def _write_step(run: Run, step: int, batch: Batch, metrics: dict[str, float]) ->
 
 
 def save(run: Run, step: int, producer: RolloutProducer | None) -> None:
-    folder = checkpoint.save(run, step, producer.pending() if producer else [])
-    run.log.message(f"checkpoint {folder}")
+    pending, in_flight = producer.snapshot() if producer else ([], None)
+    folder = checkpoint.save(run, step, pending, in_flight)
+    kept = [r for g in in_flight.samples for r in g if r is not None] if in_flight else []
+    tokens = sum(r.response_length for r in kept)
+    run.log.message(
+        f"checkpoint {folder}" + (f" ({len(kept)} samples in flight, {tokens} tokens so far)" if kept else "")
+    )
 
 
 def evaluate(run: Run) -> dict[str, float]:

@@ -40,28 +40,41 @@ class Batch:
     rollouts: list[Rollout] = field(default_factory=list)  # n per prompt, prompt-major
     times: dict[str, float] = field(default_factory=dict)  # stage -> busy seconds
     verify_timeouts: int = 0  # answers the verifier ran out of time on (counted incorrect)
+    # While generating: per prompt, its n samples as they stand (None: not started), filled in by
+    # the rollout client as answers come in; what a checkpoint keeps of a batch in flight.
+    samples: list[list[Rollout | None]] | None = None
 
     def to_json(self) -> dict:
         """What a checkpoint keeps of a batch generated ahead: prompts and rollouts as generated
-        and verified (the teacher's scores are recomputed after a resume)."""
-        return {
-            "step": self.step,
-            "records": [vars(r) for r in self.records],
-            "rollouts": [{**r.to_json(), "teacher_logprobs": None} for r in self.rollouts],
-        }
+        and verified (the teacher's scores are recomputed after a resume); of a batch in flight,
+        its samples so far."""
+        out: dict[str, Any] = {"step": self.step, "records": [vars(r) for r in self.records]}
+        if self.samples is not None:  # in flight: the samples hold the rollouts so far
+            out["samples"] = [[None if r is None else r.to_json() for r in group] for group in self.samples]
+            out["rollouts"] = []
+        else:
+            out["rollouts"] = [{**r.to_json(), "teacher_logprobs": None} for r in self.rollouts]
+        return out
 
     @classmethod
     def from_json(cls, obj: dict) -> Batch:
         records = [PromptRecord(**r) for r in obj["records"]]
-        return cls(step=obj["step"], records=records, rollouts=[Rollout.from_json(r) for r in obj["rollouts"]])
+        batch = cls(step=obj["step"], records=records, rollouts=[Rollout.from_json(r) for r in obj["rollouts"]])
+        if obj.get("samples") is not None:
+            batch.samples = [[None if r is None else Rollout.from_json(r) for r in g] for g in obj["samples"]]
+        return batch
 
 
 # ---------------------------------------------------------------------------------- rank 0 (HTTP)
 
 
 def generate(run: Run, batch: Batch) -> None:
-    """Sample ``rollout.n`` rollouts per prompt from the rollout servers (rank 0)."""
+    """Sample ``rollout.n`` rollouts per prompt from the rollout servers (rank 0), continuing the
+    batch's ``samples`` where a checkpoint saved them in flight."""
     chat = run.cfg.data.chat_template
+    n = run.cfg.rollout.n
+    if batch.samples is None:
+        batch.samples = [[None] * n for _ in batch.records]
     groups = run.rollout.client.generate_many(
         [encoding.encode_prompt(run.tokenizer, r.prompt, chat) for r in batch.records],
         sampling_params(run),
@@ -69,6 +82,7 @@ def generate(run: Run, batch: Batch) -> None:
         prompt_ids=[r.prompt_id for r in batch.records],
         group_ids=[f"{batch.step}:{i}" for i in range(len(batch.records))],
         seeds=sample_seeds(run.cfg, batch.step, len(batch.records)),
+        samples=batch.samples,
     )
     batch.rollouts = [r for group in groups for r in group]
 

@@ -4,18 +4,21 @@ Async (httpx): many requests in flight over one or several servers, each request
 least-loaded server (ties round-robin). Connection errors, timeouts and 5xx answers are retried
 with exponential backoff, on another server when there is one; when the retries run out the
 client raises :class:`RolloutServerError` naming the server and the status. A 4xx is not retried.
-Samples that are still aborted after ``max_abort_resubmits`` resubmissions raise
-:class:`RolloutAbortedError`: a partial rollout is never returned.
+An aborted sample is continued from its tokens so far (``generate``); one aborted
+``max_abort_resubmits`` times in a row without a new token raises :class:`RolloutAbortedError`:
+a partial rollout is never returned. ``held`` brings every sample to a standstill for a moment,
+its tokens so far in its record (what a checkpoint saves of the samples in flight).
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import itertools
 import logging
 import threading
-from collections.abc import Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 import httpx
@@ -104,6 +107,11 @@ class RolloutClient:
         self.partial_rollouts = partial_rollouts
         self._inflight = dict.fromkeys(self.urls, 0)
         self._turn = itertools.count()
+        self._open = asyncio.Event()  # cleared by `held`: new /generate requests wait for it
+        self._open.set()
+        self._generating = 0  # this client's /generate requests out, answers not yet stitched
+        self._idle = asyncio.Event()  # set while _generating == 0
+        self._idle.set()
         # trust_env=False: a proxy from the environment must never sit between trainer and servers.
         self._http = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout_s, connect=min(10.0, timeout_s)),
@@ -186,6 +194,7 @@ class RolloutClient:
         group_id: str = "",
         return_logprob: bool = True,
         seed: int | None = None,
+        samples: list[Rollout | None] | None = None,
     ) -> list[Rollout]:
         """``n`` whole rollouts of one prompt, in sample order, each with its server and versions.
 
@@ -198,39 +207,97 @@ class RolloutClient:
         again from its first token (its tokens so far are thrown away, counted in
         ``Rollout.generated_tokens``). A sample aborted ``max_abort_resubmits`` times in a row
         without a new token raises :class:`RolloutAbortedError` (never a partial rollout).
+
+        ``samples``: the caller's list of the n samples as they stand (None: not started; a
+        rollout aborted part-way, from a checkpoint say, is continued; a finished one is kept),
+        updated in place as each answer comes in, so that :meth:`held` can read every sample's
+        tokens so far.
         """
         prompt = [int(t) for t in prompt_ids]
-        kept: list[Rollout | None] = [None] * n  # per sample: its segments so far, stitched
+        kept: list[Rollout | None] = samples if samples is not None else [None] * n
+        if len(kept) != n:
+            raise ValueError(f"prompt {prompt_id!r}: {len(kept)} samples given for n = {n}")
         stalls = [0] * n  # aborts in a row that brought no new token
-        missing = list(range(n))
         server = ""
+
+        async def answered(slots: list[int], request: Callable[[], Awaitable[list[tuple[Rollout, str]]]]) -> None:
+            nonlocal server
+            async with self._generation():
+                for slot, (rollout, url) in zip(slots, await request(), strict=True):
+                    server = url
+                    kept[slot] = _stitched(kept[slot], rollout, self.partial_rollouts)
+                    progressed = rollout.response_length > 0 and self.partial_rollouts
+                    stalls[slot] = 0 if progressed else stalls[slot] + 1
+
         while True:
-            fresh = [s for s in missing if not (self.partial_rollouts and kept[s] and kept[s].response_ids)]
-            calls = [self._sample_request(prompt, sampling_params, fresh, seed, return_logprob)] if fresh else []
-            partial = [slot for slot in missing if slot not in fresh]
-            calls += [
-                self._continue_request(kept[slot], sampling_params, slot, seed, return_logprob) for slot in partial
-            ]
-            answers = await asyncio.gather(*calls)
-            got = dict(zip(fresh, answers[0], strict=True)) if fresh else {}
-            got.update({slot: answer[0] for slot, answer in zip(partial, answers[1 if fresh else 0 :], strict=True)})
-            for slot, (rollout, url) in got.items():
-                server = url
-                before = kept[slot]
-                kept[slot] = _stitched(before, rollout, self.partial_rollouts)
-                progressed = rollout.response_length > 0 and self.partial_rollouts
-                stalls[slot] = 0 if progressed else stalls[slot] + 1
-            missing = [slot for slot in missing if kept[slot].finish_reason == "abort"]  # type: ignore[union-attr]
+            missing = [slot for slot in range(n) if kept[slot] is None or kept[slot].finish_reason == "abort"]
             stuck = [slot for slot in missing if stalls[slot] > self.max_abort_resubmits]
             if stuck:
                 ids = [kept[slot].request_id for slot in stuck]  # type: ignore[union-attr]
                 raise RolloutAbortedError(server, prompt_id, group_id, stuck, ids, self.max_abort_resubmits)
             if not missing:
                 break
+            fresh = [s for s in missing if not (self.partial_rollouts and kept[s] and kept[s].response_ids)]
+            calls = []
+            if fresh:
+                calls.append(
+                    answered(
+                        fresh, lambda f=fresh: self._sample_request(prompt, sampling_params, f, seed, return_logprob)
+                    )
+                )
+            for slot in (s for s in missing if s not in fresh):
+                so_far = kept[slot]
+                calls.append(
+                    answered(
+                        [slot],
+                        lambda r=so_far, s=slot: self._continue_request(r, sampling_params, s, seed, return_logprob),
+                    )
+                )
+            await asyncio.gather(*calls)
         for index, rollout in enumerate(kept):
             assert rollout is not None
             rollout.sample_index, rollout.prompt_id, rollout.group_id = index, prompt_id, group_id
         return kept  # type: ignore[return-value]
+
+    @contextlib.asynccontextmanager
+    async def _generation(self) -> AsyncIterator[None]:
+        """One /generate request and the stitching of its answer, counted, sent only while the
+        client is not :meth:`held`."""
+        while not self._open.is_set():
+            await self._open.wait()
+        self._generating += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._generating -= 1
+            if not self._generating:
+                self._idle.set()
+
+    async def held(self, fn: Callable[[], T], timeout_s: float = 60.0, poll_s: float = 0.5) -> T:
+        """``fn()`` at a moment when every sample of this client stands still, its tokens so far
+        stitched into its record (a checkpoint's snapshot of the samples in flight).
+
+        New /generate requests wait; the ones out are ended with ``/abort_request`` (abort_all) on
+        every server, again every ``poll_s`` (a request still on its way to a server when the
+        abort landed is ended by the next one), until each has answered with what it generated.
+        The samples then continue as after any abort. Raises TimeoutError if requests are still
+        out after ``timeout_s``, a RolloutServerError if a server is down; the requests go on
+        either way. Every request on the servers is ended, also other clients' ones.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        self._open.clear()
+        try:
+            while self._generating:
+                if loop.time() > deadline:
+                    raise TimeoutError(f"{self._generating} /generate request(s) still out after {timeout_s:g} s")
+                await self.post_all("/abort_request", {"abort_all": True})
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._idle.wait(), poll_s)
+            return fn()
+        finally:
+            self._open.set()
 
     async def _sample_request(
         self, prompt: list[int], sampling_params: dict[str, Any], slots: list[int], seed: int | None, logprob: bool
@@ -248,12 +315,14 @@ class RolloutClient:
         self, so_far: Rollout, sampling_params: dict[str, Any], slot: int, seed: int | None, logprob: bool
     ) -> list[tuple[Rollout, str]]:
         """The rest of a sample that has tokens: prompt + its tokens as the prompt, the token budget
-        less what it has; seeded by ``continuation_seed`` (a function of the sample's seed and its
-        position only, so a resumed run continues an interrupted sample as the first run did)."""
+        less what it has, and the sample's own seed: seeded servers key each draw by (seed, the
+        token's position in the sequence), SGLang and the embedded server alike, so the rest is what
+        the uninterrupted request would have sampled with the same weights (a resumed run goes on
+        as the first run would have)."""
         done = so_far.response_length
         params = {**sampling_params, "n": 1, "max_new_tokens": int(sampling_params.get("max_new_tokens", 128)) - done}
         if seed is not None:
-            params["sampling_seed"] = continuation_seed(seed + slot, done)
+            params["sampling_seed"] = seed + slot
         return await self._post_generate([so_far.prompt_ids + so_far.response_ids], params, 1, logprob)
 
     async def _post_generate(
@@ -276,17 +345,22 @@ class RolloutClient:
         group_ids: Sequence[str] | None = None,
         return_logprob: bool = True,
         seeds: Sequence[int] | None = None,
+        samples: Sequence[list[Rollout | None]] | None = None,
     ) -> list[list[Rollout]]:
         """One concurrent request per prompt (so prompts spread over the servers); groups in prompt order.
 
         ``seeds[i]``: prompt i's samples use sampling_seed seeds[i] + j (reproducible whatever the
-        batching; SGLang needs --enable-deterministic-inference for it)."""
+        batching; SGLang needs --enable-deterministic-inference for it). ``samples[i]``: prompt i's
+        samples as they stand, updated in place (see :meth:`generate`)."""
         pids = prompt_ids if prompt_ids is not None else [str(i) for i in range(len(prompts))]
         gids = group_ids if group_ids is not None else pids
         seed_list = list(seeds) if seeds is not None else [None] * len(prompts)
+        so_far = list(samples) if samples is not None else [None] * len(prompts)
         calls = [
-            self.generate(p, sampling_params, n=n, prompt_id=pid, group_id=gid, return_logprob=return_logprob, seed=sd)
-            for p, pid, gid, sd in zip(prompts, pids, gids, seed_list, strict=True)
+            self.generate(
+                p, sampling_params, n=n, prompt_id=pid, group_id=gid, return_logprob=return_logprob, seed=sd, samples=ss
+            )
+            for p, pid, gid, sd, ss in zip(prompts, pids, gids, seed_list, so_far, strict=True)
         ]
         return list(await asyncio.gather(*calls))
 
@@ -315,14 +389,6 @@ class RolloutClient:
             raise RolloutServerError(
                 exc.url, exc.status, f"not healthy after {timeout_s:.0f} s ({exc.detail})"
             ) from exc
-
-
-def continuation_seed(seed: int, position: int) -> int:
-    """The sampling seed of a sample's continuation from response token ``position``: a fixed
-    mix of the sample's seed and the position (position 0: the seed itself)."""
-    if position == 0:
-        return seed
-    return (seed * 0x9E3779B97F4A7C15 + position * 0xBF58476D1CE4E5B9) % 2**62
 
 
 def _stitched(before: Rollout | None, answer: Rollout, keep: bool) -> Rollout:
@@ -393,6 +459,10 @@ class SyncRolloutClient:
 
     def pause(self, mode: str = "abort") -> None:
         self.run(self.client.pause(mode))
+
+    def held(self, fn: Callable[[], T], timeout_s: float = 60.0) -> T:
+        """``fn()`` (on the client's loop thread) while every sample stands still: see RolloutClient.held."""
+        return self.run(self.client.held(fn, timeout_s))
 
     def resume(self) -> None:
         self.run(self.client.resume())

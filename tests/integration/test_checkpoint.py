@@ -86,6 +86,80 @@ def test_kill9_and_resume_gives_the_straight_run(model_pair, tmp_path):
     assert [m["step"] for m in read_jsonl(broken / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
 
 
+def _state(out: Path, tag: str) -> dict:
+    return json.loads((out / "checkpoints" / tag / "scope_state.json").read_text())
+
+
+def _partial_samples(state: dict) -> list[dict]:
+    """The samples a checkpoint caught part-way through generation, with tokens so far."""
+    batch = state.get("in_flight") or {"samples": []}
+    return [s for g in batch["samples"] for s in g if s and s["response_ids"] and s["finish_reason"] == "abort"]
+
+
+@pytest.fixture(scope="module")
+def long_pair(tiny_llama_builder, tmp_path_factory):
+    """A student and teacher that answer at length (random weights, 1024 positions)."""
+    root = tmp_path_factory.mktemp("long_pair")
+    build = tiny_llama_builder
+    return build(root / "student", context=1024), build(root / "teacher", seed=1, context=1024)
+
+
+def test_kill9_with_samples_in_flight_continues_them_and_trains_each_prompt_once(long_pair, tmp_path):
+    """The asynchronous schedule killed while a batch is being generated: the checkpoint holds its
+    samples' tokens so far, the resumed run continues each from them (not from its first token),
+    and every step and every prompt is trained exactly once."""
+    student, teacher = long_pair
+    out, steps, per_step = tmp_path / "run", 5, 2
+    args = [
+        *small_run_overrides(student, teacher, out),
+        f"train.steps={steps}",
+        "pipeline.max_staleness=1",
+        "rollout.max_new_tokens=400",
+        "checkpoint.every=1",
+        "checkpoint.keep=10",
+        "checkpoint.export_hf=false",
+    ]
+    proc = _start(args, ranks=1)
+    _wait_for(
+        lambda: _latest(out) is not None and _partial_samples(_state(out, _latest(out))),
+        proc,
+        "a checkpoint with samples in flight",
+        poll=0.05,
+    )
+    _kill9(proc, out)
+    tag = _latest(out)  # what the resume starts from: a later save may have landed before the kill
+    state = _state(out, tag)
+    assert _partial_samples(state), f"{tag} holds no sample part-way: {state['in_flight']}"
+    assert int(tag.split("_")[1]) < steps
+
+    resumed = launch_train([*args, "checkpoint.resume=auto"], launcher="python")
+    check_ok(resumed)
+    log = resumed.stdout + resumed.stderr
+    assert "samples in flight" in log
+
+    in_flight = state["in_flight"]
+    trained = read_jsonl(out / "rollouts" / f"step_{in_flight['step'] + 1}.jsonl")
+    saved = [s for g in in_flight["samples"] for s in g]
+    assert len(trained) == len(saved) == per_step * 4
+    continued = 0
+    for s, r in zip(saved, trained, strict=True):
+        if s is None:
+            continue
+        k = len(s["response_ids"])
+        assert r["response_ids"][:k] == s["response_ids"] and r["behaviour_logprobs"][:k] == s["behaviour_logprobs"]
+        assert r["segments"][: len(s["segments"])] == s["segments"] and r["weight_version"] == s["weight_version"]
+        assert r["generated_tokens"] == r["response_length"]  # nothing generated twice
+        continued += s["finish_reason"] == "abort" and k > 0
+    assert continued == len(_partial_samples(state))
+    assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == list(range(1, steps + 1))
+    groups = [
+        [r["prompt_id"] for r in read_jsonl(out / "rollouts" / f"step_{step}.jsonl") if r["sample_index"] == 0]
+        for step in range(1, steps + 1)
+    ]
+    prompts = [p for g in groups for p in g]
+    assert all(len(g) == per_step for g in groups) and len(set(prompts)) == len(prompts) == steps * per_step
+
+
 def test_kill9_during_a_save_resumes_from_the_previous_checkpoint(model_pair, tmp_path):
     student, teacher = model_pair
     out = tmp_path / "run"

@@ -3,6 +3,7 @@ generations continues every sample from its tokens so far, with the new weights.
 
 from __future__ import annotations
 
+import copy
 import time
 
 import httpx
@@ -28,15 +29,20 @@ def _generate(client: SyncRolloutClient):
     return client.submit(client.client.generate_many(PROMPTS, PARAMS, n=N, seeds=SEEDS))
 
 
+def _all_running(http: httpx.Client, url: str) -> None:
+    """Once the server decodes every sample, let it run a little."""
+    deadline = time.monotonic() + 30
+    while http.get(f"{url}/server_info").json()["internal_states"][0]["num_running_reqs"] < len(PROMPTS) * N:
+        assert time.monotonic() < deadline, "the server never ran every sample"
+        time.sleep(0.005)
+    time.sleep(0.05)
+
+
 def _interrupt(url: str, folder, version: int) -> None:
-    """Once the server decodes, let it run a little, then a weight update as the trainer's sync
-    makes it: pause in abort mode, load ``folder`` as ``version``, continue."""
+    """Once every sample runs, a weight update as the trainer's sync makes it: pause in abort
+    mode, load ``folder`` as ``version``, continue."""
     with httpx.Client(timeout=30, trust_env=False) as http:
-        deadline = time.monotonic() + 30
-        while http.get(f"{url}/server_info").json()["internal_states"][0]["num_running_reqs"] < len(PROMPTS) * N:
-            assert time.monotonic() < deadline, "the server never ran every sample"
-            time.sleep(0.005)
-        time.sleep(0.05)
+        _all_running(http, url)
         http.post(f"{url}/pause_generation", json={"mode": "abort"}).raise_for_status()
         body = {"model_path": str(folder), "weight_version": str(version)}
         assert http.post(f"{url}/update_weights_from_disk", json=body).json()["success"]
@@ -109,3 +115,30 @@ def test_regenerating_throws_the_interrupted_tokens_away(embedded_servers, weigh
     assert all(r.response_length == MAX_NEW and len(r.segments) == 1 for r in rollouts)
     redone = [r for r in rollouts if r.generated_tokens > MAX_NEW]
     assert redone and all(r.segments == [[0, 1]] and r.weight_version == 1 for r in redone)
+
+
+def test_held_samples_stand_still_and_continue_from_a_copy_as_they_would_have(embedded_servers, weights):
+    """A checkpoint's snapshot of the samples in flight: ``held`` ends the requests out and shows
+    every sample's tokens so far; continued from a copy of it by another client (a resumed run),
+    each sample ends exactly as in the run that went on, and as without the hold (same seeds,
+    same weights)."""
+    url = embedded_servers(weights[0])[0].url
+    samples = [[None] * N for _ in PROMPTS]
+    with SyncRolloutClient([url], timeout_s=120) as client, httpx.Client(timeout=30, trust_env=False) as http:
+        straight = [r for g in client.generate_many(PROMPTS, PARAMS, n=N, seeds=SEEDS) for r in g]
+        future = client.submit(client.client.generate_many(PROMPTS, PARAMS, n=N, seeds=SEEDS, samples=samples))
+        _all_running(http, url)
+        snapshot = client.held(lambda: copy.deepcopy(samples))
+        went_on = [r for g in future.result(timeout=120) for r in g]
+    saved = [copy.deepcopy(r) for g in snapshot for r in g]  # the client continues `snapshot` in place
+    assert all(r is not None and r.finish_reason == "abort" and r.response_length < MAX_NEW for r in saved)
+    assert any(r.response_length > 0 for r in saved), [r.response_length for r in saved]
+    with SyncRolloutClient([url], timeout_s=120) as other:
+        resumed = [r for g in other.generate_many(PROMPTS, PARAMS, n=N, seeds=SEEDS, samples=snapshot) for r in g]
+    for before, a, b, c in zip(saved, went_on, resumed, straight, strict=True):
+        assert a.response_length == MAX_NEW == b.response_length
+        assert a.response_ids == c.response_ids  # draws keyed by position: a hold changes no token
+        assert a.response_ids[: before.response_length] == before.response_ids  # nothing lost at the hold
+        assert a.segments == b.segments == ([[0, 0], [before.response_length, 0]] if before.response_ids else [[0, 0]])
+        assert b.response_ids == a.response_ids
+        torch.testing.assert_close(b.behaviour_logprobs, a.behaviour_logprobs, atol=1e-5, rtol=0)

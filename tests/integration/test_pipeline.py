@@ -46,6 +46,9 @@ def test_max_staleness_zero_gives_the_synchronous_weights(model_pair, tmp_path):
         timeout=600,
     )
     check_ok(ref)
+    # the batch of step 2 waits for the update and sync of step 1; that of step 1 for nothing
+    waits = [m["time/wait_version"] for m in read_jsonl(piped / "metrics.jsonl")]
+    assert waits[1] > max(0.05, 10 * waits[0]), waits
     for step in (1, 2):
         ours, theirs = (read_jsonl(d / "rollouts" / f"step_{step}.jsonl") for d in (piped, by_hand))
         assert [r["response_ids"] for r in ours] == [r["response_ids"] for r in theirs]

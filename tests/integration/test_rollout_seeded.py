@@ -22,3 +22,23 @@ def test_seeded_rollouts_do_not_depend_on_batching(tiny_llama_dir, embedded_serv
         assert a.behaviour_logprobs == b.behaviour_logprobs or all(
             abs(x - y) < 1e-4 for x, y in zip(a.behaviour_logprobs, b.behaviour_logprobs, strict=True)
         )
+
+
+def test_a_seeded_sequence_continued_from_its_prefix_is_the_uninterrupted_one(tiny_llama_dir, embedded_servers):
+    """Draws are keyed by (seed, position in the sequence), as in SGLang: a request for prompt +
+    the first k tokens with the same seed samples the rest of the uninterrupted sequence."""
+    (server,) = embedded_servers(tiny_llama_dir, random_seed=0)
+    params = {"temperature": 1.0, "max_new_tokens": 20, "ignore_eos": True}
+    prompt = [1, 40, 41]
+    with SyncRolloutClient([server.url]) as client:
+        (whole,) = client.generate_many([prompt], params, seeds=[77])[0]
+        for k in (1, 7, 19):
+            rest_params = {**params, "max_new_tokens": 20 - k}
+            (rest,) = client.generate_many([prompt + whole.response_ids[:k]], rest_params, seeds=[77])[0]
+            assert rest.response_ids == whole.response_ids[k:], k
+            for a, b in zip(rest.behaviour_logprobs, whole.behaviour_logprobs[k:], strict=True):
+                assert abs(a - b) < 1e-4
+        (other,) = client.generate_many(
+            [prompt + whole.response_ids[:7]], rest_params | {"max_new_tokens": 13}, seeds=[78]
+        )[0]
+    assert other.response_ids != whole.response_ids[7:], "another seed must sample otherwise"

@@ -76,3 +76,36 @@ def test_a_corrupt_state_names_the_file(tmp_path):
     (tmp_path / STATE).write_text("{not json")
     with pytest.raises(CheckpointError, match=STATE):
         read_state(str(tmp_path))
+
+
+def _in_flight() -> Batch:
+    """A batch caught being generated: one sample part-way, one finished, one not started."""
+    batch = _batch()
+    first, second, _ = batch.rollouts
+    first.finish_reason, first.segments = "abort", [[0, 2]]
+    second.segments = [[0, 1], [1, 2]]
+    return Batch(step=4, records=batch.records, samples=[[first, None], [second, None]])
+
+
+def test_a_batch_in_flight_round_trips_with_its_samples_so_far(tmp_path):
+    batch = _in_flight()
+    state = dict(format=STATE_FORMAT, step=3, policy_version=3, world_size=1, config={})
+    _write_state(tmp_path, **state, pending=[_batch().to_json()], in_flight=json.loads(json.dumps(batch.to_json())))
+    back = read_state(str(tmp_path)).in_flight
+    assert back.step == 4 and back.records == batch.records and back.rollouts == []
+    assert [[r and r.to_json() for r in g] for g in back.samples] == [
+        [r and r.to_json() for r in g] for g in batch.samples
+    ]
+    assert back.samples[0][0].segments == [[0, 2]] and back.samples[1][0].behaviour_logprobs == [-0.25, -1.5]
+
+
+def test_a_batch_in_flight_for_another_step_is_refused(tmp_path):
+    state = dict(format=STATE_FORMAT, step=3, policy_version=3, world_size=1, config={})
+    _write_state(tmp_path, **state, pending=[], in_flight=_in_flight().to_json())  # step 4, but 3 + 0 pending
+    with pytest.raises(CheckpointError, match="in flight is for step 5, not 4"):
+        read_state(str(tmp_path))
+
+
+def test_a_state_without_a_batch_in_flight_reads_as_none(tmp_path):
+    _write_state(tmp_path, format=STATE_FORMAT, step=1, policy_version=1, world_size=1, pending=[], config={})
+    assert read_state(str(tmp_path)).in_flight is None

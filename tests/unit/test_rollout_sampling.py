@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from scope_ds.rollout.server.sampling import BatchSampling, SamplingSpec, sample_next
+from scope_ds.rollout.server.sampling import BatchSampling, SamplingSpec, keyed_uniform, sample_next
 
 
 def batch(*specs: SamplingSpec, vocab: int = 10) -> BatchSampling:
@@ -71,14 +71,36 @@ def test_seeded_generator_is_reproducible():
     assert a.tolist() == b.tolist()
 
 
-def test_rows_with_their_own_generators_follow_the_distribution_and_ignore_the_batch():
+def test_keyed_rows_follow_the_distribution_and_ignore_the_batch():
     probs = torch.tensor([0.5, 0.0, 0.2, 0.3], dtype=torch.float64)  # token 1 has no mass
     logits = probs.float().log().repeat(6000, 1)
-    gens = [torch.Generator().manual_seed(1000 + i) for i in range(6000)]
-    tokens, _, _ = sample_next(logits, batch(*[SamplingSpec()] * 6000, vocab=4), None, gens)
+    keys = [(1000 + i, 5) for i in range(6000)]
+    tokens, _, _ = sample_next(logits, batch(*[SamplingSpec()] * 6000, vocab=4), None, keys)
     freq = torch.bincount(tokens, minlength=4).double() / 6000
     assert freq[1] == 0 and torch.allclose(freq, probs, atol=0.02), freq
-    # Row 7 alone, from a fresh generator of the same seed, in a batch of other rows: the same token.
-    shuffled = [torch.Generator().manual_seed(s) for s in (3, 1007, 5)]
-    alone, _, _ = sample_next(logits[:3], batch(*[SamplingSpec()] * 3, vocab=4), torch.Generator(), shuffled)
+    # Row 7's key among other rows and an unseeded one: the same token.
+    alone, _, _ = sample_next(
+        logits[:3], batch(*[SamplingSpec()] * 3, vocab=4), torch.Generator(), [(3, 9), (1007, 5), None]
+    )
     assert alone[1] == tokens[7]
+
+
+def test_keyed_draws_are_uniform_and_unrelated_across_seeds_and_positions():
+    """keyed_uniform(seed, position): U[0, 1) over positions of one seed and over seeds at one
+    position, and no correlation between neighbouring keys (samples j and j + 1 of a prompt use
+    seeds s and s + 1; a linear mix of seed and position would tie (s, p + 1) to (s + 1, p))."""
+    n = 20000
+    grid = torch.tensor([[keyed_uniform(seed, pos) for pos in range(2)] for seed in range(n + 1)], dtype=torch.float64)
+    along = torch.tensor([keyed_uniform(12345, pos) for pos in range(n)], dtype=torch.float64)
+    for u in (grid[:, 0], along):
+        assert 0 <= u.min() and u.max() < 1
+        assert abs(u.mean() - 0.5) < 0.01 and abs(u.var() - 1 / 12) < 0.005
+        assert torch.histc(u, bins=10, min=0, max=1).div(len(u)).sub(0.1).abs().max() < 0.01
+    pairs = {
+        "next seed": (grid[:-1, 0], grid[1:, 0]),
+        "next position": (grid[:, 0], grid[:, 1]),
+        "diagonal": (grid[:-1, 1], grid[1:, 0]),
+        "along": (along[:-1], along[1:]),
+    }
+    for name, (a, b) in pairs.items():
+        assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1]) < 0.03, name

@@ -47,13 +47,14 @@ class _Seq:
         self.abort_msg: str | None = None
         self.stop_str: str | None = None
         self.t0 = time.perf_counter()
-        # A seeded request samples from its own generator: its tokens do not depend on batching.
-        self.generator: torch.Generator | None = None
-        if item.spec.seed is not None:
-            self.generator = torch.Generator().manual_seed(item.spec.seed)
 
     def prefix(self) -> list[int]:
         return self.item.prompt_ids + self.output_ids
+
+    def sampling_key(self) -> tuple[int, int] | None:
+        """(seed, position of the next token in prompt + output) of a seeded request, else None."""
+        seed = self.item.spec.seed
+        return None if seed is None else (seed, len(self.item.prompt_ids) + len(self.output_ids))
 
     @property
     def wants_input_logprobs(self) -> bool:
@@ -383,7 +384,7 @@ class Engine:
     def _decode(self, batch: _Batch) -> _Batch | None:
         """Sample one token per row, retire finished rows, run the next batched forward."""
         tokens_B, logprobs_B, logprobs_BV = sample_next(
-            batch.logits_BV, batch.sampling, self.generator, [s.generator for s in batch.seqs]
+            batch.logits_BV, batch.sampling, self.generator, [s.sampling_key() for s in batch.seqs]
         )
         keep = []
         for i, seq in enumerate(batch.seqs):

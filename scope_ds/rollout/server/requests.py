@@ -127,7 +127,7 @@ def parse_sampling_params(raw: Any, has_tokenizer: bool, limits: RequestLimits =
         raise ProtocolError(f"n must be at least 1, got {n}.")
     _at_most(n, limits.max_n, "sampling_params.n", "--max-n")
     _at_most(max_new, limits.max_new_tokens, "sampling_params.max_new_tokens", "--max-new-tokens")
-    if seed is not None and not 0 <= seed < 2**63 - n:  # sample j seeds a torch.Generator with seed + j
+    if seed is not None and not 0 <= seed < 2**63 - n:  # sample j is keyed by seed + j (sampling.py)
         raise ProtocolError(f"sampling_seed must be in [0, 2**63 - n), got {seed}.")
     stop = p.get("stop") or []
     stop_strs = (stop,) if isinstance(stop, str) else tuple(str(s) for s in _as_list(stop, "stop"))

@@ -35,7 +35,7 @@ class SamplingSpec:
     skip_special_tokens: bool = True  # decoding option for "text"
     no_stop_trim: bool = False  # keep a matched stop string in "text"
     n: int = 1  # samples per prompt
-    seed: int | None = None  # sampling_seed: this sequence draws from its own generator (batch-independent)
+    seed: int | None = None  # sampling_seed: draws keyed by (seed, position) alone (batch-independent)
 
 
 @dataclass
@@ -87,16 +87,35 @@ def _truncated_probs(probs_BV: torch.Tensor, bs: BatchSampling) -> torch.Tensor:
     return torch.zeros_like(probs_BV).scatter_(-1, order_BV, kept_BV)
 
 
-def _uniforms(row_generators: list[torch.Generator | None], shared: torch.Generator | None) -> torch.Tensor:
-    """One U[0, 1) draw per row (float64): from the row's own generator where it has one, else
-    from ``shared``, in row order."""
-    out = torch.empty(len(row_generators), dtype=torch.float64)
-    own = [i for i, g in enumerate(row_generators) if g is not None]
-    if len(own) < len(row_generators):
-        rest = torch.tensor([i for i, g in enumerate(row_generators) if g is None])
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(z: int) -> int:
+    """splitmix64's finaliser: a bijection of 64-bit words that spreads every input bit."""
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def keyed_uniform(seed: int, position: int) -> float:
+    """The U[0, 1) draw of a seeded sequence for its token at ``position`` (the token's index in
+    prompt + output): a function of the two alone, as SGLang's seeded sampler hashes (seed,
+    position). A request that continues a sequence (prompt + its tokens so far, the same seed)
+    therefore draws what the uninterrupted one would have, and no row depends on its batch."""
+    z = _mix64((seed + 0x9E3779B97F4A7C15) & _MASK64)
+    return (_mix64(z ^ ((position * 0xD1B54A32D192ED03) & _MASK64)) >> 11) * 2.0**-53
+
+
+def _uniforms(keys: list[tuple[int, int] | None], shared: torch.Generator | None) -> torch.Tensor:
+    """One U[0, 1) draw per row (float64): ``keyed_uniform(seed, position)`` for a row keyed
+    (seed, position), else from ``shared``, in row order."""
+    out = torch.empty(len(keys), dtype=torch.float64)
+    rest = [i for i, k in enumerate(keys) if k is None]
+    if rest:
         out[rest] = torch.rand(len(rest), dtype=torch.float64, generator=shared)
-    for i in own:  # one scalar draw per seeded row: its samples do not depend on the rest of the batch
-        out[i] = torch.rand((), dtype=torch.float64, generator=row_generators[i])
+    keyed = [(i, k) for i, k in enumerate(keys) if k is not None]
+    if keyed:
+        out[[i for i, _ in keyed]] = torch.tensor([keyed_uniform(*k) for _, k in keyed], dtype=torch.float64)
     return out
 
 
@@ -115,12 +134,13 @@ def sample_next(
     logits_BV: torch.Tensor,
     bs: BatchSampling,
     generator: torch.Generator | None = None,
-    row_generators: list[torch.Generator | None] | None = None,
+    row_keys: list[tuple[int, int] | None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sample one token per row.
 
-    Rows with their own generator in ``row_generators`` (seeded requests) draw from it alone, so
-    their samples do not depend on what else is in the batch; the others share ``generator``.
+    Rows keyed ``(seed, position)`` in ``row_keys`` (seeded requests) draw ``keyed_uniform`` of
+    their key, so their samples depend neither on the batch nor on how the sequence was split
+    into requests; the others share ``generator``.
     Returns (tokens_B, logprobs_B, logprobs_BV): the chosen ids, their log-probs under the
     reporting convention of this module, and the full log-prob rows (for top_logprobs_num).
     """
@@ -130,11 +150,11 @@ def sample_next(
     sample_rows = ~bs.greedy_B
     if bool(sample_rows.any()):
         rows = torch.nonzero(sample_rows).flatten()
-        gens = row_generators or [None] * len(tokens_B)
+        keys = row_keys or [None] * len(tokens_B)
         tokens_B = tokens_B.clone()
         tokens_B[rows] = _inverse_cdf(
             _truncated_probs(logprobs_BV[rows].exp(), bs.select(rows)),
-            _uniforms([gens[i] for i in rows.tolist()], generator),
+            _uniforms([keys[i] for i in rows.tolist()], generator),
         )
     if ORIGINAL_LOGPROB:
         logprobs_BV = torch.log_softmax(logits_BV, dim=-1)
