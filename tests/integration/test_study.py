@@ -1,0 +1,117 @@
+"""python -m scope_ds.study end to end: 2 arms x 2 seeds on the tiny pair, killed and resumed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from train_helpers import REPO, run_env
+
+
+def _study_file(tmp_path: Path, student: Path, teacher: Path) -> Path:
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"student": str(student), "teacher": str(teacher)},
+                "data": {"source": "toy", "eval_every": 2, "eval_prompts": 4, "eval_n": 1},
+                "rollout": {"n": 2, "max_new_tokens": 12},
+                "train": {"steps": 4, "prompts_per_step": 2, "micro_batch_size": 2, "lr": 1e-3},
+            }
+        )
+    )
+    study = tmp_path / "study.yaml"
+    study.write_text(
+        yaml.safe_dump(
+            {
+                "recipe": "recipe.yaml",
+                "arms": {"scope": [], "opd": {"algo.name": "opd"}},
+                "seeds": [0, 1],
+                "baseline": "opd",
+                "eval": {"n": 2, "toy_prompts": 6, "max_new_tokens": 12},
+                "bootstrap": {"resamples": 200},
+            }
+        )
+    )
+    return study
+
+
+def _start(study: Path, out: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "scope_ds.study", str(study), "--out", str(out), "--no-progress"]
+    return subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=run_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def _kill9(proc: subprocess.Popen, out: Path) -> None:
+    """kill -9 the study and its trainer or evaluator; then any rollout server they left (pid files)."""
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    for pid_file in out.glob("runs/*/*/*/logs/*.pid"):
+        try:
+            os.killpg(int(pid_file.read_text()), signal.SIGKILL)
+        except (ProcessLookupError, ValueError):
+            pass
+
+
+def test_a_study_killed_in_the_middle_resumes_and_its_table_follows_the_runs(model_pair, tmp_path):
+    study, out = _study_file(tmp_path, *model_pair), tmp_path / "out"
+    first = out / "runs" / "scope" / "seed0"
+    second = out / "runs" / "scope" / "seed1"
+    proc = _start(study, out)
+    deadline = time.monotonic() + 600
+    # kill once the first run is evaluated and the second has trained a step (a checkpoint to resume)
+    while not ((first / "eval" / "results.json").is_file() and (second / "train" / "checkpoints" / "latest").is_file()):
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.monotonic() < deadline, "the study never got to its second run"
+        time.sleep(0.1)
+    _kill9(proc, out)
+    assert not (second / "train" / "hf").exists(), "the second run finished before the kill"
+
+    done = subprocess.run(
+        [sys.executable, "-m", "scope_ds.study", str(study), "--out", str(out), "--no-progress"],
+        cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "4 of 4 runs done" in done.stdout
+    # the first run was reused, the second resumed from its checkpoint
+    assert (first / "train.log").read_text().count("\n$ ") == 1 and (first / "eval.log").read_text().count("\n$ ") == 1
+    second_log = (second / "train.log").read_text()
+    assert second_log.count("\n$ ") == 2 and "checkpoint.resume=auto" in second_log.split("\n$ ")[-1]
+    assert "resumed from" in second_log
+
+    results = json.loads((out / "study.json").read_text())
+    per_run = {}
+    for arm in ("scope", "opd"):
+        for seed in (0, 1):
+            model = json.loads((out / "runs" / arm / f"seed{seed}" / "eval" / "results.json").read_text())["models"][0]
+            per_run[(arm, seed)] = model["benchmarks"]["toy"]
+            assert model["label"] == f"{arm}-seed{seed}"
+    for arm in ("scope", "opd"):
+        fig = results["arms"][arm]["figures"]["toy"]
+        avgs = [per_run[(arm, s)]["avg"] for s in (0, 1)]
+        assert fig["avg"]["mean"] == pytest.approx(sum(avgs) / 2)
+        assert fig["pass_at_k"]["2"]["mean"] == pytest.approx(
+            sum(per_run[(arm, s)]["pass_at_k"]["2"] for s in (0, 1)) / 2
+        )
+    paired = results["paired"]["scope"]
+    want = sum(per_run[("scope", s)]["avg"] - per_run[("opd", s)]["avg"] for s in (0, 1)) / 2
+    assert paired["seeds"] == [0, 1] and paired["avg"]["diff"] == pytest.approx(want)
+    assert paired["avg"]["lo"] <= paired["avg"]["diff"] <= paired["avg"]["hi"]
+    table = (out / "study.md").read_text()
+    assert "| scope | 2/2 |" in table and "| opd | 2/2 |" in table and "## Against opd" in table
+    assert all(len(r["curve"]) == 3 for r in results["runs"])  # held-out accuracy at steps 0, 2, 4
+    assert (out / "curves.png").stat().st_size > 0 and (out / "pass_at_k.png").stat().st_size > 0
