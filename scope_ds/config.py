@@ -61,6 +61,9 @@ class DataConfig:
     eval_prompts: int = 64  # number of held-out prompts per evaluation
     eval_n: int = 4  # samples per held-out prompt (Avg@n, Pass@k for k <= n), at rollout.temperature
     seed: int = 0  # order of prompts
+    # the toy task (source toy, and the toy models): chain (one solution text per problem) |
+    # any-order (sums in any order: correct answers differ in text, so SCOPE's weights can; docs/study.md)
+    toy_variant: Literal["chain", "any-order"] = "chain"
 
     def check(self) -> None:
         _positive("data.max_prompt_tokens", self.max_prompt_tokens)

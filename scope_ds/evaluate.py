@@ -81,6 +81,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "default: no limit",
     )
     p.add_argument("--toy-prompts", type=int, default=128, help="prompts of the toy benchmark (held-out split)")
+    p.add_argument(
+        "--toy-variant", choices=("chain", "any-order"), default="chain", help="the toy task (data.toy_variant)"
+    )
     p.add_argument("--no-chat-template", action="store_true", help="plain prompts even if the tokenizer has one")
     p.add_argument("--tokenizer", help="tokenizer folder for URL models (default: the server's tokenizer_path)")
     p.add_argument("--out", default="eval_out", help="output folder (created)")
@@ -300,7 +303,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             raise EvalError(f"--source expects NAME=SOURCE, got {item!r}")
         sources[name.strip()] = source.strip()
     specs = parse_benchmarks(args.benchmarks, sources, args.question_field, args.answer_field)
-    benchmarks = [load_benchmark(s, args.toy_prompts, args.seed, args.limit) for s in specs]
+    benchmarks = [load_benchmark(s, args.toy_prompts, args.seed, args.limit, args.toy_variant) for s in specs]
     # Folders' tokenizers (and prompts that fit) now, so that a broken one stops the command before
     # any server starts.
     tokenizers = {t.label: load_tokenizer(t, None, []) for t in targets if not t.is_url}

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch  # noqa: E402
 
 from scope_ds.data.toy_pretrain import (  # noqa: E402
-    BUILD_VERSION,
+    build_folder,
     default_cache_dir,
     ensure_toy_models,
 )
@@ -46,16 +46,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache-dir", type=Path, default=None, help=f"default: {default_cache_dir()}")
     parser.add_argument("--seed", type=int, default=0, help="seeds data, initialisation and sampling")
+    parser.add_argument("--variant", choices=("chain", "any-order"), default="chain", help="the toy task variant")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--force", action="store_true", help="rebuild even if a finished build exists")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.force:
-        root = (args.cache_dir or default_cache_dir()).expanduser() / f"{BUILD_VERSION}-seed{args.seed}"
+        root = build_folder((args.cache_dir or default_cache_dir()).expanduser(), args.seed, args.variant)
         shutil.rmtree(root, ignore_errors=True)
     start = time.perf_counter()
-    models = ensure_toy_models(args.cache_dir, seed=args.seed, progress=not args.no_progress)
+    models = ensure_toy_models(args.cache_dir, seed=args.seed, progress=not args.no_progress, variant=args.variant)
     print(f"teacher: {models.teacher}\nstudent: {models.student}")
     print(_table(models.report, time.perf_counter() - start))
     return models.report

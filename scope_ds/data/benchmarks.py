@@ -235,14 +235,20 @@ def records_from_rows(rows: list[dict[str, Any]], spec: BenchmarkSpec, where: st
 
 
 def load_benchmark(
-    spec: BenchmarkSpec, toy_prompts: int = 128, toy_seed: int = 0, limit: int | None = None
+    spec: BenchmarkSpec,
+    toy_prompts: int = 128,
+    toy_seed: int = 0,
+    limit: int | None = None,
+    toy_variant: str = "chain",
 ) -> Benchmark:
-    """Load one benchmark; ``limit`` keeps its first prompts (smoke runs), ``toy_*`` size the toy split."""
+    """Load one benchmark; ``limit`` keeps its first prompts (smoke runs), ``toy_*`` pick the toy
+    split's size, seed and task variant."""
     if spec.source == TOY:
         from scope_ds.data.toy import toy_records
 
-        records = toy_records("test", toy_prompts, seed=toy_seed)
-        where = f"toy test split ({toy_prompts} prompts, seed {toy_seed})"
+        records = toy_records("test", toy_prompts, seed=toy_seed, variant=toy_variant)
+        variant = "" if toy_variant == "chain" else f", variant {toy_variant}"
+        where = f"toy test split ({toy_prompts} prompts, seed {toy_seed}{variant})"
     elif Path(spec.source).suffix in LOCAL_SUFFIXES or Path(spec.source).expanduser().exists():
         path = Path(spec.source).expanduser()
         where = f"benchmark {spec.name!r} file {str(path)!r}"

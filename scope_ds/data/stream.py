@@ -21,8 +21,8 @@ def prompt_source(data: DataConfig) -> tuple[list[PromptRecord], list[PromptReco
     if data.source == "toy":
         from scope_ds.data.toy import toy_records
 
-        train = toy_records("train", 4096, seed=data.seed)
-        held = toy_records("test", data.eval_prompts, seed=data.seed + 1)
+        train = toy_records("train", 4096, seed=data.seed, variant=data.toy_variant)
+        held = toy_records("test", data.eval_prompts, seed=data.seed + 1, variant=data.toy_variant)
         return train, held, "toy" if data.verifier == "auto" else data.verifier
     from scope_ds.data.prompts import load_prompts
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import random
 import shutil
 import tempfile
 import time
@@ -37,7 +38,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from scope_ds.data.toy import ToyProblem, toy_problems, toy_prompt, toy_solution
+from scope_ds.data.toy import ToyProblem, random_order_steps, toy_problems, toy_prompt, toy_solution
 from scope_ds.rewards.toy import verify_toy
 
 BUILD_VERSION = "v2"  # bump when the task or the recipe changes, so old caches are not reused
@@ -89,9 +90,19 @@ def default_cache_dir() -> Path:
     return Path(root) / "toy"
 
 
-def train_tokenizer(seed: int = 0, n_problems: int = 5000) -> PreTrainedTokenizerBase:
+def _solutions(problems: Sequence[ToyProblem], seed: int) -> list[str]:
+    """The SFT solution of each problem: its own order, or (any-order variant) a random valid
+    order per problem, fixed by the seed and the expression."""
+    return [
+        toy_solution(p, random_order_steps(p, random.Random(f"order:{seed}:{p.expression}")) if p.any_order else None)
+        for p in problems
+    ]
+
+
+def train_tokenizer(seed: int = 0, n_problems: int = 5000, variant: str = "chain") -> PreTrainedTokenizerBase:
     """A sentencepiece BPE model trained on toy prompts and solutions, as a Hugging Face tokenizer."""
-    lines = [toy_prompt(p) + toy_solution(p) for p in toy_problems("train", n_problems, seed)]
+    problems = toy_problems("train", n_problems, seed, variant=variant)
+    lines = [toy_prompt(p) + sol for p, sol in zip(problems, _solutions(problems, seed), strict=True)]
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines),
@@ -147,11 +158,12 @@ def new_model(spec: ModelSpec, tokenizer: PreTrainedTokenizerBase, seed: int) ->
 
 
 def sft_tensors(
-    tokenizer: PreTrainedTokenizerBase, problems: Sequence[ToyProblem]
+    tokenizer: PreTrainedTokenizerBase, problems: Sequence[ToyProblem], seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded input ids and labels; labels are -100 on the prompt and padding (loss on solutions only)."""
     prompts = tokenizer([toy_prompt(p) for p in problems])["input_ids"]
-    fulls = tokenizer([toy_prompt(p) + toy_solution(p) for p in problems])["input_ids"]
+    fulls = tokenizer([toy_prompt(p) + sol for p, sol in zip(problems, _solutions(problems, seed), strict=True)])
+    fulls = fulls["input_ids"]
     length = max(len(f) for f in fulls) + 1
     ids_NT = torch.full((len(problems), length), tokenizer.pad_token_id, dtype=torch.long)
     labels_NT = torch.full_like(ids_NT, -100)
@@ -202,14 +214,19 @@ def sampled_accuracy(
 
 
 def toy_accuracy(
-    model_dir: str | Path, n_prompts: int, temperature: float = 1.0, seed: int = 0, split: str = "test"
+    model_dir: str | Path,
+    n_prompts: int,
+    temperature: float = 1.0,
+    seed: int = 0,
+    split: str = "test",
+    variant: str = "chain",
 ) -> float:
     """Accuracy of the model folder on `n_prompts` problems of `split`, one HF-generate sample each.
 
     `seed` picks the problems and seeds the sampling, so the figure is reproducible."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    return sampled_accuracy(model, tokenizer, toy_problems(split, n_prompts, seed), temperature, seed)
+    return sampled_accuracy(model, tokenizer, toy_problems(split, n_prompts, seed, variant=variant), temperature, seed)
 
 
 def _lr_factor(step: int, spec: ModelSpec) -> float:
@@ -291,7 +308,7 @@ def _train_one(
     }
 
 
-def build_toy_models(out: str | Path, seed: int = 0, progress: bool = True) -> dict:
+def build_toy_models(out: str | Path, seed: int = 0, progress: bool = True, variant: str = "chain") -> dict:
     """Trains tokenizer, teacher and student into `out`/{teacher,student}; returns the build report.
 
     The report's test_accuracy figures are measured on the saved folders (N_TEST held-out problems,
@@ -299,14 +316,19 @@ def build_toy_models(out: str | Path, seed: int = 0, progress: bool = True) -> d
     """
     start = time.perf_counter()
     out = Path(out)
-    tokenizer = train_tokenizer(seed)
-    data = sft_tensors(tokenizer, toy_problems("train", N_TRAIN, seed))
-    dev = toy_problems("dev", N_DEV, seed)
-    report: dict = {"version": BUILD_VERSION, "seed": seed, "torch_threads": torch.get_num_threads()}
+    tokenizer = train_tokenizer(seed, variant=variant)
+    data = sft_tensors(tokenizer, toy_problems("train", N_TRAIN, seed, variant=variant), seed)
+    dev = toy_problems("dev", N_DEV, seed, variant=variant)
+    report: dict = {
+        "version": BUILD_VERSION,
+        "variant": variant,
+        "seed": seed,
+        "torch_threads": torch.get_num_threads(),
+    }
     for name, spec in (("teacher", TEACHER), ("student", STUDENT)):
         report[name] = _train_one(name, spec, tokenizer, data, dev, out, seed, progress)
     for name in ("teacher", "student"):
-        report[name]["test_accuracy"] = toy_accuracy(out / name, N_TEST, temperature=1.0, seed=seed)
+        report[name]["test_accuracy"] = toy_accuracy(out / name, N_TEST, 1.0, seed, variant=variant)
     report["build_s"] = round(time.perf_counter() - start, 1)
     (out / "build_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
@@ -319,7 +341,14 @@ def _finished(root: Path) -> ToyModels | None:
     return ToyModels(root, root / "teacher", root / "student", json.loads(report_path.read_text()))
 
 
-def ensure_toy_models(cache_dir: str | Path | None = None, seed: int = 0, progress: bool = True) -> ToyModels:
+def build_folder(base: Path, seed: int = 0, variant: str = "chain") -> Path:
+    """Where a build of this version, seed and task variant lives under the cache."""
+    return base / (f"{BUILD_VERSION}-seed{seed}" if variant == "chain" else f"{BUILD_VERSION}-{variant}-seed{seed}")
+
+
+def ensure_toy_models(
+    cache_dir: str | Path | None = None, seed: int = 0, progress: bool = True, variant: str = "chain"
+) -> ToyModels:
     """The toy teacher and student under `cache_dir` (default: default_cache_dir()), built if missing.
 
     A build is written to a temporary folder and renamed into place when complete, so a folder that
@@ -329,7 +358,7 @@ def ensure_toy_models(cache_dir: str | Path | None = None, seed: int = 0, progre
     import fcntl  # POSIX only, like the rest of the trainer
 
     base = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    root = base / f"{BUILD_VERSION}-seed{seed}"
+    root = build_folder(base, seed, variant)
     if found := _finished(root):
         return found
     base.mkdir(parents=True, exist_ok=True)
@@ -340,7 +369,7 @@ def ensure_toy_models(cache_dir: str | Path | None = None, seed: int = 0, progre
         tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=base))
         tmp.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache from other users
         try:
-            build_toy_models(tmp, seed, progress)
+            build_toy_models(tmp, seed, progress, variant)
             if root.exists():  # a folder without a report: left by hand or an old crash; not ours to trust
                 shutil.rmtree(root)
             tmp.rename(root)

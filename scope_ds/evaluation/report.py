@@ -95,15 +95,25 @@ def plot_pass_at_k(results: dict[str, Any], benchmark: str, path: Path) -> None:
                 all_ks.update(ks)
                 values = [100 * summary[key][k] for k in ks]
                 ax.plot(ks, values, style, color=colour, label=f"{model['label']} ({name})")
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(sorted(all_ks), [str(k) for k in sorted(all_ks)])
-        ax.minorticks_off()
-        ax.set_xlabel("k")
-        ax.set_ylabel("Pass@k (%)")
-        ax.set_title(f"{benchmark}: Pass@k")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
+        log2_k_axis(ax, all_ks)
+        save_figure(fig, ax, path, "k", "Pass@k (%)", f"{benchmark}: Pass@k")
     finally:
         plt.close(fig)
+
+
+def log2_k_axis(ax: Any, ks: set[int]) -> None:
+    """A log2 x axis ticked at the k values themselves."""
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(ks), [str(k) for k in sorted(ks)])
+    ax.minorticks_off()
+
+
+def save_figure(fig: Any, ax: Any, path: Path, xlabel: str, ylabel: str, title: str) -> None:
+    """Label, grid and legend the axes and write the figure to ``path``."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

@@ -111,7 +111,7 @@ def resolve_models(cfg: Config, rank: int) -> tuple[str, str]:
         return cfg.model.student, cfg.model.teacher
     from scope_ds.data.toy_pretrain import ensure_toy_models
 
-    toy = ensure_toy_models(cfg.model.toy_cache or None) if rank == 0 else None
+    toy = ensure_toy_models(cfg.model.toy_cache or None, variant=cfg.data.toy_variant) if rank == 0 else None
     toy = share(toy)
     student = str(toy.student) if cfg.model.student == "toy" else cfg.model.student
     teacher = str(toy.teacher) if cfg.model.teacher == "toy" else cfg.model.teacher

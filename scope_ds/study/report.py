@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from scope_ds.evaluation.estimators import k_values, pass_at_k_single
+from scope_ds.evaluation.report import log2_k_axis, save_figure
 from scope_ds.study import stats
 from scope_ds.study.runner import evaluated, failure, trained
 from scope_ds.study.spec import RunSpec, Study
@@ -187,35 +188,25 @@ def plot(results: dict[str, Any], out: Path) -> list[Path]:
             y = np.array([[c[s] for s in steps] for c in curves]) * 100
             ax.plot(steps, y.mean(0), "o-", color=f"C{i % 10}", label=f"{arm} ({len(curves)} seeds)")
             ax.fill_between(steps, y.min(0), y.max(0), color=f"C{i % 10}", alpha=0.15)
-        ax.set_xlabel("step")
-        ax.set_ylabel("held-out accuracy (%)")
-        ax.set_title("held-out accuracy during training")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "curves.png", dpi=120)
+        save_figure(fig, ax, out / "curves.png", "step", "held-out accuracy (%)", "held-out accuracy during training")
         written.append(out / "curves.png")
     finally:
         plt.close(fig)
     last = results["columns"][-1] if results["columns"] else None
     fig, ax = plt.subplots(figsize=(6, 4))
     try:
+        all_ks: set[int] = set()
         for i, (arm, a) in enumerate(results["arms"].items()):
             f = a["figures"].get(last)
             if not f:
                 continue
             ks = sorted(int(k) for k in f["pass_at_k"])
+            all_ks.update(ks)
             mean = [100 * f["pass_at_k"][k]["mean"] for k in ks]
             sd = [100 * f["pass_at_k"][k]["sd"] for k in ks]
             ax.errorbar(ks, mean, yerr=sd, fmt="o-", color=f"C{i % 10}", capsize=3, label=arm)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("k")
-        ax.set_ylabel("Pass@k (%)")
-        ax.set_title(f"Pass@k on {last} (mean ± sd over seeds)")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "pass_at_k.png", dpi=120)
+        log2_k_axis(ax, all_ks)
+        save_figure(fig, ax, out / "pass_at_k.png", "k", "Pass@k (%)", f"Pass@k on {last} (mean ± sd over seeds)")
         written.append(out / "pass_at_k.png")
     finally:
         plt.close(fig)

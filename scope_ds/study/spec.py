@@ -39,6 +39,7 @@ EVAL_DEFAULTS: dict[str, Any] = {
     "top_k": -1,
     "max_new_tokens": 64,
     "toy_prompts": 128,
+    "toy_variant": None,  # None: the recipe's data.toy_variant
     "seed": 0,
     "bootstrap_resamples": 1000,
     "backend": "embedded",
@@ -118,7 +119,7 @@ class Study:
             "--out", str(run.folder / "eval"),
             "--seeded", "--no-progress",
         ]  # fmt: skip
-        for key in ("n", "temperature", "top_p", "top_k", "max_new_tokens", "toy_prompts", "seed"):
+        for key in ("n", "temperature", "top_p", "top_k", "max_new_tokens", "toy_prompts", "toy_variant", "seed"):
             argv += [f"--{key.replace('_', '-')}", str(e[key])]
         argv += ["--bootstrap-resamples", str(e["bootstrap_resamples"]), "--backend", str(e["backend"])]
         return [*argv, *map(str, e["extra"])]
@@ -162,7 +163,7 @@ def load_study(path: str | Path, out: str | Path | None = None) -> Study:
             raise StudyError(f"{path}: {key} is missing")
     recipe = Path(data["recipe"])
     if not recipe.is_absolute():
-        recipe = path.parent / recipe
+        recipe = (path.parent / recipe).resolve()
     if not recipe.is_file():
         raise StudyError(f"{path}: recipe not found: {recipe}")
     if not isinstance(data["arms"], dict) or not data["arms"]:
@@ -196,7 +197,7 @@ def load_study(path: str | Path, out: str | Path | None = None) -> Study:
         arms=arms,
         seeds=seeds,
         baseline=baseline,
-        out=Path(out if out is not None else data.get("out") or Path("studies") / path.stem),
+        out=Path(out if out is not None else data.get("out") or Path("studies") / path.stem).resolve(),  # from here
         overrides=_overrides(data.get("overrides"), "overrides"),
         eval={**EVAL_DEFAULTS, **ev},
         ranks=ranks,
@@ -223,6 +224,12 @@ def _check_runs(study: Study) -> None:
         raise StudyError(f"{study.path}: the arms train different numbers of steps ({steps}): not the same compute")
     study.steps = next(iter(steps.values()))
     study.eval_every = next(iter(configs.values())).data.eval_every
+    variants = {c.data.toy_variant for c in configs.values()}
+    if study.eval["toy_variant"] is None:
+        if len(variants) > 1:
+            raise StudyError(f"{study.path}: the arms train on different toy variants {sorted(variants)}: "
+                             "say which one to evaluate on (eval: toy_variant)")  # fmt: skip
+        study.eval["toy_variant"] = variants.pop()
 
 
 def _check_eval(study: Study) -> None:

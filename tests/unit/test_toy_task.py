@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 from scope_ds.data.toy import (
     MAX_VALUE,
     N_OPS,
+    random_order_steps,
     sample_problem,
     split_of,
     toy_problems,
@@ -53,6 +55,26 @@ def test_expressions_evaluate_to_the_answer_and_steps_chain() -> None:
         # Each step starts from the previous step's result.
         for before, step in zip(values, problem.steps[1:], strict=False):
             assert step.startswith(str(before))
+
+
+def test_any_order_problems_are_sums_solved_in_any_order_that_stays_in_range() -> None:
+    problems = toy_problems("train", 300, seed=0, variant="any-order")
+    texts = set()
+    for p in problems:
+        assert "*" not in p.expression and "(" not in p.expression and len(p.ops) == 4 and p.any_order
+        assert eval(p.expression) == p.answer
+        for seed in range(3):
+            steps = random_order_steps(p, random.Random(seed))
+            parsed = [re.fullmatch(r"(\d+)([+-])(\d+)=(\d+)", step).groups() for step in steps]
+            assert sorted((op, int(x)) for _, op, x, _ in parsed) == sorted(p.ops)  # each operation once
+            value = p.start
+            for a, op, x, result in parsed:  # each step from the last value, computed right, in range
+                assert int(a) == value and eval(f"{a}{op}{x}") == int(result) and 0 <= int(result) <= MAX_VALUE
+                value = int(result)
+            assert value == p.answer and verify_toy(toy_solution(p, steps), str(p.answer)) == 1.0
+            texts.add(toy_solution(p, steps))
+    assert len(texts) > 2 * len(problems)  # most problems come out in several orders
+    assert toy_problems("train", 50, seed=0, variant="chain") == toy_problems("train", 50, seed=0)  # unchanged
 
 
 def test_prompt_and_solution_format() -> None:
@@ -152,7 +174,7 @@ def test_tokenizer_round_trip_and_prompt_prefix(tmp_path: Path) -> None:
 
 
 def _fake_build(calls: list[Path]):
-    def build(out, seed: int = 0, progress: bool = True) -> dict:
+    def build(out, seed: int = 0, progress: bool = True, variant: str = "chain") -> dict:
         calls.append(Path(out))
         time.sleep(0.2)  # long enough for a concurrent caller to arrive while this one builds
         for name in ("teacher", "student"):
@@ -180,7 +202,7 @@ def test_ensure_toy_models_builds_once_and_atomically(tmp_path: Path, monkeypatc
 def test_failed_build_leaves_nothing_that_counts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from scope_ds.data import toy_pretrain
 
-    def broken(out, seed: int = 0, progress: bool = True) -> dict:
+    def broken(out, seed: int = 0, progress: bool = True, variant: str = "chain") -> dict:
         (Path(out) / "teacher").mkdir()
         raise RuntimeError("out of patience")
 
