@@ -5,7 +5,8 @@
 Reads each run's rollouts/step_*.jsonl and metrics.jsonl (a SCOPE run: both paths weighted) and
 prints a table: the median over groups of the ratio of the largest to the smallest weight within a
 group's correct subset (student weights, Eq. 4) and within its incorrect subset (teacher weights,
-Eq. 5), counted over subsets of two or more; the mean student perplexity on the correct path and
+Eq. 5), counted over subsets of two or more (and the 90th percentile of the first), the share of
+correct subsets whose answers are not all one text; the mean student perplexity on the correct path and
 teacher perplexity on the incorrect one; the training accuracy of the first and last 5 steps; the
 held-out accuracy at the first and last evaluation; seconds per step. docs/study.md uses it to
 choose the harder toy.
@@ -28,6 +29,7 @@ def _rows(path: Path) -> list[dict]:
 
 def properties(run: Path) -> dict[str, float]:
     ratios: dict[str, list[float]] = {"mle": [], "opd": []}
+    distinct = 0  # correct subsets (of two or more) whose answers are not all one text
     ppl: dict[str, list[float]] = {"mle": [], "opd": []}
     for step_file in sorted((run / "rollouts").glob("step_*.jsonl")):
         groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
@@ -43,6 +45,7 @@ def properties(run: Path) -> dict[str, float]:
             w = [r["weight"] for r in rs]
             if len(w) > 1 and min(w) > 0:
                 ratios[path].append(max(w) / min(w))
+                distinct += path == "mle" and len({tuple(r["response_ids"]) for r in rs}) > 1
     metrics = _rows(run / "metrics.jsonl")
     train = [m for m in metrics if m["step"] >= 1 and "reward/accuracy" in m]
     evals = [m["eval/accuracy"] for m in metrics if m.get("eval/accuracy") is not None]
@@ -50,11 +53,16 @@ def properties(run: Path) -> dict[str, float]:
     def med(x: list[float]) -> float:
         return statistics.median(x) if x else float("nan")
 
+    def p90(x: list[float]) -> float:
+        return statistics.quantiles(x, n=10)[-1] if len(x) > 1 else float("nan")
+
     def mean(x: list[float]) -> float:
         return statistics.fmean(x) if x else float("nan")
 
     return {
         "w_ratio_correct": med(ratios["mle"]),
+        "w_ratio_correct_p90": p90(ratios["mle"]),
+        "distinct_correct": distinct / max(1, len(ratios["mle"])),
         "w_ratio_incorrect": med(ratios["opd"]),
         "subsets_correct": len(ratios["mle"]),
         "ppl_student_correct": mean(ppl["mle"]),
@@ -68,7 +76,9 @@ def properties(run: Path) -> dict[str, float]:
 
 
 COLUMNS = [
-    ("w_ratio_correct", "w max/min correct", ".2f"),
+    ("distinct_correct", "correct subsets of several texts", ".2f"),
+    ("w_ratio_correct", "w max/min correct", ".3f"),
+    ("w_ratio_correct_p90", "p90", ".3f"),
     ("w_ratio_incorrect", "w max/min incorrect", ".2f"),
     ("subsets_correct", "correct subsets", "d"),
     ("ppl_student_correct", "PPL_S correct", ".3f"),

@@ -7,6 +7,7 @@ and the embedded rollout server. A job that fails shows its output and its per-r
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -15,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from train_helpers import REPO, read_jsonl, small_run_overrides
+from train_helpers import REPO, read_jsonl, small_run_overrides, study_file
 
 sys.path.insert(0, str(REPO / "slurm"))
 from layout import Allocation, LayoutError, place_servers, train_layout  # noqa: E402
@@ -51,6 +52,13 @@ class Job:
         proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=job_env, timeout=60)
         assert proc.returncode == 0, f"sbatch failed: {proc.stderr}"
         self.id = proc.stdout.strip().split(";")[0]
+
+    @classmethod
+    def existing(cls, job_id: str, out_dir: Path, output: Path) -> Job:
+        """A job submitted by someone else (its id, folder and output file)."""
+        job = cls.__new__(cls)
+        job.id, job.out_dir, job.output = job_id, out_dir, output
+        return job
 
     def info(self) -> dict[str, str]:
         text = subprocess.run(["scontrol", "show", "job", "-o", self.id], capture_output=True, text=True).stdout
@@ -273,3 +281,36 @@ def test_paper_recipes_have_the_paper_setting_and_fit_two_nodes(recipe, servers,
     lay = train_layout(str(REPO / recipe), [], _alloc(2, 8), env={})
     assert (lay.ntasks, len(lay.servers)) == (trainers, servers)
     assert all("sglang.launch_server" in " ".join(s.cmd) and cfg.model.student in s.cmd for s in lay.servers)
+
+
+def test_a_study_on_slurm_is_a_job_per_run_and_a_report_after_them(slurm, model_pair, tmp_path):
+    """python -m scope_ds.study --launcher slurm: one slurm/train.sh job per (arm, seed), then a job
+    after them that evaluates every run and writes the study's outputs."""
+    study, out = study_file(tmp_path, *model_pair, seeds=(0,)), tmp_path / "out"
+    env = {
+        **os.environ,
+        "SCOPE_DS_PYTHON": sys.executable,
+        "OMP_NUM_THREADS": "1",
+        "SCOPE_DS_LAUNCH_SERVERS": "trainer",
+    }
+    cmd = [sys.executable, "-m", "scope_ds.study", str(study), "--out", str(out), "--launcher", "slurm"]
+    submitted = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    ids = json.loads((out / "slurm_jobs.json").read_text())
+    assert sorted(ids["train"]) == ["opd-seed0", "scope-seed0"] and ids["report"]
+    dependency = subprocess.run(["scontrol", "show", "job", "-o", ids["report"]], capture_output=True, text=True).stdout
+    assert f"afterany:{ids['train']['scope-seed0']}" in dependency, dependency  # waits for the training jobs
+    report = Job.existing(ids["report"], out, out / f"report-{ids['report']}.log")
+    try:
+        info = report.wait(timeout=900)
+    finally:
+        for job_id in [*ids["train"].values(), ids["report"]]:
+            subprocess.run(["scancel", job_id], capture_output=True)
+    _assert_completed(report, info)
+    for label, job_id in ids["train"].items():
+        arm = label.removesuffix("-seed0")
+        assert (out / "runs" / arm / "seed0" / f"train-{job_id}.log").is_file()
+        assert (out / "runs" / arm / "seed0" / "eval" / "results.json").is_file()
+    results = json.loads((out / "study.json").read_text())
+    assert [r["status"] for r in results["runs"]] == ["done", "done"]
+    assert "| scope | 1/1 |" in (out / "study.md").read_text()

@@ -11,36 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
-from train_helpers import REPO, run_env
-
-
-def _study_file(tmp_path: Path, student: Path, teacher: Path) -> Path:
-    recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(
-        yaml.safe_dump(
-            {
-                "model": {"student": str(student), "teacher": str(teacher)},
-                "data": {"source": "toy", "eval_every": 2, "eval_prompts": 4, "eval_n": 1},
-                "rollout": {"n": 2, "max_new_tokens": 12},
-                "train": {"steps": 4, "prompts_per_step": 2, "micro_batch_size": 2, "lr": 1e-3},
-            }
-        )
-    )
-    study = tmp_path / "study.yaml"
-    study.write_text(
-        yaml.safe_dump(
-            {
-                "recipe": "recipe.yaml",
-                "arms": {"scope": [], "opd": {"algo.name": "opd"}},
-                "seeds": [0, 1],
-                "baseline": "opd",
-                "eval": {"n": 2, "toy_prompts": 6, "max_new_tokens": 12},
-                "bootstrap": {"resamples": 200},
-            }
-        )
-    )
-    return study
+from train_helpers import REPO, run_env, study_file
 
 
 def _start(study: Path, out: Path) -> subprocess.Popen:
@@ -68,7 +39,7 @@ def _kill9(proc: subprocess.Popen, out: Path) -> None:
 
 
 def test_a_study_killed_in_the_middle_resumes_and_its_table_follows_the_runs(model_pair, tmp_path):
-    study, out = _study_file(tmp_path, *model_pair), tmp_path / "out"
+    study, out = study_file(tmp_path, *model_pair), tmp_path / "out"
     first = out / "runs" / "scope" / "seed0"
     second = out / "runs" / "scope" / "seed1"
     proc = _start(study, out)

@@ -196,3 +196,35 @@ def expected_scope_weights(rows: list[dict], tau: float = 1.0) -> dict[int, floa
         total = sum(vals.values())
         out.update({i: v / total for i, v in vals.items()})
     return out
+
+
+def study_file(
+    tmp_path: Path, student: Path, teacher: Path, arms: dict | None = None, seeds: tuple[int, ...] = (0, 1)
+) -> Path:
+    """A study of the tiny pair (4 steps of 2 prompts x 2 rollouts, held-out accuracy at steps 0, 2
+    and 4), by default SCOPE and OPD over two seeds, OPD the baseline; returns the study file."""
+    import yaml
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "model": {"student": str(student), "teacher": str(teacher)},
+                "data": {"source": "toy", "eval_every": 2, "eval_prompts": 4, "eval_n": 1},
+                "rollout": {"n": 2, "max_new_tokens": 12},
+                "train": {"steps": 4, "prompts_per_step": 2, "micro_batch_size": 2, "lr": 1e-3},
+            }
+        )
+    )
+    study = tmp_path / "study.yaml"
+    arms = arms if arms is not None else {"scope": [], "opd": {"algo.name": "opd"}}
+    body = {
+        "recipe": "recipe.yaml",
+        "arms": arms,
+        "seeds": list(seeds),
+        "baseline": list(arms)[-1],
+        "eval": {"n": 2, "toy_prompts": 6, "max_new_tokens": 12},
+        "bootstrap": {"resamples": 200},
+    }
+    study.write_text(yaml.safe_dump(body, sort_keys=False))
+    return study
