@@ -35,6 +35,9 @@ def _run_record(run: RunSpec) -> dict[str, Any]:
         out.update(status="failed", stage=failed["stage"], rc=failed["rc"], log=failed["log"])
     else:
         out["status"] = "evaluating" if trained(run) else "not trained"
+        logs = sorted(run.folder.glob("train*.log"), key=lambda p: p.stat().st_mtime)
+        if logs:
+            out["log"] = str(logs[-1])
     metrics = run.folder / "train" / "metrics.jsonl"
     if metrics.is_file():
         rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
@@ -164,7 +167,10 @@ def markdown(results: dict[str, Any]) -> str:
     if missing:
         lines += ["", "## Runs not in the figures", ""]
         for r in missing:
-            why = f"failed in {r['stage']} (exit {r['rc']}), log {r['log']}" if r["status"] == "failed" else r["status"]
+            if r["status"] == "failed":
+                why = f"failed in {r['stage']} (exit {r['rc']}), log {r['log']}"
+            else:
+                why = r["status"] + (f", log {r['log']}" if r.get("log") else "")
             lines.append(f"- {r['arm']} seed {r['seed']}: {why}")
     return "\n".join(lines) + "\n"
 

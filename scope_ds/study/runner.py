@@ -87,10 +87,7 @@ def _steps_done(run: RunSpec) -> int:
 
 
 class _Child:
-    """One subprocess with its log; a SIGINT / SIGTERM to the study is passed on to it (the trainer
-    then saves a checkpoint and stops), and the study stops after it."""
-
-    stop_requested = False
+    """One subprocess, its output appended to ``log``."""
 
     def __init__(self, cmd: list[str], log: Path) -> None:
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -111,7 +108,6 @@ class _Child:
             self._log.close()
 
     def signal(self, sig: int) -> None:
-        _Child.stop_requested = True
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
 
@@ -123,17 +119,19 @@ class LocalRunner:
         self.study, self.python = study, python
         self.progress = progress
         self._child: _Child | None = None
+        self.stopping = False  # a SIGINT / SIGTERM came: passed on to the child, then the study stops
 
     def _on_signal(self, sig: int, _frame: Any) -> None:
         print(f"\nstudy: signal {sig}: stopping after the current run saves; run the same command to resume",
               file=sys.stderr, flush=True)  # fmt: skip
-        _Child.stop_requested = True
+        self.stopping = True
         if self._child is not None:
-            self._child.signal(sig)
+            self._child.signal(sig)  # the trainer saves a checkpoint and stops
 
     def run(self, train: bool = True) -> None:
-        """Train (``train``) and evaluate every run that is not done; a failure is recorded in the
-        run's FAILED file and the study goes on with the next run."""
+        """Train (``train``; else only runs trained elsewhere, by SLURM jobs, are evaluated) and
+        evaluate every run that is not done; a failure is recorded in the run's FAILED file and the
+        study goes on with the next run."""
         from tqdm import tqdm
 
         runs = self.study.runs()
@@ -143,17 +141,15 @@ class LocalRunner:
                    desc="study", initial=sum(steps if trained(r) else 0 for r in runs))  # fmt: skip
         try:
             for i, run in enumerate(runs, 1):
-                if _Child.stop_requested:
+                if self.stopping:
                     break
                 where = f"[{i}/{len(runs)}] {run.label}"
                 if train and not trained(run):
                     self._train(run, where, bar)
-                if trained(run) and not evaluated(run) and not _Child.stop_requested:
+                if trained(run) and not evaluated(run) and not self.stopping:
                     self._evaluate(run, where, bar)
                 if trained(run) and evaluated(run):
                     (run.folder / "FAILED").unlink(missing_ok=True)
-                elif not train and not trained(run) and failure(run) is None:
-                    _mark_failed(run, "train", -1, run.folder / "train")
         finally:
             bar.close()
             for s, handler in zip((signal.SIGINT, signal.SIGTERM), previous, strict=True):
@@ -173,7 +169,7 @@ class LocalRunner:
         self._child = _Child(train_command(self.study, run, self.python), log)
         rc = self._child.wait(tick)
         self._child = None
-        if _Child.stop_requested and not trained(run):
+        if self.stopping and not trained(run):
             return  # stopped, with a checkpoint to resume from: not a failure
         if rc != 0 or not trained(run):
             _mark_failed(run, "train", rc, log)
@@ -188,7 +184,7 @@ class LocalRunner:
         self._child = _Child(cmd, log)
         rc = self._child.wait()
         self._child = None
-        if rc != 0 and not _Child.stop_requested:
+        if rc != 0 and not self.stopping:
             _mark_failed(run, "eval", rc, log)
             bar.write(f"study: {where} failed in evaluation (exit {rc}); log: {log}")
 

@@ -38,19 +38,32 @@ def _kill9(proc: subprocess.Popen, out: Path) -> None:
             pass
 
 
-def test_a_study_killed_in_the_middle_resumes_and_its_table_follows_the_runs(model_pair, tmp_path):
-    study, out = study_file(tmp_path, *model_pair), tmp_path / "out"
-    first = out / "runs" / "scope" / "seed0"
-    second = out / "runs" / "scope" / "seed1"
-    proc = _start(study, out)
+def _wait(proc: subprocess.Popen, cond, what: str) -> None:
     deadline = time.monotonic() + 600
-    # kill once the first run is evaluated and the second has trained a step (a checkpoint to resume)
-    while not ((first / "eval" / "results.json").is_file() and (second / "train" / "checkpoints" / "latest").is_file()):
+    while not cond():
         assert proc.poll() is None, proc.stdout.read()[-3000:]
-        assert time.monotonic() < deadline, "the study never got to its second run"
+        assert time.monotonic() < deadline, f"the study never got to {what}"
         time.sleep(0.1)
+
+
+def test_a_study_killed_in_the_middle_resumes_and_its_table_follows_the_runs(model_pair, tmp_path):
+    """kill -9 in the second run, SIGTERM in the third (the trainer saves and the study stops), then
+    the same command to the end: finished runs reused, stopped ones resumed from their checkpoints."""
+    study, out = study_file(tmp_path, *model_pair), tmp_path / "out"
+    first, second, third = (out / "runs" / arm / f"seed{s}" for arm, s in (("scope", 0), ("scope", 1), ("opd", 0)))
+    proc = _start(study, out)
+    ckpt = lambda run: (run / "train" / "checkpoints" / "latest").is_file()  # noqa: E731
+    _wait(proc, lambda: (first / "eval" / "results.json").is_file() and ckpt(second), "its second run")
     _kill9(proc, out)
     assert not (second / "train" / "hf").exists(), "the second run finished before the kill"
+
+    proc = _start(study, out)
+    _wait(proc, lambda: ckpt(third), "its third run")
+    os.kill(proc.pid, signal.SIGTERM)  # to the study alone: it passes the signal on to the trainer
+    said, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 1 and "stopping after the current run saves" in said, said[-3000:]
+    assert not (third / "train" / "hf").exists() and not (third / "FAILED").exists(), said[-3000:]
+    assert "stopped by a signal" in (third / "train.log").read_text()
 
     done = subprocess.run(
         [sys.executable, "-m", "scope_ds.study", str(study), "--out", str(out), "--no-progress"],
@@ -60,9 +73,9 @@ def test_a_study_killed_in_the_middle_resumes_and_its_table_follows_the_runs(mod
     assert "4 of 4 runs done" in done.stdout
     # the first run was reused, the second resumed from its checkpoint
     assert (first / "train.log").read_text().count("\n$ ") == 1 and (first / "eval.log").read_text().count("\n$ ") == 1
-    second_log = (second / "train.log").read_text()
-    assert second_log.count("\n$ ") == 2 and "checkpoint.resume=auto" in second_log.split("\n$ ")[-1]
-    assert "resumed from" in second_log
+    for run in (second, third):
+        log = (run / "train.log").read_text()
+        assert log.count("\n$ ") == 2 and "checkpoint.resume=auto" in log.split("\n$ ")[-1] and "resumed from" in log
 
     results = json.loads((out / "study.json").read_text())
     per_run = {}
