@@ -79,22 +79,57 @@ def test_a_valid_study_lists_its_runs_and_their_overrides(tmp_path):
     assert study.steps == 60  # toy.yaml's
 
 
-def _fake_run(folder: Path, label: str, correct: dict[str, list[bool]], n: int) -> None:
-    """A finished run's eval folder as python -m scope_ds.evaluate writes it."""
+def _fake_run(folder: Path, label: str, correct: dict[str, list[bool]], n: int, bench: str = "toy") -> None:
+    """A finished run's eval folder as python -m scope_ds.evaluate writes it: ``correct`` maps
+    prompt -> its samples' correctness, or (several benchmarks) benchmark -> such a mapping."""
+    per_bench = correct if isinstance(next(iter(correct.values())), dict) else {bench: correct}
     (folder / "train" / "hf").mkdir(parents=True)
     (folder / "train" / "hf" / "config.json").write_text("{}")
     (folder / "eval").mkdir()
-    avg = float(np.mean([np.mean(c) for c in correct.values()]))
-    pass_n = float(np.mean([any(c) for c in correct.values()]))
-    summary = {"avg": avg, "pass_at_k": {str(n): pass_n}}
-    model = {"label": label, "benchmarks": {"toy": summary}, "average": summary}
+    summaries = {
+        b: {"avg": float(np.mean([np.mean(c) for c in cs.values()])),
+            "pass_at_k": {str(n): float(np.mean([any(c) for c in cs.values()]))}}
+        for b, cs in per_bench.items()
+    }  # fmt: skip
+    average = {
+        "avg": float(np.mean([x["avg"] for x in summaries.values()])),
+        "pass_at_k": {str(n): float(np.mean([x["pass_at_k"][str(n)] for x in summaries.values()]))},
+    }
+    model = {"label": label, "benchmarks": summaries, "average": average}
     (folder / "eval" / "results.json").write_text(json.dumps({"models": [model]}))
-    lines = [
-        json.dumps({"benchmark": "toy", "prompt_id": p, "sample": j, "correct": c})
-        for p, cs in correct.items()
-        for j, c in enumerate(cs)
-    ]
-    (folder / "eval" / f"samples_{label}_toy.jsonl").write_text("\n".join(lines) + "\n")
+    for b, cs in per_bench.items():
+        lines = [
+            json.dumps({"benchmark": b, "prompt_id": p, "sample": j, "correct": c})
+            for p, samples in cs.items()
+            for j, c in enumerate(samples)
+        ]
+        (folder / "eval" / f"samples_{label}_{b}.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_with_several_benchmarks_the_table_has_their_average(tmp_path):
+    study = load_study(
+        _study(tmp_path, "  scope: []\n  opd: [algo.name=opd]\n", "eval: {n: 1}\n", "opd"), tmp_path / "o"
+    )
+    by_hand = {  # (arm, seed) -> benchmark -> prompt -> one sample's correctness
+        ("scope", 0): {"a": {"p": [True], "q": [True]}, "b": {"r": [False], "s": [True], "t": [True]}},
+        ("scope", 1): {"a": {"p": [True], "q": [False]}, "b": {"r": [False], "s": [False], "t": [True]}},
+        ("opd", 0): {"a": {"p": [False], "q": [True]}, "b": {"r": [False], "s": [False], "t": [False]}},
+        ("opd", 1): {"a": {"p": [False], "q": [False]}, "b": {"r": [False], "s": [False], "t": [True]}},
+    }
+    for run in study.runs():
+        _fake_run(run.folder, run.label, by_hand[(run.arm, run.seed)], 1)
+    results = report.build(study)
+    assert results["columns"] == ["a", "b", "average"]
+    scope = results["arms"]["scope"]["figures"]
+    assert scope["a"]["avg"]["mean"] == pytest.approx(0.75) and scope["b"]["avg"]["mean"] == pytest.approx(0.5)
+    # the average column: per seed the mean of the two benchmarks (1 and 2/3; 1/2 and 1/3), then over seeds
+    assert scope["average"]["avg"]["mean"] == pytest.approx((5 / 6 + 5 / 12) / 2)
+    # paired: per benchmark the mean over seeds and prompts of scope - opd (a: +1 +0 / +1 +0 = 2/4;
+    # b: 0 +1 +1 / 0 0 0 = 2/6), then their mean
+    assert results["paired"]["scope"]["avg"]["diff"] == pytest.approx((1 / 2 + 1 / 3) / 2)
+    assert "| Arm | seeds | a Avg@1 | a Pass@1 | b Avg@1 | b Pass@1 | average Avg@1 | average Pass@1 |" in (
+        report.markdown(results)
+    )
 
 
 def test_the_table_follows_the_runs_results_and_names_a_failed_run(tmp_path):
