@@ -4,7 +4,9 @@ The expected figures were produced by the code before the pipeline became a pack
 2 ranks, max_staleness=0, 2 steps of 2 prompts x 4 rollouts on the tiny model pair. They were
 regenerated once, on purpose, when the embedded server's sampler became one batched inverse-CDF
 draw per decode step (issue 16): the same distribution, another stream of samples per seed. The
-old figures still held with the old sampler and everything else of that change. A change that
+old figures still held with the old sampler and everything else of that change. Regenerated again
+when seeded draws became keyed by (seed, token position), as SGLang's (issue 17); the previous
+figures still held with the previous sampler and the rest of that change. A change that
 alters the maths (a loss, a weight, the data order, the sampling seeds) fails here; the float32
 rounding of the server's batched log-probs (~1e-7) is all the tolerance allows.
 """
@@ -21,41 +23,41 @@ from train_helpers import check_ok, launch_train, read_jsonl, small_run_override
 # and the update's metrics.
 EXPECTED = {
     1: {
-        "responses": "6fa845edfe8d29fd",
+        "responses": "6adda9124c88d1dd",
         "weights": [
-            0.03599343326481581,
-            0.4334221072962469,
-            0.09716235214269042,
-            0.4334221072962469,
-            0.14167240740322962,
-            0.6066044032992088,
-            0.03738894858719481,
-            0.21433424071036666,
+            0.36141818599824715,
+            0.36141818599824715,
+            0.02596675153609844,
+            0.25119687646740735,
+            0.4415194654074964,
+            0.1483678839286462,
+            0.17412485903743094,
+            0.23598779162642644,
         ],
         "metrics": {
-            "loss/total": 39.389817237854004,
-            "loss/opd": 39.389817237854004,
-            "grad_norm": 695.3885352382092,
+            "loss/total": 32.69533348083496,
+            "loss/opd": 32.69533348083496,
+            "grad_norm": 499.2850121969158,
             "reward/accuracy": 0.0,
-            "response/tokens": 74.0,
+            "response/tokens": 56.0,
         },
     },
     2: {
-        "responses": "6a8efe7437063205",
+        "responses": "85d3e81b13567d7a",
         "weights": [
-            0.10031259205357912,
-            0.6362115176327372,
-            0.06739910175926617,
-            0.19607678855441746,
-            0.4793345332532587,
-            0.19148255551646876,
-            0.19563578691880038,
-            0.13354712431147217,
+            0.4995055501164407,
+            0.20373562513050547,
+            0.0785434476495355,
+            0.2182153771035183,
+            0.1062614682228053,
+            0.161716865816682,
+            0.1722502353913615,
+            0.5597714305691511,
         ],
         "metrics": {
-            "loss/total": 47.92110633850098,
-            "loss/opd": 47.92110633850098,
-            "grad_norm": 779.640264425122,
+            "loss/total": 54.59127616882324,
+            "loss/opd": 54.59127616882324,
+            "grad_norm": 804.499333205823,
             "reward/accuracy": 0.0,
             "response/tokens": 96.0,
         },

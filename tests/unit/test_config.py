@@ -150,9 +150,15 @@ def test_shipped_recipes_load():
 
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     recipes = glob.glob(os.path.join(root, "recipes", "*.yaml"))
-    assert recipes
+    studies = [p for p in recipes if os.path.basename(p).startswith("study_")]  # python -m scope_ds.study's
+    assert recipes and studies
     for path in recipes:
-        load_config(path)
+        if path not in studies:
+            load_config(path)
+    from scope_ds.study import load_study
+
+    for path in studies:  # every arm of every seed builds its config
+        assert load_study(path, out="/nonexistent").runs()
 
 
 def test_group_size_and_placeholders_that_are_fine():
