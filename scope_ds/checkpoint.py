@@ -218,20 +218,14 @@ def read_state(folder: str) -> SavedState:
                 f"{path} has checkpoint format {state.get('format')!r}; this version reads format {STATE_FORMAT}"
             )
         pending = [Batch.from_json(b) for b in state["pending"]]
-        in_flight = (
-            Batch.from_json(state["in_flight"]) if state.get("in_flight") else None
-        )  # absent: none, or an older version
-    except CheckpointError:
-        raise
-    except Exception as e:
-        raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {e}") from None
-    first_new = state["step"] + len(pending)
-    if in_flight is not None and in_flight.step != first_new:
-        raise CheckpointError(
-            f"{path}: the batch in flight is for step {in_flight.step + 1}, not {first_new + 1} (the step after the "
-            f"{len(pending)} batch(es) generated ahead of step {state['step']}): the file was edited or corrupted"
-        )
-    try:
+        # absent: nothing was in flight, or an older version wrote the file
+        in_flight = Batch.from_json(state["in_flight"]) if state.get("in_flight") else None
+        first_new = state["step"] + len(pending)
+        if in_flight is not None and in_flight.step != first_new:
+            raise CheckpointError(
+                f"{path}: the batch in flight is for step {in_flight.step + 1}, not {first_new + 1} (the step after "
+                f"the {len(pending)} batch(es) generated ahead of step {state['step']}): the file was edited or corrupted"
+            )
         return SavedState(
             state["step"], state["policy_version"], state["world_size"], pending, state["config"], in_flight
         )

@@ -18,13 +18,13 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from scope_ds.rollout.launcher import free_ports
 from scope_ds.study.spec import RunSpec, Study
 
 REPO = Path(__file__).resolve().parents[2]
@@ -49,12 +49,6 @@ def _mark_failed(run: RunSpec, stage: str, rc: int, log: Path) -> None:
     (run.folder / "FAILED").write_text(json.dumps({"stage": stage, "rc": rc, "log": str(log)}) + "\n")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _overrides(study: Study, run: RunSpec) -> list[str]:
     """The run's overrides, resuming from its checkpoint if it has one."""
     resume = (run.folder / "train" / "checkpoints" / "latest").is_file()
@@ -67,7 +61,14 @@ def train_command(study: Study, run: RunSpec, python: str = sys.executable) -> l
     script = str(REPO / "scope_ds" / "train.py")
     if study.ranks == 1:
         return [python, script, *args]
-    launcher = ["-m", "deepspeed.launcher.runner", "--num_gpus", str(study.ranks), "--master_port", str(_free_port())]
+    launcher = [
+        "-m",
+        "deepspeed.launcher.runner",
+        "--num_gpus",
+        str(study.ranks),
+        "--master_port",
+        str(free_ports(1)[0]),
+    ]
     return [python, *launcher, script, *args]
 
 
@@ -208,7 +209,7 @@ def submit_slurm(study: Study, study_argv: list[str], sbatch_args: list[str], py
     deps = ":".join(jobs["train"].values())
     cmd = ["sbatch", "--parsable", "--job-name=study-report", "--ntasks=1",
            f"--output={study.out / 'report-%j.log'}", *([f"--dependency=afterany:{deps}"] if deps else []),
-           *sbatch_args, "--wrap", " ".join(_quote(a) for a in report)]  # fmt: skip
+           *sbatch_args, "--wrap", shlex.join(report)]  # fmt: skip
     jobs["report"] = _sbatch(cmd, env)
     study.out.mkdir(parents=True, exist_ok=True)
     (study.out / "slurm_jobs.json").write_text(json.dumps(jobs, indent=2) + "\n")
@@ -220,7 +221,3 @@ def _sbatch(cmd: list[str], env: dict[str, str]) -> str:
     if proc.returncode != 0:
         raise RuntimeError(f"sbatch failed ({' '.join(cmd[:4])} ...): {proc.stderr.strip()}")
     return proc.stdout.strip().split(";")[0]
-
-
-def _quote(arg: str) -> str:
-    return shlex.quote(arg)

@@ -86,7 +86,6 @@ class Study:
     confidence: float = 0.95
     resamples: int = 2000  # bootstrap resamples of the paired differences
     steps: int = 0  # train.steps of the runs (the same for every arm: same compute), set by load
-    eval_every: int = 0
 
     def runs(self) -> list[RunSpec]:
         """Every (arm, seed), arm-major, in the file's order."""
@@ -223,7 +222,6 @@ def _check_runs(study: Study) -> None:
     if len(set(steps.values())) > 1:
         raise StudyError(f"{study.path}: the arms train different numbers of steps ({steps}): not the same compute")
     study.steps = next(iter(steps.values()))
-    study.eval_every = next(iter(configs.values())).data.eval_every
     variants = {c.data.toy_variant for c in configs.values()}
     if study.eval["toy_variant"] is None:
         if len(variants) > 1:
