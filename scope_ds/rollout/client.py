@@ -16,9 +16,11 @@ import asyncio
 import concurrent.futures
 import contextlib
 import itertools
+import json
 import logging
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import httpx
@@ -112,6 +114,8 @@ class RolloutClient:
         self._generating = 0  # this client's /generate requests out, answers not yet stitched
         self._idle = asyncio.Event()  # set while _generating == 0
         self._idle.set()
+        self._coalesced = _Coalesced(self)
+        self._tasks: set[asyncio.Task[None]] = set()  # the coalesced requests out
         # trust_env=False: a proxy from the environment must never sit between trainer and servers.
         self._http = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout_s, connect=min(10.0, timeout_s)),
@@ -126,6 +130,20 @@ class RolloutClient:
 
     async def aclose(self) -> None:
         await self._http.aclose()
+
+    def _spawn(self, entries: list[_Coalesced.Entry]) -> None:
+        """Send ``entries`` as one request, in a task of its own (kept until done); the request is
+        cancelled if every entry's caller is (its connection closes: the server aborts the work)."""
+        task = asyncio.ensure_future(self._post_batch(entries))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+        def abandoned(_: asyncio.Future) -> None:
+            if all(e.future.cancelled() for e in entries):
+                task.cancel()
+
+        for e in entries:
+            e.future.add_done_callback(abandoned)
 
     # ---- transport ---------------------------------------------------------------------------------
     def _pick(self, avoid: set[str]) -> str:
@@ -328,12 +346,44 @@ class RolloutClient:
     async def _post_generate(
         self, prompts: list[list[int]], params: Any, per: int, logprob: bool
     ) -> list[tuple[Rollout, str]]:
-        body = protocol.build_generate_request(prompts, params, return_logprob=logprob)
-        response = await self.request("POST", "/generate", body)
-        assert response is not None
-        server = str(response.request.url).removesuffix("/generate")
-        groups = protocol.parse_generate_response(_json(response), prompts, per, server=server, return_logprob=logprob)
-        return [(r, server) for g in groups for r in g]
+        """The answers to ``prompts`` (``per`` samples each), in order. Requests made in the same
+        turn of the event loop (every prompt of a ``generate_many``, the continuations after one
+        abort) go out together: one /generate per server (see :class:`_Coalesced`)."""
+        pending = _Coalesced.Entry(prompts, params, per, logprob, asyncio.get_running_loop().create_future())
+        self._coalesced.add(pending)
+        return await pending.future
+
+    async def _post_batch(self, entries: list[_Coalesced.Entry]) -> None:
+        """One /generate for ``entries`` (alike in ``per`` and logprob; one params object when
+        per > 1), each entry's future resolved with its answers or with the request's error."""
+        prompts = [p for e in entries for p in e.prompts]
+        per, logprob = entries[0].per, entries[0].logprob
+        params: Any = entries[0].params
+        if per == 1:  # one object per prompt (SGLang: n = 1 each)
+            params = [
+                q for e in entries for q in (e.params if isinstance(e.params, list) else [e.params] * len(e.prompts))
+            ]
+            if all(q == params[0] for q in params):
+                params = params[0]
+        try:
+            body = protocol.build_generate_request(prompts, params, return_logprob=logprob)
+            response = await self.request("POST", "/generate", body)
+            assert response is not None
+            server = str(response.request.url).removesuffix("/generate")
+            groups = protocol.parse_generate_response(
+                _json(response), prompts, per, server=server, return_logprob=logprob
+            )
+        except Exception as exc:  # every entry of the request fails with it
+            for e in entries:
+                if not e.future.done():
+                    e.future.set_exception(exc)
+            return
+        start = 0
+        for e in entries:
+            part = groups[start : start + len(e.prompts)]
+            start += len(e.prompts)
+            if not e.future.done():
+                e.future.set_result([(r, server) for g in part for r in g])
 
     async def generate_many(
         self,
@@ -347,7 +397,8 @@ class RolloutClient:
         seeds: Sequence[int] | None = None,
         samples: Sequence[list[Rollout | None]] | None = None,
     ) -> list[list[Rollout]]:
-        """One concurrent request per prompt (so prompts spread over the servers); groups in prompt order.
+        """Every prompt's samples, groups in prompt order. The prompts ask together: one /generate
+        per server with about as many prompts each (``_Coalesced``), then a request per continuation.
 
         ``seeds[i]``: prompt i's samples use sampling_seed seeds[i] + j (reproducible whatever the
         batching; SGLang needs --enable-deterministic-inference for it). ``samples[i]``: prompt i's
@@ -389,6 +440,59 @@ class RolloutClient:
             raise RolloutServerError(
                 exc.url, exc.status, f"not healthy after {timeout_s:.0f} s ({exc.detail})"
             ) from exc
+
+
+class _Coalesced:
+    """The /generate requests of one turn of the event loop, sent together.
+
+    Every prompt of a step asks at once (``generate_many``: one coroutine per prompt), and one
+    HTTP request per prompt costs the trainer and the server more than the prompt's work on a
+    small model (docs/bench_peer.md). Requests added before the loop's next turn are merged:
+    those with one sample per prompt into one batch of per-prompt sampling params, those with n
+    samples by their (identical) params, each kind split into one request per server (whole
+    entries, about as many prompts each), every request with its own retries and failover.
+    """
+
+    @dataclass
+    class Entry:
+        prompts: list[list[int]]
+        params: Any  # a dict, or one dict per prompt (n = 1)
+        per: int  # samples per prompt
+        logprob: bool
+        future: asyncio.Future[list[tuple[Rollout, str]]]
+
+    def __init__(self, client: RolloutClient) -> None:
+        self.client = client
+        self.entries: list[_Coalesced.Entry] = []
+
+    def add(self, entry: Entry) -> None:
+        if not self.entries:
+            entry.future.get_loop().call_soon(self._flush)
+        self.entries.append(entry)
+
+    def _flush(self) -> None:
+        entries, self.entries = self.entries, []
+        kinds: dict[str, list[_Coalesced.Entry]] = {}
+        for e in entries:
+            key = json.dumps([e.per, e.logprob, None if e.per == 1 else e.params], sort_keys=True)
+            kinds.setdefault(key, []).append(e)
+        for group in kinds.values():
+            for part in _split(group, len(self.client.urls)):
+                self.client._spawn(part)
+
+
+def _split(entries: list[_Coalesced.Entry], parts: int) -> list[list[_Coalesced.Entry]]:
+    """``entries`` in order, cut into at most ``parts`` runs of about equal prompt counts."""
+    total = sum(len(e.prompts) for e in entries)
+    parts = max(1, min(parts, len(entries)))
+    out: list[list[_Coalesced.Entry]] = [[]]
+    seen = 0
+    for e in entries:
+        if out[-1] and seen >= total * len(out) / parts:
+            out.append([])
+        out[-1].append(e)
+        seen += len(e.prompts)
+    return out
 
 
 def _stitched(before: Rollout | None, answer: Rollout, keep: bool) -> Rollout:
