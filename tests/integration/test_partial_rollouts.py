@@ -30,12 +30,19 @@ def _generate(client: SyncRolloutClient):
 
 
 def _all_running(http: httpx.Client, url: str) -> None:
-    """Once the server decodes every sample, let it run a little."""
+    """Once the server decodes every sample, let it sample a few tokens of each (a sample is
+    counted as running from its admission, before its prefill)."""
     deadline = time.monotonic() + 30
-    while http.get(f"{url}/server_info").json()["internal_states"][0]["num_running_reqs"] < len(PROMPTS) * N:
+
+    def state() -> dict:
+        return http.get(f"{url}/server_info").json()["internal_states"][0]
+
+    while (now := state())["num_running_reqs"] < len(PROMPTS) * N:
         assert time.monotonic() < deadline, "the server never ran every sample"
         time.sleep(0.005)
-    time.sleep(0.05)
+    while state()["generated_tokens"] < now["generated_tokens"] + 3 * len(PROMPTS) * N:
+        assert time.monotonic() < deadline, "the server never sampled"
+        time.sleep(0.005)
 
 
 def _interrupt(url: str, folder, version: int) -> None:

@@ -161,6 +161,7 @@ class Engine:
         self._closed = False
         self._peak_running = 0  # most rows decoded together so far (shows batching at work)
         self._joins = 0  # admissions into a running batch (continuous batching at work)
+        self._sampled = 0  # tokens sampled so far, all requests together
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
 
     # ---- entry points (any thread) ---------------------------------------------------------------
@@ -219,6 +220,7 @@ class Engine:
                 "updating_weights": self._updating,
                 "peak_running_reqs": self._peak_running,
                 "joins_into_running_batch": self._joins,
+                "generated_tokens": self._sampled,
             }
 
     def busy(self) -> bool:
@@ -386,6 +388,7 @@ class Engine:
         tokens_B, logprobs_B, logprobs_BV = sample_next(
             batch.logits_BV, batch.sampling, self.generator, [s.sampling_key() for s in batch.seqs]
         )
+        self._sampled += len(batch.seqs)
         keep = []
         for i, seq in enumerate(batch.seqs):
             token = int(tokens_B[i])
