@@ -140,6 +140,9 @@ class TrainConfig:
     # The student's ZeRO stage, over the JSON's (0-3; null: the JSON's, 3 in zero3.json). 0-2 keep a
     # whole copy of the weights on every rank: no per-layer gathers, for models that fit one device.
     zero_stage: int | None = None
+    # The teacher's (and GRPO reference's) stage, over teacher_ds_config's: 3 partitions it, 0 keeps
+    # it whole on every rank (no gathers in its forward passes); null: the JSON's (3).
+    teacher_zero_stage: int | None = None
     logprob_chunk: int = 0  # tokens per chunk of the log-prob ops (0 = as many as fit in 32 MiB of logits)
 
     def check(self) -> None:
@@ -155,6 +158,9 @@ class TrainConfig:
         _positive("train.lr", self.lr)
         if self.zero_stage is not None and self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"train.zero_stage must be 0, 1, 2, 3 or null, got {self.zero_stage!r}")
+        if self.teacher_zero_stage is not None and self.teacher_zero_stage not in (0, 3):
+            # stages 1 and 2 partition optimizer state and gradients, which an inference engine has none of
+            raise ConfigError(f"train.teacher_zero_stage must be 0, 3 or null, got {self.teacher_zero_stage!r}")
         for key in ("weight_decay", "warmup_steps", "grad_clip", "logprob_chunk"):
             _positive(f"train.{key}", getattr(self, key), strict=False)
 
@@ -164,6 +170,10 @@ class PipelineConfig:
     max_staleness: int = 0  # 0 = synchronous; k >= 1: rollouts at most k policy versions old
     queue_size: int = 2  # batches buffered between stages
     overlap_teacher: bool = False  # teacher scores batch s+1 beside the update of s (gloo only; docs/pipeline.md)
+    # k >= 1: the weight sync after an update waits while the trainer's next batch is still being
+    # generated (the trainer waits for that batch anyway), so the sync does not interrupt its samples;
+    # false: sync at once, and the interrupted samples continue on the new weights (partial rollouts)
+    sync_between_batches: bool = True
     wait_timeout_s: float = 3600.0  # longest the trainer waits for its next batch before failing with an error
 
     def check(self) -> None:

@@ -45,13 +45,16 @@ CONFIGS = {
 }
 
 
-# --long: partial rollouts against abort-and-regenerate on long, ragged responses
+# --long: partial rollouts against abort-and-regenerate on long, ragged responses. The syncs cut
+# the samples under way (pipeline.sync_between_batches=false): what is measured is what an
+# interruption costs each way.
+_CUT = ["algo.name=scope", "pipeline.sync_between_batches=false"]
 LONG_CONFIGS = {
     "SCOPE sync": ["algo.name=scope"],
-    "SCOPE async k=1, regenerate": ["algo.name=scope", "pipeline.max_staleness=1", "rollout.partial_rollouts=false"],
-    "SCOPE async k=1, partial": ["algo.name=scope", "pipeline.max_staleness=1"],
-    "SCOPE async k=2, regenerate": ["algo.name=scope", "pipeline.max_staleness=2", "rollout.partial_rollouts=false"],
-    "SCOPE async k=2, partial": ["algo.name=scope", "pipeline.max_staleness=2"],
+    "SCOPE async k=1, regenerate": [*_CUT, "pipeline.max_staleness=1", "rollout.partial_rollouts=false"],
+    "SCOPE async k=1, partial": [*_CUT, "pipeline.max_staleness=1"],
+    "SCOPE async k=2, regenerate": [*_CUT, "pipeline.max_staleness=2", "rollout.partial_rollouts=false"],
+    "SCOPE async k=2, partial": [*_CUT, "pipeline.max_staleness=2"],
 }
 LONG_VOCAB, LONG_MAX_NEW = 512, 2048
 

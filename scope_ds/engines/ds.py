@@ -192,6 +192,7 @@ def build_ds_config(
     grad_clip: float = 0.0,
     warmup_steps: int = 0,
     zero_stage: int | None = None,
+    stage_key: str = "train.zero_stage",
 ) -> dict[str, Any]:
     """The DeepSpeed config dict: the JSON file, completed from our config.
 
@@ -200,7 +201,7 @@ def build_ds_config(
     has as many micro-batches as its packing gives, and the trainer calls ``step()`` once after
     them. The batch-size keys DeepSpeed requires are set to one rollout per micro-batch; they size
     nothing (the trainer's micro-batches are token budgets). ``zero_stage`` replaces the JSON's
-    stage (``with_zero_stage``).
+    stage (``with_zero_stage``); ``stage_key`` is the config key that set it, for errors.
     """
     path = resolve_path(json_path)
     if not os.path.isfile(path):
@@ -209,7 +210,7 @@ def build_ds_config(
         cfg = json.load(f)
     cfg = copy.deepcopy(cfg)
     if zero_stage is not None:
-        cfg = with_zero_stage(cfg, zero_stage, json_path)
+        cfg = with_zero_stage(cfg, zero_stage, json_path, stage_key)
     cfg["train_micro_batch_size_per_gpu"] = 1
     cfg["gradient_accumulation_steps"] = 1
     cfg["train_batch_size"] = world_size
@@ -240,7 +241,7 @@ def build_ds_config(
     return cfg
 
 
-def with_zero_stage(cfg: dict[str, Any], stage: int, source: str) -> dict[str, Any]:
+def with_zero_stage(cfg: dict[str, Any], stage: int, source: str, key: str = "train.zero_stage") -> dict[str, Any]:
     """``cfg`` at ZeRO stage ``stage``. Below 3 the ``stage3_*`` keys are dropped (they size the
     parameter gathers there are none of); below 2 so is ``overlap_comm``, which DeepSpeed allows
     with trainer-owned accumulation only when gradients are partitioned. Parameter offload exists
@@ -248,7 +249,7 @@ def with_zero_stage(cfg: dict[str, Any], stage: int, source: str) -> dict[str, A
     zero = dict(cfg.get("zero_optimization", {}), stage=stage)
     if stage < 3:
         if zero.get("offload_param", {}).get("device", "none") != "none":
-            raise ValueError(f"{source}: offload_param needs ZeRO stage 3, not train.zero_stage={stage}")
+            raise ValueError(f"{source}: offload_param needs ZeRO stage 3, not {key}={stage}")
         zero = {k: v for k, v in zero.items() if not k.startswith("stage3_") and k != "offload_param"}
     if stage < 2:
         zero.pop("overlap_comm", None)

@@ -273,7 +273,8 @@ class StudentEngine(_Engine):
 
 
 class InferenceEngine(_Engine):
-    """The teacher (or GRPO's reference policy): ZeRO-3 partitioned, no optimizer, eval mode.
+    """The teacher (or GRPO's reference policy): ZeRO-3 partitioned (whole on every rank with
+    train.teacher_zero_stage=0), no optimizer, eval mode.
 
     ``group``: a process group over the same ranks as the world, in the same order, on which this
     engine's parameter gathers run instead of the default group. With its own group the teacher

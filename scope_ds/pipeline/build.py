@@ -147,7 +147,9 @@ def build_engines(
         chunk=chunk,
         packing=packing,
     )
-    infer_ds = ds.build_ds_config(t.teacher_ds_config, **common)
+    infer_ds = ds.build_ds_config(
+        t.teacher_ds_config, zero_stage=t.teacher_zero_stage, stage_key="train.teacher_zero_stage", **common
+    )
     teacher = None
     if algo.needs_teacher:
         teacher = InferenceEngine(teacher_path, infer_ds, cfg.model.dtype, chunk, group=group, packing=packing)

@@ -139,6 +139,7 @@ class RolloutProducer(_Worker):
         self._taken: list[Batch] = []  # handed to the scorer, not yet to the trainer
         self._resumed = in_flight
         self._current: Batch | None = None  # being generated or verified
+        self._generating: int | None = None  # the step whose batch the servers are generating
         self._thread.start()
 
     def _work(self) -> None:
@@ -153,8 +154,13 @@ class RolloutProducer(_Worker):
             batch, self._resumed = self._resumed or Batch(step=step, records=records), None
             batch.times["wait_version"] = time.perf_counter() - t0
             with self._cond:
-                self._current = batch
-            timed(batch.times, "generate", stages.generate, self.run, batch)
+                self._current, self._generating = batch, step
+            try:
+                timed(batch.times, "generate", stages.generate, self.run, batch)
+            finally:
+                with self._cond:
+                    self._generating = None
+                    self._cond.notify_all()
             timed(batch.times, "verify", stages.verify, self.run, batch)
             if stop_signalled() and batch.verify_timeouts:
                 return  # its verifier may have been killed with the run: a checkpoint keeps it in flight
@@ -202,6 +208,16 @@ class RolloutProducer(_Worker):
                 "them again"
             )
             return pending, None
+
+    def wait_generated(self, step: int) -> float:
+        """Wait while the batch of ``step`` is being generated (not for a batch not yet started:
+        it may be waiting for the very weights the caller is about to push); returns the seconds
+        waited. Returns early when this process is asked to stop or the producer stops."""
+        t0 = time.perf_counter()
+        with self._cond:
+            while self._generating == step and not self._closing and not stop_signalled():
+                self._cond.wait(POLL_S)
+        return time.perf_counter() - t0
 
     def advanced(self) -> None:
         """The servers hold a newer version (run.versions): a batch waiting for it may start."""

@@ -49,6 +49,9 @@ def train(run: Run) -> dict[str, float]:
             staleness = staleness_metrics(run, batch)
             metrics = timed(batch.times, "update", stages.update, run, batch)
             done = step + 1
+            if producer and cfg.pipeline.sync_between_batches and cfg.pipeline.max_staleness:
+                # the next batch, if its samples are under way, finishes on the weights it began with
+                batch.times["wait_generated"] = producer.wait_generated(done)
             sync(run, batch, metrics, done)
             if producer:
                 producer.advanced()

@@ -95,6 +95,9 @@ def test_staleness_never_exceeds_k(model_pair, tmp_path, k, ranks, overlap):
             assert versions[-1] <= trained_version and r["generated_tokens"] == r["response_length"]
             lags.append(trained_version - oldest)
     assert min(lags) >= 0 and max(lags) <= k
+    if k == 1:  # pipeline.sync_between_batches: each sync waited for the next batch's samples, none was cut
+        rows = [r for s in range(1, steps + 1) for r in read_jsonl(out / "rollouts" / f"step_{s}.jsonl")]
+        assert all(len(r["segments"]) == 1 for r in rows), [r["segments"] for r in rows]
     assert max(lags) >= 1, "with k >= 1 generation should run ahead of the update"
     metrics = [m for m in read_jsonl(out / "metrics.jsonl") if m["step"] >= 1]  # step 0: the first evaluation
     assert [m["staleness/max"] for m in metrics] == [
@@ -105,6 +108,30 @@ def test_staleness_never_exceeds_k(model_pair, tmp_path, k, ranks, overlap):
     # the update of the current one (every step after the first, which may wait for its batch).
     overlaps = [m["pipeline/overlap"] for m in metrics]
     assert all(o > 1 for o in overlaps[1:]), overlaps
+
+
+@pytest.mark.parametrize("between", [True, False])
+def test_the_sync_waits_for_the_samples_under_way(model_pair, tmp_path, between):
+    """pipeline.sync_between_batches (k = 1): generating the next batch outlasts the update, and
+    the weight sync waits for it, so no sample is cut in two; without the switch the sync cuts
+    them and they continue on the new weights (two segments)."""
+    student, teacher = model_pair
+    out = tmp_path / "run"
+    args = [
+        *small_run_overrides(student, teacher, out),
+        "train.steps=4",
+        "rollout.n=8",
+        "rollout.max_new_tokens=40",
+        "pipeline.max_staleness=1",
+        f"pipeline.sync_between_batches={str(between).lower()}",
+    ]
+    check_ok(launch_train(args, launcher="python"))
+    metrics = [m for m in read_jsonl(out / "metrics.jsonl") if m["step"] >= 2]  # step 1's batch: before any sync
+    shares = [m["rollout/partial_share"] for m in metrics]
+    if between:
+        assert shares == [0.0] * len(shares) and all(m["time/wait_generated"] > 0.01 for m in metrics[:-1]), metrics
+    else:
+        assert max(shares) > 0 and all("time/wait_generated" not in m for m in metrics)
 
 
 def _teacher_seq_logp_float64(path, rows) -> list[float]:

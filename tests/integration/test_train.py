@@ -192,9 +192,11 @@ def test_zero3_step_is_the_same_on_one_and_two_ranks(model_pair, tmp_path):
     outs = {}
     # packed token budgets (two micro-batches on a rank), and the padded layout with whole logits
     packed, padded = "train.max_tokens_per_micro_batch=60", "train.packing=false"
-    # and ZeRO stages 0 and 2 (train.zero_stage over the JSON's 3): whole weights on every rank
+    # and ZeRO stages 0 and 2 (train.zero_stage over the JSON's 3): whole weights on every rank;
+    # with stage 0 a whole teacher too (train.teacher_zero_stage=0)
     runs = [(1, 0, packed), (2, 0, packed), (2, 1, packed), (2, 0, padded)]
-    runs += [(2, 0, f"{packed} train.zero_stage={stage}") for stage in (0, 2)]
+    stages = [f"{packed} train.zero_stage=0 train.teacher_zero_stage=0", f"{packed} train.zero_stage=2"]
+    runs += [(2, 0, layout) for layout in stages]
     for i, (ranks, concurrent, layout) in enumerate(runs):
         out = tmp_path / f"w{i}.pt"
         args = [student, teacher, out, f"concurrent={concurrent}", *layout.split(), *plain]
@@ -203,7 +205,7 @@ def test_zero3_step_is_the_same_on_one_and_two_ranks(model_pair, tmp_path):
         check_ok(proc)
         outs[ranks, concurrent, layout] = torch.load(out)
     one, two, beside, pad = outs[1, 0, packed], outs[2, 0, packed], outs[2, 1, packed], outs[2, 0, padded]
-    zero_stages = [outs[2, 0, f"{packed} train.zero_stage={stage}"] for stage in (0, 2)]
+    zero_stages = [outs[2, 0, layout] for layout in stages]
     assert two["metrics"]["perf/micro_batches"] == 2 and two["metrics"]["perf/padding_share"] == 0
     assert one["metrics"]["loss/total"] == pytest.approx(two["metrics"]["loss/total"], rel=1e-5)
     assert sorted(one["teacher_logp"]) == sorted(two["teacher_logp"])  # scored the same (incorrect) rollouts
@@ -211,6 +213,8 @@ def test_zero3_step_is_the_same_on_one_and_two_ranks(model_pair, tmp_path):
     grad, loss = _scope_gradient_float64(student, teacher)
     norm = math.sqrt(sum(float((g**2).sum()) for g in grad.values()))
     assert [r["zero_stage"] for r in (two, *zero_stages)] == [3, 0, 2]
+    assert [r["teacher_zero_stage"] for r in (two, *zero_stages)] == [3, 0, 3]
+    assert sorted(zero_stages[0]["teacher_logp"]) == sorted(two["teacher_logp"])
     for run in (one, two, pad, *zero_stages):
         assert run["metrics"]["grad_norm"] == pytest.approx(norm, rel=1e-4)
         assert run["metrics"]["loss/total"] == pytest.approx(loss, rel=1e-5)

@@ -112,6 +112,7 @@ def main() -> None:
         saved = {"weights": weights, "metrics": metrics, "teacher_logp": teacher_logp(batch), "spans": spans}
         saved["teacher_logp_scored"] = scored
         saved["zero_stage"] = student.engine.zero_optimization_stage()
+        saved["teacher_zero_stage"] = teacher.engine.zero_optimization_stage()
         torch.save({**saved, "teacher_logp_after": teacher_logp(after)}, out)
     ds.end_distributed()
 
