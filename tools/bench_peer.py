@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -45,8 +46,18 @@ CONFIGS = {
     "opd 2 ranks buckets 5e6": (2, OPD, {"reduce_bucket_size": 5e6, "stage3_prefetch_bucket_size": 5e6}),
     "opd 2 ranks zero0": (2, [*OPD, "train.zero_stage=0"]),
 }
+# whole student and teacher on the rank (no ZeRO-3 gathers), with the default threads and with one
+# intra-op thread for the trainer (" 1t": OMP_NUM_THREADS=1; the server keeps its own default)
+WHOLE = ["pipeline.max_staleness=1", "train.zero_stage=0", "train.teacher_zero_stage=0"]
+for _name, _overrides in {"opd 1 rank k=1": OPD, "scope n=4 1 rank k=1": ["algo.name=scope", "rollout.n=4"]}.items():
+    CONFIGS[f"{_name} zero0 t0"] = (1, [*_overrides, *WHOLE])
+    CONFIGS[f"{_name} zero0 t0 1t"] = (1, [*_overrides, *WHOLE])
+ONE_THREAD = " 1t"  # a name ending so runs its trainer with OMP_NUM_THREADS=1
 ZERO_SWEEP = ";".join(["opd 2 ranks", *(n for n in CONFIGS if n.startswith("opd 2 ranks "))])
-DEFAULT_CONFIGS = "opd 2 ranks;opd 1 rank k=1;opd 1 rank k=1 zero0;scope n=4 1 rank k=1"
+DEFAULT_CONFIGS = ";".join(
+    ["opd 2 ranks", "opd 1 rank k=1", "opd 1 rank k=1 zero0 t0", "opd 1 rank k=1 zero0 t0 1t"]
+    + ["scope n=4 1 rank k=1", "scope n=4 1 rank k=1 zero0 t0 1t"]
+)
 
 
 def _llama_pair() -> tuple[str, str]:
@@ -185,7 +196,8 @@ def run_ours(name: str, student: str, teacher: str, args) -> list[float]:
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), script, *overrides]
     else:
         cmd = [sys.executable, script, *overrides]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"} if name.endswith(ONE_THREAD) else None
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         sys.exit(f"scope_ds {name} failed:\n{proc.stderr[-3000:]}")
     rows = [json.loads(line) for line in Path(out_dir, "metrics.jsonl").read_text().splitlines() if line.strip()]
