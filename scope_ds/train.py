@@ -16,8 +16,9 @@ import sys
 if __package__ in (None, ""):  # run as a script (the deepspeed launcher does this)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from scope_ds.config import ConfigError, load_config  # noqa: E402
-
+# Nothing heavier than the standard library at module level: the verifier's worker process
+# (multiprocessing's spawn) runs this script again as __mp_main__, and torch there is seconds of
+# start-up for nothing.
 DEFAULT_RECIPE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes", "toy.yaml")
 
 
@@ -57,6 +58,8 @@ def install_stop_handlers(request_stop) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from scope_ds.config import ConfigError, load_config
+
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)

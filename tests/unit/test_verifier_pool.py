@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -79,3 +82,14 @@ def _state(pid: int) -> str:
             return next(line for line in f if line.startswith("State:")).lower()
     except OSError:
         return "zombie"
+
+
+def test_the_worker_does_not_import_the_trainer_again():
+    """spawn runs the parent's main script again in the worker (as __mp_main__): for
+    scope_ds/train.py that must stay the standard library, not seconds of torch for every worker
+    start (the first answers of a run wait for it, and so does every restart after a timeout)."""
+    script = Path(__file__).resolve().parents[2] / "scope_ds" / "train.py"
+    code = f"import runpy, sys; runpy.run_path({str(script)!r}, run_name='__mp_main__'); print(sorted(sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    heavy = [m for m in ("torch", "transformers", "deepspeed", "scope_ds.config") if f"'{m}'" in out]
+    assert heavy == [], f"the worker imports {heavy}"
