@@ -13,6 +13,8 @@ temperature 1, full-vocabulary reverse KL from the teacher (``algo.name=opd algo
 ``beta=1``), learning rate 5e-5. Reported: trained completion tokens per second, the median over
 the steps after --warmup, and its ratio to TRL's on the same shape. TRL runs in one process; each
 scope_ds row is a ``train.py`` run (its ranks and the embedded rollout server on this machine).
+Row names: ``k=1`` is ``pipeline.max_staleness=1``, ``zero0`` ``train.zero_stage=0``, ``t0``
+``train.teacher_zero_stage=0``, a trailing ``1t`` the trainer at ``OMP_NUM_THREADS=1``.
 """
 
 from __future__ import annotations
