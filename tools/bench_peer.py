@@ -50,11 +50,11 @@ CONFIGS = {
 }
 # whole student and teacher on the rank (no ZeRO-3 gathers), with the default threads and with one
 # intra-op thread for the trainer (" 1t": OMP_NUM_THREADS=1; the server keeps its own default)
+ONE_THREAD = " 1t"  # a name ending so runs its trainer with OMP_NUM_THREADS=1
 WHOLE = ["pipeline.max_staleness=1", "train.zero_stage=0", "train.teacher_zero_stage=0"]
 for _name, _overrides in {"opd 1 rank k=1": OPD, "scope n=4 1 rank k=1": ["algo.name=scope", "rollout.n=4"]}.items():
     CONFIGS[f"{_name} zero0 t0"] = (1, [*_overrides, *WHOLE])
-    CONFIGS[f"{_name} zero0 t0 1t"] = (1, [*_overrides, *WHOLE])
-ONE_THREAD = " 1t"  # a name ending so runs its trainer with OMP_NUM_THREADS=1
+    CONFIGS[f"{_name} zero0 t0{ONE_THREAD}"] = (1, [*_overrides, *WHOLE])
 ZERO_SWEEP = ";".join(["opd 2 ranks", *(n for n in CONFIGS if n.startswith("opd 2 ranks "))])
 DEFAULT_CONFIGS = ";".join(
     ["opd 2 ranks", "opd 1 rank k=1", "opd 1 rank k=1 zero0 t0", "opd 1 rank k=1 zero0 t0 1t"]
