@@ -41,7 +41,8 @@ def build_run(cfg: Config) -> Run:
     student_path, teacher_path = resolve_models(cfg, rank)
     # rank 0 decides (it alone writes the run folder); every rank stops alike
     problem = share(_folder_problem(cfg, algo, student_path) if rank == 0 else None)
-    if problem:
+    if problem:  # every rank is here (share is a collective): end the groups in order, then stop
+        ds.end_distributed()
         raise ConfigError(problem)
     tokenizer = check_compatible(student_path, teacher_path, full_vocab=algo.uses_full_kl)
     records, eval_records, verifier = prompts(cfg, tokenizer, rank)
