@@ -6,6 +6,7 @@ stream; every rank owns its share of the student, teacher and reference engines.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 from typing import Any
@@ -47,12 +48,21 @@ def build_run(cfg: Config) -> Run:
     tokenizer = check_compatible(student_path, teacher_path, full_vocab=algo.uses_full_kl)
     records, eval_records, verifier = prompts(cfg, tokenizer, rank)
     group = score_group()
-    student, teacher, reference = build_engines(cfg, algo, world, student_path, teacher_path, teacher_group(cfg, group))
-    rollout = None
-    if rank == 0:
-        save_config(cfg, os.path.join(cfg.logging.run_dir, "config.yaml"))
-        evaluates = bool(cfg.data.eval_every and eval_records)
-        rollout = start_rollout(cfg, algo, student_path, teacher_path, evaluates)
+    # the servers start (seconds on CPU, minutes for SGLang) while the engines are built
+    evaluates = bool(cfg.data.eval_every and eval_records)
+    starting = launch_rollout(cfg, algo, student_path, teacher_path, evaluates) if rank == 0 else None
+    try:
+        student, teacher, reference = build_engines(
+            cfg, algo, world, student_path, teacher_path, teacher_group(cfg, group)
+        )
+        rollout = None
+        if starting:
+            save_config(cfg, os.path.join(cfg.logging.run_dir, "config.yaml"))
+            rollout = connect_rollout(cfg, algo, student_path, starting)
+    except BaseException:
+        if starting:
+            starting.stop()
+        raise
     return Run(
         cfg=cfg,
         rank=rank,
@@ -179,8 +189,24 @@ def teacher_group(cfg: Config, group: Any) -> Any:
     return group
 
 
-def start_rollout(cfg: Config, algo: Algorithm, student_path: str, teacher_path: str, evaluates: bool) -> RolloutSide:
-    """Launch (or attach to) the rollout servers, with a client and the weight sync (rank 0).
+@dataclasses.dataclass
+class StartingServers:
+    """Rank 0's rollout servers, launched or named, not yet known to be healthy."""
+
+    servers: RolloutServers
+    eval_servers: RolloutServers | None = None  # KD with in-training evaluation: one of the student
+
+    def stop(self) -> None:
+        for servers in (self.servers, self.eval_servers):
+            if servers:
+                servers.stop()
+
+
+def launch_rollout(
+    cfg: Config, algo: Algorithm, student_path: str, teacher_path: str, evaluates: bool
+) -> StartingServers:
+    """Launch the rollout servers (rank 0), without waiting for them; the servers of
+    ``rollout.servers`` are only named here.
 
     KD trains on the teacher's answers: its servers serve the teacher and never change. With an
     in-training evaluation (``evaluates``) it also launches one server of the student, which the
@@ -188,19 +214,32 @@ def start_rollout(cfg: Config, algo: Algorithm, student_path: str, teacher_path:
     """
     c = cfg.rollout
     if c.servers:
-        servers = RolloutServers.attach(c.servers, timeout_s=c.startup_timeout_s, api_key=c.api_key)
-    else:
-        served = teacher_path if algo.uses_teacher_rollouts else student_path
-        servers = launch_servers(cfg, served, c.num_servers, "logs")
+        return StartingServers(RolloutServers(c.servers, api_key=c.api_key))
+    served = teacher_path if algo.uses_teacher_rollouts else student_path
+    starting = StartingServers(launch_servers(cfg, served, c.num_servers, "logs"))
+    if algo.uses_teacher_rollouts and evaluates:
+        try:
+            starting.eval_servers = launch_servers(cfg, student_path, 1, os.path.join("logs", "eval"))
+        except BaseException:
+            starting.stop()
+            raise
+    return starting
+
+
+def connect_rollout(cfg: Config, algo: Algorithm, student_path: str, starting: StartingServers) -> RolloutSide:
+    """Once the servers are healthy: the client and the weight sync of the policy's servers."""
+    timeout_s = cfg.rollout.startup_timeout_s
+    servers, eval_servers = starting.servers, starting.eval_servers
+    servers.wait_healthy(timeout_s)
     client = rollout_client(cfg, servers)
     if not algo.uses_teacher_rollouts:
         return RolloutSide(servers, client, weight_sync(cfg, client, student_path))
-    if not evaluates:
+    if eval_servers is None:
         return RolloutSide(servers, client)
-    student_servers = launch_servers(cfg, student_path, 1, os.path.join("logs", "eval"))
-    eval_client = rollout_client(cfg, student_servers)
+    eval_servers.wait_healthy(timeout_s)
+    eval_client = rollout_client(cfg, eval_servers)
     sync = weight_sync(cfg, eval_client, student_path)
-    return RolloutSide(servers, client, sync, eval_servers=student_servers, eval_client=eval_client)
+    return RolloutSide(servers, client, sync, eval_servers=eval_servers, eval_client=eval_client)
 
 
 def launch_servers(cfg: Config, model_path: str, count: int, log_dir: str) -> RolloutServers:
@@ -212,7 +251,7 @@ def launch_servers(cfg: Config, model_path: str, count: int, log_dir: str) -> Ro
         gpus_per_server=c.gpus_per_server,
         log_dir=os.path.join(cfg.logging.run_dir, log_dir),
         random_seed=cfg.train.seed,
-        wait_s=c.startup_timeout_s,
+        wait_s=None,  # connect_rollout waits
         api_key=c.api_key or None,  # None: a fresh key for this run
         # SGLang honours sampling_seed only in its deterministic mode
         extra_args=["--enable-deterministic-inference"] if c.backend == "sglang" and c.seeded else [],

@@ -282,7 +282,7 @@ def launch(
     log_dir: str | Path = "logs",
     random_seed: int | None = 0,
     weight_version: str = "0",
-    wait_s: float = 600.0,
+    wait_s: float | None = 600.0,
     extra_args: Sequence[str] = (),
     per_server_args: Sequence[Sequence[str]] | None = None,
     env: dict[str, str] | None = None,
@@ -295,7 +295,8 @@ def launch(
     is appended to server i's command after ``extra_args``. ``api_key``: the key all of them
     require; None generates one (``ServerProcess.api_key`` holds it); "" starts them without one,
     which only a loopback ``host`` allows. Servers left in ``log_dir`` by an earlier launch whose
-    launcher was killed are stopped first.
+    launcher was killed are stopped first. ``wait_s`` None: return at once, with the servers still
+    starting (:func:`wait_all_healthy` before the first request).
     """
     if kind not in (EMBEDDED, SGLANG):
         raise ValueError(f"server kind must be {EMBEDDED!r} or {SGLANG!r}, got {kind!r}")
@@ -323,14 +324,26 @@ def launch(
             proc_env = env if kind == SGLANG else _with_our_package(env)
             log_path = Path(log_dir) / f"rollout_server_{i}_{port}.log"
             procs.append(ServerProcess(cmd, f"http://{host}:{port}", log_path, proc_env, api_key=key))
-        deadline = time.monotonic() + wait_s
+    except BaseException:
+        for proc in procs:
+            proc.stop()
+        raise
+    if wait_s is not None:
+        wait_all_healthy(procs, wait_s)
+    return procs
+
+
+def wait_all_healthy(procs: Sequence[ServerProcess], wait_s: float) -> None:
+    """Wait until every server of one launch is healthy, ``wait_s`` in all; if one fails or the time
+    runs out, all are stopped and ServerLaunchError names the one (with its log's tail)."""
+    deadline = time.monotonic() + wait_s
+    try:
         for proc in procs:
             proc.wait_healthy(max(1.0, deadline - time.monotonic()))
     except BaseException:
         for proc in procs:
             proc.stop()
         raise
-    return procs
 
 
 def launch_embedded(model_path: str, count: int = 1, **kwargs: object) -> list[ServerProcess]:
@@ -362,9 +375,17 @@ class RolloutServers:
 
     @classmethod
     def start(cls, kind: str, model_path: str, **kwargs: object) -> RolloutServers:
-        """:func:`launch`; with ``api_key`` None (the default) the servers get a fresh key."""
+        """:func:`launch`; with ``api_key`` None (the default) the servers get a fresh key. With
+        ``wait_s=None`` they are still starting: :meth:`wait_healthy` before the first request."""
         procs = launch(kind, model_path, **kwargs)  # type: ignore[arg-type]
         return cls([p.url for p in procs], procs, api_key=procs[0].api_key if procs else "")
+
+    def wait_healthy(self, timeout_s: float) -> None:
+        """Until every server answers /health: those launched here are all stopped if one fails."""
+        if self.procs:
+            wait_all_healthy(self.procs, timeout_s)
+        else:
+            wait_urls_healthy(self.urls, timeout_s)
 
     def stop(self) -> None:
         for proc in self.procs:

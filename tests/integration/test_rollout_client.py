@@ -21,7 +21,7 @@ from scope_ds.rollout.client import (
     RolloutServerError,
     SyncRolloutClient,
 )
-from scope_ds.rollout.launcher import ServerLaunchError, free_ports, launch_embedded
+from scope_ds.rollout.launcher import RolloutServers, ServerLaunchError, free_ports, launch_embedded
 from scope_ds.rollout.server.main import KEEP_ALIVE_S
 
 PROMPT = [1, 20, 21, 22]
@@ -85,6 +85,29 @@ def test_server_that_dies_at_start_reports_its_log(tmp_path):
         launch_embedded(str(tmp_path / "no_such_model"), log_dir=tmp_path, wait_s=60)
     message = str(info.value)
     assert "exited with code" in message and "no_such_model" in message
+
+
+def test_servers_started_without_waiting_are_waited_for_later(tiny_llama_module_dir, tmp_path):
+    """wait_s=None: start returns while the servers still start (the trainer builds its engines
+    meanwhile); wait_healthy then waits for all, and stops every one of a launch if one fails."""
+    servers = RolloutServers.start("embedded", str(tiny_llama_module_dir), count=2, log_dir=tmp_path, wait_s=None)
+    try:
+        assert all(p.alive() for p in servers.procs) and not _answers(servers.urls[0])  # still importing
+        servers.wait_healthy(120)
+        assert all(_answers(url) for url in servers.urls)
+    finally:
+        servers.stop()
+    bad = RolloutServers.start("embedded", str(tmp_path / "no_such_model"), count=2, log_dir=tmp_path, wait_s=None)
+    with pytest.raises(ServerLaunchError, match="no_such_model"):
+        bad.wait_healthy(60)
+    assert not any(p.alive() for p in bad.procs) and not list(tmp_path.glob("*.pid"))
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=5.0, trust_env=False).status_code == 200
+    except httpx.TransportError:
+        return False
 
 
 async def _waiting_requests(http: httpx.AsyncClient, url: str, count: int) -> None:
