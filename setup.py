@@ -34,7 +34,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8.0", "ruff>=0.6"],
-        "mpi": ["mpi4py>=3.1"],
-        "bench": ["trl>=1.16"],  # tools/bench_peer.py's other side only  # needs an MPI library (Debian: libopenmpi-dev openmpi-bin)
+        "mpi": ["mpi4py>=3.1"],  # needs an MPI library (Debian: libopenmpi-dev openmpi-bin)
+        "bench": ["trl>=1.16"],  # tools/bench_peer.py's other side only
     },
 )
