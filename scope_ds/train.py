@@ -16,9 +16,12 @@ import sys
 if __package__ in (None, ""):  # run as a script (the deepspeed launcher does this)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from scope_ds.openmp import passive_waits  # noqa: E402
+
 # Nothing heavier than the standard library at module level: the verifier's worker process
 # (multiprocessing's spawn) runs this script again as __mp_main__, and torch there is seconds of
 # start-up for nothing.
+passive_waits()  # before torch loads OpenMP (docs/bench_peer.md, "Threads")
 DEFAULT_RECIPE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes", "toy.yaml")
 
 

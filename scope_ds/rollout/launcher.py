@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from scope_ds.openmp import passive_waits
 from scope_ds.rollout import health
 
 EMBEDDED = "embedded"
@@ -265,8 +266,9 @@ class ServerProcess:
 
 
 def _with_our_package(env: dict[str, str] | None) -> dict[str, str]:
-    """The environment plus this checkout on PYTHONPATH: the server runs the same scope_ds as we do."""
-    out = dict(os.environ if env is None else env)
+    """The environment plus this checkout on PYTHONPATH: the server runs the same scope_ds as we do
+    (and its OpenMP threads wait passively, unless the environment says otherwise)."""
+    out = passive_waits(dict(os.environ if env is None else env))
     root = str(Path(__file__).resolve().parents[2])
     out["PYTHONPATH"] = os.pathsep.join(p for p in (root, out.get("PYTHONPATH", "")) if p)
     return out

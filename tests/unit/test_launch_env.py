@@ -111,3 +111,20 @@ def test_omp_num_threads_where_set_is_left_as_it_is(monkeypatch) -> None:
         assert ds.default_threads(1) == 1 and torch.get_num_threads() == 1  # unset, a lone rank takes every core
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("given, want", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_the_trainer_and_the_embedded_server_wait_passively_unless_told_otherwise(given, want) -> None:
+    """OMP_WAIT_POLICY: train.py sets it before anything loads torch (OpenMP reads it once); the
+    launcher puts it in the embedded server's environment. A value the user set stays."""
+    from scope_ds.rollout.launcher import _with_our_package
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given:
+        env["OMP_WAIT_POLICY"] = given
+    code = "import os, sys\nimport scope_ds.train\nprint(os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env={**env, "PYTHONPATH": _REPO}, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0 and proc.stdout.split() == [want, "False"], proc.stdout + proc.stderr[-2000:]
+    assert _with_our_package(env)["OMP_WAIT_POLICY"] == want
