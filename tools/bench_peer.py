@@ -14,7 +14,8 @@ temperature 1, full-vocabulary reverse KL from the teacher (``algo.name=opd algo
 the steps after --warmup, and its ratio to TRL's on the same shape. TRL runs in one process; each
 scope_ds row is a ``train.py`` run (its ranks and the embedded rollout server on this machine).
 Row names: ``k=1`` is ``pipeline.max_staleness=1``, ``zero0`` ``train.zero_stage=0``, ``t0``
-``train.teacher_zero_stage=0``, a trailing ``1t`` the trainer at ``OMP_NUM_THREADS=1``.
+``train.teacher_zero_stage=0``, ``overlap`` ``pipeline.overlap_teacher=true`` (the teacher scores
+the next batch beside the update), a trailing ``1t`` the trainer at ``OMP_NUM_THREADS=1``.
 """
 
 from __future__ import annotations
@@ -33,12 +34,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 PROMPTS, MAX_NEW, LR = 16, 64, 5e-5
 OPD = ["algo.name=opd", "algo.kl=full", "rollout.n=1"]
+SCOPE_K1 = ["algo.name=scope", "rollout.n=4", "pipeline.max_staleness=1"]
 # name -> (ranks, overrides)
 CONFIGS = {
     "opd 2 ranks": (2, OPD),
     "opd 1 rank k=1": (1, [*OPD, "pipeline.max_staleness=1"]),
     "opd 1 rank k=1 zero0": (1, [*OPD, "pipeline.max_staleness=1", "train.zero_stage=0"]),
-    "scope n=4 1 rank k=1": (1, ["algo.name=scope", "rollout.n=4", "pipeline.max_staleness=1"]),
+    "scope n=4 1 rank k=1": (1, SCOPE_K1),
     "scope n=4 2 ranks": (2, ["algo.name=scope", "rollout.n=4"]),
     # ZeRO-3 knobs (ds_configs/README.md): ds_configs/zero3.json with these zero_optimization keys
     "opd 2 ranks persist 1e6": (2, OPD, {"stage3_param_persistence_threshold": 1e6}),
@@ -55,10 +57,12 @@ WHOLE = ["pipeline.max_staleness=1", "train.zero_stage=0", "train.teacher_zero_s
 for _name, _overrides in {"opd 1 rank k=1": OPD, "scope n=4 1 rank k=1": ["algo.name=scope", "rollout.n=4"]}.items():
     CONFIGS[f"{_name} zero0 t0"] = (1, [*_overrides, *WHOLE])
     CONFIGS[f"{_name} zero0 t0{ONE_THREAD}"] = (1, [*_overrides, *WHOLE])
+CONFIGS["scope n=4 1 rank k=1 overlap"] = (1, [*SCOPE_K1, "pipeline.overlap_teacher=true"])
+CONFIGS["scope n=4 1 rank k=1 zero0 t0 overlap"] = (1, [*SCOPE_K1, *WHOLE, "pipeline.overlap_teacher=true"])
 ZERO_SWEEP = ";".join(["opd 2 ranks", *(n for n in CONFIGS if n.startswith("opd 2 ranks "))])
 DEFAULT_CONFIGS = ";".join(
     ["opd 2 ranks", "opd 1 rank k=1", "opd 1 rank k=1 zero0 t0", "opd 1 rank k=1 zero0 t0 1t"]
-    + ["scope n=4 1 rank k=1", "scope n=4 1 rank k=1 zero0 t0 1t"]
+    + ["scope n=4 1 rank k=1", "scope n=4 1 rank k=1 overlap", "scope n=4 1 rank k=1 zero0 t0 overlap"]
 )
 
 
