@@ -15,7 +15,9 @@ the steps after --warmup, and its ratio to TRL's on the same shape. TRL runs in 
 scope_ds row is a ``train.py`` run (its ranks and the embedded rollout server on this machine).
 Row names: ``k=1`` is ``pipeline.max_staleness=1``, ``zero0`` ``train.zero_stage=0``, ``t0``
 ``train.teacher_zero_stage=0``, ``overlap`` ``pipeline.overlap_teacher=true`` (the teacher scores
-the next batch beside the update), a trailing ``1t`` the trainer at ``OMP_NUM_THREADS=1``.
+the next batch beside the update), a trailing ``1t`` the trainer at ``OMP_NUM_THREADS=1``, a
+trailing ``active`` the trainer and server at ``OMP_WAIT_POLICY=ACTIVE`` (spinning idle threads;
+scope_ds's default is PASSIVE).
 """
 
 from __future__ import annotations
@@ -53,10 +55,14 @@ CONFIGS = {
 # whole student and teacher on the rank (no ZeRO-3 gathers), with the default threads and with one
 # intra-op thread for the trainer (" 1t": OMP_NUM_THREADS=1; the server keeps its own default)
 ONE_THREAD = " 1t"  # a name ending so runs its trainer with OMP_NUM_THREADS=1
+ACTIVE = " active"  # a name ending so runs trainer and server with OMP_WAIT_POLICY=ACTIVE
+ENV_OF_ENDING = {ONE_THREAD: {"OMP_NUM_THREADS": "1"}, ACTIVE: {"OMP_WAIT_POLICY": "ACTIVE"}}
 WHOLE = ["pipeline.max_staleness=1", "train.zero_stage=0", "train.teacher_zero_stage=0"]
 for _name, _overrides in {"opd 1 rank k=1": OPD, "scope n=4 1 rank k=1": ["algo.name=scope", "rollout.n=4"]}.items():
     CONFIGS[f"{_name} zero0 t0"] = (1, [*_overrides, *WHOLE])
     CONFIGS[f"{_name} zero0 t0{ONE_THREAD}"] = (1, [*_overrides, *WHOLE])
+for _name in ("opd 1 rank k=1 zero0 t0", "scope n=4 1 rank k=1"):
+    CONFIGS[f"{_name}{ACTIVE}"] = CONFIGS[_name]
 CONFIGS["scope n=4 1 rank k=1 overlap"] = (1, [*SCOPE_K1, "pipeline.overlap_teacher=true"])
 CONFIGS["scope n=4 1 rank k=1 zero0 t0 overlap"] = (1, [*SCOPE_K1, *WHOLE, "pipeline.overlap_teacher=true"])
 ZERO_SWEEP = ";".join(["opd 2 ranks", *(n for n in CONFIGS if n.startswith("opd 2 ranks "))])
@@ -202,7 +208,7 @@ def run_ours(name: str, student: str, teacher: str, args) -> list[float]:
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), script, *overrides]
     else:
         cmd = [sys.executable, script, *overrides]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"} if name.endswith(ONE_THREAD) else None
+    env = {**os.environ, **next((e for end, e in ENV_OF_ENDING.items() if name.endswith(end)), {})}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         sys.exit(f"scope_ds {name} failed:\n{proc.stderr[-3000:]}")

@@ -56,11 +56,11 @@ def build_run(cfg: Config) -> Run:
             cfg, algo, world, student_path, teacher_path, teacher_group(cfg, group)
         )
         rollout = None
-        if starting:
+        if starting is not None:
             save_config(cfg, os.path.join(cfg.logging.run_dir, "config.yaml"))
             rollout = connect_rollout(cfg, algo, student_path, starting)
     except BaseException:
-        if starting:
+        if starting is not None:
             starting.stop()
         raise
     return Run(
@@ -198,7 +198,7 @@ class StartingServers:
 
     def stop(self) -> None:
         for servers in (self.servers, self.eval_servers):
-            if servers:
+            if servers is not None:
                 servers.stop()
 
 
