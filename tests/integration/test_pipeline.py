@@ -111,14 +111,17 @@ def test_staleness_never_exceeds_k(model_pair, tmp_path, k, ranks, overlap):
 
 
 @pytest.mark.parametrize("between", [True, False])
-def test_the_sync_waits_for_the_samples_under_way(model_pair, tmp_path, between):
+def test_the_sync_waits_for_the_samples_under_way(model_pair, tmp_path, embedded_servers, between):
     """pipeline.sync_between_batches (k = 1): generating the next batch outlasts the update, and
     the weight sync waits for it, so no sample is cut in two; without the switch the sync cuts
-    them and they continue on the new weights (two segments)."""
+    them and they continue on the new weights (two segments). The server decodes one sequence at
+    a time, so that generating a batch outlasts its update however fast the machine runs them."""
     student, teacher = model_pair
+    (server,) = embedded_servers(student, random_seed=0, extra_args=["--max-running-requests", "1"])
     out = tmp_path / "run"
     args = [
         *small_run_overrides(student, teacher, out),
+        f"rollout.servers=[{server.url}]",
         "train.steps=4",
         "rollout.n=8",
         "rollout.max_new_tokens=40",
