@@ -13,8 +13,8 @@ temperature 1, full-vocabulary reverse KL from the teacher (``algo.name=opd algo
 ``beta=1``), learning rate 5e-5. Reported: trained completion tokens per second, the median over
 the steps after --warmup, and its ratio to TRL's on the same shape. TRL runs in one process; each
 scope_ds row is a ``train.py`` run (its ranks and the embedded rollout server on this machine).
-Row names: ``k=1`` is ``pipeline.max_staleness=1``, ``zero0`` ``train.zero_stage=0``, ``t0``
-``train.teacher_zero_stage=0``, ``overlap`` ``pipeline.overlap_teacher=true`` (the teacher scores
+Row names: ``k=1`` is ``pipeline.max_staleness=1`` (``k=0``, ``k=2`` likewise), ``zero0``
+``train.zero_stage=0``, ``t0`` ``train.teacher_zero_stage=0``, ``overlap`` ``pipeline.overlap_teacher=true`` (the teacher scores
 the next batch beside the update), a trailing ``1t`` the trainer at ``OMP_NUM_THREADS=1``, a
 trailing ``active`` the trainer and server at ``OMP_WAIT_POLICY=ACTIVE`` (spinning idle threads;
 scope_ds's default is PASSIVE).
@@ -61,6 +61,8 @@ WHOLE = ["pipeline.max_staleness=1", "train.zero_stage=0", "train.teacher_zero_s
 for _name, _overrides in {"opd 1 rank k=1": OPD, "scope n=4 1 rank k=1": ["algo.name=scope", "rollout.n=4"]}.items():
     CONFIGS[f"{_name} zero0 t0"] = (1, [*_overrides, *WHOLE])
     CONFIGS[f"{_name} zero0 t0{ONE_THREAD}"] = (1, [*_overrides, *WHOLE])
+for _k in (0, 2):  # the same whole-weights OPD row, synchronous and with two batches under way
+    CONFIGS[f"opd 1 rank k={_k} zero0 t0"] = (1, [*OPD, f"pipeline.max_staleness={_k}", *WHOLE[1:]])
 for _name in ("opd 1 rank k=1 zero0 t0", "scope n=4 1 rank k=1"):
     CONFIGS[f"{_name}{ACTIVE}"] = CONFIGS[_name]
 CONFIGS["scope n=4 1 rank k=1 overlap"] = (1, [*SCOPE_K1, "pipeline.overlap_teacher=true"])
@@ -131,7 +133,7 @@ def trl_child(student: str, teacher: str, steps: int, out: str) -> None:
     tok = AutoTokenizer.from_pretrained(student)
     tok.padding_side = "left"
     data = Dataset.from_list([{"prompt": r.prompt} for r in toy_records("train", PROMPTS * steps, 0)])
-    seconds, tokens = [], []
+    seconds, tokens, generating = [], [], []
 
     class Clock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
@@ -162,26 +164,32 @@ def trl_child(student: str, teacher: str, steps: int, out: str) -> None:
     generate = trainer._generate_and_score_completions
 
     def counted(inputs):
+        t0 = time.perf_counter()
         batch = generate(inputs)
+        generating.append(time.perf_counter() - t0)
         tokens.append(int(batch["completion_mask"].sum()))
         return batch
 
     trainer._generate_and_score_completions = counted
     trainer.train()
-    Path(out).write_text(json.dumps({"seconds": seconds, "tokens": tokens}))
+    Path(out).write_text(json.dumps({"seconds": seconds, "tokens": tokens, "generating": generating}))
 
 
 def run_trl(student: str, teacher: str, args) -> list[float]:
+    """TRL's tokens/s per step after the warm-up; prints its seconds a step and those in generation."""
     out = Path(tempfile.mkdtemp(prefix="bench_peer_")) / "trl.json"
     cmd = [sys.executable, __file__, "--trl-child", student, teacher, str(args.steps), str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"TRL failed (is trl installed? pip install trl):\n{proc.stderr[-3000:]}")
     got = json.loads(out.read_text())
+    step, gen = (statistics.median(got[k][args.warmup :]) for k in ("seconds", "generating"))
+    print(f"(TRL: {step:.3f} s a step, {gen:.3f} s of it in generation and scoring; medians)", file=sys.stderr)
     return [t / s for t, s in zip(got["tokens"], got["seconds"], strict=True)][args.warmup :]
 
 
 def run_ours(name: str, student: str, teacher: str, args) -> list[float]:
+    """The row's tokens/s per step after the warm-up; prints its stages' seconds a step."""
     ranks, overrides, *patch = CONFIGS[name]
     out_dir = tempfile.mkdtemp(prefix="bench_peer_")
     if patch:  # the student's DeepSpeed JSON with some zero_optimization keys changed
@@ -213,7 +221,11 @@ def run_ours(name: str, student: str, teacher: str, args) -> list[float]:
     if proc.returncode != 0:
         sys.exit(f"scope_ds {name} failed:\n{proc.stderr[-3000:]}")
     rows = [json.loads(line) for line in Path(out_dir, "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return [r["response/tokens"] / r["time/step"] for r in rows if "time/step" in r][args.warmup :]
+    rows = [r for r in rows if "time/step" in r][args.warmup :]
+    stages = ("generate", "update", "wait_generated", "sync", "step")
+    medians = {k: statistics.median(r[f"time/{k}"] for r in rows) for k in stages if f"time/{k}" in rows[0]}
+    print(f"({name}: " + ", ".join(f"{k} {v:.3f}" for k, v in medians.items()) + " s; medians)", file=sys.stderr)
+    return [r["response/tokens"] / r["time/step"] for r in rows]
 
 
 def main() -> int:
