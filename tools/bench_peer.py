@@ -3,7 +3,7 @@
 
     pip install -e ".[bench]"   # trl, an extra of this benchmark only, not of the package
     python tools/bench_peer.py [--shapes toy,llama] [--steps 12] [--warmup 3] [--out docs/bench_peer.md]
-        [--configs "opd 2 ranks;opd 1 rank k=1;scope n=4 1 rank k=1" | --configs zero]
+        [--configs "opd 2 ranks;opd 1 rank k=1;scope n=4 1 rank k=1" | --configs zero] [--rounds 1]
 
 Two shapes: the toy pair (0.18M / 0.86M parameters, built by tools/make_toy_models.py) and random
 Llama-architecture models of 10.7M / 27.3M parameters with the toy tokenizer (built here once,
@@ -11,7 +11,10 @@ into ~/.cache/scope_ds/bench_peer/). The work is the same for both systems: 16 t
 step, one completion each (four for the SCOPE rows), completions capped at 64 tokens, sampled at
 temperature 1, full-vocabulary reverse KL from the teacher (``algo.name=opd algo.kl=full``; TRL's
 ``beta=1``), learning rate 5e-5. Reported: trained completion tokens per second, the median over
-the steps after --warmup, and its ratio to TRL's on the same shape. TRL runs in one process; each
+the steps after --warmup, and its ratio to TRL's on the same shape. With ``--rounds R`` TRL and the
+rows run R times, interleaved (TRL, the rows, TRL, the rows, ...): each row's ratio is taken to the
+TRL run of its own round, and the table gives the medians over rounds with the ratios' range, so
+that a slow minute of a noisy machine moves one round, not the verdict. TRL runs in one process; each
 scope_ds row is a ``train.py`` run (its ranks and the embedded rollout server on this machine).
 Row names: ``k=1`` is ``pipeline.max_staleness=1`` (``k=0``, ``k=2`` likewise), ``zero0``
 ``train.zero_stage=0``, ``t0`` ``train.teacher_zero_stage=0``, ``overlap`` ``pipeline.overlap_teacher=true`` (the teacher scores
@@ -234,6 +237,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--configs", default=DEFAULT_CONFIGS, help='";"-separated names, or "zero": the ZeRO-3 knob sweep')
+    p.add_argument("--rounds", type=int, default=1, help="TRL and the rows this many times, interleaved")
     p.add_argument("--out", default=None, help="also write the table to this Markdown file")
     p.add_argument("--trl-child", nargs=4, metavar=("STUDENT", "TEACHER", "STEPS", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -246,23 +250,35 @@ def main() -> int:
     for name in names:
         if name not in CONFIGS:
             raise SystemExit(f"unknown configuration {name!r}; known: {sorted(CONFIGS)}")
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds must be at least 1, got {args.rounds}")
     lines = [
-        "| shape | system | trained tokens / s (median) | / TRL |",
-        "| --- | --- | ---: | ---: |",
+        "| shape | system | trained tokens / s (median) | / TRL | / TRL, range over rounds |",
+        "| --- | --- | ---: | ---: | --- |",
     ]
     print(lines[0] + "\n" + lines[1], flush=True)
 
-    def row(shape: str, system: str, value: float, trl: float) -> None:
-        lines.append(f"| {shape} | {system} | {value:.1f} | {value / trl:.2f} |")
+    def row(shape: str, system: str, values: list[float], trls: list[float]) -> None:
+        ratios = [v / t for v, t in zip(values, trls, strict=True)]
+        spread = f"{min(ratios):.2f}-{max(ratios):.2f}" if len(ratios) > 1 else ""
+        value, ratio = statistics.median(values), statistics.median(ratios)
+        lines.append(f"| {shape} | {system} | {value:.1f} | {ratio:.2f} | {spread} |")
         print(lines[-1], flush=True)
 
     for shape in args.shapes.split(","):
         student, teacher = _pair(shape)
         t0 = time.time()
-        trl = statistics.median(run_trl(student, teacher, args))
-        row(shape, "TRL DistillationTrainer, 1 process", trl, trl)
+        trls: list[float] = []
+        ours: dict[str, list[float]] = {name: [] for name in names}
+        for turn in range(args.rounds):
+            if args.rounds > 1:
+                print(f"({shape}: round {turn + 1} of {args.rounds})", file=sys.stderr, flush=True)
+            trls.append(statistics.median(run_trl(student, teacher, args)))
+            for name in names:
+                ours[name].append(statistics.median(run_ours(name, student, teacher, args)))
+        row(shape, "TRL DistillationTrainer, 1 process", trls, trls)
         for name in names:
-            row(shape, f"scope_ds {name}", statistics.median(run_ours(name, student, teacher, args)), trl)
+            row(shape, f"scope_ds {name}", ours[name], trls)
         print(f"({shape}: {time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
     if args.out:
         Path(args.out).write_text("\n".join(lines) + "\n")
