@@ -109,6 +109,17 @@ def test_concurrent_requests_are_batched_and_stay_exact(server, model):
     assert info["internal_states"][0]["joins_into_running_batch"] > 0
 
 
+def test_a_batch_request_starts_at_once_a_single_prompt_waits_for_company(embedded_servers, tiny_llama_module_dir):
+    """The idle engine's --batch-wait-ms is for single prompts that may have company on the way; a
+    request that brings a batch (the trainer's) has batched itself and is not held back."""
+    url = embedded_servers(tiny_llama_module_dir, extra_args=["--batch-wait-ms", "1500"])[0].url
+    params = {"max_new_tokens": 2, "temperature": 0.0}
+    batch = post(url, {"input_ids": PROMPTS, "sampling_params": params}).json()
+    single = post(url, {"input_ids": PROMPTS[0], "sampling_params": params}).json()
+    assert max(a["meta_info"]["e2e_latency"] for a in batch) < 1.0
+    assert single["meta_info"]["e2e_latency"] >= 1.5
+
+
 BAD_REQUESTS = {
     "empty input_ids": {"input_ids": [], "sampling_params": {}},
     "empty prompt in batch": {"input_ids": [[1, 2], []]},

@@ -75,12 +75,28 @@ def test_requests_spread_over_both_servers(client):
     assert {g[0].server for g in groups} == set(client.urls)
 
 
-def test_disk_sync_reaches_both_servers(client, tmp_path, tiny_llama_builder):
+def test_disk_sync_reaches_both_servers(client, tmp_path, tiny_llama_builder, monkeypatch):
     before = max(client.weight_versions().values())
     model = random_model(tiny_llama_builder, tmp_path, seed=1)
     sync = DiskWeightSync(client, tmp_path / "shared", config_dir=tmp_path / "seed1", keep=1)
     version = before + 1  # the caller names the version; the sync checks the servers report it
+    paths, request = [], client.client.request
+
+    async def recorded(method, path, *args, **kwargs):  # the real call, its path noted
+        paths.append(path)
+        return await request(method, path, *args, **kwargs)
+
+    monkeypatch.setattr(client.client, "request", recorded)
     sync.update(model.state_dict().items(), version)
+    # SGLang needs no begin/end_weight_update session around an update from disk: two round trips fewer
+    assert sorted(set(paths)) == [
+        "/continue_generation",
+        "/model_info",
+        "/pause_generation",
+        "/update_weights_from_disk",
+    ]
+    assert len(paths) == 4 * len(client.urls)
+    monkeypatch.undo()
     assert_servers_serve(client, model, version)
     folder = tmp_path / "shared" / f"weights_v{version}"
     assert (folder / "config.json").exists() and (folder / "model.safetensors").exists()

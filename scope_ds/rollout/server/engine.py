@@ -159,6 +159,7 @@ class Engine:
         self._pause_mode = "abort"
         self._updating = False
         self._closed = False
+        self._last_submit = 0  # items the newest request brought (one: more may be on their way)
         self._peak_running = 0  # most rows decoded together so far (shows batching at work)
         self._joins = 0  # admissions into a running batch (continuous batching at work)
         self._sampled = 0  # tokens sampled so far, all requests together
@@ -178,6 +179,7 @@ class Engine:
         seqs = [_Seq(item, loop, self.context_len) for item in items]
         with self._cv:
             self._waiting.extend(seqs)
+            self._last_submit = len(seqs)
             self._cv.notify_all()
         return seqs
 
@@ -301,8 +303,10 @@ class Engine:
                     self._cv.wait()
                     continue
                 room = self.max_running - (len(batch.seqs) if batch else 0)
-                if batch is None and len(self._waiting) < room:
-                    # Idle engine: give concurrent requests a few ms to arrive and share one prefill.
+                if batch is None and len(self._waiting) < room and self._last_submit == 1:
+                    # Idle engine, one prompt in: give concurrent requests a few ms to arrive and
+                    # share one prefill. A request that brings a batch (the trainer's) has batched
+                    # its prompts itself, and waiting would only delay them.
                     deadline = time.monotonic() + self.batch_wait_s
                     while len(self._waiting) < room and (left := deadline - time.monotonic()) > 0:
                         self._cv.wait(left)

@@ -21,26 +21,31 @@ class WeightSyncError(RuntimeError):
 
 
 @contextmanager
-def update_session(client: SyncRolloutClient, pause_mode: str = "abort") -> Iterator[None]:
-    """Pause generation and open SGLang's weight-update session around the body.
+def update_session(client: SyncRolloutClient, pause_mode: str = "abort", session: bool = True) -> Iterator[None]:
+    """Pause generation and, with ``session``, open SGLang's weight-update session around the body.
 
     "abort" ends the running requests at once (the client resubmits them, and they wait for the
     resume), so that no rollout mixes two policy versions. begin/end_weight_update exist only in
-    SGLang >= 0.5.21: a 404 from an older server is skipped. If the body fails, the servers stay
-    paused: resuming on half-updated weights would produce rollouts of no policy at all.
+    SGLang >= 0.5.21, which requires them around the tensor and distributed updates (a 404 from an
+    older server is skipped); an update from disk needs no session, so it saves the two round
+    trips (``session=False``). If the body fails, the servers stay paused: resuming on
+    half-updated weights would produce rollouts of no policy at all.
     """
     client.pause(pause_mode)
-    client.run(client.client.post_all("/begin_weight_update", {}, ok_404=True))
+    if session:
+        client.run(client.client.post_all("/begin_weight_update", {}, ok_404=True))
     try:
         yield
     except BaseException:
         try:
-            client.run(client.client.post_all("/end_weight_update", {}, ok_404=True))
+            if session:
+                client.run(client.client.post_all("/end_weight_update", {}, ok_404=True))
         except Exception:  # a dead server must not hide the error that broke the update
             log.exception("end_weight_update after a failed update")
         log.error("weight update failed; rollout servers left paused until the next successful update")
         raise
-    client.run(client.client.post_all("/end_weight_update", {}, ok_404=True))
+    if session:
+        client.run(client.client.post_all("/end_weight_update", {}, ok_404=True))
     client.resume()
 
 

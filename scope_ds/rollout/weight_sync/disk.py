@@ -51,7 +51,7 @@ class DiskWeightSync:
             "abort_all_requests": False,
             "weight_version": str(version),
         }
-        with update_session(self.client, self.pause_mode):
+        with update_session(self.client, self.pause_mode, session=False):  # SGLang: none needed from disk
             results = self.client.run(self.client.client.post_all("/update_weights_from_disk", payload))
             check_results(self.client.urls, results, "update_weights_from_disk")
             check_versions(self.client, version)
