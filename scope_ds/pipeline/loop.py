@@ -12,8 +12,10 @@ policy versions ahead of the update (see feed.py and versions.py).
 
 from __future__ import annotations
 
+import functools
 import os
 import time
+from collections.abc import Callable
 
 from scope_ds import checkpoint
 from scope_ds.pipeline import stages
@@ -49,10 +51,12 @@ def train(run: Run) -> dict[str, float]:
             staleness = staleness_metrics(run, batch)
             metrics = timed(batch.times, "update", stages.update, run, batch)
             done = step + 1
+            staged = None
             if producer and cfg.pipeline.sync_between_batches and cfg.pipeline.max_staleness:
-                # the next batch, if its samples are under way, finishes on the weights it began with
-                batch.times["wait_generated"] = producer.wait_generated(done)
-            sync(run, batch, metrics, done)
+                # once the weights are written: the next batch, if its samples are under way,
+                # finishes on the weights it began with; then the servers pause for the new ones
+                staged = functools.partial(wait_generated, producer, batch, done)
+            sync(run, batch, metrics, done, staged)
             if producer:
                 producer.advanced()
             metrics.update(staleness)
@@ -107,14 +111,25 @@ def restore(run: Run) -> tuple[int, list[Batch], Batch | None]:
     return state.step, state.pending, state.in_flight
 
 
-def sync(run: Run, batch: Batch, metrics: dict[str, float], done: int) -> None:
-    """The weight sync after the update of step ``done``. If it fails, the step is logged all the
-    same: its update is applied, and the checkpoint saved on the way out holds it."""
+def wait_generated(producer: RolloutProducer, batch: Batch, step: int) -> None:
+    """Wait while the batch of ``step`` is being generated; the seconds go to ``time/wait_generated``."""
+    batch.times["wait_generated"] = producer.wait_generated(step)
+
+
+def sync(
+    run: Run, batch: Batch, metrics: dict[str, float], done: int, staged: Callable[[], None] | None = None
+) -> None:
+    """The weight sync after the update of step ``done``; ``staged`` runs inside it, once the
+    weights are ready to go (see stages.sync), and its wait for the batch under way is logged as
+    ``time/wait_generated``, not as sync time. If the sync fails, the step is logged all the same:
+    its update is applied, and the checkpoint saved on the way out holds it."""
     try:
-        timed(batch.times, "sync", stages.sync, run)
+        timed(batch.times, "sync", stages.sync, run, staged)
     except PipelineError:
         record(run, done, batch, metrics)
         raise
+    finally:
+        batch.times["sync"] -= batch.times.get("wait_generated", 0.0)
 
 
 def record(run: Run, step: int, batch: Batch, metrics: dict[str, float]) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -368,20 +368,24 @@ def _padding(inputs: Inputs) -> tuple[float, float]:
     return positions - float(inputs.attention_mask_BL.sum()) + dummies, positions
 
 
-def sync(run: Run) -> None:
+def sync(run: Run, staged: Callable[[], None] | None = None) -> None:
     """Push the student's weights, labelled with its policy version, to the rollout servers
     (every rank takes part in the gather); afterwards every server holds that version. KD's
     rollout servers serve the fixed teacher: they count as synced at once, and the weights go
-    only to its evaluation server, if it has one (see Run.pushes_weights)."""
+    only to its evaluation server, if it has one (see Run.pushes_weights). ``staged()`` (rank 0)
+    runs once the weights are ready to go, before the servers are paused: the disk sync has
+    written its folder by then."""
     if run.pushes_weights:
         params = run.student.full_parameters(run.rank)
-        on_rank0(_push, run, params)
+        on_rank0(_push, run, params, staged)
+    elif staged is not None and run.rank == 0:
+        staged()
     run.versions.synced()
 
 
-def _push(run: Run, params: Iterator[tuple[str, torch.Tensor]]) -> None:  # rank 0
+def _push(run: Run, params: Iterator[tuple[str, torch.Tensor]], staged: Callable[[], None] | None) -> None:  # rank 0
     try:
-        run.rollout.weight_sync.update(params, run.versions.student)
+        run.rollout.weight_sync.update(params, run.versions.student, staged)
     finally:
         for _ in params:  # rank 0 must finish the gather, also after an error here
             pass

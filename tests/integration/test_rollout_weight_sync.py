@@ -103,7 +103,14 @@ def test_disk_sync_reaches_both_servers(client, tmp_path, tiny_llama_builder, mo
     assert [p.name for p in (tmp_path / "shared").iterdir()] == [folder.name]  # no temp folder left
 
     model2 = random_model(tiny_llama_builder, tmp_path, seed=2)
-    sync.update(model2.named_parameters(), version + 1)
+    seen = []
+
+    def staged() -> None:  # the trainer waits here for the batch under way: the folder is written, no pause yet
+        states = [httpx.get(f"{u}/server_info", trust_env=False).json()["internal_states"][0] for u in client.urls]
+        seen.append(((tmp_path / "shared" / f"weights_v{version + 1}").is_dir(), [s["paused"] for s in states]))
+
+    sync.update(model2.named_parameters(), version + 1, staged)
+    assert seen == [(True, [False, False])]
     assert_servers_serve(client, model2, version + 1)
     assert [p.name for p in (tmp_path / "shared").iterdir()] == [f"weights_v{version + 1}"]  # keep=1
 

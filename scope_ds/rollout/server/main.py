@@ -36,7 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--context-length", type=int, default=None, help="default: max_position_embeddings")
     p.add_argument("--max-running-requests", type=int, default=64, help="sequences decoded together at most")
-    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="idle wait for concurrent requests after a single-prompt one")
+    p.add_argument(
+        "--batch-wait-ms", type=float, default=5.0, help="idle wait for concurrent requests after a single-prompt one"
+    )
     p.add_argument("--num-threads", type=int, default=None, help="torch intra-op threads (default: half the CPUs, 1-8)")
     p.add_argument(
         "--sglang-compat",

@@ -8,7 +8,7 @@ half-written one.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -39,11 +39,19 @@ class DiskWeightSync:
         self.pause_mode = pause_mode
         self.shard_bytes = shard_bytes
 
-    def update(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+    def update(
+        self,
+        named_tensors: Iterable[tuple[str, torch.Tensor]],
+        version: int,
+        staged: Callable[[], None] | None = None,
+    ) -> None:
         """Write the weights as ``weights_v{version}``, load them on every server labelled ``version``,
-        and check that every server reports exactly ``version`` (else WeightSyncError)."""
+        and check that every server reports exactly ``version`` (else WeightSyncError).
+        ``staged()``, if given, runs once the folder is written, before the servers are paused."""
         # Written before the pause: generation goes on while the trainer serialises.
         folder = write_hf_folder(named_tensors, self.root / f"weights_v{version}", self.config_dir, self.shard_bytes)
+        if staged is not None:
+            staged()
         payload = {
             "model_path": str(folder.resolve()),
             "load_format": None,

@@ -13,7 +13,7 @@ import ipaddress
 import socket
 import threading
 import urllib.parse
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -162,9 +162,17 @@ class DistributedWeightSync:
             raise WeightSyncError(f"trainer could not join the weight-update group: {joined.get('error', 'timeout')}")
         self.group = joined["group"]
 
-    def update(self, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int) -> None:
+    def update(
+        self,
+        named_tensors: Iterable[tuple[str, torch.Tensor]],
+        version: int,
+        staged: Callable[[], None] | None = None,
+    ) -> None:
         """Broadcast every tensor to every server, announcing ``version`` with the last bucket, and
-        check that every server reports exactly ``version`` (else WeightSyncError)."""
+        check that every server reports exactly ``version`` (else WeightSyncError). ``staged()``,
+        if given, runs first: the tensors go straight into the broadcast, nothing is staged."""
+        if staged is not None:
+            staged()
         if self.group is None:
             self.connect()
         device = torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
