@@ -70,6 +70,8 @@ for _name in ("opd 1 rank k=1 zero0 t0", "scope n=4 1 rank k=1"):
     CONFIGS[f"{_name}{ACTIVE}"] = CONFIGS[_name]
 CONFIGS["scope n=4 1 rank k=1 overlap"] = (1, [*SCOPE_K1, "pipeline.overlap_teacher=true"])
 CONFIGS["scope n=4 1 rank k=1 zero0 t0 overlap"] = (1, [*SCOPE_K1, *WHOLE, "pipeline.overlap_teacher=true"])
+for _name in ("scope n=4 1 rank k=1 overlap", "scope n=4 1 rank k=1 zero0 t0 overlap"):
+    CONFIGS[f"{_name}{ONE_THREAD}"] = CONFIGS[_name]  # the teacher's thread and the update's: one core each
 ZERO_SWEEP = ";".join(["opd 2 ranks", *(n for n in CONFIGS if n.startswith("opd 2 ranks "))])
 DEFAULT_CONFIGS = ";".join(
     ["opd 2 ranks", "opd 1 rank k=1", "opd 1 rank k=1 zero0 t0", "opd 1 rank k=1 zero0 t0 1t"]
