@@ -55,23 +55,17 @@ CONFIGS = {
     "opd 2 ranks buckets 5e6": (2, OPD, {"reduce_bucket_size": 5e6, "stage3_prefetch_bucket_size": 5e6}),
     "opd 2 ranks zero0": (2, [*OPD, "train.zero_stage=0"]),
 }
-# whole student and teacher on the rank (no ZeRO-3 gathers), with the default threads and with one
-# intra-op thread for the trainer (" 1t": OMP_NUM_THREADS=1; the server keeps its own default)
-ONE_THREAD = " 1t"  # a name ending so runs its trainer with OMP_NUM_THREADS=1
-ACTIVE = " active"  # a name ending so runs trainer and server with OMP_WAIT_POLICY=ACTIVE
-ENV_OF_ENDING = {ONE_THREAD: {"OMP_NUM_THREADS": "1"}, ACTIVE: {"OMP_WAIT_POLICY": "ACTIVE"}}
+# any row's name with one of these endings: that row, run in that environment (" 1t": the trainer at
+# one intra-op thread, the server keeping its own default; " active": spinning idle OpenMP threads)
+ENV_OF_ENDING = {" 1t": {"OMP_NUM_THREADS": "1"}, " active": {"OMP_WAIT_POLICY": "ACTIVE"}}
+# whole student and teacher on the rank (no ZeRO-3 gathers)
 WHOLE = ["pipeline.max_staleness=1", "train.zero_stage=0", "train.teacher_zero_stage=0"]
 for _name, _overrides in {"opd 1 rank k=1": OPD, "scope n=4 1 rank k=1": ["algo.name=scope", "rollout.n=4"]}.items():
     CONFIGS[f"{_name} zero0 t0"] = (1, [*_overrides, *WHOLE])
-    CONFIGS[f"{_name} zero0 t0{ONE_THREAD}"] = (1, [*_overrides, *WHOLE])
 for _k in (0, 2):  # the same whole-weights OPD row, synchronous and with two batches under way
     CONFIGS[f"opd 1 rank k={_k} zero0 t0"] = (1, [*OPD, f"pipeline.max_staleness={_k}", *WHOLE[1:]])
-for _name in ("opd 1 rank k=1 zero0 t0", "scope n=4 1 rank k=1"):
-    CONFIGS[f"{_name}{ACTIVE}"] = CONFIGS[_name]
 CONFIGS["scope n=4 1 rank k=1 overlap"] = (1, [*SCOPE_K1, "pipeline.overlap_teacher=true"])
 CONFIGS["scope n=4 1 rank k=1 zero0 t0 overlap"] = (1, [*SCOPE_K1, *WHOLE, "pipeline.overlap_teacher=true"])
-for _name in ("scope n=4 1 rank k=1 overlap", "scope n=4 1 rank k=1 zero0 t0 overlap"):
-    CONFIGS[f"{_name}{ONE_THREAD}"] = CONFIGS[_name]  # the teacher's thread and the update's: one core each
 ZERO_SWEEP = ";".join(["opd 2 ranks", *(n for n in CONFIGS if n.startswith("opd 2 ranks "))])
 DEFAULT_CONFIGS = ";".join(
     ["opd 2 ranks", "opd 1 rank k=1", "opd 1 rank k=1 zero0 t0", "opd 1 rank k=1 zero0 t0 1t"]
@@ -193,9 +187,21 @@ def run_trl(student: str, teacher: str, args) -> list[float]:
     return [t / s for t, s in zip(got["tokens"], got["seconds"], strict=True)][args.warmup :]
 
 
+def config_of(name: str) -> tuple[tuple, dict[str, str]]:
+    """A row's CONFIGS entry and the environment it adds (a name ending as in ENV_OF_ENDING: the
+    row without the ending, in that environment)."""
+    for end, env in ENV_OF_ENDING.items():
+        if name.endswith(end) and name[: -len(end)] in CONFIGS:
+            return CONFIGS[name[: -len(end)]], env
+    if name not in CONFIGS:
+        endings = ", ".join(repr(e) for e in ENV_OF_ENDING)
+        raise SystemExit(f"unknown configuration {name!r}; known: {sorted(CONFIGS)}, each also with one of {endings}")
+    return CONFIGS[name], {}
+
+
 def run_ours(name: str, student: str, teacher: str, args) -> list[float]:
     """The row's tokens/s per step after the warm-up; prints its stages' seconds a step."""
-    ranks, overrides, *patch = CONFIGS[name]
+    (ranks, overrides, *patch), extra_env = config_of(name)
     out_dir = tempfile.mkdtemp(prefix="bench_peer_")
     if patch:  # the student's DeepSpeed JSON with some zero_optimization keys changed
         ds = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())
@@ -221,8 +227,7 @@ def run_ours(name: str, student: str, teacher: str, args) -> list[float]:
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), script, *overrides]
     else:
         cmd = [sys.executable, script, *overrides]
-    env = {**os.environ, **next((e for end, e in ENV_OF_ENDING.items() if name.endswith(end)), {})}
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **extra_env})
     if proc.returncode != 0:
         sys.exit(f"scope_ds {name} failed:\n{proc.stderr[-3000:]}")
     rows = [json.loads(line) for line in Path(out_dir, "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -250,8 +255,7 @@ def main() -> int:
     configs = ZERO_SWEEP if args.configs == "zero" else args.configs
     names = [c.strip() for c in configs.split(";") if c.strip()]
     for name in names:
-        if name not in CONFIGS:
-            raise SystemExit(f"unknown configuration {name!r}; known: {sorted(CONFIGS)}")
+        config_of(name)  # an unknown name stops the call before anything runs
     if args.rounds < 1:
         raise SystemExit(f"--rounds must be at least 1, got {args.rounds}")
     lines = [
