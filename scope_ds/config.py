@@ -128,6 +128,9 @@ class TrainConfig:
     max_tokens_per_micro_batch: int = 8192
     score_max_tokens_per_micro_batch: int = 16384  # the teacher's (inference-only) forwards: no backward
     packing: bool = True  # false: today's padded micro-batches of micro_batch_size rollouts, full logits
+    # packing: a prompt's rollouts in one micro-batch hold the prompt once, each response attending
+    # to it (engines/attention.py); only with our packed SDPA attention, off by itself elsewhere
+    share_prompts: bool = True
     micro_batch_size: int = 4  # packing=false only: rollouts per forward/backward on one rank
     score_batch_size: int = 16  # packing=false only: rollouts per teacher forward on one rank
     lr: float = 5e-5  # AdamW learning rate, constant after warmup (paper: 5e-5)

@@ -20,7 +20,8 @@ Row names: ``k=1`` is ``pipeline.max_staleness=1`` (``k=0``, ``k=2`` likewise), 
 ``train.zero_stage=0``, ``t0`` ``train.teacher_zero_stage=0``, ``overlap`` ``pipeline.overlap_teacher=true`` (the teacher scores
 the next batch beside the update), a trailing ``1t`` the trainer at ``OMP_NUM_THREADS=1``, a
 trailing ``active`` the trainer and server at ``OMP_WAIT_POLICY=ACTIVE`` (spinning idle threads;
-scope_ds's default is PASSIVE).
+scope_ds's default is PASSIVE), a trailing ``unshared`` ``train.share_prompts=false`` (each rollout
+packed with its own copy of its prompt). Endings combine: ``... overlap unshared 1t``.
 """
 
 from __future__ import annotations
@@ -55,9 +56,15 @@ CONFIGS = {
     "opd 2 ranks buckets 5e6": (2, OPD, {"reduce_bucket_size": 5e6, "stage3_prefetch_bucket_size": 5e6}),
     "opd 2 ranks zero0": (2, [*OPD, "train.zero_stage=0"]),
 }
-# any row's name with one of these endings: that row, run in that environment (" 1t": the trainer at
-# one intra-op thread, the server keeping its own default; " active": spinning idle OpenMP threads)
-ENV_OF_ENDING = {" 1t": {"OMP_NUM_THREADS": "1"}, " active": {"OMP_WAIT_POLICY": "ACTIVE"}}
+# any row's name with one of these endings: that row, run in that environment and with those
+# overrides (" 1t": the trainer at one intra-op thread, the server keeping its own default;
+# " active": spinning idle OpenMP threads; " unshared": each rollout packed with its own copy of
+# its prompt, as before train.share_prompts)
+ENDINGS = {
+    " 1t": ({"OMP_NUM_THREADS": "1"}, []),
+    " active": ({"OMP_WAIT_POLICY": "ACTIVE"}, []),
+    " unshared": ({}, ["train.share_prompts=false"]),
+}
 # whole student and teacher on the rank (no ZeRO-3 gathers)
 WHOLE = ["pipeline.max_staleness=1", "train.zero_stage=0", "train.teacher_zero_stage=0"]
 for _name, _overrides in {"opd 1 rank k=1": OPD, "scope n=4 1 rank k=1": ["algo.name=scope", "rollout.n=4"]}.items():
@@ -188,15 +195,20 @@ def run_trl(student: str, teacher: str, args) -> list[float]:
 
 
 def config_of(name: str) -> tuple[tuple, dict[str, str]]:
-    """A row's CONFIGS entry and the environment it adds (a name ending as in ENV_OF_ENDING: the
-    row without the ending, in that environment)."""
-    for end, env in ENV_OF_ENDING.items():
-        if name.endswith(end) and name[: -len(end)] in CONFIGS:
-            return CONFIGS[name[: -len(end)]], env
-    if name not in CONFIGS:
-        endings = ", ".join(repr(e) for e in ENV_OF_ENDING)
-        raise SystemExit(f"unknown configuration {name!r}; known: {sorted(CONFIGS)}, each also with one of {endings}")
-    return CONFIGS[name], {}
+    """A row's CONFIGS entry and the environment it adds. A name with endings as in ENDINGS (any
+    of them, each once, in any order) is the row without them, in their environment and with
+    their overrides added."""
+    base, env, extra = name, {}, []
+    while base not in CONFIGS:
+        end = next((e for e in ENDINGS if base.endswith(e)), None)
+        if end is None:
+            endings = ", ".join(repr(e) for e in ENDINGS)
+            raise SystemExit(f"unknown configuration {name!r}; known: {sorted(CONFIGS)}, each also with {endings}")
+        base = base[: -len(end)]
+        env.update(ENDINGS[end][0])
+        extra += ENDINGS[end][1]
+    ranks, overrides, *patch = CONFIGS[base]
+    return (ranks, [*overrides, *extra], *patch), env
 
 
 def run_ours(name: str, student: str, teacher: str, args) -> list[float]:
@@ -232,8 +244,10 @@ def run_ours(name: str, student: str, teacher: str, args) -> list[float]:
         sys.exit(f"scope_ds {name} failed:\n{proc.stderr[-3000:]}")
     rows = [json.loads(line) for line in Path(out_dir, "metrics.jsonl").read_text().splitlines() if line.strip()]
     rows = [r for r in rows if "time/step" in r][args.warmup :]
-    stages = ("generate", "update", "wait_generated", "sync", "step")
+    stages = ("generate", "teacher", "update", "wait_generated", "sync", "step")
     medians = {k: statistics.median(r[f"time/{k}"] for r in rows) for k in stages if f"time/{k}" in rows[0]}
+    if "perf/shared_prompt_share" in rows[0]:  # not a time: the tokens a shared prompt spared
+        medians["shared"] = statistics.median(r["perf/shared_prompt_share"] for r in rows)
     print(f"({name}: " + ", ".join(f"{k} {v:.3f}" for k, v in medians.items()) + " s; medians)", file=sys.stderr)
     return [r["response/tokens"] / r["time/step"] for r in rows]
 

@@ -57,6 +57,7 @@ class PackedInputs:
     mask_BT: torch.Tensor  # real response tokens
     old_logp_BT: torch.Tensor  # behaviour log-probs from the rollout server (0 at padding)
     rows: list[int]  # index of each rollout in the caller's list (-1 for a dummy)
+    shared_prompts: bool = False  # some rollouts continue an earlier one's prompt (collate_packed)
 
     @property
     def size(self) -> int:
@@ -105,21 +106,39 @@ def _behaviour_BT(rollouts: Sequence[Rollout | None], rlens: list[int]) -> tuple
     return mask, old
 
 
-def collate_packed(rollouts: Sequence[Rollout | None], rows: Sequence[int], pad_id: int) -> PackedInputs:
+def collate_packed(
+    rollouts: Sequence[Rollout | None], rows: Sequence[int], pad_id: int, share_prompts: bool = False
+) -> PackedInputs:
     """Pack rollouts (None = a dummy) into one row; see PackedInputs. A micro-batch without any
     response token still scores one position (masked out), so that the LM head runs, as it must
-    on every rank under ZeRO-3."""
+    on every rank under ZeRO-3.
+
+    ``share_prompts``: a rollout with the same prompt as the one packed whole before it (the
+    rollouts of one prompt, adjacent) is packed as its response alone, its position ids going on
+    from the prompt's length; its first token is scored at the shared prompt's last position
+    (engines/attention.py attends it to the prompt's tokens)."""
     seqs, plens, rlens = _sequences(rollouts, pad_id)
-    ids = [t for s in seqs for t in s]
-    positions = [p for s in seqs for p in range(len(s))]
+    ids: list[int] = []
+    positions: list[int] = []
     score_pos, targets = [], []
     index = torch.zeros((len(seqs), max(max(rlens), 1)), dtype=torch.long)
-    offset = 0
+    root: tuple[int, tuple[int, ...]] | None = None  # (offset, prompt) of the latest rollout packed whole
+    shared = False
     for i, (s, plen, rlen) in enumerate(zip(seqs, plens, rlens, strict=True)):
+        prompt = tuple(rollouts[i].prompt_ids) if rollouts[i] is not None else None
         index[i, :rlen] = torch.arange(len(score_pos), len(score_pos) + rlen)
-        score_pos.extend(range(offset + plen - 1, offset + plen - 1 + rlen))
+        offset = len(ids)
+        if share_prompts and prompt is not None and root is not None and root[1] == prompt:
+            shared = True
+            ids.extend(s[plen:])
+            positions.extend(range(plen, plen + rlen))
+            score_pos.extend([root[0] + plen - 1, *range(offset, offset + rlen - 1)][:rlen])
+        else:
+            root = (offset, prompt) if prompt is not None else None
+            ids.extend(s)
+            positions.extend(range(len(s)))
+            score_pos.extend(range(offset + plen - 1, offset + plen - 1 + rlen))
         targets.extend(s[plen:])
-        offset += len(s)
     if not score_pos:
         score_pos, targets = [0], [pad_id]
     mask, old = _behaviour_BT(rollouts, rlens)
@@ -132,6 +151,7 @@ def collate_packed(rollouts: Sequence[Rollout | None], rows: Sequence[int], pad_
         mask_BT=mask,
         old_logp_BT=old,
         rows=list(rows),
+        shared_prompts=shared,
     )
 
 
@@ -214,17 +234,56 @@ def pack_by_tokens(indices: Sequence[int], lengths: Sequence[int], budget: int, 
     return [sorted(b) for b in bins]
 
 
+def share_units(
+    lengths: Sequence[int], prompts: Sequence[Sequence[int]], max_tokens: int
+) -> tuple[list[list[int]], list[int]]:
+    """The sequences (prompt + response ``lengths``, ``prompts`` their prompts' tokens) as units
+    that share their prompt in a packed row (collate_packed's ``share_prompts``): the sequences of
+    one prompt, in order, split where a unit would pass ``max_tokens``. Returns (units as lists of
+    indices, each unit's tokens: its prompt once, then every response)."""
+    by_prompt: dict[tuple[int, ...], list[int]] = {}
+    for i, p in enumerate(prompts):
+        by_prompt.setdefault(tuple(p), []).append(i)
+    units, sizes = [], []
+    for prompt, members in by_prompt.items():
+        unit, size = [], 0
+        for i in members:
+            extra = lengths[i] - len(prompt)  # the response, once the prompt is in the unit
+            if unit and size + extra > max_tokens:
+                units.append(unit)
+                sizes.append(size)
+                unit, size = [], 0
+            unit.append(i)
+            size += extra if len(unit) > 1 else lengths[i]
+        units.append(unit)
+        sizes.append(size)
+    return units, sizes
+
+
 def plan_micro_batches(
-    lengths: Sequence[int], rank: int, world: int, *, max_tokens: int = 0, size: int = 0, what: str = ""
+    lengths: Sequence[int],
+    rank: int,
+    world: int,
+    *,
+    max_tokens: int = 0,
+    size: int = 0,
+    what: str = "",
+    prompts: Sequence[Sequence[int]] | None = None,
 ) -> list[list[int]]:
     """This rank's micro-batches of a global batch of sequences of ``lengths``, as lists of indices,
     the same number on every rank (empty lists pad the shorter ranks: ZeRO-3 forwards are
     collectives). Packed (``max_tokens`` > 0): balanced over ranks by tokens and packed into
-    micro-batches of at most ``max_tokens`` (``what`` names the setting in errors). Padded: a
-    contiguous share per rank, ``size`` sequences per micro-batch."""
+    micro-batches of at most ``max_tokens`` (``what`` names the setting in errors); with
+    ``prompts`` (each sequence's prompt tokens) the sequences of one prompt are kept together and
+    counted with their prompt once (share_units), for collate_packed's ``share_prompts``. Padded:
+    a contiguous share per rank, ``size`` sequences per micro-batch."""
     if max_tokens:
-        packs = [pack_by_tokens(s, lengths, max_tokens, what) for s in balance_by_tokens(lengths, world)]
+        units, sizes = ([[i] for i in range(len(lengths))], list(lengths))
+        if prompts is not None:
+            units, sizes = share_units(lengths, prompts, max_tokens)
+        packs = [pack_by_tokens(s, sizes, max_tokens, what) for s in balance_by_tokens(sizes, world)]
         count = max(1, max(len(p) for p in packs))
-        return packs[rank] + [[] for _ in range(count - len(packs[rank]))]
+        mine = [[i for u in mb for i in units[u]] for mb in packs[rank]]
+        return mine + [[] for _ in range(count - len(mine))]
     count = max(1, math.ceil(math.ceil(len(lengths) / world) / size))
     return micro_batches(rank_share(len(lengths), rank, world), size, count)

@@ -101,6 +101,11 @@ class _Engine:
         return int(self.model.config.vocab_size)
 
     @property
+    def attends_shared_prompts(self) -> bool:
+        """Whether this model's attention takes a packed row whose rollouts share their prompt."""
+        return self.model.config._attn_implementation == attention.NAME
+
+    @property
     def device(self) -> torch.device:
         """Where this rank's forward passes run (the accelerator DeepSpeed chose: cuda:N, cpu)."""
         return torch.device(self.engine.device)
@@ -116,8 +121,13 @@ class _Engine:
             raise RuntimeError(f"{self.path}: built without packing (train.packing=false)")
         self.stats_head.request = request
         bounds = {}
-        if self.model.config._attn_implementation == attention.NAME:
-            bounds["cu_seq_lens_q"] = attention.sequence_bounds(inputs.position_ids_1N)
+        if self.attends_shared_prompts:
+            bounds["packed_layout"] = attention.layout_of(inputs.position_ids_1N)
+        elif inputs.shared_prompts:
+            raise ValueError(
+                f"{self.path}: its attention ({self.model.config._attn_implementation}) cannot share a prompt's "
+                "tokens between rollouts; set train.share_prompts=false"
+            )
         try:
             out = self.engine(
                 input_ids=inputs.input_ids_1N,

@@ -80,6 +80,15 @@ class Run:
         return pushes_weights(self.algo, bool(self.cfg.data.eval_every and self.eval_records))
 
     @property
+    def shares_prompts(self) -> bool:
+        """Whether packed micro-batches hold a prompt once for its rollouts (``train.share_prompts``):
+        only where every engine that reads them attends with engines/attention.py, which alone
+        takes such a row (flash-attention's varlen kernels cannot)."""
+        t = self.cfg.train
+        engines = [e for e in (self.student, self.teacher, self.reference) if e is not None]
+        return t.packing and t.share_prompts and all(e.attends_shared_prompts for e in engines)
+
+    @property
     def run_dir(self) -> str:
         return self.cfg.logging.run_dir
 

@@ -157,14 +157,17 @@ def recompute_old_logprobs(run: Run, batch: Batch) -> None:
 def micro_batches_of(run: Run, batch: Batch, which: list[int], scoring: bool = False) -> list[list[int]]:
     """This rank's micro-batches (lists of rollout indices) over the batch's rollouts ``which``, as
     many on every rank: packed into token budgets (``train.max_tokens_per_micro_batch``, or the
-    ``score_`` one for inference-only forwards), or ``train.packing=false``: padded, a fixed number
-    of rollouts each. Every rank computes every rank's share alike: no communication."""
+    ``score_`` one for inference-only forwards; a prompt's rollouts together, the prompt counted
+    once, where ``run.shares_prompts``), or ``train.packing=false``: padded, a fixed number of
+    rollouts each. Every rank computes every rank's share alike: no communication."""
     t = run.cfg.train
     lengths = [len(batch.rollouts[i].prompt_ids) + batch.rollouts[i].response_length for i in which]
     key = "score_max_tokens_per_micro_batch" if scoring else "max_tokens_per_micro_batch"
+    prompts = [batch.rollouts[i].prompt_ids for i in which] if run.shares_prompts else None
     try:
         if t.packing:
-            plan = plan_micro_batches(lengths, run.rank, run.world, max_tokens=getattr(t, key), what=f"train.{key}")
+            budget, what = getattr(t, key), f"train.{key}"
+            plan = plan_micro_batches(lengths, run.rank, run.world, max_tokens=budget, what=what, prompts=prompts)
         else:
             size = t.score_batch_size if scoring else t.micro_batch_size
             plan = plan_micro_batches(lengths, run.rank, run.world, size=size)
@@ -196,8 +199,10 @@ def _gather_rows(run: Run, rows: dict[int, list[float]], group: Any = None) -> d
 def _inputs(run: Run, batch: Batch, mb: list[int], device: torch.device) -> Inputs:
     """A micro-batch of the batch's rollouts ``mb`` on ``device``, packed or padded as configured
     (an empty ``mb``: a dummy, without response tokens)."""
-    make = collate_packed if run.cfg.train.packing else collate
-    return make([batch.rollouts[i] for i in mb] or [None], mb or [-1], run.pad_id).to(device)
+    rollouts, rows = [batch.rollouts[i] for i in mb] or [None], mb or [-1]
+    if not run.cfg.train.packing:
+        return collate(rollouts, rows, run.pad_id).to(device)
+    return collate_packed(rollouts, rows, run.pad_id, share_prompts=run.shares_prompts).to(device)
 
 
 def plan(run: Run, batch: Batch) -> tuple[RolloutStats, Plan, float]:
@@ -320,6 +325,9 @@ def update(run: Run, batch: Batch) -> dict[str, float]:
         parts["is/truncated_tokens"] = parts.pop("is/truncated_share") * tokens
         parts["perf/micro_batches"] = 1.0
         parts["padding/positions"], parts["padding/all"] = _padding(inputs)
+        parts["prompts/unshared"] = float(
+            sum(len(batch.rollouts[i].prompt_ids) + batch.rollouts[i].response_length for i in mb)
+        )
         for k, v in parts.items():
             sums[k] = sums.get(k, 0.0) + v
     run.student.step()
@@ -338,6 +346,9 @@ def update(run: Run, batch: Batch) -> dict[str, float]:
     out["is/truncated_share"] = sums.get("is/truncated_tokens", 0.0) / tokens
     out["perf/micro_batches"] = sums["perf/micro_batches"] / run.world  # per rank
     out["perf/padding_share"] = sums["padding/positions"] / max(sums["padding/all"], 1.0)
+    # the share of the rollouts' prompt + response tokens that a shared prompt spared the forward
+    real = sums["padding/all"] - sums["padding/positions"]
+    out["perf/shared_prompt_share"] = max(sums["prompts/unshared"] - real, 0.0) / max(sums["prompts/unshared"], 1.0)
     if "mismatch/tokens" in sums:  # token sums from the loss: per-token means over the batch
         n = max(sums["mismatch/tokens"], 1.0)
         out["mismatch/abs_log_ratio"] = sums["mismatch/abs_log_ratio_sum"] / n

@@ -8,18 +8,21 @@ the same path under ZeRO-3 on two ranks.
 
 from __future__ import annotations
 
+import functools
 import random
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from scope_ds.engines import attention
 from scope_ds.engines.batching import (
     balance_by_tokens,
     collate,
     collate_packed,
     pack_by_tokens,
     plan_micro_batches,
+    share_units,
 )
 from scope_ds.engines.models import InferenceEngine, StatsHead, _Engine
 from scope_ds.sample import Rollout
@@ -53,11 +56,13 @@ def _engine(model, cls=_Engine):
     return e
 
 
-def _rollouts(seed: int, count: int = 11) -> list[Rollout]:
+def _rollouts(seed: int, count: int = 11, n: int = 1) -> list[Rollout]:
+    """Random rollouts, each n in a row with one prompt (a prompt's group)."""
     rng = random.Random(seed)
     out = []
     for i in range(count):
-        prompt = [rng.randrange(1, VOCAB) for _ in range(rng.randint(1, 9))]
+        if i % n == 0:
+            prompt = [rng.randrange(1, VOCAB) for _ in range(rng.randint(1, 9))]
         resp = [rng.randrange(1, VOCAB) for _ in range(0 if i == 3 else rng.randint(1, 30))]
         out.append(Rollout(prompt_ids=prompt, response_ids=resp, behaviour_logprobs=[-1.0] * len(resp)))
     return out
@@ -91,20 +96,29 @@ def _per_rollout(values_BT: torch.Tensor, mb: list[int], rollouts) -> dict[int, 
     return {i: values_BT[row, : rollouts[i].response_length] for row, i in enumerate(mb)}
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize(
+    "attn,share", [("sdpa", False), ("eager", False), (attention.register(), False), (attention.register(), True)]
+)
 @pytest.mark.parametrize("budget", [40, 97, 10_000])
-def test_packed_stats_equal_each_rollout_alone_and_the_padded_path(attn, budget):
+def test_packed_stats_equal_each_rollout_alone_and_the_padded_path(attn, share, budget):
     student, teacher = _model(0, attn), _model(1, attn)
-    rollouts = _rollouts(budget)
+    rollouts = _rollouts(budget, count=13, n=3 if share else 1)
     ref = _reference(student, teacher, rollouts, 0.7)
     s, t = _engine(student), _engine(teacher, InferenceEngine)
     lengths = [len(r.prompt_ids) + r.response_length for r in rollouts]
-    mbs = plan_micro_batches(lengths, 0, 1, max_tokens=budget, what="train.max_tokens_per_micro_batch")
+    prompts = [r.prompt_ids for r in rollouts] if share else None
+    mbs = plan_micro_batches(lengths, 0, 1, max_tokens=budget, what="train.max_tokens_per_micro_batch", prompts=prompts)
     assert sorted(i for mb in mbs for i in mb) == list(range(len(rollouts)))
-    assert all(sum(lengths[i] for i in mb) <= budget for mb in mbs)
+    packed = [collate_packed([rollouts[i] for i in mb], mb, 0, share_prompts=share) for mb in mbs]
+    assert all(inputs.input_ids_1N.numel() <= budget for inputs in packed)
     wanted = {"logp": 0.7, "entropy": 0.7, "kl": 0.7}
-    for mb in mbs:
-        got = s.response_stats(collate_packed([rollouts[i] for i in mb], mb, 0), wanted, teacher=t)
+    for mb, inputs in zip(mbs, packed, strict=True):
+        prompts_in_mb = {tuple(rollouts[i].prompt_ids) for i in mb}
+        assert inputs.shared_prompts == (share and len(prompts_in_mb) < len(mb))
+        if share:  # each prompt once in the row
+            tokens = sum(map(len, prompts_in_mb)) + sum(rollouts[i].response_length for i in mb)
+            assert inputs.input_ids_1N.numel() == tokens
+        got = s.response_stats(inputs, wanted, teacher=t)
         padded = s.response_stats(collate([rollouts[i] for i in mb], mb, 0), wanted, teacher=t)
         for stat in wanted:
             ours, theirs = _per_rollout(got[stat], mb, rollouts), _per_rollout(padded[stat], mb, rollouts)
@@ -119,17 +133,25 @@ def test_packed_stats_equal_each_rollout_alone_and_the_padded_path(attn, budget)
 def test_packed_gradients_equal_the_padded_paths(tie):
     """d/d(parameters) of sum(c * logp) + sum(c' * KL): the LM head's gradient comes through the
     chunked statistics (tied to the input embedding or not), the rest through the decoder."""
-    rollouts = _rollouts(5, count=7)
+    rollouts = _rollouts(5, count=7, n=3)
     mb = list(range(len(rollouts)))
     grads = {}
-    for layout, make in (("packed", collate_packed), ("fused", collate_packed), ("padded", collate)):
-        student, teacher = _model(0, tie=tie), _model(1)
+    shared = functools.partial(collate_packed, share_prompts=True)
+    for layout, make in (
+        ("packed", collate_packed),
+        ("fused", collate_packed),
+        ("shared", shared),
+        ("padded", collate),
+    ):
+        attn = attention.register() if layout == "shared" else "sdpa"  # only ours takes a shared prompt
+        student, teacher = _model(0, attn, tie=tie), _model(1, attn)
         s, t = _engine(student), _engine(teacher, InferenceEngine)
         inputs = make(rollouts, mb, 0)
         m = inputs.mask_BT
         g = torch.Generator().manual_seed(2)
         c1, c2 = torch.randn(m.shape, generator=g), torch.randn(m.shape, generator=g)
         grad_fn = None
+        assert getattr(inputs, "shared_prompts", False) == (layout == "shared")
         if layout == "fused":  # the same loss's gradient, applied token by token in the LM head's pass
             flat1, flat2 = torch.zeros(inputs.targets_M.numel()), torch.zeros(inputs.targets_M.numel())
             flat1[inputs.resp_index_BT[m]], flat2[inputs.resp_index_BT[m]] = c1[m], c2[m]
@@ -145,7 +167,7 @@ def test_packed_gradients_equal_the_padded_paths(tie):
             loss = out["anchor"] + loss
         loss.backward()
         grads[layout] = {n: p.grad.clone() for n, p in student.named_parameters()}
-    for layout in ("packed", "fused"):
+    for layout in ("packed", "fused", "shared"):
         assert grads[layout].keys() == grads["padded"].keys()
         for name, g in grads[layout].items():
             torch.testing.assert_close(g, grads["padded"][name], atol=1e-5, rtol=1e-4, msg=f"{layout}: {name}")
@@ -176,6 +198,21 @@ def test_ranks_get_tokens_within_one_sequence_and_as_many_micro_batches(world):
         plans = [plan_micro_batches(lengths, r, world, max_tokens=budget, what="b") for r in range(world)]
         assert len({len(p) for p in plans}) == 1
         assert [sorted(i for mb in p for i in mb) for p in plans] == shares
+
+
+def test_a_prompts_rollouts_stay_together_counted_with_their_prompt_once():
+    """share_units: each prompt's rollouts in order, one unit while the prompt plus their responses
+    fit the budget, split where they would not; the plan packs units whole."""
+    prompts = [[1, 2, 3]] * 4 + [[4, 5]] * 2 + [[1, 2, 3]]
+    lengths = [3 + 5, 3 + 4, 3 + 6, 3 + 2, 2 + 9, 2 + 1, 3 + 1]  # prompt + response
+    units, sizes = share_units(lengths, prompts, 20)
+    assert units == [[0, 1, 2, 3], [6], [4, 5]] and sizes == [3 + 5 + 4 + 6 + 2, 3 + 1, 2 + 9 + 1]
+    mbs = plan_micro_batches(lengths, 0, 1, max_tokens=20, what="b", prompts=prompts)
+    assert mbs == [[0, 1, 2, 3], [6, 4, 5]]  # a unit's rollouts adjacent, as collate_packed shares them
+    two = [plan_micro_batches(lengths, r, 2, max_tokens=20, what="b", prompts=prompts) for r in range(2)]
+    assert two == [[[0, 1, 2, 3]], [[6, 4, 5]]]
+    with pytest.raises(ValueError, match="a rollout of 25 tokens"):
+        plan_micro_batches([25], 0, 1, max_tokens=20, what="b", prompts=[[1, 2]])
 
 
 def test_first_fit_packs_tightly():
