@@ -22,13 +22,55 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from scope_ds.rollout.server.requests import GenItem, GenResult
 from scope_ds.rollout.server.sampling import BatchSampling, sample_next
 
 log = logging.getLogger(__name__)
 
-KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (keys_BHTD, values_BHTD)
+
+class _Room(DynamicLayer):
+    """One layer's KV cache with room to grow: a decode step writes its keys and values into the
+    spare positions, where transformers' DynamicLayer concatenates (a copy of the whole cache, per
+    layer and step: 43% of a decode step of the 10.6M Llama at batch 64 on one CPU thread). The
+    room doubles when full. ``keys`` / ``values`` are views [B, H, T, D] of the cached positions."""
+
+    def __init__(self, keys_BHTD: torch.Tensor, values_BHTD: torch.Tensor) -> None:
+        super().__init__()
+        self.is_initialized, self.device = True, keys_BHTD.device
+        b, _, t, _ = keys_BHTD.shape
+        self._k, self._v = (self._empty(x, b, 2 * t + 16) for x in (keys_BHTD, values_BHTD))
+        self._k[:, :, :t], self._v[:, :, :t] = keys_BHTD, values_BHTD
+        self._view(b, t)
+
+    @staticmethod
+    def _empty(like: torch.Tensor, rows: int, positions: int) -> torch.Tensor:
+        _, h, _, d = like.shape
+        return like.new_empty(rows, h, positions, d)
+
+    def _view(self, rows: int, t: int) -> None:
+        self.keys, self.values = self._k[:rows, :, :t], self._v[:rows, :, :t]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        (rows, _, t, _), n = self.keys.shape, key_states.shape[2]
+        if t + n > self._k.shape[2]:
+            k, v = self._empty(self._k, rows, 2 * (t + n)), self._empty(self._v, rows, 2 * (t + n))
+            k[:, :, :t], v[:, :, :t] = self.keys, self.values
+            self._k, self._v = k, v
+        self._k[:rows, :, t : t + n], self._v[:rows, :, t : t + n] = key_states, value_states
+        self._view(rows, t + n)
+        return self.keys, self.values
+
+    def move_rows(self, moves: list[tuple[int, int]], rows: int) -> None:
+        """Copy row ``src`` into row ``dst`` for each (dst, src), then keep the first ``rows``."""
+        t = self.keys.shape[2]
+        for dst, src in moves:
+            self._k[dst, :, :t], self._v[dst, :, :t] = self._k[src, :, :t], self._v[src, :, :t]
+        self._view(rows, t)
+
+
+KV = list[_Room]  # per layer
 
 
 class _Seq:
@@ -73,15 +115,31 @@ class _Batch:
     sampling: BatchSampling
 
     def select(self, rows: list[int]) -> _Batch:
+        """The batch of only ``rows`` (ascending indices into this one), in an order of its own
+        (``seqs`` says which row is where). The cache is not copied whole for a row that leaves:
+        a kept row from the end moves into each place left free (this batch's rooms are reused).
+        Only once the left columns no kept row uses (left padding of rows gone) are half the cache
+        is it copied without them, so that it does not grow without bound."""
         idx = torch.tensor(rows, dtype=torch.long)
-        mask = self.mask_BT[idx]
-        # Drop the left columns no remaining row uses, so the cache does not grow without bound.
-        first = int(mask.any(dim=0).float().argmax()) if mask.numel() else 0
-        kv = [(k[idx, :, first:], v[idx, :, first:]) for k, v in self.kv]
+        used = self.mask_BT[idx].any(dim=0)
+        first = int(used.float().argmax()) if used.numel() else 0
+        if 2 * first > used.numel():
+            kv = [_Room(room.keys[idx, :, first:], room.values[idx, :, first:]) for room in self.kv]
+            order = rows
+        else:
+            first, kept = 0, set(rows)
+            holes = [i for i in range(len(rows)) if i not in kept]
+            moves = list(zip(holes, [i for i in rows if i >= len(rows)], strict=True))
+            for room in self.kv:
+                room.move_rows(moves, len(rows))
+            kv, order = self.kv, list(range(len(rows)))
+            for dst, src in moves:
+                order[dst] = src
+        idx = torch.tensor(order, dtype=torch.long)
         return _Batch(
-            [self.seqs[i] for i in rows],
+            [self.seqs[i] for i in order],
             kv,
-            mask[:, first:],
+            self.mask_BT[idx, first:],
             self.next_pos_B[idx],
             self.logits_BV[idx],
             self.sampling.select(idx),
@@ -100,8 +158,8 @@ class _Batch:
             return torch.cat([x.new_zeros(shape), x], dim=dim)
 
         kv = [
-            (torch.cat([pad(k1, 2), pad(k2, 2)]), torch.cat([pad(v1, 2), pad(v2, 2)]))
-            for (k1, v1), (k2, v2) in zip(self.kv, other.kv, strict=True)
+            _Room(torch.cat([pad(a.keys, 2), pad(b.keys, 2)]), torch.cat([pad(a.values, 2), pad(b.values, 2)]))
+            for a, b in zip(self.kv, other.kv, strict=True)
         ]
         s, o = self.sampling, other.sampling
         return _Batch(
@@ -115,12 +173,13 @@ class _Batch:
 
 
 def _kv_of(cache: Any) -> KV:
+    """The cache a forward pass returned, as rooms (the decode steps' own cache: as they are)."""
     layers = getattr(cache, "layers", None)
-    if layers is None or any(not hasattr(layer, "keys") or layer.keys is None for layer in layers):
+    if layers is None or any(type(layer) not in (DynamicLayer, _Room) or layer.keys is None for layer in layers):
         raise RuntimeError(
             "the embedded server needs a model whose KV cache is a full-attention DynamicCache (Llama, Qwen2, ...)"
         )
-    return [(layer.keys, layer.values) for layer in layers]
+    return [layer if isinstance(layer, _Room) else _Room(layer.keys, layer.values) for layer in layers]
 
 
 class Engine:
@@ -332,7 +391,10 @@ class Engine:
     def _forward(
         self, ids_BT: torch.Tensor, mask_BT: torch.Tensor, pos_BT: torch.Tensor, kv: KV | None, all_logits: bool
     ):
-        cache = DynamicCache(ddp_cache_data=kv) if kv is not None else None
+        cache = None
+        if kv is not None:  # the rooms themselves: this step's keys and values are written into them
+            cache = DynamicCache(ddp_cache_data=[(None, None)] * len(kv))
+            cache.layers = list(kv)
         with self.model_lock:
             out = self.model(
                 input_ids=ids_BT,
