@@ -190,8 +190,9 @@ def test_zero3_step_is_the_same_on_one_and_two_ranks(model_pair, tmp_path):
     plain = [f"train.ds_config={tmp_path / 'sgd.json'}", "train.grad_clip=0", "train.weight_decay=0", "train.lr=1e-3"]
     plain += ZERO3_LENGTHS
     outs = {}
-    # packed token budgets (two micro-batches on a rank), and the padded layout with whole logits
-    packed, padded = "train.max_tokens_per_micro_batch=60", "train.packing=false"
+    # packed token budgets (two micro-batches on a rank, each prompt's rollouts sharing one copy of
+    # it: train.share_prompts), and the padded layout with whole logits
+    packed, padded = "train.max_tokens_per_micro_batch=40", "train.packing=false"
     # and ZeRO stages 0 and 2 (train.zero_stage over the JSON's 3): whole weights on every rank;
     # with stage 0 a whole teacher too (train.teacher_zero_stage=0)
     runs = [(1, 0, packed), (2, 0, packed), (2, 1, packed), (2, 0, padded)]
@@ -207,6 +208,7 @@ def test_zero3_step_is_the_same_on_one_and_two_ranks(model_pair, tmp_path):
     one, two, beside, pad = outs[1, 0, packed], outs[2, 0, packed], outs[2, 1, packed], outs[2, 0, padded]
     zero_stages = [outs[2, 0, layout] for layout in stages]
     assert two["metrics"]["perf/micro_batches"] == 2 and two["metrics"]["perf/padding_share"] == 0
+    assert two["metrics"]["perf/shared_prompt_share"] > 0.1 and pad["metrics"]["perf/shared_prompt_share"] == 0
     assert one["metrics"]["loss/total"] == pytest.approx(two["metrics"]["loss/total"], rel=1e-5)
     assert sorted(one["teacher_logp"]) == sorted(two["teacher_logp"])  # scored the same (incorrect) rollouts
     initial = load_weights(student)
