@@ -63,7 +63,7 @@ def build_run(cfg: Config) -> Run:
         if starting is not None:
             starting.stop()
         raise
-    return Run(
+    run = Run(
         cfg=cfg,
         rank=rank,
         world=world,
@@ -81,6 +81,13 @@ def build_run(cfg: Config) -> Run:
         log=run_log(cfg, rank),
         rollout=rollout,
     )
+    unable = [e for e in (student, teacher, reference) if e is not None and not e.attends_shared_prompts]
+    if rank == 0 and cfg.train.packing and cfg.train.share_prompts and unable:
+        names = ", ".join(f"{e.path} ({e.model.config._attn_implementation})" for e in unable)
+        print(
+            f"train.share_prompts: off, each rollout packed with its own prompt: the attention of {names} cannot share one"
+        )
+    return run
 
 
 def _folder_problem(cfg: Config, algo: Algorithm, student_path: str) -> str | None:

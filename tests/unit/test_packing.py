@@ -219,3 +219,24 @@ def test_first_fit_packs_tightly():
     lengths = [7, 3, 5, 5, 2, 8]
     bins = pack_by_tokens(range(6), lengths, 10, "b")
     assert sorted(sum(lengths[i] for i in b) for b in bins) == [10, 10, 10]
+
+
+def test_prompts_are_shared_only_where_every_engine_attends_with_ours():
+    from scope_ds.config import load_config
+    from scope_ds.pipeline.run import Run
+    from scope_ds.pipeline.versions import PolicyVersions
+
+    def run(teacher_attn: str, *overrides: str) -> Run:
+        cfg = load_config(None, list(overrides))
+        student, teacher = _engine(_model(0, attention.register())), _engine(_model(1, teacher_attn), InferenceEngine)
+        return Run(cfg, 0, 1, cfg.algorithm(), None, "s", student, teacher, None, PolicyVersions())
+
+    assert run(attention.register()).shares_prompts
+    assert not run("sdpa").shares_prompts  # transformers' own SDPA: a shared row would be misread
+    assert not run(attention.register(), "train.share_prompts=false").shares_prompts
+    assert not run(attention.register(), "train.packing=false").shares_prompts
+    # a shared row given to an engine whose attention cannot read it is refused, naming the setting
+    rollouts = _rollouts(7, count=4, n=2)
+    inputs = collate_packed(rollouts, list(range(4)), 0, share_prompts=True)
+    with pytest.raises(ValueError, match="cannot share a prompt's tokens between rollouts; set train.share_prompts"):
+        _engine(_model(1, "sdpa"), InferenceEngine).score(inputs, 1.0)
