@@ -51,7 +51,7 @@ def packed_sdpa(
 ) -> tuple[torch.Tensor, None]:
     """[1, N, H, D] attention output; ``query`` [1, H, N, D], ``key`` / ``value`` [1, H_kv, N, D].
 
-    A packed row's sequences come from ``packed_layout`` (see ``packed_layout``), else from the
+    A packed row's sequences come from ``packed_layout`` (see ``layout_of``), else from the
     bounds ``cu_seq_lens_q`` (sequences without a shared prefix), else from the position ids."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
