@@ -196,7 +196,7 @@ def run_trl(student: str, teacher: str, args) -> list[float]:
 
 def config_of(name: str) -> tuple[tuple, dict[str, str]]:
     """A row's CONFIGS entry and the environment it adds. A name with endings as in ENDINGS (any
-    of them, each once, in any order) is the row without them, in their environment and with
+    of them, in any order) is the row without them, in their environment and with
     their overrides added."""
     base, env, extra = name, {}, []
     while base not in CONFIGS:

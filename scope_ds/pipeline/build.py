@@ -81,7 +81,7 @@ def build_run(cfg: Config) -> Run:
         log=run_log(cfg, rank),
         rollout=rollout,
     )
-    unable = [e for e in (student, teacher, reference) if e is not None and not e.attends_shared_prompts]
+    unable = run.engines_unable_to_share_prompts
     if rank == 0 and cfg.train.packing and cfg.train.share_prompts and unable:
         names = ", ".join(f"{e.path} ({e.model.config._attn_implementation})" for e in unable)
         print(

@@ -85,8 +85,13 @@ class Run:
         only where every engine that reads them attends with engines/attention.py, which alone
         takes such a row (flash-attention's varlen kernels cannot)."""
         t = self.cfg.train
-        engines = [e for e in (self.student, self.teacher, self.reference) if e is not None]
-        return t.packing and t.share_prompts and all(e.attends_shared_prompts for e in engines)
+        return t.packing and t.share_prompts and not self.engines_unable_to_share_prompts
+
+    @property
+    def engines_unable_to_share_prompts(self) -> list[InferenceEngine | StudentEngine]:
+        """The engines whose attention cannot take a row whose rollouts share their prompt."""
+        engines = (self.student, self.teacher, self.reference)
+        return [e for e in engines if e is not None and not e.attends_shared_prompts]
 
     @property
     def run_dir(self) -> str:

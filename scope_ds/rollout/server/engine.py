@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 class _Room(DynamicLayer):
     """One layer's KV cache with room to grow: a decode step writes its keys and values into the
     spare positions, where transformers' DynamicLayer concatenates (a copy of the whole cache, per
-    layer and step; tools/bench_rollout.py, docs/rollout.md). The room doubles when full. ``keys`` / ``values`` are views [B, H, T, D] of the cached positions."""
+    layer and step; tools/bench_rollout.py, docs/rollout.md). The room doubles when full.
+    ``keys`` / ``values`` are views [B, H, T, D] of the cached positions."""
 
     def __init__(self, keys_BHTD: torch.Tensor, values_BHTD: torch.Tensor) -> None:
         super().__init__()
