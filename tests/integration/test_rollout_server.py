@@ -107,6 +107,7 @@ def test_concurrent_requests_are_batched_and_stay_exact(server, model):
     info = httpx.get(f"{server}/server_info", trust_env=False).json()
     assert info["internal_states"][0]["peak_running_reqs"] > 2
     assert info["internal_states"][0]["joins_into_running_batch"] > 0
+    assert info["internal_states"][0]["decode_path"] == "lean"  # these logprobs came through lean.py
 
 
 def test_a_batch_request_starts_at_once_a_single_prompt_waits_for_company(embedded_servers, tiny_llama_module_dir):

@@ -24,6 +24,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from scope_ds.rollout.server.lean import LeanDecode
 from scope_ds.rollout.server.requests import GenItem, GenResult
 from scope_ds.rollout.server.sampling import BatchSampling, sample_next
 
@@ -196,6 +197,7 @@ class Engine:
         batch_wait_s: float = 0.005,
         seed: int | None = None,
         weight_version: str = "default",
+        lean_decode: bool = True,
     ) -> None:
         self.model = model
         self.context_len = context_len
@@ -211,6 +213,10 @@ class Engine:
         self.generator.manual_seed(seed if seed is not None else int(time.time_ns() % (2**63)))
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        # Decode steps skip transformers' per-call machinery where the model's layout allows
+        # (lean.py); prefill, and any other model, go through the model's own forward.
+        self._lean, why = LeanDecode.of(model) if lean_decode else (None, "--transformers-decode")
+        self.decode_path = "lean" if self._lean is not None else f"transformers ({why})"
         self._cv = threading.Condition()
         self._waiting: deque[_Seq] = deque()
         self._running: list[_Seq] = []
@@ -282,6 +288,7 @@ class Engine:
                 "peak_running_reqs": self._peak_running,
                 "joins_into_running_batch": self._joins,
                 "generated_tokens": self._sampled,
+                "decode_path": self.decode_path,
             }
 
     def busy(self) -> bool:
@@ -456,10 +463,9 @@ class Engine:
         )
         self._sampled += len(batch.seqs)
         keep = []
-        for i, seq in enumerate(batch.seqs):
-            token = int(tokens_B[i])
+        for i, (seq, token, logprob) in enumerate(zip(batch.seqs, tokens_B.tolist(), logprobs_B.tolist(), strict=True)):
             seq.output_ids.append(token)
-            seq.logprobs.append(float(logprobs_B[i]))
+            seq.logprobs.append(logprob)
             if seq.item.top_logprobs_num > 0:
                 vals, ids = logprobs_BV[i].topk(min(seq.item.top_logprobs_num, self.vocab_size))
                 seq.top.append([(float(v), int(t)) for v, t in zip(vals, ids, strict=True)])
@@ -472,10 +478,17 @@ class Engine:
             return None
         if len(keep) < len(batch.seqs):
             batch = batch.select(keep)
-        ids_B1 = torch.tensor([[s.output_ids[-1]] for s in batch.seqs], dtype=torch.long)
+        ids_B = torch.tensor([s.output_ids[-1] for s in batch.seqs], dtype=torch.long)
         mask_BT = torch.cat([batch.mask_BT, torch.ones(len(batch.seqs), 1, dtype=torch.long)], dim=1)
-        logits_BTV, kv = self._forward(ids_B1, mask_BT, batch.next_pos_B[:, None], batch.kv, False)
-        return _Batch(batch.seqs, kv, mask_BT, batch.next_pos_B + 1, logits_BTV[:, -1], batch.sampling)
+        if self._lean is not None:
+            padded = not bool(mask_BT.all())
+            with self.model_lock:
+                logits_BV = self._lean(ids_B, batch.next_pos_B, mask_BT if padded else None, batch.kv).float()
+            kv = batch.kv
+        else:
+            logits_BTV, kv = self._forward(ids_B[:, None], mask_BT, batch.next_pos_B[:, None], batch.kv, False)
+            logits_BV = logits_BTV[:, -1]
+        return _Batch(batch.seqs, kv, mask_BT, batch.next_pos_B + 1, logits_BV, batch.sampling)
 
 
 def _prompt_logprobs(logits_TV: torch.Tensor, ids: list[int]) -> list[float | None]:

@@ -41,6 +41,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--num-threads", type=int, default=None, help="torch intra-op threads (default: half the CPUs, 1-8)")
     p.add_argument(
+        "--transformers-decode",
+        action="store_true",
+        help="decode through transformers' forward even where the lean step serves the model (lean.py)",
+    )
+    p.add_argument(
         "--sglang-compat",
         default="0.5.23",
         help="SGLang version whose endpoint set to expose; < 0.5.21 has no begin/end_weight_update (404)",
@@ -113,6 +118,7 @@ def build_state(args: argparse.Namespace) -> ServerState:
         batch_wait_s=args.batch_wait_ms / 1000.0,
         seed=args.random_seed,
         weight_version=args.weight_version,
+        lean_decode=not args.transformers_decode,
     )
     server_args = {k: v for k, v in vars(args).items() if k != "api_key"}
     server_args.update(tp_size=1, pp_size=1, dp_size=1, context_length=context_len, pid=os.getpid())
@@ -142,7 +148,12 @@ def main(argv: list[str] | None = None) -> None:
     state = build_state(args)
     state.engine.start()
     log.info(
-        "serving %s on http://%s:%d (weight_version=%s)", args.model_path, args.host, args.port, args.weight_version
+        "serving %s on http://%s:%d (weight_version=%s, decode: %s)",
+        args.model_path,
+        args.host,
+        args.port,
+        args.weight_version,
+        state.engine.decode_path,
     )
     try:
         uvicorn.run(
