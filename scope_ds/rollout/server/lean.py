@@ -57,8 +57,10 @@ def _why_not(model: torch.nn.Module) -> str | None:
         return "no model.{embed_tokens, layers, norm, rotary_emb}"
     for layer in base.layers:
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
-        if attn is None or mlp is None or not all(
-            hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling")
+        if (
+            attn is None
+            or mlp is None
+            or not all(hasattr(attn, p) for p in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling"))
         ):
             return "a layer without self_attn.{q,k,v,o}_proj"
         if not all(hasattr(mlp, p) for p in ("gate_proj", "up_proj", "down_proj")):
