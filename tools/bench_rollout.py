@@ -6,6 +6,7 @@
    pushed from this process to one embedded server (pause, transfer, load, version check, resume).
 
     python tools/bench_rollout.py [--out-dir DIR] [--concurrency 1 8 64] [--skip-sync]
+        [--server-arg=--transformers-decode]   # server flags for the generation part
 
 Prints a Markdown table (the one in docs/rollout.md comes from this command).
 """
@@ -56,10 +57,12 @@ async def _wave(client: RolloutClient, concurrency: int, new_tokens: int, vocab:
     return sum(g[0].response_length for g in groups), time.perf_counter() - t0
 
 
-def bench_throughput(work: Path, levels: list[int], new_tokens: int, rounds: int) -> list[tuple[str, str]]:
+def bench_throughput(
+    work: Path, levels: list[int], new_tokens: int, rounds: int, server_args: list[str]
+) -> list[tuple[str, str]]:
     folder = work / "small"
     make_model(folder, seed=0, **SMALL)
-    proc = launch_embedded(str(folder), log_dir=work, wait_s=300)[0]
+    proc = launch_embedded(str(folder), log_dir=work, wait_s=300, extra_args=server_args)[0]
     rows = []
     try:
 
@@ -71,7 +74,8 @@ def bench_throughput(work: Path, levels: list[int], new_tokens: int, rounds: int
                 for _ in range(rounds):
                     t, s = await _wave(client, c, new_tokens, SMALL["vocab_size"])
                     tokens, seconds = tokens + t, seconds + s
-                rows.append((f"generate, {c} concurrent request(s)", f"{tokens / seconds:,.0f} tokens/s"))
+                flags = f" ({' '.join(server_args)})" if server_args else ""
+                rows.append((f"generate, {c} concurrent request(s){flags}", f"{tokens / seconds:,.0f} tokens/s"))
                 print(f"  {c:>3} concurrent: {tokens} tokens in {seconds:.2f} s", flush=True)
             await client.aclose()
 
@@ -122,12 +126,18 @@ def main() -> None:
     p.add_argument("--sync-repeats", type=int, default=2)
     p.add_argument("--skip-sync", action="store_true")
     p.add_argument("--skip-generate", action="store_true")
+    p.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        help="a flag for the generation part's server, e.g. --server-arg=--transformers-decode (repeatable)",
+    )
     args = p.parse_args()
     with tempfile.TemporaryDirectory(dir=args.out_dir) as tmp:
         work = Path(tmp)
         rows = []
         if not args.skip_generate:
-            rows += bench_throughput(work, args.concurrency, args.new_tokens, args.rounds)
+            rows += bench_throughput(work, args.concurrency, args.new_tokens, args.rounds, args.server_arg)
         if not args.skip_sync:
             rows += bench_sync(work, args.sync_repeats)
     print(

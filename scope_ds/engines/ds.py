@@ -81,15 +81,17 @@ def init_distributed() -> tuple[int, int]:
     return rank, torch.distributed.get_world_size()
 
 
-def threads_per_rank(cores: int, hosts: list[str], host: str) -> int:
-    """Intra-op threads for one rank: the cores it may run on, shared by the ranks of its host."""
-    return max(1, cores // max(1, hosts.count(host)))
+def threads_per_rank(cores: int, hosts: list[str], host: str, reserved: int = 0) -> int:
+    """Intra-op threads for one rank: the cores it may run on, less ``reserved`` (taken by other
+    processes on its host), shared by the ranks of its host; at least one."""
+    return max(1, (cores - reserved) // max(1, hosts.count(host)))
 
 
-def default_threads(world: int) -> int:
+def default_threads(world: int, server_threads: int = 0) -> int:
     """Sets this rank's intra-op threads and returns them: ``OMP_NUM_THREADS`` where it is set (the
     user's choice, or the launcher's: torchrun sets 1), else this host's cores shared by its ranks
-    (``threads_per_rank``). Left alone, every rank would take every core, and two ranks on a
+    (``threads_per_rank``), less the ``server_threads`` of the rollout servers that rank 0
+    launches on its host. Left alone, every rank would take every core, and two ranks on a
     two-core machine (a third process, the rollout server, beside them) spend their time waiting
     on each other's threads. A collective (the ranks' host names) when ``world`` > 1."""
     if os.environ.get("OMP_NUM_THREADS"):
@@ -99,7 +101,8 @@ def default_threads(world: int) -> int:
     if world > 1:
         hosts = [""] * world
         torch.distributed.all_gather_object(hosts, host)
-    n = threads_per_rank(len(os.sched_getaffinity(0)), hosts, host)
+    reserved = server_threads if host == hosts[0] else 0
+    n = threads_per_rank(len(os.sched_getaffinity(0)), hosts, host, reserved)
     torch.set_num_threads(n)
     return n
 

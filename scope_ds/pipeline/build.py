@@ -23,6 +23,7 @@ from scope_ds.engines import ds
 from scope_ds.engines.compat import check_compatible
 from scope_ds.engines.models import InferenceEngine, StudentEngine
 from scope_ds.metrics import RunLog
+from scope_ds.openmp import server_threads
 from scope_ds.pipeline.collectives import default_backend, score_group, share
 from scope_ds.pipeline.folders import prepare_folders
 from scope_ds.pipeline.run import RolloutSide, Run, pushes_weights
@@ -36,9 +37,9 @@ from scope_ds.rollout.weight_sync import DiskWeightSync, DistributedWeightSync
 def build_run(cfg: Config) -> Run:
     """Every part of a run on this rank (a collective: every rank calls it)."""
     rank, world = ds.init_distributed()
-    ds.default_threads(world)
-    seed_everything(cfg.train.seed + rank)
     algo = cfg.algorithm()
+    ds.default_threads(world, launched_server_threads(cfg, algo))
+    seed_everything(cfg.train.seed + rank)
     student_path, teacher_path = resolve_models(cfg, rank)
     # rank 0 decides (it alone writes the run folder); every rank stops alike
     problem = share(_folder_problem(cfg, algo, student_path) if rank == 0 else None)
@@ -247,6 +248,16 @@ def connect_rollout(cfg: Config, algo: Algorithm, student_path: str, starting: S
     eval_client = rollout_client(cfg, eval_servers)
     sync = weight_sync(cfg, eval_client, student_path)
     return RolloutSide(servers, client, sync, eval_servers=eval_servers, eval_client=eval_client)
+
+
+def launched_server_threads(cfg: Config, algo: Algorithm) -> int:
+    """The intra-op threads of the embedded servers that rank 0 launches on its host (0: none):
+    the trainer's ranks there leave them these cores (ds.default_threads)."""
+    c = cfg.rollout
+    if c.servers or c.backend != "embedded":
+        return 0
+    count = c.num_servers + int(algo.uses_teacher_rollouts and bool(cfg.data.eval_every))  # + KD's eval server
+    return count * server_threads(len(os.sched_getaffinity(0)))
 
 
 def launch_servers(cfg: Config, model_path: str, count: int, log_dir: str) -> RolloutServers:

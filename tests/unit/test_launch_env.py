@@ -70,6 +70,36 @@ def test_threads_share_the_cores_among_the_ranks_of_a_host() -> None:
     assert ds.threads_per_rank(16, ["a", "a", "b", "b", "b", "b"], "b") == 4
     assert ds.threads_per_rank(2, ["a", "a", "a"], "a") == 1  # never none
     assert ds.threads_per_rank(6, ["a"], "a") == 6
+    assert ds.threads_per_rank(2, ["a"], "a", reserved=1) == 1  # one core left by the server
+    assert ds.threads_per_rank(16, ["a", "a", "b"], "a", reserved=8) == 4
+    assert ds.threads_per_rank(2, ["a"], "a", reserved=4) == 1  # never none
+
+
+def test_a_launched_embedded_server_keeps_its_cores_from_the_trainer(monkeypatch) -> None:
+    """The trainer's ranks on rank 0's host leave the embedded servers it launches their threads
+    (half the cores, 1-8, as the server takes them by default); attached servers and SGLang's
+    GPUs take none of the trainer's cores."""
+    from scope_ds.config import load_config
+    from scope_ds.openmp import server_threads
+    from scope_ds.pipeline.build import launched_server_threads
+
+    assert [server_threads(c) for c in (1, 2, 3, 16, 64)] == [1, 1, 1, 8, 8]
+    cores = len(os.sched_getaffinity(0))
+    cases = {
+        (): server_threads(cores),
+        ("rollout.num_servers=2",): 2 * server_threads(cores),
+        ("rollout.servers=[http://127.0.0.1:1]",): 0,
+        ("rollout.backend=sglang",): 0,
+    }
+    for overrides, want in cases.items():
+        cfg = load_config(None, list(overrides))
+        assert launched_server_threads(cfg, cfg.algorithm()) == want, overrides
+    threads = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    try:
+        assert ds.default_threads(1, server_threads=1) == max(1, cores - 1) == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_two_ranks_without_omp_num_threads_take_half_the_cores_each() -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 import uvicorn
 
+from scope_ds.openmp import server_threads
 from scope_ds.rollout.server.app import ServerState, build_app
 from scope_ds.rollout.server.engine import Engine
 from scope_ds.rollout.server.requests import RequestLimits
@@ -39,7 +40,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--batch-wait-ms", type=float, default=5.0, help="idle wait for concurrent requests after a single-prompt one"
     )
-    p.add_argument("--num-threads", type=int, default=None, help="torch intra-op threads (default: half the CPUs, 1-8)")
+    p.add_argument(
+        "--num-threads", type=int, default=None, help="torch intra-op threads (default: half the usable CPUs, 1-8)"
+    )
     p.add_argument(
         "--transformers-decode",
         action="store_true",
@@ -101,8 +104,9 @@ def build_state(args: argparse.Namespace) -> ServerState:
     from transformers import AutoModelForCausalLM
 
     # Half the CPUs by default: the server shares the machine with the HTTP thread and, on a CPU
-    # run, with the trainer's ranks; oversubscribed intra-op threads were 8x slower on 2 busy cores.
-    torch.set_num_threads(args.num_threads or max(1, min(8, (os.cpu_count() or 2) // 2)))
+    # run, with the trainer's ranks (which leave it these cores, openmp.py); oversubscribed
+    # intra-op threads were 8x slower on 2 busy cores.
+    torch.set_num_threads(args.num_threads or server_threads(len(os.sched_getaffinity(0))))
     model = AutoModelForCausalLM.from_pretrained(args.model_path, dtype=getattr(torch, args.dtype))
     model.eval()
     context_len = int(getattr(model.config, "max_position_embeddings", 4096))
