@@ -172,9 +172,7 @@ class TrainConfig:
 class PipelineConfig:
     max_staleness: int = 0  # 0 = synchronous; k >= 1: rollouts at most k policy versions old
     queue_size: int = 2  # batches buffered between stages
-    # the teacher scores batch s+1 beside the update of s; with algo.kl=full (whose update runs the
-    # teacher) its pass of each micro-batch runs beside the student's forward (gloo only; docs/pipeline.md)
-    overlap_teacher: bool = False
+    overlap_teacher: bool = False  # teacher scores batch s+1 beside the update of s (gloo only; docs/pipeline.md)
     # k >= 1: the weight sync after an update waits while the trainer's next batch is still being
     # generated (the trainer waits for that batch anyway), so the sync does not interrupt its samples;
     # false: sync at once, and the interrupted samples continue on the new weights (partial rollouts)
@@ -269,10 +267,10 @@ class Config:
                         f"data.max_prompt_tokens ({self.data.max_prompt_tokens}) + rollout.max_new_tokens "
                         f"({self.rollout.max_new_tokens}) = {longest} tokens; raise it to at least {longest}"
                     )
-        if self.pipeline.overlap_teacher and algo.uses_full_kl and not self.train.packing:
+        if self.pipeline.overlap_teacher and algo.uses_full_kl:
             raise ConfigError(
-                "pipeline.overlap_teacher=true with algo.kl=full runs the teacher's pass beside the student's "
-                "in packed micro-batches only; set train.packing=true or pipeline.overlap_teacher=false"
+                "pipeline.overlap_teacher=true cannot run with algo.kl=full: the update itself runs the teacher "
+                "(its full logits), so there is nothing to score beside it; set pipeline.overlap_teacher=false"
             )
 
     def algo_options(self) -> dict[str, Any]:

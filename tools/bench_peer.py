@@ -18,8 +18,7 @@ that a slow minute of a noisy machine moves one round, not the verdict. TRL runs
 scope_ds row is a ``train.py`` run (its ranks and the embedded rollout server on this machine).
 Row names: ``k=1`` is ``pipeline.max_staleness=1`` (``k=0``, ``k=2`` likewise), ``zero0``
 ``train.zero_stage=0``, ``t0`` ``train.teacher_zero_stage=0``, ``overlap`` ``pipeline.overlap_teacher=true`` (the teacher scores
-the next batch beside the update; for OPD's full KL, its pass of each micro-batch runs beside the
-student's forward), a trailing ``1t`` the trainer at ``OMP_NUM_THREADS=1``, a
+the next batch beside the update), a trailing ``1t`` the trainer at ``OMP_NUM_THREADS=1``, a
 trailing ``active`` the trainer and server at ``OMP_WAIT_POLICY=ACTIVE`` (spinning idle threads;
 scope_ds's default is PASSIVE), a trailing ``unshared`` ``train.share_prompts=false`` (each rollout
 packed with its own copy of its prompt). Endings combine: ``... overlap unshared 1t``.
@@ -74,9 +73,6 @@ for _k in (0, 2):  # the same whole-weights OPD row, synchronous and with two ba
     CONFIGS[f"opd 1 rank k={_k} zero0 t0"] = (1, [*OPD, f"pipeline.max_staleness={_k}", *WHOLE[1:]])
 CONFIGS["scope n=4 1 rank k=1 overlap"] = (1, [*SCOPE_K1, "pipeline.overlap_teacher=true"])
 CONFIGS["scope n=4 1 rank k=1 zero0 t0 overlap"] = (1, [*SCOPE_K1, *WHOLE, "pipeline.overlap_teacher=true"])
-# with kl=full, overlap runs the teacher's pass of each micro-batch beside the student's forward
-CONFIGS["opd 1 rank k=1 overlap"] = (1, [*OPD, "pipeline.max_staleness=1", "pipeline.overlap_teacher=true"])
-CONFIGS["opd 1 rank k=1 zero0 t0 overlap"] = (1, [*OPD, *WHOLE, "pipeline.overlap_teacher=true"])
 ZERO_SWEEP = ";".join(["opd 2 ranks", *(n for n in CONFIGS if n.startswith("opd 2 ranks "))])
 DEFAULT_CONFIGS = ";".join(
     ["opd 2 ranks", "opd 1 rank k=1", "opd 1 rank k=1 zero0 t0", "opd 1 rank k=1 zero0 t0 1t"]

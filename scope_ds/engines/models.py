@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,8 +36,7 @@ class _Request:
 
     stats: dict[str, float]  # statistic -> temperature; empty: the hidden states themselves
     targets_M: torch.Tensor
-    # the teacher's hidden states [M, D_t], for 'kl'; a Future while its pass runs beside this one
-    teacher_x: torch.Tensor | Future[torch.Tensor] | None = None
+    teacher_x: torch.Tensor | None = None  # the teacher's hidden states [M, D_t], for 'kl'
     teacher_weight: torch.Tensor | None = None  # the teacher's LM head [V, D_t]
     chunk: int | None = None
     grad_fn: GradFn | None = None  # a loss's gradient, applied in the forward pass (see chunked_stats)
@@ -70,13 +68,12 @@ class StatsHead:
             return x
         h_MD = x.reshape(-1, x.shape[-1])
         tokens = req.targets_M if set(TOKEN_STATS) & set(req.stats) else None
-        teacher_x = req.teacher_x.result() if isinstance(req.teacher_x, Future) else req.teacher_x
         out = chunked_stats(
             req.stats,
             h_MD,
             tokens,
             weight=self.head.weight,
-            teacher_x=teacher_x,
+            teacher_x=req.teacher_x,
             teacher_weight=req.teacher_weight,
             chunk=req.chunk,
             grad_fn=req.grad_fn,
@@ -168,14 +165,9 @@ class _Engine:
         if isinstance(inputs, PackedInputs):
             teacher_x = teacher_w = None
             if set(TEACHER_STATS) & set(stats):
-                teacher_w = teacher.head_weight()  # first: a collective on its first call, in this thread
-                teacher_x = teacher.hidden_beside(inputs) if teacher.beside else teacher.hidden(inputs)
+                teacher_x, teacher_w = teacher.hidden(inputs), teacher.head_weight()
             request = _Request(stats, inputs.targets_M, teacher_x, teacher_w, self.chunk, grad_fn)
-            try:
-                values = self._packed(inputs, request).reshape(-1, len(stats) + (grad_fn is not None))
-            finally:  # the teacher's pass never outlives this call, also when the student's failed
-                if isinstance(teacher_x, Future):
-                    wait([teacher_x])
+            values = self._packed(inputs, request).reshape(-1, len(stats) + (grad_fn is not None))
             cols = {k: values[:, i] for i, k in enumerate(stats)}
             plain = grad_fn is not None  # the statistics are values then, their gradient applied
             out = {k: unpack_response(v.detach() if plain or k == "entropy" else v, inputs) for k, v in cols.items()}
@@ -298,10 +290,6 @@ class InferenceEngine(_Engine):
     engine's parameter gathers run instead of the default group. With its own group the teacher
     can score in one thread while the student trains in another: the two engines' collectives
     never interleave on one communicator.
-
-    ``beside`` (needs a ``group`` unless the weights are whole): the full KL's teacher pass of a
-    micro-batch runs in this engine's own thread while the student's forward runs in the
-    trainer's (``hidden_beside``; pipeline.overlap_teacher with algo.kl=full).
     """
 
     def __init__(
@@ -312,14 +300,10 @@ class InferenceEngine(_Engine):
         chunk: int = 0,
         group: Any = None,
         packing: bool = True,
-        beside: bool = False,
     ):
         import deepspeed
 
         super().__init__(path, ds_config, dtype, chunk, packing)
-        if beside and group is None and ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
-            raise ValueError(f"{path}: a ZeRO-3 teacher runs beside the student only with a process group of its own")
-        self.beside = ThreadPoolExecutor(1, thread_name_prefix="teacher-beside") if beside else None
         self._head_weight: torch.Tensor | None = None
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -329,17 +313,6 @@ class InferenceEngine(_Engine):
         if group is not None:
             _gather_on(self.model, group)
             self._warm_up()
-
-    def hidden_beside(self, inputs: PackedInputs) -> Future[torch.Tensor]:
-        """``hidden(inputs)`` in this engine's own thread (``beside``): the caller runs the
-        student's forward meanwhile and takes the result where its LM head needs it."""
-        device = current_device()
-
-        def run() -> torch.Tensor:
-            bind_device(device)  # the current device is per thread
-            return self.hidden(inputs)
-
-        return self.beside.submit(run)
 
     def head_weight(self) -> torch.Tensor:
         """The LM head's weight [V, D], whole: gathered once and kept (it never changes)."""

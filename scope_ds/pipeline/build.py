@@ -171,11 +171,7 @@ def build_engines(
     )
     teacher = None
     if algo.needs_teacher:
-        # with the full KL, overlap means the teacher's pass of each micro-batch beside the student's
-        beside = cfg.pipeline.overlap_teacher and algo.uses_full_kl
-        teacher = InferenceEngine(
-            teacher_path, infer_ds, cfg.model.dtype, chunk, group=group, packing=packing, beside=beside
-        )
+        teacher = InferenceEngine(teacher_path, infer_ds, cfg.model.dtype, chunk, group=group, packing=packing)
     reference = None
     if algo.needs_reference:
         reference = InferenceEngine(student_path, infer_ds, cfg.model.dtype, chunk, packing=packing)

@@ -238,9 +238,7 @@ class ScoredFeed(_Worker):
         super().__init__("scorer", run.cfg.rollout.request_timeout_s)
         self.run, self.producer = run, producer
         self._upstream = producer
-        # gloo (validated). With the full KL the update runs the teacher (beside the student's forward,
-        # on the teacher's group): scoring then waits for the trainer, so the two never share that group
-        self.overlap = run.cfg.pipeline.overlap_teacher and not run.algo.uses_full_kl
+        self.overlap = run.cfg.pipeline.overlap_teacher  # validated: gloo, no full-vocabulary KL
         self._device = current_device()  # per thread on GPUs: the thread binds it
         self._spans: dict[int, tuple[float, float]] = {}  # step -> when it was scored
         # The step the trainer waits for: without overlap, scoring runs only then (the trainer's

@@ -239,34 +239,22 @@ def test_zero3_step_is_the_same_on_one_and_two_ranks(model_pair, tmp_path):
 def test_full_kl_takes_the_teachers_log_probs_from_the_update_pass(model_pair, tmp_path):
     """OPD with algo.kl=full (uniform weights read no teacher value): the scoring stage runs no
     teacher pass, and the update's own KL pass records every rollout's teacher log-probs, equal
-    to a float64 forward of the teacher (2 ZeRO-3 ranks, packed). With pipeline.overlap_teacher
-    the teacher's pass of each micro-batch runs in its own thread beside the student's forward
-    (on the teacher's process group), and the step is the same to the bit."""
+    to a float64 forward of the teacher (2 ZeRO-3 ranks, packed)."""
     from zero3_step import synthetic_batch
 
     student, teacher = model_pair
-    runs = {}
-    for overlap in (False, True):
-        out = tmp_path / f"opd_full_{overlap}.pt"
-        args = [
-            student,
-            teacher,
-            out,
-            "algo.name=opd",
-            "algo.kl=full",
-            "train.max_tokens_per_micro_batch=60",
-            f"pipeline.overlap_teacher={str(overlap).lower()}",
-            *ZERO3_LENGTHS,
-        ]
-        check_ok(launch_ranks(ZERO3_STEP, args, 2, run_env(), timeout=600))
-        runs[overlap] = torch.load(out)
-    saved, beside = runs[False], runs[True]
-    assert len(saved["teacher_passes"]) >= 2 and set(saved["teacher_passes"]) == {"MainThread"}
-    assert len(beside["teacher_passes"]) == len(saved["teacher_passes"])
-    assert all(name.startswith("teacher-beside") for name in beside["teacher_passes"]), beside["teacher_passes"]
-    assert beside["metrics"] == saved["metrics"] and beside["teacher_logp"] == saved["teacher_logp"]
-    for name, w in saved["weights"].items():
-        assert torch.equal(w, beside["weights"][name]), name
+    out = tmp_path / "opd_full.pt"
+    args = [
+        student,
+        teacher,
+        out,
+        "algo.name=opd",
+        "algo.kl=full",
+        "train.max_tokens_per_micro_batch=60",
+        *ZERO3_LENGTHS,
+    ]
+    check_ok(launch_ranks(ZERO3_STEP, args, 2, run_env(), timeout=600))
+    saved = torch.load(out)
     assert saved["teacher_logp_scored"] == {}  # no scoring pass before the update
     from transformers import AutoConfig
 

@@ -87,10 +87,6 @@ def main() -> None:
         reference=reference,
         versions=PolicyVersions(),
     )
-    passes = []  # the threads the teacher's hidden-state passes ran in (kl=full: the update's)
-    hidden = teacher.hidden if teacher is not None else None
-    if hidden is not None:
-        teacher.hidden = lambda inputs: (passes.append(threading.current_thread().name), hidden(inputs))[1]
     size = (cfg.train.prompts_per_step, cfg.rollout.n, student.vocab_size)
     batch = synthetic_batch(student_path, *size, incorrect=opts.get("incorrect"))
     after = synthetic_batch(student_path, *size, seed=1)
@@ -115,7 +111,6 @@ def main() -> None:
     if rank == 0:
         saved = {"weights": weights, "metrics": metrics, "teacher_logp": teacher_logp(batch), "spans": spans}
         saved["teacher_logp_scored"] = scored
-        saved["teacher_passes"] = passes
         saved["zero_stage"] = student.engine.zero_optimization_stage()
         saved["teacher_zero_stage"] = teacher.engine.zero_optimization_stage()
         torch.save({**saved, "teacher_logp_after": teacher_logp(after)}, out)

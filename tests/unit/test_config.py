@@ -88,10 +88,9 @@ def test_bad_values_name_the_key(overrides, message):
     assert message in str(e.value)
 
 
-def test_overlap_teacher_with_the_full_kl_needs_packing_naming_the_keys():
-    with pytest.raises(ConfigError, match="set train.packing=true or pipeline.overlap_teacher=false"):
-        load_config(None, ["pipeline.overlap_teacher=true", "algo.kl=full", "train.packing=false"])
-    assert load_config(None, ["pipeline.overlap_teacher=true", "algo.kl=full"]).pipeline.overlap_teacher
+def test_overlap_teacher_with_the_full_kl_is_refused_naming_the_key():
+    with pytest.raises(ConfigError, match="pipeline.overlap_teacher=true cannot run with algo.kl=full"):
+        load_config(None, ["pipeline.overlap_teacher=true", "algo.kl=full"])
     assert load_config(None, ["pipeline.overlap_teacher=true"]).pipeline.overlap_teacher
 
 
