@@ -3,11 +3,13 @@
 At small widths a decode step is Python, not arithmetic: transformers' forward builds a 4-D mask,
 an output dataclass and a cache object, looks up its attention function and goes through several
 wrappers per module, every step (docs/rollout.md measures it). This step computes the same thing
-from the same modules' weights, in the same order of operations, for one new token per row:
-RMSNorm in float32 as the model's norm does, rotary embeddings from the model's own rotary module
-(so every rope type it knows), the keys and values written into the engine's rooms, SDPA with the
-padding mask alone (a lone query attends to every cached position). The weights are read from the
-modules at every step, so weights loaded in place (update_weights_*) take effect at once.
+from the same modules, in the same order of operations, for one new token per row: the model's own
+norms (their ``forward``, without the module call's hooks) and rotary embedding (its rotary
+module, so every rope type it knows, and its modeling file's ``apply_rotary_pos_emb``), the
+projections as ``F.linear`` of the modules' weights, the keys and values written into the engine's
+rooms, SDPA with the padding mask alone (a lone query attends to every cached position). The
+weights are read from the modules at every step, so weights loaded in place (update_weights_*)
+take effect at once.
 
 Served only where the layers are laid out as below (Llama, Mistral without a window, Qwen2, Qwen3);
 any other model keeps transformers' forward (``LeanDecode.of`` returns None and says why).
@@ -17,25 +19,13 @@ Shapes: B = rows, H / K = query / key-value heads, D = head dim, T = cached posi
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
-
-
-def _rms(x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
-    """The model's RMSNorm (LlamaRMSNorm and its copies): float32 statistics, weight in x's dtype."""
-    dtype = x.dtype
-    x = x.float()
-    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-    return norm.weight * x.to(dtype)
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 
 def _why_not(model: torch.nn.Module) -> str | None:
@@ -52,6 +42,8 @@ def _why_not(model: torch.nn.Module) -> str | None:
         return f"hidden_act {config.hidden_act!r}"
     if getattr(config, "pretraining_tp", 1) not in (None, 1):
         return "pretraining_tp > 1"
+    if not hasattr(sys.modules[type(model).__module__], "apply_rotary_pos_emb"):
+        return f"no apply_rotary_pos_emb in {type(model).__module__}"
     base = getattr(model, "model", None)
     if base is None or not all(hasattr(base, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
         return "no model.{embed_tokens, layers, norm, rotary_emb}"
@@ -81,6 +73,8 @@ class LeanDecode:
         self.heads = int(config.num_attention_heads)
         self.kv_heads = int(getattr(config, "num_key_value_heads", None) or self.heads)
         self.qk_norm = config.model_type == "qwen3"  # Qwen3 normalises each head's q and k
+        # the model's own rotary application, from its modeling file (each family defines one)
+        self.rope = sys.modules[type(model).__module__].apply_rotary_pos_emb
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> tuple[LeanDecode | None, str | None]:
@@ -95,25 +89,23 @@ class LeanDecode:
         None when every row attends to all of them."""
         b = ids_B.shape[0]
         x_BE = F.embedding(ids_B, self.base.embed_tokens.weight)
-        cos, sin = self.base.rotary_emb(x_BE[:, None], pos_B[:, None])  # [B, 1, D]
-        cos, sin = cos[:, None], sin[:, None]  # [B, 1, 1, D]: broadcast over heads
+        cos, sin = self.base.rotary_emb(x_BE[:, None], pos_B[:, None])  # [B, 1, D], broadcast over heads
         mask = None if mask_BT is None else mask_BT.bool()[:, None, None, :]
         gqa = self.kv_heads != self.heads
         for layer, room in zip(self.base.layers, kv, strict=True):
             attn, mlp = layer.self_attn, layer.mlp
-            h_BE = _rms(x_BE, layer.input_layernorm)
+            h_BE = layer.input_layernorm.forward(x_BE)  # the modules' forward: no hooks, no wrappers
             q = F.linear(h_BE, attn.q_proj.weight, attn.q_proj.bias).view(b, self.heads, 1, attn.head_dim)
             k = F.linear(h_BE, attn.k_proj.weight, attn.k_proj.bias).view(b, self.kv_heads, 1, attn.head_dim)
             v = F.linear(h_BE, attn.v_proj.weight, attn.v_proj.bias).view(b, self.kv_heads, 1, attn.head_dim)
             if self.qk_norm:
-                q, k = _rms(q, attn.q_norm), _rms(k, attn.k_norm)
-            keys, values = room.update(_rotate(k, cos, sin), v)
-            o = F.scaled_dot_product_attention(
-                _rotate(q, cos, sin), keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=gqa
-            )
+                q, k = attn.q_norm.forward(q), attn.k_norm.forward(k)
+            q, k = self.rope(q, k, cos, sin)
+            keys, values = room.update(k, v)
+            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling, enable_gqa=gqa)
             x_BE = x_BE + F.linear(o.reshape(b, -1), attn.o_proj.weight, attn.o_proj.bias)
-            h_BE = _rms(x_BE, layer.post_attention_layernorm)
+            h_BE = layer.post_attention_layernorm.forward(x_BE)
             gate = F.linear(h_BE, mlp.gate_proj.weight, mlp.gate_proj.bias)
             up = F.linear(h_BE, mlp.up_proj.weight, mlp.up_proj.bias)
             x_BE = x_BE + F.linear(F.silu(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias)
-        return F.linear(_rms(x_BE, self.base.norm), self.head.weight, self.head.bias)
+        return F.linear(self.base.norm.forward(x_BE), self.head.weight, self.head.bias)
