@@ -37,9 +37,9 @@ from scope_ds.rollout.weight_sync import DiskWeightSync, DistributedWeightSync
 def build_run(cfg: Config) -> Run:
     """Every part of a run on this rank (a collective: every rank calls it)."""
     rank, world = ds.init_distributed()
-    algo = cfg.algorithm()
-    ds.default_threads(world, launched_server_threads(cfg, algo))
+    ds.default_threads(world, launched_server_threads(cfg))
     seed_everything(cfg.train.seed + rank)
+    algo = cfg.algorithm()
     student_path, teacher_path = resolve_models(cfg, rank)
     # rank 0 decides (it alone writes the run folder); every rank stops alike
     problem = share(_folder_problem(cfg, algo, student_path) if rank == 0 else None)
@@ -250,14 +250,14 @@ def connect_rollout(cfg: Config, algo: Algorithm, student_path: str, starting: S
     return RolloutSide(servers, client, sync, eval_servers=eval_servers, eval_client=eval_client)
 
 
-def launched_server_threads(cfg: Config, algo: Algorithm) -> int:
-    """The intra-op threads of the embedded servers that rank 0 launches on its host (0: none):
-    the trainer's ranks there leave them these cores (ds.default_threads)."""
+def launched_server_threads(cfg: Config) -> int:
+    """The intra-op threads of the embedded rollout servers that rank 0 launches on its host (0:
+    none): the trainer's ranks there leave them these cores (ds.default_threads). KD's evaluation
+    server is not counted: it generates only while the trainer evaluates, never beside an update."""
     c = cfg.rollout
     if c.servers or c.backend != "embedded":
         return 0
-    count = c.num_servers + int(algo.uses_teacher_rollouts and bool(cfg.data.eval_every))  # + KD's eval server
-    return count * server_threads(len(os.sched_getaffinity(0)))
+    return c.num_servers * server_threads(len(os.sched_getaffinity(0)))
 
 
 def launch_servers(cfg: Config, model_path: str, count: int, log_dir: str) -> RolloutServers:

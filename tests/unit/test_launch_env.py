@@ -93,7 +93,7 @@ def test_a_launched_embedded_server_keeps_its_cores_from_the_trainer(monkeypatch
     }
     for overrides, want in cases.items():
         cfg = load_config(None, list(overrides))
-        assert launched_server_threads(cfg, cfg.algorithm()) == want, overrides
+        assert launched_server_threads(cfg) == want, overrides
     threads = torch.get_num_threads()
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     try:
