@@ -18,7 +18,7 @@ that a slow minute of a noisy machine moves one round, not the verdict. TRL runs
 scope_ds row is a ``train.py`` run (its ranks and the embedded rollout server on this machine).
 Row names: ``k=1`` is ``pipeline.max_staleness=1`` (``k=0``, ``k=2`` likewise), ``zero0``
 ``train.zero_stage=0``, ``t0`` ``train.teacher_zero_stage=0``, ``overlap`` ``pipeline.overlap_teacher=true`` (the teacher scores
-the next batch beside the update), a trailing ``1t`` the trainer at ``OMP_NUM_THREADS=1``, a
+the next batch beside the update), a trailing ``1t`` (``2t``) the trainer at ``OMP_NUM_THREADS=1`` (``=2``), a
 trailing ``active`` the trainer and server at ``OMP_WAIT_POLICY=ACTIVE`` (spinning idle threads;
 scope_ds's default is PASSIVE), a trailing ``unshared`` ``train.share_prompts=false`` (each rollout
 packed with its own copy of its prompt). Endings combine: ``... overlap unshared 1t``.
@@ -57,11 +57,12 @@ CONFIGS = {
     "opd 2 ranks zero0": (2, [*OPD, "train.zero_stage=0"]),
 }
 # any row's name with one of these endings: that row, run in that environment and with those
-# overrides (" 1t": the trainer at one intra-op thread, the server keeping its own default;
+# overrides (" 1t" / " 2t": the trainer at one / two intra-op threads, the server keeping its own default;
 # " active": spinning idle OpenMP threads; " unshared": each rollout packed with its own copy of
 # its prompt, as before train.share_prompts)
 ENDINGS = {
     " 1t": ({"OMP_NUM_THREADS": "1"}, []),
+    " 2t": ({"OMP_NUM_THREADS": "2"}, []),
     " active": ({"OMP_WAIT_POLICY": "ACTIVE"}, []),
     " unshared": ({}, ["train.share_prompts=false"]),
 }
