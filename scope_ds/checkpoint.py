@@ -20,18 +20,17 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
+from scope_ds.config import Config
 from scope_ds.hf_folder import copy_model_files, write_hf_folder
-
-if TYPE_CHECKING:  # the pipeline imports this module
-    from scope_ds.pipeline.run import Run
-    from scope_ds.pipeline.stages import Batch
+from scope_ds.records import Batch
 
 COMPLETE = "COMPLETE"
 STATE = "scope_state.json"
@@ -42,6 +41,40 @@ DS_TAG = "ds"
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used: missing, incomplete, corrupt, or from another world size."""
+
+
+class Partitioned(Protocol):
+    """The student as a checkpoint sees it: its partitions saved and loaded, its weights gathered."""
+
+    def save_checkpoint(self, folder: str, tag: str) -> None: ...
+    def load_checkpoint(self, folder: str, tag: str) -> bool: ...
+    def full_parameters(self, rank: int) -> Iterator[tuple[str, torch.Tensor]]: ...
+
+
+class Versioned(Protocol):
+    """The owner of the policy version: read at a save, set at a resume."""
+
+    @property
+    def student(self) -> int: ...
+    def resume_at(self, version: int) -> None: ...
+
+
+class Checkpointed(Protocol):
+    """The parts of a run that a checkpoint saves and restores (pipeline.run.Run has them), so that
+    this module sits below the pipeline and never imports it."""
+
+    @property
+    def cfg(self) -> Config: ...  # checkpoint.dir, .keep, the run folder; saved whole
+    @property
+    def rank(self) -> int: ...
+    @property
+    def world(self) -> int: ...
+    @property
+    def student(self) -> Partitioned: ...
+    @property
+    def student_path(self) -> str: ...  # its config and tokenizer files go into hf_config/
+    @property
+    def versions(self) -> Versioned: ...
 
 
 @dataclass
@@ -56,8 +89,8 @@ class SavedState:
     in_flight: Batch | None = None  # the batch after them, caught being generated: its samples so far
 
 
-def checkpoint_root(run: Run) -> str:
-    return run.cfg.checkpoint.dir or os.path.join(run.run_dir, "checkpoints")
+def checkpoint_root(run: Checkpointed) -> str:
+    return run.cfg.checkpoint.dir or os.path.join(run.cfg.logging.run_dir, "checkpoints")
 
 
 def _barrier() -> None:
@@ -75,7 +108,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def save(run: Run, step: int, pending: list[Batch] = (), in_flight: Batch | None = None) -> str:
+def save(run: Checkpointed, step: int, pending: list[Batch] = (), in_flight: Batch | None = None) -> str:
     """Save after ``step`` completed steps (a collective: every rank calls it); returns the folder.
     ``pending``, ``in_flight``: rank 0's batches generated ahead and the one being generated.
 
@@ -98,7 +131,7 @@ def save(run: Run, step: int, pending: list[Batch] = (), in_flight: Batch | None
     return final
 
 
-def _agreed(run: Run, tag: str, fn: Any, *args: Any) -> None:
+def _agreed(run: Checkpointed, tag: str, fn: Any, *args: Any) -> None:
     """``fn(*args)`` on this rank (None: nothing to do here), then every rank learns whether any
     rank failed (a collective), and all raise the first failure."""
     error = None
@@ -128,12 +161,12 @@ def _fresh_folder(tmp: str) -> None:  # rank 0
     os.makedirs(tmp)
 
 
-def _save_partitions(run: Run, tmp: str) -> None:  # every rank
+def _save_partitions(run: Checkpointed, tmp: str) -> None:  # every rank
     run.student.save_checkpoint(tmp, DS_TAG)
     torch.save(rng_state(), os.path.join(tmp, f"rng_rank{run.rank}.pt"))
 
 
-def _finish(run: Run, step: int, pending: list[Batch], in_flight: Batch | None, tmp: str, final: str) -> None:
+def _finish(run: Checkpointed, step: int, pending: list[Batch], in_flight: Batch | None, tmp: str, final: str) -> None:
     state = {  # rank 0
         "format": STATE_FORMAT,
         "step": step,
@@ -201,8 +234,6 @@ def find_checkpoint(spec: str, root: str) -> str | None:
 
 def read_state(folder: str) -> SavedState:
     """The checkpoint's own state; CheckpointError for one this version cannot read."""
-    from scope_ds.pipeline.stages import Batch
-
     path = os.path.join(folder, STATE)
     if not os.path.isfile(path) and os.path.isfile(os.path.join(folder, "scope_state.pt")):
         raise CheckpointError(
@@ -235,7 +266,7 @@ def read_state(folder: str) -> SavedState:
         raise CheckpointError(f"cannot read {path}: {type(e).__name__}: {e}") from None
 
 
-def load(run: Run, folder: str) -> SavedState:
+def load(run: Checkpointed, folder: str) -> SavedState:
     """Restore the student (weights, optimizer, scheduler), RNG and policy version from ``folder``
     (a collective). Returns the saved state (step, pending batches, ...)."""
     state = read_state(folder)
@@ -254,7 +285,7 @@ def load(run: Run, folder: str) -> SavedState:
     return state
 
 
-def export_hf(run: Run, out_dir: str) -> str | None:
+def export_hf(run: Checkpointed, out_dir: str) -> str | None:
     """Gather the ZeRO-3 student and write it as a Hugging Face folder (config and tokenizer of the
     student's source folder, safetensors), atomically. A collective: every rank calls it."""
     params = run.student.full_parameters(run.rank)

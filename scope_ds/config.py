@@ -12,16 +12,24 @@ from __future__ import annotations
 import dataclasses
 import os
 import string
+import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 
-from scope_ds.algorithms import Algorithm, algorithm_options, build_algorithm
 from scope_ds.choices import check_choice, check_literal_fields, literal_values
-from scope_ds.data.encoding import TruncatedPolicy
-from scope_ds.rollout.protocol import GREEDY_EPS
+
+# A leaf: this module imports nothing of the package but choices.py, so every floor may read it.
+
+GREEDY_EPS = 1e-6  # a sampling temperature below this is greedy (rollout/protocol.py, the servers)
+TruncatedPolicy = Literal["verify", "incorrect", "skip"]
+Aggregation = Literal["seq-sum", "token-mean", "seq-mean"]  # the loss's normaliser (algorithms/losses.py)
+OldLogprobs = Literal["recompute", "server"]
+WeightMode = Literal["ppl", "uniform", "reversed"]  # SCOPE's weights (algorithms/weights.py)
+Normalization = Literal["sum", "mean"]
+KLForm = Literal["sampled", "full"]
 
 
 class ConfigError(ValueError):
@@ -124,7 +132,7 @@ class TrainConfig:
     steps: int = 8  # optimizer steps (one per global batch)
     prompts_per_step: int = 8  # prompts per global batch (x rollout.n rollouts)
     # Micro-batches: rollouts packed padding-free into at most this many tokens (prompt + response)
-    # per forward/backward on one rank, the batch balanced over ranks by tokens (docs/training.md)
+    # per forward/backward on one rank, the batch balanced over ranks by tokens (docs/pipeline.md)
     max_tokens_per_micro_batch: int = 8192
     score_max_tokens_per_micro_batch: int = 16384  # the teacher's (inference-only) forwards: no backward
     packing: bool = True  # false: today's padded micro-batches of micro_batch_size rollouts, full logits
@@ -232,12 +240,123 @@ class LoggingConfig:
         return self.out_dir.format(run_name=self.run_name)
 
 
+# ---------------------------------------------------------------------------------- algorithms
+# One dataclass of options per algorithm, chosen by ``algo.name``; the algorithm classes
+# (scope_ds/algorithms/) are these options with their maths.
+
+
+@dataclass
+class AlgoOptions:
+    """What every algorithm takes."""
+
+    name: ClassVar[str] = ""
+    uses_teacher_rollouts: ClassVar[bool] = False  # KD trains on answers the teacher generated
+    # False where the loss ignores rho (KD's NLL): is_cap, old_logprobs and mismatch_cap are then no
+    # options of the algorithm, and nothing is recomputed or reweighted.
+    uses_importance_ratio: ClassVar[bool] = True
+    # Rollouts per prompt (rollout.n) below which the plan trains nothing: 2 where the advantage is
+    # normalised within the prompt's group (GRPO), which is 0 for a group of one.
+    min_group_size: ClassVar[int] = 1
+
+    aggregation: Aggregation = "seq-sum"  # seq-sum (paper) | token-mean (authors' code) | seq-mean
+    is_cap: float | None = None  # truncate importance ratios above this (stale rollouts); None = no cap
+    # recompute: pi_old from a no-grad trainer forward before the update, and the server's log-probs
+    # only correct the train-inference mismatch (truncated IS) | server: pi_old = the server's log-probs
+    old_logprobs: OldLogprobs = "recompute"
+    mismatch_cap: float = 2.0  # truncate the mismatch weight pi_old / pi_behaviour above this (>= 1)
+
+    @property
+    def uses_full_kl(self) -> bool:
+        return False
+
+    @classmethod
+    def keys(cls) -> dict[str, Any]:
+        """The options a user may set, with their defaults (``name`` aside)."""
+        hidden = () if cls.uses_importance_ratio else ("is_cap", "old_logprobs", "mismatch_cap")
+        return {f.name: f.default for f in dataclasses.fields(cls) if f.name not in hidden}
+
+    def check(self) -> None:
+        check_literal_fields(self, "algo", ConfigError)
+        if self.is_cap is not None and not self.is_cap >= 1.0:
+            raise ConfigError(f"algo.is_cap must be >= 1 or null, got {self.is_cap}")
+        if self.mismatch_cap is None or not self.mismatch_cap >= 1.0:
+            raise ConfigError(f"algo.mismatch_cap must be >= 1, got {self.mismatch_cap}")
+
+
+@dataclass
+class DistillOptions(AlgoOptions):
+    """SCOPE's and OPD's: the reverse KL to the teacher (Eq. 3)."""
+
+    normalization: Normalization = "sum"  # sum: a subset's weights sum to 1 (paper) | mean: average 1 (authors' code)
+    kl: KLForm = "sampled"  # sampled: Eq. 3's single-token estimator (paper) | full: full-vocabulary KL
+
+    @property
+    def uses_full_kl(self) -> bool:
+        return self.kl == "full"
+
+
+@dataclass
+class ScopeOptions(DistillOptions):
+    name: ClassVar[str] = "scope"
+    tau: float = 1.0  # softmax temperature of both weights (paper ablates 0.5, 1, 2)
+    student_weight: WeightMode = "ppl"  # ppl (Eq. 4) | uniform | reversed (the authors' run scripts)
+    teacher_weight: WeightMode = "ppl"  # ppl (Eq. 5) | uniform | reversed
+
+    def check(self) -> None:
+        super().check()
+        if not self.tau > 0:
+            raise ConfigError(f"algo.tau must be > 0, got {self.tau}")
+
+
+@dataclass
+class OPDOptions(DistillOptions):
+    name: ClassVar[str] = "opd"
+
+
+@dataclass
+class GRPOOptions(AlgoOptions):
+    name: ClassVar[str] = "grpo"
+    min_group_size: ClassVar[int] = 2  # r - mean(group) is 0 for a group of one rollout
+    aggregation: Aggregation = "token-mean"  # mean over all trained tokens of the global batch
+    eps: float = 0.2  # ratio clip range [1 - eps, 1 + eps] (paper's setting)
+    kl_coef: float = 1e-4  # weight of k3 KL to the reference policy (paper's setting); 0 = no reference
+    std_normalize: bool = True  # divide the centred reward by the group std (False = Dr. GRPO)
+
+    def check(self) -> None:
+        super().check()
+        if not 0 < self.eps < 1:
+            raise ConfigError(f"algo.eps must be in (0, 1), got {self.eps}")
+        if self.kl_coef < 0:
+            raise ConfigError(f"algo.kl_coef must be >= 0, got {self.kl_coef}")
+
+
+@dataclass
+class KDOptions(AlgoOptions):
+    name: ClassVar[str] = "kd"
+    uses_teacher_rollouts: ClassVar[bool] = True
+    uses_importance_ratio: ClassVar[bool] = False
+    aggregation: Aggregation = "token-mean"  # mean NLL over all teacher-answer tokens of the global batch
+    only_correct: bool = False  # train only on teacher answers the verifier accepts (rejection sampling)
+    # False: the NLL at T = 1, standard sequence-level KD | True: at the rollout (teacher sampling) temperature
+    nll_at_rollout_temperature: bool = False
+
+
+ALGO_OPTIONS: dict[str, type[AlgoOptions]] = {c.name: c for c in (ScopeOptions, OPDOptions, GRPOOptions, KDOptions)}
+
+
+def algo_options_class(name: Any) -> type[AlgoOptions]:
+    """The options class of ``algo.name``; ConfigError naming the allowed names."""
+    if name not in ALGO_OPTIONS:
+        raise ConfigError(f"unknown algo.name {name!r}; choose one of {sorted(ALGO_OPTIONS)}")
+    return ALGO_OPTIONS[name]
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    algo: dict[str, Any] = field(default_factory=lambda: {"name": "scope"})  # name + that algorithm's options
+    algo: AlgoOptions = field(default_factory=ScopeOptions)  # algo.name's options (ALGO_OPTIONS)
     train: TrainConfig = field(default_factory=TrainConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -251,7 +370,8 @@ class Config:
                 check_literal_fields(section, f.name, ConfigError)
             if hasattr(section, "check"):
                 section.check()
-        algo = self.algorithm()  # a ConfigError for a bad algo option
+        algo = self.algo
+        algo.check()
         if self.rollout.n < algo.min_group_size:
             raise ConfigError(
                 f"rollout.n={self.rollout.n} is too small for algo {algo.name!r}: it needs rollout.n >= "
@@ -273,19 +393,11 @@ class Config:
                 "(its full logits), so there is nothing to score beside it; set pipeline.overlap_teacher=false"
             )
 
-    def algo_options(self) -> dict[str, Any]:
-        """The ``algo`` section without its name: the options given, defaults left out."""
-        return {k: v for k, v in self.algo.items() if k != "name"}
-
-    def algorithm(self) -> Algorithm:
-        """The algorithm of the ``algo`` section, built; ConfigError naming a bad option."""
-        try:
-            return build_algorithm(self.algo.get("name", "scope"), self.algo_options())
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
-
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every key, defaults included; ``algo`` with its name and the options its algorithm has."""
+        out = dataclasses.asdict(self)
+        out["algo"] = {"name": self.algo.name, **{k: getattr(self.algo, k) for k in self.algo.keys()}}
+        return out
 
 
 # ---------------------------------------------------------------------------------- loading
@@ -301,6 +413,12 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         check_choice(key, value, choices, ConfigError)
         return value
     origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType) and type(None) in args:  # X | None
+        if value is None:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner)
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key} must be a list, got {value!r}")
@@ -414,23 +532,19 @@ def load_config(recipe: str | None = None, overrides: list[str] | tuple[str, ...
 def _apply_algo(cfg: Config, values: Any) -> None:
     if not isinstance(values, dict):
         raise ConfigError(f"algo must be a mapping, got {values!r}")
-    name = values.get("name", "scope")
-    try:
-        allowed = algorithm_options(name)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    cls = algo_options_class(values.get("name", "scope"))
+    allowed = cls.keys()
     unknown = sorted(set(values) - set(allowed) - {"name"})
     if unknown:
         raise ConfigError(
-            f"unknown key(s) {['algo.' + k for k in unknown]} for algo {name!r}; allowed: {sorted(allowed)}"
+            f"unknown key(s) {['algo.' + k for k in unknown]} for algo {cls.name!r}; allowed: {sorted(allowed)}"
         )
-    cfg.algo = {"name": name, **{k: v for k, v in values.items() if k != "name"}}
+    hints = typing.get_type_hints(cls)
+    cfg.algo = cls(**{k: _coerce(f"algo.{k}", v, hints[k]) for k, v in values.items() if k != "name"})
 
 
 def save_config(cfg: Config, path: str) -> None:
     """Write the resolved config (every key, defaults included) as YAML."""
-    resolved = cfg.to_dict()
-    resolved["algo"] = {"name": cfg.algo["name"], **algorithm_options(cfg.algo["name"]), **cfg.algo_options()}
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
-        yaml.safe_dump(resolved, f, sort_keys=False)
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)

@@ -26,10 +26,10 @@ from typing import Any
 
 from scope_ds.data.benchmarks import Benchmark, BenchmarkError, load_benchmark, parse_benchmarks
 from scope_ds.data.encoding import drop_long_prompts
-from scope_ds.data.record import PromptRecord
 from scope_ds.evaluation import report
 from scope_ds.evaluation.estimators import summarize
 from scope_ds.evaluation.sampling import EvalSample, eval_sampling_params, sample_and_verify
+from scope_ds.records import PromptRecord
 from scope_ds.rollout.client import RolloutServerError, SyncRolloutClient
 from scope_ds.rollout.launcher import RolloutServers, ServerLaunchError
 

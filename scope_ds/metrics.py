@@ -16,7 +16,7 @@ import torch
 
 from scope_ds.algorithms import Path, RolloutStats
 from scope_ds.algorithms.base import Plan
-from scope_ds.sample import Rollout
+from scope_ds.records import Rollout
 
 # Figures shown on the progress bar (when present in a step's metrics).
 BAR_KEYS = (

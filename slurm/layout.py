@@ -24,6 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scope_ds.config import ConfigError, load_config  # noqa: E402
+from scope_ds.model_paths import served_model  # noqa: E402
 from scope_ds.rollout import health  # noqa: E402
 from scope_ds.rollout.launcher import LaunchSpec, embedded_command, new_api_key, sglang_command  # noqa: E402
 
@@ -181,18 +182,6 @@ def train_layout(recipe: str, overrides: list[str], alloc: Allocation, env: dict
         model, seed = served_model(cfg), cfg.train.seed
         out.servers = _servers(r.backend, model, places, r.gpus_per_server, alloc, seed, extra, out.api_key)
     return out
-
-
-def served_model(cfg) -> str:
-    """The folder the rollout servers load: the student, or the teacher for KD (as the trainer's
-    scope_ds.pipeline.build.start_rollout does)."""
-    name = "teacher" if cfg.algorithm().uses_teacher_rollouts else "student"
-    path = getattr(cfg.model, name)
-    if path == "toy":
-        from scope_ds.data.toy_pretrain import ensure_toy_models
-
-        path = str(getattr(ensure_toy_models(cfg.model.toy_cache or None), name))
-    return path
 
 
 def wait_healthy(urls: list[str], pids: list[int], timeout_s: float) -> None:

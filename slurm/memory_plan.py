@@ -152,7 +152,7 @@ def plan(recipe: str, nodes: int, gpus_per_node: int, gpu_gib: float) -> str:
         + " |",
         f"| **sum** | **{gib(total)}** | of {gpu_gib:.0f} GiB, before allocator / CUDA / NCCL overhead |",
     ]
-    served = teacher if cfg.algorithm().uses_teacher_rollouts else student
+    served = teacher if cfg.algo.uses_teacher_rollouts else student
     weights = served.params() * BF16 / r.gpus_per_server
     pool = gpu_gib * GIB * float(os.environ.get("SCOPE_DS_SGLANG_MEM", "0.7")) - weights
     kv_tok = served.kv_bytes_per_token() / r.gpus_per_server

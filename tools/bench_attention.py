@@ -4,6 +4,7 @@ whole packed row (block-diagonal mask), our per-sequence SDPA (engines/attention
 same rollouts padded into a batch.
 
     python tools/bench_attention.py [--rollouts 16] [--length 50] [--repeats 10] [--threads 1]
+        [--out docs/PAGE.md]   # also into that page's bench:attention block
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import benchlib
+
+sys.path.insert(0, str(benchlib.ROOT))
 
 
 def main() -> None:
@@ -22,6 +24,7 @@ def main() -> None:
     p.add_argument("--length", type=int, default=50)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", help="also write the table into this docs page's bench:attention block")
     args = p.parse_args()
     import torch
     from transformers import AutoModelForCausalLM
@@ -42,14 +45,18 @@ def main() -> None:
         ),
         "padded batch": ("sdpa", dict(input_ids=ids, attention_mask=torch.ones_like(ids))),
     }
-    print(f"| layout ({b} x {n} tokens) | ms per forward + backward |\n| --- | ---: |")
+    lines = [f"| layout ({b} x {n} tokens) | ms per forward + backward |", "| --- | ---: |"]
+    print("\n".join(lines))
     for name, (attn, inputs) in cases.items():
         model = AutoModelForCausalLM.from_pretrained(student, attn_implementation=attn)
         for i in range(3 + args.repeats):
             if i == 3:
                 t0 = time.perf_counter()
             model(**inputs).logits.sum().backward()
-        print(f"| {name} | {(time.perf_counter() - t0) / args.repeats * 1e3:.1f} |", flush=True)
+        lines.append(f"| {name} | {(time.perf_counter() - t0) / args.repeats * 1e3:.1f} |")
+        print(lines[-1], flush=True)
+    if args.out:
+        benchlib.write_block(args.out, "attention", "\n".join(lines), benchlib.command_line(), benchlib.machine_line())
 
 
 if __name__ == "__main__":

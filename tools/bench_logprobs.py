@@ -18,11 +18,12 @@ import json
 import os
 import re
 import resource
-import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import benchlib
+
+ROOT = str(benchlib.ROOT)
 
 
 def _status_kb(field: str) -> int:
@@ -74,22 +75,8 @@ def child(op: str, impl: str, dtype_name: str, seq: int, vocab: int, repeats: in
 
 
 def run_case(args, op, impl, dtype, seq) -> dict:
-    cmd = [
-        sys.executable,
-        __file__,
-        "--child",
-        op,
-        impl,
-        dtype,
-        str(seq),
-        "--vocab",
-        str(args.vocab),
-        "--repeats",
-        str(args.repeats),
-        "--mem-limit-gb",
-        str(args.mem_limit_gb),
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    case = [op, impl, dtype, str(seq), "--vocab", str(args.vocab), "--repeats", str(args.repeats)]
+    proc = benchlib.run_child(__file__, ["--child", *case, "--mem-limit-gb", str(args.mem_limit_gb)])
     if proc.returncode != 0:
         oom = "can't allocate memory" in proc.stderr or "MemoryError" in proc.stderr or proc.returncode < 0
         return {"error": "OOM" if oom else proc.stderr.strip().splitlines()[-1][:80]}
@@ -104,7 +91,7 @@ def main() -> None:
     ap.add_argument("--ops", default="logp,kl")
     ap.add_argument("--repeats", type=int, default=2, help="runs per case; time is the fastest")
     ap.add_argument("--mem-limit-gb", type=float, default=20.0, help="address-space limit of each case")
-    ap.add_argument("--out", help="also write the table (Markdown) to this file")
+    ap.add_argument("--out", help="also write the table into this docs page's bench:logprobs block")
     ap.add_argument("--child", nargs=4, metavar=("OP", "IMPL", "DTYPE", "SEQ"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -138,8 +125,7 @@ def main() -> None:
     table = "\n".join(lines)
     print(f"vocab {args.vocab}, forward + backward from logits, {os.cpu_count()} CPU cores\n{table}")
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(table + "\n")
+        benchlib.write_block(args.out, "logprobs", table, benchlib.command_line(), benchlib.machine_line())
 
 
 if __name__ == "__main__":

@@ -28,15 +28,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import benchlib
+
+ROOT = benchlib.ROOT
 sys.path.insert(0, str(ROOT))
 PROMPTS, MAX_NEW, LR = 16, 64, 5e-5
 OPD = ["algo.name=opd", "algo.kl=full", "rollout.n=1"]
@@ -83,35 +83,27 @@ DEFAULT_CONFIGS = ";".join(
 
 def _llama_pair() -> tuple[str, str]:
     """Random Llama student (hidden 384, 6 layers) and teacher (512, 8) with the toy tokenizer."""
-    import shutil
-
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from scope_ds.data.toy_pretrain import ensure_toy_models
 
     toy = ensure_toy_models(None)
     root = Path.home() / ".cache" / "scope_ds" / "bench_peer" / "llama"
     out = []
     for name, width, layers, inner, seed in (("student", 384, 6, 1024, 0), ("teacher", 512, 8, 1536, 1)):
-        folder = root / name
-        if not (folder / "config.json").exists():
-            torch.manual_seed(seed)
-            base = LlamaConfig.from_pretrained(toy.student)
-            config = LlamaConfig(
-                **{k: getattr(base, k) for k in ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")},
-                hidden_size=width,
-                intermediate_size=inner,
-                num_hidden_layers=layers,
-                num_attention_heads=width // 64,
-                num_key_value_heads=width // 64,
-                max_position_embeddings=256,
-                tie_word_embeddings=True,
-            )
-            LlamaForCausalLM(config).save_pretrained(folder)
-            for file in Path(toy.student).iterdir():
-                if file.name.startswith(("tokenizer", "special_tokens")):
-                    shutil.copy(file, folder / file.name)
+        folder = benchlib.build_random_model(
+            root / name,
+            "llama",
+            seed,
+            tokenizer_from=toy.student,
+            cached=True,
+            **benchlib.token_ids(toy.student, ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")),
+            hidden_size=width,
+            intermediate_size=inner,
+            num_hidden_layers=layers,
+            num_attention_heads=width // 64,
+            num_key_value_heads=width // 64,
+            max_position_embeddings=256,
+            tie_word_embeddings=True,
+        )
         out.append(str(folder))
     return out[0], out[1]
 
@@ -185,8 +177,7 @@ def trl_child(student: str, teacher: str, steps: int, out: str) -> None:
 def run_trl(student: str, teacher: str, args) -> list[float]:
     """TRL's tokens/s per step after the warm-up; prints its seconds a step and those in generation."""
     out = Path(tempfile.mkdtemp(prefix="bench_peer_")) / "trl.json"
-    cmd = [sys.executable, __file__, "--trl-child", student, teacher, str(args.steps), str(out)]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    proc = benchlib.run_child(__file__, ["--trl-child", student, teacher, str(args.steps), str(out)])
     if proc.returncode != 0:
         sys.exit(f"TRL failed (is trl installed? pip install trl):\n{proc.stderr[-3000:]}")
     got = json.loads(out.read_text())
@@ -235,12 +226,7 @@ def run_ours(name: str, student: str, teacher: str, args) -> list[float]:
         "logging.progress=false",
         "data.eval_every=0",
     ]
-    script = str(ROOT / "scope_ds" / "train.py")
-    if ranks > 1:
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), script, *overrides]
-    else:
-        cmd = [sys.executable, script, *overrides]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, **extra_env})
+    proc = benchlib.run_child(ROOT / "scope_ds" / "train.py", overrides, ranks, env=extra_env)
     if proc.returncode != 0:
         sys.exit(f"scope_ds {name} failed:\n{proc.stderr[-3000:]}")
     rows = [json.loads(line) for line in Path(out_dir, "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -260,7 +246,7 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--configs", default=DEFAULT_CONFIGS, help='";"-separated names, or "zero": the ZeRO-3 knob sweep')
     p.add_argument("--rounds", type=int, default=1, help="TRL and the rows this many times, interleaved")
-    p.add_argument("--out", default=None, help="also write the table to this Markdown file")
+    p.add_argument("--out", default=None, help="also write the table into this docs page's bench:peer block")
     p.add_argument("--trl-child", nargs=4, metavar=("STUDENT", "TEACHER", "STEPS", "OUT"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.trl_child:
@@ -302,7 +288,7 @@ def main() -> int:
             row(shape, f"scope_ds {name}", ours[name], trls)
         print(f"({shape}: {time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
     if args.out:
-        Path(args.out).write_text("\n".join(lines) + "\n")
+        benchlib.write_block(args.out, "peer", "\n".join(lines), benchlib.command_line(), benchlib.machine_line())
     return 0
 
 

@@ -19,11 +19,12 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import benchlib
+
+ROOT = str(benchlib.ROOT)
 STAGES = ("generate", "verify", "teacher", "update", "sync")
 # name -> its overrides (pi_old is recomputed by the trainer unless a row says otherwise)
 CONFIGS = {
@@ -64,37 +65,29 @@ def long_pair() -> list[str]:
     with the toy tokenizer (its 64 ids; the rest decode to nothing) and a 2304-token context.
     Their logits start near uniform, so EOS (one id of 512) ends a response after a geometric,
     long-tailed number of tokens: about 500 on average, hundreds to a couple of thousand."""
-    import shutil
-
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from scope_ds.data.toy_pretrain import ensure_toy_models
 
     toy = ensure_toy_models(None)
     root = os.path.join(os.path.expanduser("~"), ".cache", "scope_ds", "bench_long")
     out = []
     for name, width, layers, seed in (("student", 64, 2, 0), ("teacher", 96, 3, 1)):
-        folder = os.path.join(root, name)
-        if not os.path.exists(os.path.join(folder, "config.json")):
-            torch.manual_seed(seed)
-            base = LlamaConfig.from_pretrained(toy.student)
-            config = LlamaConfig(
-                **{k: getattr(base, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")},
-                vocab_size=LONG_VOCAB,
-                hidden_size=width,
-                intermediate_size=2 * width,
-                num_hidden_layers=layers,
-                num_attention_heads=4,
-                num_key_value_heads=4,
-                max_position_embeddings=LONG_MAX_NEW + 256,
-                tie_word_embeddings=False,
-            )
-            LlamaForCausalLM(config).save_pretrained(folder)
-            for file in os.listdir(toy.student):
-                if file.startswith(("tokenizer", "special_tokens")):
-                    shutil.copy(os.path.join(toy.student, file), folder)
-        out.append(folder)
+        folder = benchlib.build_random_model(
+            os.path.join(root, name),
+            "llama",
+            seed,
+            tokenizer_from=toy.student,
+            cached=True,
+            **benchlib.token_ids(toy.student),
+            vocab_size=LONG_VOCAB,
+            hidden_size=width,
+            intermediate_size=2 * width,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=4,
+            max_position_embeddings=LONG_MAX_NEW + 256,
+            tie_word_embeddings=False,
+        )
+        out.append(str(folder))
     return out
 
 
@@ -123,13 +116,8 @@ def run_one(name: str, args, out_dir: str) -> list[dict]:
         *args.overrides,
     ]
     script = os.path.join(ROOT, "scope_ds", "train.py")
-    if args.ranks > 1:
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(args.ranks), script, *overrides]
-    else:
-        cmd = [sys.executable, script, *overrides]
     # One core for the trainer, one for the server (its default): the stages overlap, not fight.
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.trainer_threads)}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    proc = benchlib.run_child(script, overrides, args.ranks, env={"OMP_NUM_THREADS": str(args.trainer_threads)})
     if proc.returncode != 0:
         sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
@@ -172,7 +160,9 @@ def main() -> None:
     ap.add_argument(
         "--configs", help="comma-separated configuration names (default: all; GRPO sync and SCOPE sync always)"
     )
-    ap.add_argument("--out", help="also write the table (Markdown) here")
+    ap.add_argument(
+        "--out", help="also write the table into this docs page's bench:pipeline block (--long: pipeline-long)"
+    )
     ap.add_argument("--long", action="store_true", help="partial rollouts vs regenerate on long, ragged responses")
     ap.add_argument("overrides", nargs="*", help="extra key=value overrides for every run")
     args = ap.parse_args()
@@ -216,8 +206,9 @@ def main() -> None:
     table = "\n".join(lines)
     print(table + "\n\n" + note)
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(table + "\n\n" + note + "\n")
+        benchlib.write_block(
+            args.out, "pipeline", table + "\n\n" + note, benchlib.command_line(), benchlib.machine_line()
+        )
 
 
 def long_main(args) -> None:
@@ -244,8 +235,7 @@ def long_main(args) -> None:
     table = "\n".join(lines)
     print(table)
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(table + "\n")
+        benchlib.write_block(args.out, "pipeline-long", table, benchlib.command_line(), benchlib.machine_line())
 
 
 if __name__ == "__main__":

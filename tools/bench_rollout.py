@@ -7,6 +7,7 @@
 
     python tools/bench_rollout.py [--out-dir DIR] [--concurrency 1 8 64] [--skip-sync]
         [--server-arg=--transformers-decode]   # server flags for the generation part
+        [--out docs/rollout.md]   # also into that page's bench:rollout block
 
 Prints a Markdown table (the one in docs/rollout.md comes from this command).
 """
@@ -15,38 +16,35 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import platform
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+import benchlib
+
+sys.path.insert(0, str(benchlib.ROOT))  # run from a checkout without installing
 
 import torch  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from scope_ds.rollout.client import RolloutClient, SyncRolloutClient  # noqa: E402
 from scope_ds.rollout.launcher import launch_embedded  # noqa: E402
 from scope_ds.rollout.weight_sync import DiskWeightSync, DistributedWeightSync  # noqa: E402
 
-SMALL = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8, vocab_size=1024)
-# 2 x 32000 x 640 (embeddings, head) + 12 x (4 x 640^2 + 3 x 640 x 1728) = 100.5M parameters.
-M100 = dict(hidden_size=640, intermediate_size=1728, num_hidden_layers=12, num_attention_heads=10, vocab_size=32000)
 
-
-def make_model(folder: Path, seed: int, **shape: int) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
+def _llama(**shape: int) -> dict:
+    """A random Llama's config arguments (benchlib.random_model): no grouped-query attention, untied head."""
+    return dict(
         **shape,
         num_key_value_heads=shape["num_attention_heads"],
         max_position_embeddings=512,
         tie_word_embeddings=False,
     )
-    model = LlamaForCausalLM(config).eval()
-    model.save_pretrained(str(folder))
-    return model
+
+
+SMALL = _llama(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8, vocab_size=1024)
+# 2 x 32000 x 640 (embeddings, head) + 12 x (4 x 640^2 + 3 x 640 x 1728) = 100.5M parameters.
+M100 = _llama(hidden_size=640, intermediate_size=1728, num_hidden_layers=12, num_attention_heads=10, vocab_size=32000)
 
 
 async def _wave(client: RolloutClient, concurrency: int, new_tokens: int, vocab: int) -> tuple[int, float]:
@@ -60,8 +58,7 @@ async def _wave(client: RolloutClient, concurrency: int, new_tokens: int, vocab:
 def bench_throughput(
     work: Path, levels: list[int], new_tokens: int, rounds: int, server_args: list[str]
 ) -> list[tuple[str, str]]:
-    folder = work / "small"
-    make_model(folder, seed=0, **SMALL)
+    folder = benchlib.build_random_model(work / "small", "llama", 0, **SMALL)
     proc = launch_embedded(str(folder), log_dir=work, wait_s=300, extra_args=server_args)[0]
     rows = []
     try:
@@ -86,9 +83,8 @@ def bench_throughput(
 
 
 def bench_sync(work: Path, repeats: int) -> list[tuple[str, str]]:
-    base = work / "m100"
-    make_model(base, seed=0, **M100)
-    trainer_model = make_model(work / "m100_new", seed=1, **M100)
+    base = benchlib.build_random_model(work / "m100", "llama", 0, **M100)
+    trainer_model = benchlib.random_model("llama", 1, **M100).eval()
     params = sum(p.numel() for p in trainer_model.parameters())
     proc = launch_embedded(str(base), log_dir=work, wait_s=600)[0]
     rows = []
@@ -132,6 +128,7 @@ def main() -> None:
         default=[],
         help="a flag for the generation part's server, e.g. --server-arg=--transformers-decode (repeatable)",
     )
+    p.add_argument("--out", help="also write the table into this docs page's bench:rollout block")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(dir=args.out_dir) as tmp:
         work = Path(tmp)
@@ -140,12 +137,13 @@ def main() -> None:
             rows += bench_throughput(work, args.concurrency, args.new_tokens, args.rounds, args.server_arg)
         if not args.skip_sync:
             rows += bench_sync(work, args.sync_repeats)
-    print(
-        f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU(s), torch {torch.__version__}"
+    print(f"\nmachine: {benchlib.machine_line()}, torch {torch.__version__}")
+    table = "\n".join(
+        ["| measurement | result |", "| --- | --- |", *(f"| {label} | {value} |" for label, value in rows)]
     )
-    print("\n| measurement | result |\n| --- | --- |")
-    for label, value in rows:
-        print(f"| {label} | {value} |")
+    print("\n" + table)
+    if args.out:
+        benchlib.write_block(args.out, "rollout", table, benchlib.command_line(), benchlib.machine_line())
 
 
 if __name__ == "__main__":

@@ -4,15 +4,17 @@ with whole logits against packed token budgets with statistics from hidden state
 
     python tools/bench_step.py [--ranks 2] [--rollouts 16] [--mean 700] [--max 2048] [--hidden 128]
         [--layers 2] [--steps 2] [--configs "packing=false micro=1 old=all;packing=true tokens=4096"]
+        [--out docs/bench_step.md]
 
 Builds a Qwen3-shaped random student and teacher (vocabulary 151,936, tied embeddings, small width
 and depth so that this runs on a CPU) once, into ~/.cache/scope_ds/bench_step/. Each configuration
 runs in its own `deepspeed --num_gpus RANKS` job (ZeRO-3, gloo on CPU): the same global batch of
 ragged rollouts (prompts of 20-150 tokens; responses log-normal, mean about --mean, cut at --max;
 half of them incorrect, so the teacher scores those), --steps steps of score + update, the last
-one timed. Prints a Markdown table: peak resident memory per rank during the step (the highest
-rank), seconds per step, trained (response) tokens per second, the padding share of the positions
-the forward passes ran over, micro-batches per rank. ``old=all`` recomputes pi_old for every
+one timed. Prints a Markdown table (with --out, also into that page's bench:step block): peak
+resident memory per rank during the step (the highest rank), seconds per step, trained (response)
+tokens per second, the padding share of the positions the forward passes ran over, micro-batches
+per rank. ``old=all`` recomputes pi_old for every
 rollout (the trainer's behaviour before it took pi_old from the update's own pass where the plan
 does not read it): with ``packing=false micro=1`` it is the step as it was before packing.
 ``name=opd kl=full`` runs another algorithm; ``score=all`` scores every rollout of the teacher's
@@ -28,14 +30,14 @@ import math
 import os
 import random
 import re
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import benchlib
+
+ROOT = benchlib.ROOT
 sys.path.insert(0, str(ROOT))
 VOCAB = 151_936
 DEFAULT_CONFIGS = "packing=false micro=1 old=all;packing=false micro=1;packing=false micro=2;packing=true tokens=4096"
@@ -43,35 +45,31 @@ DEFAULT_CONFIGS = "packing=false micro=1 old=all;packing=false micro=1;packing=f
 
 def _models(hidden: int, layers: int) -> tuple[Path, Path]:
     """Student (hidden) and teacher (1.5 x hidden) Qwen3-shaped random models, cached by shape."""
-    import torch
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
     root = Path.home() / ".cache" / "scope_ds" / "bench_step" / f"v{VOCAB}-h{hidden}-l{layers}"
     out = []
     for name, width, seed in (("student", hidden, 0), ("teacher", hidden * 3 // 2, 1)):
-        folder = root / name
-        if not (folder / "config.json").exists():
-            torch.manual_seed(seed)
-            heads = max(2, width // 32)
-            config = Qwen3Config(
-                vocab_size=VOCAB,
-                hidden_size=width,
-                intermediate_size=3 * width,
-                num_hidden_layers=layers,
-                num_attention_heads=heads,
-                num_key_value_heads=max(1, heads // 2),
-                head_dim=32,
-                max_position_embeddings=4096,
-                tie_word_embeddings=True,
-            )
-            Qwen3ForCausalLM(config).save_pretrained(folder)
+        heads = max(2, width // 32)
+        folder = benchlib.build_random_model(
+            root / name,
+            "qwen3",
+            seed,
+            cached=True,
+            vocab_size=VOCAB,
+            hidden_size=width,
+            intermediate_size=3 * width,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=max(1, heads // 2),
+            head_dim=32,
+            max_position_embeddings=4096,
+            tie_word_embeddings=True,
+        )
         out.append(folder)
     return out[0], out[1]
 
 
 def _batch(rollouts: int, group: int, mean: int, cap: int, seed: int = 0):
-    from scope_ds.pipeline.stages import Batch
-    from scope_ds.sample import Rollout
+    from scope_ds.records import Batch, Rollout
 
     rng = random.Random(seed)
     mu = math.log(mean) - 0.5  # log-normal, sigma 1: mean exp(mu + 1/2) before the cut
@@ -110,13 +108,12 @@ def _status_kb(field: str) -> int:
 def child(args: argparse.Namespace) -> None:
     import torch
 
+    from scope_ds.algorithms import algorithm_of
     from scope_ds.config import load_config
     from scope_ds.engines import ds
-    from scope_ds.pipeline import stages
+    from scope_ds.engines.learner import Learner
     from scope_ds.pipeline.build import build_engines
     from scope_ds.pipeline.collectives import score_group
-    from scope_ds.pipeline.run import Run
-    from scope_ds.pipeline.versions import PolicyVersions
 
     opts = dict(kv.split("=") for kv in args.config.split())
     packing = opts.get("packing", "true") == "true"
@@ -137,24 +134,13 @@ def child(args: argparse.Namespace) -> None:
     cfg = load_config(None, overrides)
     rank, world = ds.init_distributed()
     torch.manual_seed(0)
-    algo = cfg.algorithm()
+    algo = algorithm_of(cfg.algo)
     if opts.get("old") == "all":  # the issue's baseline: pi_old recomputed for every rollout, as before
         algo.reads_student_logp = lambda correct_B: torch.ones_like(correct_B, dtype=torch.bool)
     if opts.get("score") == "all":  # every rollout the teacher is needed for scored before the update, as before
         algo.reads_teacher_logp = algo.teacher_mask
     student, teacher, reference = build_engines(cfg, algo, world, args.student, args.teacher, score_group())
-    run = Run(
-        cfg=cfg,
-        rank=rank,
-        world=world,
-        algo=algo,
-        tokenizer=None,
-        student_path=args.student,
-        student=student,
-        teacher=teacher,
-        reference=reference,
-        versions=PolicyVersions(),
-    )
+    learner = Learner(cfg, algo, rank, world, student, teacher, reference)
     result = {}
     for _ in range(args.steps):
         batch = _batch(args.rollouts, args.group, args.mean, args.max)
@@ -162,9 +148,9 @@ def child(args: argparse.Namespace) -> None:
         _peak_reset()
         base = _status_kb("VmRSS")
         t0 = time.perf_counter()
-        stages.score(run, batch)
+        learner.score_teacher(batch.rollouts)
         t1 = time.perf_counter()
-        metrics = stages.update(run, batch)
+        metrics = learner.update(batch.rollouts, batch.times)
         torch.distributed.barrier()
         wall = time.perf_counter() - t0
         result = {
@@ -185,10 +171,28 @@ def child(args: argparse.Namespace) -> None:
     ds.end_distributed()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _table(rows: list[tuple[str, list[dict] | None]]) -> str:
+    """The Markdown table of each configuration's per-rank results (None: the run failed)."""
+    lines = [
+        "| configuration | peak RSS per rank (GiB) | of it, the step's (GiB) | s / step (teacher, pi_old, update) "
+        "| trained tokens / s | padding share | micro-batches per rank |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for config, parts in rows:
+        if parts is None:
+            lines.append(f"| {config} | failed | | | | | |")
+            continue
+        peak = max(p["peak_gib"] for p in parts)
+        extra = max(p["step_extra_gib"] for p in parts)
+        wall = max(p["seconds"] for p in parts)
+        tokens = parts[0]["tokens"]
+        score, old = max(p["score_s"] for p in parts), max(p["old_logprobs_s"] for p in parts)
+        lines.append(
+            f"| {config} | {peak:.2f} | {extra:.2f} | {wall:.1f} ({score:.1f}, {old:.1f}, {wall - score - old:.1f}) "
+            f"| {tokens / wall:.0f} | "
+            f"{parts[0]['padding_share']:.1%} | {parts[0]['micro_batches']:.0f} |"
+        )
+    return "\n".join(lines)
 
 
 def main() -> int:
@@ -211,7 +215,8 @@ def main() -> int:
     ap.add_argument("--config", help=argparse.SUPPRESS)
     ap.add_argument("--student", help=argparse.SUPPRESS)
     ap.add_argument("--teacher", help=argparse.SUPPRESS)
-    ap.add_argument("--out", help=argparse.SUPPRESS)
+    # --out is the docs page; the children get their result file's path in it (with --child)
+    ap.add_argument("--out", help="also write the table into this docs page's bench:step block")
     ap.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -229,15 +234,7 @@ def main() -> int:
     for config in [c.strip() for c in args.configs.split(";") if c.strip()]:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "result.json"
-            cmd = [
-                sys.executable,
-                "-m",
-                "deepspeed.launcher.runner",
-                "--num_gpus",
-                str(args.ranks),
-                "--master_port",
-                str(_free_port()),
-                __file__,
+            child_args = [
                 "--child",
                 f"--config={config}",
                 f"--student={student}",
@@ -245,8 +242,15 @@ def main() -> int:
                 f"--out={out}",
                 *[f"--{k}={getattr(args, k)}" for k in ("rollouts", "group", "mean", "max", "steps")],
             ]
-            env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // args.ranks))}
-            proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+            threads = str(max(1, (os.cpu_count() or 2) // args.ranks))
+            proc = benchlib.run_child(
+                __file__,
+                child_args,
+                args.ranks,
+                launcher=True,
+                master_port=benchlib.free_port(),
+                env={"OMP_NUM_THREADS": threads},
+            )
             if proc.returncode or not out.exists():
                 tail = (proc.stdout + proc.stderr)[-3000:]
                 print(f"{config}: failed ({proc.returncode})\n{tail}", file=sys.stderr)
@@ -254,25 +258,10 @@ def main() -> int:
                 continue
             rows.append((config, json.loads(out.read_text())))
             print(f"{config}: done", file=sys.stderr, flush=True)
-    print(
-        "\n| configuration | peak RSS per rank (GiB) | of it, the step's (GiB) | s / step (teacher, pi_old, update) | trained tokens / s "
-        "| padding share | micro-batches per rank |"
-    )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for config, parts in rows:
-        if parts is None:
-            print(f"| {config} | failed | | | | | |")
-            continue
-        peak = max(p["peak_gib"] for p in parts)
-        extra = max(p["step_extra_gib"] for p in parts)
-        wall = max(p["seconds"] for p in parts)
-        tokens = parts[0]["tokens"]
-        score, old = max(p["score_s"] for p in parts), max(p["old_logprobs_s"] for p in parts)
-        print(
-            f"| {config} | {peak:.2f} | {extra:.2f} | {wall:.1f} ({score:.1f}, {old:.1f}, {wall - score - old:.1f}) "
-            f"| {tokens / wall:.0f} | "
-            f"{parts[0]['padding_share']:.1%} | {parts[0]['micro_batches']:.0f} |"
-        )
+    table = _table(rows)
+    print("\n" + table)
+    if args.out:
+        benchlib.write_block(args.out, "step", table, benchlib.command_line(), benchlib.machine_line())
     return 0 if all(parts is not None for _, parts in rows) else 1
 
 

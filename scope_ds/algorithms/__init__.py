@@ -11,15 +11,20 @@ from scope_ds.algorithms.grpo import GRPO
 from scope_ds.algorithms.kd import KD
 from scope_ds.algorithms.scope import OPD, Scope
 from scope_ds.choices import literal_values
+from scope_ds.config import AlgoOptions
 
 ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (Scope, OPD, GRPO, KD)}
 
 
 def algorithm_options(name: str) -> dict[str, Any]:
     """The options of algorithm ``name`` with their defaults."""
-    cls = _lookup(name)
-    hidden = () if cls.uses_importance_ratio else ("is_cap", "old_logprobs", "mismatch_cap")
-    return {f.name: f.default for f in dataclasses.fields(cls) if f.name not in hidden}
+    return _lookup(name).keys()
+
+
+def algorithm_of(options: AlgoOptions) -> Algorithm:
+    """The algorithm of a config's ``algo`` section (its options, checked by the config's loader)."""
+    fields = {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
+    return _lookup(options.name)(**fields)
 
 
 def build_algorithm(name: str, options: dict[str, Any] | None = None) -> Algorithm:
@@ -77,6 +82,7 @@ __all__ = [
     "RolloutStats",
     "Scope",
     "TokenBatch",
+    "algorithm_of",
     "algorithm_options",
     "build_algorithm",
 ]

@@ -19,16 +19,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import ClassVar, Literal
 
 import torch
 
 from scope_ds.algorithms import losses
-from scope_ds.algorithms.losses import Aggregation
 from scope_ds.algorithms.weights import check_rollout_vectors
-from scope_ds.choices import check_literal_fields
-
-OldLogprobs = Literal["recompute", "server"]
 
 
 class Path(IntEnum):
@@ -92,33 +87,12 @@ def _zero_padding(t: torch.Tensor | None, m: torch.Tensor) -> torch.Tensor | Non
     return None if t is None else torch.where(m, t, torch.zeros_like(t))
 
 
-@dataclass
 class Algorithm:
-    """Base of the registered algorithms; subclasses are dataclasses of their options."""
-
-    name: ClassVar[str] = ""
-    aggregation: Aggregation = "seq-sum"  # seq-sum (paper) | token-mean (authors' code) | seq-mean
-    is_cap: float | None = None  # truncate importance ratios above this (stale rollouts); None = no cap
-    # recompute: pi_old from a no-grad trainer forward before the update, and the server's log-probs
-    # only correct the train-inference mismatch (truncated IS) | server: pi_old = the server's log-probs
-    old_logprobs: OldLogprobs = "recompute"
-    mismatch_cap: float = 2.0  # truncate the mismatch weight pi_old / pi_behaviour above this (>= 1)
+    """Base of the registered algorithms: each is a dataclass of its options (scope_ds/config.py's
+    ``*Options``, checked at construction) with this maths."""
 
     def __post_init__(self):
-        check_literal_fields(self, "algo")
-        if self.is_cap is not None and not self.is_cap >= 1.0:
-            raise ValueError(f"algo.is_cap must be >= 1 or null, got {self.is_cap}")
-        if not self.mismatch_cap >= 1.0:
-            raise ValueError(f"algo.mismatch_cap must be >= 1, got {self.mismatch_cap}")
-
-    # ---- what the trainer must compute --------------------------------------------------------
-    uses_teacher_rollouts: ClassVar[bool] = False  # KD trains on answers the teacher generated
-    # False where the loss ignores rho (KD's NLL): is_cap, old_logprobs and mismatch_cap are then no
-    # options of the algorithm, and nothing is recomputed or reweighted.
-    uses_importance_ratio: ClassVar[bool] = True
-    # Rollouts per prompt (rollout.n) below which the plan trains nothing: 2 where the advantage is
-    # normalised within the prompt's group (GRPO), which is 0 for a group of one.
-    min_group_size: ClassVar[int] = 1
+        self.check()  # a ConfigError (a ValueError) naming the option
 
     @property
     def recomputes_old_logprobs(self) -> bool:
@@ -151,10 +125,6 @@ class Algorithm:
 
     @property
     def needs_reference(self) -> bool:
-        return False
-
-    @property
-    def uses_full_kl(self) -> bool:
         return False
 
     @property

@@ -3,31 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 
 from scope_ds.algorithms import losses
 from scope_ds.algorithms.base import Algorithm, Path, Plan, RolloutStats, TokenBatch
-from scope_ds.algorithms.losses import Aggregation
 from scope_ds.algorithms.weights import group_advantages
+from scope_ds.config import GRPOOptions
 
 
 @dataclass
-class GRPO(Algorithm):
-    name: ClassVar[str] = "grpo"
-    min_group_size: ClassVar[int] = 2  # r - mean(group) is 0 for a group of one rollout
-    aggregation: Aggregation = "token-mean"  # mean over all trained tokens of the global batch
-    eps: float = 0.2  # ratio clip range [1 - eps, 1 + eps] (paper's setting)
-    kl_coef: float = 1e-4  # weight of k3 KL to the reference policy (paper's setting); 0 = no reference
-    std_normalize: bool = True  # divide the centred reward by the group std (False = Dr. GRPO)
-
-    def __post_init__(self):
-        super().__post_init__()
-        if not 0 < self.eps < 1:
-            raise ValueError(f"algo.eps must be in (0, 1), got {self.eps}")
-        if self.kl_coef < 0:
-            raise ValueError(f"algo.kl_coef must be >= 0, got {self.kl_coef}")
+class GRPO(Algorithm, GRPOOptions):
+    """Group-normalised advantage with a clipped ratio (options: config.GRPOOptions)."""
 
     @property
     def needs_reference(self) -> bool:

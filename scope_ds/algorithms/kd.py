@@ -3,23 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 
 from scope_ds.algorithms.base import Algorithm, Path, Plan, RolloutStats, TokenBatch
-from scope_ds.algorithms.losses import Aggregation
+from scope_ds.config import KDOptions
 
 
 @dataclass
-class KD(Algorithm):
-    name: ClassVar[str] = "kd"
-    uses_teacher_rollouts: ClassVar[bool] = True
-    uses_importance_ratio: ClassVar[bool] = False
-    aggregation: Aggregation = "token-mean"  # mean NLL over all teacher-answer tokens of the global batch
-    only_correct: bool = False  # train only on teacher answers the verifier accepts (rejection sampling)
-    # False: the NLL at T = 1, standard sequence-level KD | True: at the rollout (teacher sampling) temperature
-    nll_at_rollout_temperature: bool = False
+class KD(Algorithm, KDOptions):
+    """Supervised NLL on the teacher's answers (options: config.KDOptions)."""
 
     def train_temperature(self, rollout_temperature: float) -> float:
         # Sequence-level KD is supervised learning on the teacher's answers: the student's own (T = 1)

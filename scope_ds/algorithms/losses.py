@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import math
 import typing
-from typing import Literal
 
 import torch
 
 from scope_ds.algorithms.weights import check_finite
+from scope_ds.config import Aggregation
 
-Aggregation = Literal["seq-sum", "token-mean", "seq-mean"]
 AGGREGATIONS = typing.get_args(Aggregation)
 
 

@@ -6,25 +6,17 @@ Shape legend: B = rollouts of the global batch; T = response positions.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
 
 import torch
 
 from scope_ds.algorithms import losses
 from scope_ds.algorithms.base import Algorithm, Path, Plan, RolloutStats, TokenBatch
-from scope_ds.algorithms.weights import Normalization, WeightMode, ppl_weights
+from scope_ds.algorithms.weights import ppl_weights
+from scope_ds.config import OPDOptions, ScopeOptions
 
-KLForm = Literal["sampled", "full"]
 
-
-@dataclass
 class _DistillBase(Algorithm):
-    normalization: Normalization = "sum"  # sum: a subset's weights sum to 1 (paper) | mean: average 1 (authors' code)
-    kl: KLForm = "sampled"  # sampled: Eq. 3's single-token estimator (paper) | full: full-vocabulary KL
-
-    @property
-    def uses_full_kl(self) -> bool:
-        return self.kl == "full"
+    """SCOPE's and OPD's shared maths (their options: config.DistillOptions)."""
 
     @property
     def needs_teacher(self) -> bool:
@@ -57,19 +49,9 @@ class _DistillBase(Algorithm):
 
 
 @dataclass
-class Scope(_DistillBase):
+class Scope(_DistillBase, ScopeOptions):
     """Correct rollouts -> MLE weighted by student PPL (Eq. 4); incorrect -> OPD weighted by the
     teacher's inverse PPL (Eq. 5); both softmaxes within each prompt's group at temperature tau."""
-
-    name: ClassVar[str] = "scope"
-    tau: float = 1.0  # softmax temperature of both weights (paper ablates 0.5, 1, 2)
-    student_weight: WeightMode = "ppl"  # ppl (Eq. 4) | uniform | reversed (the authors' run scripts)
-    teacher_weight: WeightMode = "ppl"  # ppl (Eq. 5) | uniform | reversed
-
-    def __post_init__(self):
-        super().__post_init__()
-        if not self.tau > 0:
-            raise ValueError(f"algo.tau must be > 0, got {self.tau}")
 
     def teacher_mask(self, correct_B: torch.Tensor) -> torch.Tensor:
         return ~correct_B.bool()
@@ -99,10 +81,8 @@ class Scope(_DistillBase):
 
 
 @dataclass
-class OPD(_DistillBase):
+class OPD(_DistillBase, OPDOptions):
     """The OPD baseline: Eq. 3 on every rollout, uniform weights within each prompt's group."""
-
-    name: ClassVar[str] = "opd"
 
     def teacher_mask(self, correct_B: torch.Tensor) -> torch.Tensor:
         return torch.ones_like(correct_B, dtype=torch.bool)

@@ -8,13 +8,11 @@ incorrect rollouts). Everything here is computed in float64 and returns constant
 from __future__ import annotations
 
 import typing
-from typing import Literal
 
 import torch
 
-# Values YAML reads as strings (it reads on / off as booleans).
-WeightMode = Literal["ppl", "uniform", "reversed"]
-Normalization = Literal["sum", "mean"]
+from scope_ds.config import Normalization, WeightMode
+
 WEIGHT_MODES = typing.get_args(WeightMode)
 NORMALIZATIONS = typing.get_args(Normalization)
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from scope_ds.data.record import PromptRecord
+from scope_ds.records import PromptRecord
 
 PROMPT_SUFFIX = "Put your final answer within \\boxed{}."
 # Field names tried in order when a spec does not name one; the usual sets use one of these.

@@ -8,16 +8,16 @@ through these functions: an evaluation then scores exactly what training samples
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from scope_ds.choices import check_choice, literal_values
-from scope_ds.data.record import PromptRecord
+from scope_ds.config import TruncatedPolicy
+from scope_ds.records import PromptRecord
 
 if TYPE_CHECKING:
-    from scope_ds.sample import Rollout
+    from scope_ds.records import Rollout
 
 # How a truncated response (finish_reason "length") is routed; the type of data.truncated.
-TruncatedPolicy = Literal["verify", "incorrect", "skip"]
 
 
 def encode_prompt(tokenizer: Any, prompt: str, chat_template: bool = True) -> list[int]:

@@ -21,7 +21,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from scope_ds.data.record import PromptRecord
+from scope_ds.records import PromptRecord
 
 _FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 _log = logging.getLogger(__name__)

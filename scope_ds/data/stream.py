@@ -6,7 +6,7 @@ import random
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from scope_ds.data.record import PromptRecord
+from scope_ds.records import PromptRecord
 
 if TYPE_CHECKING:
     from scope_ds.config import DataConfig

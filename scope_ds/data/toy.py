@@ -25,7 +25,7 @@ import hashlib
 import random
 from dataclasses import dataclass
 
-from scope_ds.data.record import PromptRecord
+from scope_ds.records import PromptRecord
 
 N_OPS = 3  # operations per problem, hence written steps per solution
 VARIANTS = ("chain", "any-order")

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from scope_ds.sample import Rollout
+from scope_ds.records import Rollout
 
 
 @dataclass

@@ -15,12 +15,12 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from scope_ds.data import encoding
-from scope_ds.data.record import PromptRecord
 from scope_ds.evaluation.estimators import avg_at_k, k_values, pass_at_k
+from scope_ds.records import PromptRecord
 from scope_ds.rollout.client import RolloutAbortedError, RolloutServerError, SyncRolloutClient
 
 if TYPE_CHECKING:
-    from scope_ds.sample import Rollout
+    from scope_ds.records import Rollout
 
 Verifier = Callable[[str, str], float]
 

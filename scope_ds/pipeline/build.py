@@ -14,24 +14,27 @@ from typing import Any
 import numpy as np
 import torch
 
+from scope_ds.algorithms import algorithm_of
 from scope_ds.algorithms.base import Algorithm
 from scope_ds.config import Config, ConfigError, save_config
 from scope_ds.data.encoding import drop_long_prompts
-from scope_ds.data.record import PromptRecord
 from scope_ds.data.stream import prompt_source
 from scope_ds.engines import ds
 from scope_ds.engines.compat import check_compatible
+from scope_ds.engines.learner import Learner
 from scope_ds.engines.models import InferenceEngine, StudentEngine
 from scope_ds.metrics import RunLog
+from scope_ds.model_paths import model_paths, served_of, uses_toy
 from scope_ds.openmp import server_threads
 from scope_ds.pipeline.collectives import default_backend, score_group, share
 from scope_ds.pipeline.folders import prepare_folders
-from scope_ds.pipeline.run import RolloutSide, Run, pushes_weights
+from scope_ds.pipeline.run import Lead, RolloutSide, Run, pushes_weights
 from scope_ds.pipeline.versions import PolicyVersions
+from scope_ds.records import PromptRecord
 from scope_ds.rewards.pool import VerifierPool
 from scope_ds.rollout.client import SyncRolloutClient
 from scope_ds.rollout.launcher import RolloutServers
-from scope_ds.rollout.weight_sync import DiskWeightSync, DistributedWeightSync
+from scope_ds.rollout.weight_sync import DiskWeightSync, DistributedWeightSync, WeightSync
 
 
 def build_run(cfg: Config) -> Run:
@@ -39,24 +42,20 @@ def build_run(cfg: Config) -> Run:
     rank, world = ds.init_distributed()
     ds.default_threads(world, launched_server_threads(cfg))
     seed_everything(cfg.train.seed + rank)
-    algo = cfg.algorithm()
+    algo = algorithm_of(cfg.algo)
     student_path, teacher_path = resolve_models(cfg, rank)
-    # rank 0 decides (it alone writes the run folder); every rank stops alike
-    problem = share(_folder_problem(cfg, algo, student_path) if rank == 0 else None)
-    if problem:  # every rank is here (share is a collective): end the groups in order, then stop
-        ds.end_distributed()
-        raise ConfigError(problem)
+    check_run_folder(cfg, algo, student_path, rank)
     tokenizer = check_compatible(student_path, teacher_path, full_vocab=algo.uses_full_kl)
     records, eval_records, verifier = prompts(cfg, tokenizer, rank)
     group = score_group()
     # the servers start (seconds on CPU, minutes for SGLang) while the engines are built
     evaluates = bool(cfg.data.eval_every and eval_records)
     starting = launch_rollout(cfg, algo, student_path, teacher_path, evaluates) if rank == 0 else None
+    rollout = None
     try:
-        student, teacher, reference = build_engines(
-            cfg, algo, world, student_path, teacher_path, teacher_group(cfg, group)
-        )
-        rollout = None
+        engines = build_engines(cfg, algo, world, student_path, teacher_path, teacher_group(cfg, group))
+        learner = Learner(cfg, algo, rank, world, *engines, pad_id=pad_id(tokenizer))
+        check_share_prompts(cfg, learner)
         if starting is not None:
             save_config(cfg, os.path.join(cfg.logging.run_dir, "config.yaml"))
             rollout = connect_rollout(cfg, algo, student_path, starting)
@@ -64,31 +63,39 @@ def build_run(cfg: Config) -> Run:
         if starting is not None:
             starting.stop()
         raise
-    run = Run(
-        cfg=cfg,
-        rank=rank,
-        world=world,
-        algo=algo,
-        tokenizer=tokenizer,
-        student_path=student_path,
-        student=student,
-        teacher=teacher,
-        reference=reference,
-        versions=PolicyVersions(rollout.client.urls if rollout else ()),
-        verifier=VerifierPool(verifier, cfg.data.verify_timeout_s) if rank == 0 else None,
-        records=records,
-        eval_records=eval_records,
-        score_group=group,
-        log=run_log(cfg, rank),
-        rollout=rollout,
+    lead = Lead(rollout, VerifierPool(verifier, cfg.data.verify_timeout_s)) if rollout is not None else None
+    versions = PolicyVersions(rollout.client.urls if rollout else ())
+    log = run_log(cfg, rank)
+    return Run(
+        cfg, rank, world, algo, tokenizer, student_path, learner, versions, records, eval_records, group, log, lead
     )
-    unable = run.engines_unable_to_share_prompts
-    if rank == 0 and cfg.train.packing and cfg.train.share_prompts and unable:
+
+
+def check_run_folder(cfg: Config, algo: Algorithm, student_path: str, rank: int) -> None:
+    """Rank 0 prepares the run folder (it alone writes there) or finds why it cannot; every rank
+    then stops alike, with a ConfigError, after ending the process groups in order."""
+    problem = share(_folder_problem(cfg, algo, student_path) if rank == 0 else None)
+    if problem:  # every rank is here (share is a collective)
+        ds.end_distributed()
+        raise ConfigError(problem)
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The tokenizer's padding id (0 where it has none)."""
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return pad if pad is not None else 0
+
+
+def check_share_prompts(cfg: Config, learner: Learner) -> None:
+    """``train.share_prompts=true`` (with packing) needs every engine to attend with engines/attention.py;
+    refused at start-up, naming the engines, where one cannot (alike on every rank)."""
+    unable = learner.unable_to_share_prompts
+    if cfg.train.packing and cfg.train.share_prompts and unable:
         names = ", ".join(f"{e.path} ({e.model.config._attn_implementation})" for e in unable)
-        print(
-            f"train.share_prompts: off, each rollout packed with its own prompt: the attention of {names} cannot share one"
+        raise ConfigError(
+            f"train.share_prompts=true cannot run: the attention of {names} cannot read a row whose rollouts share "
+            "their prompt (only engines/attention.py can); set train.share_prompts=false"
         )
-    return run
 
 
 def _folder_problem(cfg: Config, algo: Algorithm, student_path: str) -> str | None:
@@ -125,16 +132,11 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_models(cfg: Config, rank: int) -> tuple[str, str]:
-    """Student and teacher folders; the toy pair is built on first use (rank 0; others wait)."""
-    if "toy" not in (cfg.model.student, cfg.model.teacher):
-        return cfg.model.student, cfg.model.teacher
-    from scope_ds.data.toy_pretrain import ensure_toy_models
-
-    toy = ensure_toy_models(cfg.model.toy_cache or None, variant=cfg.data.toy_variant) if rank == 0 else None
-    toy = share(toy)
-    student = str(toy.student) if cfg.model.student == "toy" else cfg.model.student
-    teacher = str(toy.teacher) if cfg.model.teacher == "toy" else cfg.model.teacher
-    return student, teacher
+    """Student and teacher folders (scope_ds.model_paths); the toy pair is built on first use (rank
+    0; the others wait in the broadcast)."""
+    if not uses_toy(cfg):
+        return model_paths(cfg)
+    return share(model_paths(cfg) if rank == 0 else None)
 
 
 def build_engines(
@@ -223,7 +225,7 @@ def launch_rollout(
     c = cfg.rollout
     if c.servers:
         return StartingServers(RolloutServers(c.servers, api_key=c.api_key))
-    served = teacher_path if algo.uses_teacher_rollouts else student_path
+    served = served_of(algo, student_path, teacher_path)
     starting = StartingServers(launch_servers(cfg, served, c.num_servers, "logs"))
     if algo.uses_teacher_rollouts and evaluates:
         try:
@@ -288,7 +290,8 @@ def rollout_client(cfg: Config, servers: RolloutServers) -> SyncRolloutClient:
     )
 
 
-def weight_sync(cfg: Config, client: SyncRolloutClient, student_path: str) -> DiskWeightSync | DistributedWeightSync:
+def weight_sync(cfg: Config, client: SyncRolloutClient, student_path: str) -> WeightSync:
+    """The method ``rollout.weight_sync`` names, chosen here once."""
     c = cfg.rollout
     if c.weight_sync == "disk":
         root = c.sync_dir or os.path.join(cfg.logging.run_dir, "weights")

@@ -11,15 +11,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import torch
 import torch.distributed as dist
+
+from scope_ds.engines.ranks import PipelineError, any_over_ranks, rank_and_world
 
 T = TypeVar("T")
 _stop = threading.Event()  # set by SIGTERM / SIGINT / SIGUSR1: save the last finished step, then stop
-
-
-class PipelineError(RuntimeError):
-    """A stage failed on rank 0 (a server down, a refused update): every rank stops with it."""
 
 
 @dataclass
@@ -27,13 +24,6 @@ class Failure:
     """What rank 0 shares instead of a result when its work failed, so every rank stops."""
 
     message: str
-
-
-def rank_and_world() -> tuple[int, int]:
-    """This process's rank and the world size (0 and 1 without a process group)."""
-    if not dist.is_initialized():
-        return 0, 1
-    return dist.get_rank(), dist.get_world_size()
 
 
 def share(obj: T, group: Any = None) -> T:
@@ -58,35 +48,6 @@ def on_rank0(fn: Callable[..., T], *args: Any, group: Any = None) -> T:
     if isinstance(got, Failure):
         raise PipelineError(got.message) from error
     return got
-
-
-def sum_over_ranks(sums: dict[str, float]) -> dict[str, float]:
-    """Each key's sum over ranks (a rank may lack a key: it counts as 0)."""
-    world = rank_and_world()[1]
-    if world == 1:
-        return sums
-    keys: list[Any] = [None] * world
-    dist.all_gather_object(keys, sorted(sums))
-    names = sorted({k for part in keys for k in part})
-    vec = torch.tensor([sums.get(k, 0.0) for k in names], dtype=torch.float64, device=_device())
-    dist.all_reduce(vec)
-    return dict(zip(names, vec.tolist(), strict=True))
-
-
-def _device() -> str:
-    """Where the default group's tensors live: NCCL (DeepSpeed's choice on GPUs) takes no CPU tensor."""
-    from scope_ds.engines.models import current_device_name
-
-    return current_device_name()
-
-
-def any_over_ranks(*flags: bool) -> list[bool]:
-    """Each flag OR-ed over ranks (one all-reduce on the default group)."""
-    if rank_and_world()[1] == 1:
-        return list(flags)
-    vec = torch.tensor([float(f) for f in flags], device=_device())
-    dist.all_reduce(vec, op=dist.ReduceOp.MAX)
-    return [bool(v) for v in vec.tolist()]
 
 
 def request_stop(signum: int | None = None, frame: Any = None) -> None:

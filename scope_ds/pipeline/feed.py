@@ -23,7 +23,7 @@ from scope_ds.engines.models import bind_device, current_device
 from scope_ds.pipeline import stages
 from scope_ds.pipeline.collectives import PipelineError, on_rank0, stop_signalled
 from scope_ds.pipeline.run import Run
-from scope_ds.pipeline.stages import Batch
+from scope_ds.records import Batch
 from scope_ds.rollout.client import RolloutServerError
 
 

@@ -16,13 +16,14 @@ import functools
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from scope_ds import checkpoint
 from scope_ds.pipeline import stages
 from scope_ds.pipeline.collectives import PipelineError, on_rank0, stop_requested
 from scope_ds.pipeline.feed import RolloutProducer, ScoredFeed, timed
 from scope_ds.pipeline.run import Run
-from scope_ds.pipeline.stages import Batch
+from scope_ds.records import Batch
 
 BUSY_STAGES = ("generate", "verify", "teacher", "update", "sync")
 # Mean |log(pi_old / pi_behaviour)| per token above which on-policy rollouts point at a convention
@@ -30,67 +31,91 @@ BUSY_STAGES = ("generate", "verify", "teacher", "update", "sync")
 MISMATCH_WARN = 0.1
 
 
+@dataclass
+class Progress:
+    """Where the loop stands, for the save on the way out whatever ends it."""
+
+    start: int  # the first step of this process (a resumed run: the checkpoint's)
+    done: int  # steps whose update is applied
+    stopped: bool = False  # asked to stop (a signal), or by a server going down with it
+    last: dict[str, float] = field(default_factory=dict)  # the last step's metrics (rank 0)
+    generated: int = 0  # tokens the servers generated for the trained batches
+    thrown: int = 0  # of them, tokens thrown away (samples generated again)
+
+
 def train(run: Run) -> dict[str, float]:
     """Run (or resume) the configured steps; returns the last step's metrics (rank 0; others: {})."""
-    cfg, steps = run.cfg, run.cfg.train.steps
     start, pending, in_flight = restore(run)
     producer = RolloutProducer(run, start, pending, in_flight) if run.rank == 0 else None
     feed = ScoredFeed(run, producer, start)
-    if cfg.data.eval_every and start == 0:
+    if run.cfg.data.eval_every and start == 0:
         run.log.log(0, on_rank0(evaluate, run))
-    last, done, stopped = {}, start, False  # done: steps whose update is applied
-    generated = thrown = 0  # tokens the servers generated for the trained batches; thrown away
+    progress = Progress(start, start)
     try:
-        for step in range(start, steps):
+        for step in range(start, run.cfg.train.steps):
             t0 = time.perf_counter()
             batch = feed.get(step)  # generated, verified and scored; None: asked to stop meanwhile
             if batch is None:
-                stopped = True
-                save(run, done, producer)
+                progress.stopped = True
+                save(run, progress.done, producer)
                 break
-            staleness = staleness_metrics(run, batch)
-            metrics = timed(batch.times, "update", stages.update, run, batch)
-            done = step + 1
-            staged = None
-            if producer and cfg.pipeline.sync_between_batches and cfg.pipeline.max_staleness:
-                # once the weights are written: the next batch, if its samples are under way,
-                # finishes on the weights it began with; then the servers pause for the new ones
-                staged = functools.partial(wait_generated, producer, batch, done)
-            sync(run, batch, metrics, done, staged)
-            if producer:
-                producer.advanced()
-            metrics.update(staleness)
-            generated += staleness["rollout/generated_tokens"]
-            thrown += staleness["rollout/regenerated_tokens"]
-            metrics.update(step_metrics(run, batch, time.perf_counter() - t0))
-            if done == start + 1:
-                check_mismatch(run, metrics)
-            if cfg.data.eval_every and done % cfg.data.eval_every == 0:
-                metrics.update(on_rank0(evaluate, run))
-            record(run, done, batch, metrics)
-            last = metrics if run.rank == 0 else {}
-            stopped = stop_requested()
-            if stopped or done == steps or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0):
-                save(run, done, producer)
-            if stopped:
+            train_step(run, step, batch, producer, progress, t0)
+            if progress.stopped:
                 break
     except PipelineError:
-        save(run, done, producer)  # a server down: keep what was trained, then report
+        save(run, progress.done, producer)  # a server down: keep what was trained, then report
         if not stop_requested():
             raise
-        stopped = True  # a signal to the launcher's whole tree takes the rollout server down too
+        progress.stopped = True  # a signal to the launcher's whole tree takes the rollout server down too
     finally:
         feed.close()
+    finish(run, progress)
+    return progress.last
+
+
+def train_step(
+    run: Run, step: int, batch: Batch, producer: RolloutProducer | None, progress: Progress, t0: float
+) -> None:
+    """Update, sync, log, maybe evaluate and save, for the batch of ``step``."""
+    cfg = run.cfg
+    staleness = staleness_metrics(run, batch)
+    metrics = timed(batch.times, "update", stages.update, run, batch)
+    done = progress.done = step + 1
+    staged = None
+    if producer and cfg.pipeline.sync_between_batches and cfg.pipeline.max_staleness:
+        # once the weights are written: the next batch, if its samples are under way,
+        # finishes on the weights it began with; then the servers pause for the new ones
+        staged = functools.partial(wait_generated, producer, batch, done)
+    sync(run, batch, metrics, done, staged)
+    if producer:
+        producer.advanced()
+    metrics.update(staleness)
+    progress.generated += staleness["rollout/generated_tokens"]
+    progress.thrown += staleness["rollout/regenerated_tokens"]
+    metrics.update(step_metrics(run, batch, time.perf_counter() - t0))
+    if done == progress.start + 1:
+        check_mismatch(run, metrics)
+    if cfg.data.eval_every and done % cfg.data.eval_every == 0:
+        metrics.update(on_rank0(evaluate, run))
+    record(run, done, batch, metrics)
+    progress.last = metrics if run.rank == 0 else {}
+    progress.stopped = stop_requested()
+    if progress.stopped or done == cfg.train.steps or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0):
+        save(run, done, producer)
+
+
+def finish(run: Run, progress: Progress) -> None:
+    """The run's closing lines, and the Hugging Face export of a run that was not stopped."""
+    generated, thrown = progress.generated, progress.thrown
     if generated:
         run.log.message(
-            f"rollouts: {generated} tokens generated for steps {start + 1}-{done}, {thrown} of them thrown away "
-            f"({100 * thrown / generated:.1f}%)"
+            f"rollouts: {generated} tokens generated for steps {progress.start + 1}-{progress.done}, {thrown} of "
+            f"them thrown away ({100 * thrown / generated:.1f}%)"
         )
-    if stopped:
-        run.log.message(f"stopped by a signal after step {done}; resume with checkpoint.resume=auto")
-    elif cfg.checkpoint.export_hf:
+    if progress.stopped:
+        run.log.message(f"stopped by a signal after step {progress.done}; resume with checkpoint.resume=auto")
+    elif run.cfg.checkpoint.export_hf:
         checkpoint.export_hf(run, os.path.join(run.run_dir, "hf"))
-    return last
 
 
 def restore(run: Run) -> tuple[int, list[Batch], Batch | None]:

@@ -1,21 +1,30 @@
 """The parts of a training run, as every stage and checkpoint function receives them.
 
 Built once by ``build.build_run``; the stages read the parts and change only what they own (the
-engines' weights, the policy versions). Rank 0 alone holds what speaks HTTP (``rollout``).
+engines' weights, the policy versions). ``Run`` is what every rank holds; ``Lead`` is what rank 0
+alone holds (everything that speaks HTTP, and the verifier's processes), present exactly there.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from scope_ds.algorithms.base import Algorithm
 from scope_ds.config import Config
-from scope_ds.data.record import PromptRecord
+from scope_ds.engines.learner import Learner
 from scope_ds.engines.models import InferenceEngine, StudentEngine
 from scope_ds.metrics import RunLog
 from scope_ds.pipeline.versions import PolicyVersions
+from scope_ds.records import PromptRecord
 from scope_ds.rewards.pool import VerifierPool
+from scope_ds.rollout.client import SyncRolloutClient
+from scope_ds.rollout.launcher import RolloutServers
+from scope_ds.rollout.weight_sync import WeightSync
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+    from transformers import PreTrainedTokenizerBase
 
 
 def pushes_weights(algo: Algorithm, evaluates: bool) -> bool:
@@ -33,17 +42,17 @@ class RolloutSide:
     those are the rollout servers themselves.
     """
 
-    servers: Any  # rollout.launcher.RolloutServers: launched or attached servers, stopped at close
-    client: Any  # rollout.client.SyncRolloutClient
-    weight_sync: Any = None  # pushes the student's weights (to eval_client's servers); None: nothing to push
-    eval_servers: Any = None  # KD: the student's own servers, for evaluation; None: ``servers``
-    eval_client: Any = None  # the client evaluation uses; None: ``client``
+    servers: RolloutServers  # launched or attached servers, stopped at close
+    client: SyncRolloutClient
+    weight_sync: WeightSync | None = None  # pushes the student (to eval_client's servers); None: nothing to push
+    eval_servers: RolloutServers | None = None  # KD: the student's own servers, for evaluation; None: ``servers``
+    eval_client: SyncRolloutClient | None = None  # the client evaluation uses; None (given): ``client``
 
     def __post_init__(self) -> None:
         self.eval_client = self.eval_client or self.client
 
     def close(self) -> None:
-        if self.weight_sync is not None and hasattr(self.weight_sync, "close"):
+        if self.weight_sync is not None:
             self.weight_sync.close()
         for client in {id(c): c for c in (self.client, self.eval_client)}.values():
             client.close()
@@ -53,25 +62,67 @@ class RolloutSide:
 
 
 @dataclass
+class Lead:
+    """What rank 0 alone holds."""
+
+    rollout: RolloutSide  # the servers, their client and the weight sync
+    verifier: VerifierPool  # rewards of response texts, in worker processes
+
+    def close(self) -> None:
+        self.rollout.close()
+        self.verifier.close()
+
+
+@dataclass
 class Run:
-    """Everything a training run holds."""
+    """Everything a training run holds on this rank."""
 
     cfg: Config
     rank: int
     world: int
     algo: Algorithm
-    tokenizer: Any  # the student's (and teacher's) Hugging Face tokenizer
+    tokenizer: PreTrainedTokenizerBase  # the student's (and teacher's) Hugging Face tokenizer
     student_path: str  # the student's model folder (config and tokenizer files for exports)
-    student: StudentEngine
-    teacher: InferenceEngine | None  # only for algorithms that score with it (algo.needs_teacher)
-    reference: InferenceEngine | None  # the initial student, for GRPO's KL term
+    learner: Learner  # this rank's student, teacher and reference engines, and a step's arithmetic
     versions: PolicyVersions
-    verifier: VerifierPool | None = None  # rewards of response texts, in worker processes (rank 0)
-    records: list[PromptRecord] | None = None  # training prompts (rank 0 draws from them)
-    eval_records: list[PromptRecord] | None = None  # held-out prompts, never trained on
-    score_group: Any = None  # the scoring thread's process group (collectives.score_group)
-    log: RunLog | None = None  # metrics.jsonl, rollouts, TensorBoard, the progress bar (rank 0 writes)
-    rollout: RolloutSide | None = None  # rank 0 only
+    records: list[PromptRecord]  # training prompts (rank 0 draws from them)
+    eval_records: list[PromptRecord]  # held-out prompts, never trained on
+    score_group: ProcessGroup  # the scoring thread's process group (collectives.score_group)
+    log: RunLog  # metrics.jsonl, rollouts, TensorBoard, the progress bar (written on rank 0 only)
+    lead: Lead | None  # exactly on rank 0 (checked at construction): read it as ``rollout`` / ``verifier``
+
+    def __post_init__(self) -> None:
+        if (self.lead is not None) != (self.rank == 0):
+            raise ValueError(f"rank {self.rank}: rank 0, and only rank 0, holds the Lead parts")
+
+    @property
+    def rollout(self) -> RolloutSide:
+        """Rank 0's rollout side (a RuntimeError on any other rank)."""
+        return self._lead().rollout
+
+    @property
+    def verifier(self) -> VerifierPool:
+        """Rank 0's verifier (a RuntimeError on any other rank)."""
+        return self._lead().verifier
+
+    def _lead(self) -> Lead:
+        if self.lead is None:
+            raise RuntimeError(f"rank {self.rank} asked for rank 0's parts (rollout servers, verifier)")
+        return self.lead
+
+    @property
+    def student(self) -> StudentEngine:
+        return self.learner.student
+
+    @property
+    def teacher(self) -> InferenceEngine | None:
+        """Only for algorithms that score with it (algo.needs_teacher)."""
+        return self.learner.teacher
+
+    @property
+    def reference(self) -> InferenceEngine | None:
+        """The initial student, for GRPO's KL term."""
+        return self.learner.reference
 
     @property
     def pushes_weights(self) -> bool:
@@ -80,32 +131,10 @@ class Run:
         return pushes_weights(self.algo, bool(self.cfg.data.eval_every and self.eval_records))
 
     @property
-    def shares_prompts(self) -> bool:
-        """Whether packed micro-batches hold a prompt once for its rollouts (``train.share_prompts``):
-        only where every engine that reads them attends with engines/attention.py, which alone
-        takes such a row (flash-attention's varlen kernels cannot)."""
-        t = self.cfg.train
-        return t.packing and t.share_prompts and not self.engines_unable_to_share_prompts
-
-    @property
-    def engines_unable_to_share_prompts(self) -> list[InferenceEngine | StudentEngine]:
-        """The engines whose attention cannot take a row whose rollouts share their prompt."""
-        engines = (self.student, self.teacher, self.reference)
-        return [e for e in engines if e is not None and not e.attends_shared_prompts]
-
-    @property
     def run_dir(self) -> str:
         return self.cfg.logging.run_dir
 
-    @property
-    def pad_id(self) -> int:
-        pad = getattr(self.tokenizer, "pad_token_id", None)
-        return pad if pad is not None else 0
-
     def close(self) -> None:
-        if self.log is not None:
-            self.log.close()
-        if self.rollout is not None:
-            self.rollout.close()
-        if self.verifier is not None:
-            self.verifier.close()
+        self.log.close()
+        if self.lead is not None:
+            self.lead.close()

@@ -25,8 +25,8 @@ from typing import Any, TypeVar
 
 import httpx
 
+from scope_ds.records import Rollout
 from scope_ds.rollout import health, protocol
-from scope_ds.sample import Rollout
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

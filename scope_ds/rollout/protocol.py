@@ -9,10 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from scope_ds.sample import Rollout
-
-# Temperatures below this are greedy in SGLang (it rewrites them to temperature 1, top_k 1).
-GREEDY_EPS = 1e-6
+from scope_ds.config import GREEDY_EPS  # temperatures below it are greedy in SGLang (temperature 1, top_k 1)
+from scope_ds.records import Rollout
 
 # Every key SGLang 0.5.23's SamplingParams accepts from callers; 0.5.22+ answer 400 for any other
 # key (there is no "seed": a per-request seed would silently be ignored by older servers).

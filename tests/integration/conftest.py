@@ -1,17 +1,21 @@
 """Shared fixtures for integration tests: tiny model folders and embedded rollout servers.
 
 ``tiny_llama_dir`` builds a random Hugging Face Llama (hidden 32, 2 layers, vocab 128, context 64)
-with a character-level tokenizer into tmp_path in well under a second; any test may reuse it.
+with a character-level tokenizer into tmp_path in well under a second; any test may reuse it. The
+weights come from tools/benchlib.py's build_random_model, the builder of the benchmarks' models.
 """
 
 from __future__ import annotations
 
 import string
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+import benchlib  # noqa: E402
 
 TINY_VOCAB = 128
 TINY_CONTEXT = 64
@@ -45,10 +49,12 @@ def build_tiny_llama(
     context: int = TINY_CONTEXT,
 ) -> Path:
     """Save a random tiny Llama (float32 safetensors) and, by default, the tiny tokenizer into ``path``."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
+    benchlib.build_random_model(
+        path,
+        "llama",
+        seed,
+        # Larger logits than the default init, so sampling is not uniform and EOS is not too likely.
+        head_scale=20.0,
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
@@ -61,12 +67,6 @@ def build_tiny_llama(
         eos_token_id=2,
         tie_word_embeddings=False,
     )
-    model = LlamaForCausalLM(config)
-    # Larger logits than the default init, so sampling is not uniform and EOS is not too likely.
-    with torch.no_grad():
-        model.lm_head.weight.mul_(20.0)
-    path.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(path))
     if tokenizer:
         build_tiny_tokenizer(path)
     return path

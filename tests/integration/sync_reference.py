@@ -16,6 +16,7 @@ from scope_ds.config import load_config  # noqa: E402
 from scope_ds.data.stream import prompt_stream  # noqa: E402
 from scope_ds.pipeline import build_run, stages  # noqa: E402
 from scope_ds.pipeline.collectives import share  # noqa: E402
+from scope_ds.records import Batch  # noqa: E402
 from scope_ds.train import DEFAULT_RECIPE  # noqa: E402
 
 
@@ -27,7 +28,7 @@ def main() -> None:
         for step in range(cfg.train.steps):
             batch = None
             if run.rank == 0:
-                batch = stages.Batch(step=step, records=[next(prompts) for _ in range(cfg.train.prompts_per_step)])
+                batch = Batch(step=step, records=[next(prompts) for _ in range(cfg.train.prompts_per_step)])
                 stages.generate(run, batch)
                 stages.verify(run, batch)
             batch = share(batch)

@@ -22,19 +22,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch  # noqa: E402
 from train_helpers import token_logprobs_float64  # noqa: E402
 
+from scope_ds.algorithms import algorithm_of  # noqa: E402
 from scope_ds.config import load_config  # noqa: E402
 from scope_ds.engines import ds  # noqa: E402
-from scope_ds.pipeline import stages  # noqa: E402
+from scope_ds.engines.learner import Learner  # noqa: E402
 from scope_ds.pipeline.build import build_engines  # noqa: E402
 from scope_ds.pipeline.collectives import score_group  # noqa: E402
-from scope_ds.pipeline.run import Run  # noqa: E402
-from scope_ds.pipeline.versions import PolicyVersions  # noqa: E402
-from scope_ds.sample import Rollout  # noqa: E402
+from scope_ds.records import Batch, Rollout  # noqa: E402
 
 
 def synthetic_batch(
     student: str, prompts: int, n: int, vocab: int, seed: int = 0, incorrect: int | None = None
-) -> stages.Batch:
+) -> Batch:
     """Ragged prompts and responses, half of them 'correct' (or all but ``incorrect`` of them),
     identical on every rank."""
     rng = random.Random(seed)
@@ -60,7 +59,7 @@ def synthetic_batch(
     rows = [{"prompt_ids": r.prompt_ids, "response_ids": r.response_ids} for r in rollouts]
     for r, logp in zip(rollouts, token_logprobs_float64(student, rows), strict=True):
         r.behaviour_logprobs = [x + rng.uniform(-0.3, 0.3) for x in logp]
-    return stages.Batch(step=0, records=[], rollouts=rollouts)
+    return Batch(step=0, records=[], rollouts=rollouts)
 
 
 def main() -> None:
@@ -73,24 +72,13 @@ def main() -> None:
     )
     rank, world = ds.init_distributed()
     torch.manual_seed(0)
-    algo = cfg.algorithm()
+    algo = algorithm_of(cfg.algo)
     student, teacher, reference = build_engines(cfg, algo, world, student_path, teacher_path, score_group())
-    run = Run(  # the parts a step needs: no tokenizer, data or rollout servers
-        cfg=cfg,
-        rank=rank,
-        world=world,
-        algo=algo,
-        tokenizer=None,
-        student_path=student_path,
-        student=student,
-        teacher=teacher,
-        reference=reference,
-        versions=PolicyVersions(),
-    )
+    learner = Learner(cfg, algo, rank, world, student, teacher, reference)  # a step's parts: no data or servers
     size = (cfg.train.prompts_per_step, cfg.rollout.n, student.vocab_size)
     batch = synthetic_batch(student_path, *size, incorrect=opts.get("incorrect"))
     after = synthetic_batch(student_path, *size, seed=1)
-    stages.score(run, batch)
+    learner.score_teacher(batch.rollouts)
     scored = teacher_logp(batch)  # before the update (with kl=full, the update's pass may score the rest)
     spans = {}
 
@@ -100,10 +88,10 @@ def main() -> None:
         spans[name] = (t0, time.perf_counter())
         return result
 
-    scorer = threading.Thread(target=timed, args=("score", stages.score, run, after))
+    scorer = threading.Thread(target=timed, args=("score", learner.score_teacher, after.rollouts))
     if opts.get("concurrent"):
         scorer.start()
-    metrics = timed("update", stages.update, run, batch)
+    metrics = timed("update", learner.update, batch.rollouts, batch.times)
     if not opts.get("concurrent"):
         scorer.start()
     scorer.join()
@@ -117,7 +105,7 @@ def main() -> None:
     ds.end_distributed()
 
 
-def teacher_logp(batch: stages.Batch) -> dict[int, list[float]]:
+def teacher_logp(batch: Batch) -> dict[int, list[float]]:
     """Rollout index -> its teacher log-probs, for the rollouts that were scored."""
     return {i: r.teacher_logprobs for i, r in enumerate(batch.rollouts) if r.teacher_logprobs is not None}
 

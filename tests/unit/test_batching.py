@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from scope_ds.engines.batching import collate
-from scope_ds.sample import Rollout
+from scope_ds.records import Rollout
 
 
 def _rollout(prompt: list[int], response: list[int], logprobs: list[float], **ids: object) -> Rollout:

@@ -8,9 +8,7 @@ import pytest
 import torch
 
 from scope_ds.checkpoint import STATE, STATE_FORMAT, CheckpointError, read_state
-from scope_ds.data.record import PromptRecord
-from scope_ds.pipeline.stages import Batch
-from scope_ds.sample import Rollout
+from scope_ds.records import Batch, PromptRecord, Rollout
 
 
 def _batch() -> Batch:

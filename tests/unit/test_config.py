@@ -8,13 +8,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from scope_ds.config import ConfigError, load_config, save_config
+from scope_ds.algorithms import GRPO, algorithm_of
+from scope_ds.config import ConfigError, GRPOOptions, OPDOptions, ScopeOptions, load_config, save_config
 
 
 def test_defaults_are_the_toy_scope_run():
     cfg = load_config()
     assert cfg.model.student == cfg.model.teacher == "toy"
-    assert cfg.algo == {"name": "scope"} and cfg.pipeline.max_staleness == 0
+    assert cfg.algo == ScopeOptions() and cfg.pipeline.max_staleness == 0
 
 
 def test_recipe_derivation_and_overrides(tmp_path):
@@ -23,7 +24,7 @@ def test_recipe_derivation_and_overrides(tmp_path):
     cfg = load_config(str(tmp_path / "child.yaml"), ["algo.kl=full", "rollout.servers=[http://h:1, http://h:2]"])
     assert cfg.rollout.n == 2 and cfg.rollout.temperature == 0.6  # child wins, base fills in
     assert cfg.train.lr == 1e-5 and isinstance(cfg.train.lr, float)  # YAML 1.1 reads 1e-5 as a string
-    assert cfg.algo == {"name": "opd", "kl": "full"}
+    assert cfg.algo == OPDOptions(kl="full") and cfg.algo.name == "opd"
     assert cfg.rollout.servers == ["http://h:1", "http://h:2"]
 
 
@@ -36,8 +37,7 @@ def test_resolved_config_is_written_with_every_key(tmp_path):
     assert saved["train"]["steps"] == cfg.train.steps
     # the written file is itself a valid recipe that gives the same config
     again = load_config(str(tmp_path / "run" / "config.yaml"))
-    assert {**again.to_dict(), "algo": None} == {**cfg.to_dict(), "algo": None}
-    assert again.algo == saved["algo"]
+    assert again.to_dict() == cfg.to_dict() == saved and again.algo == cfg.algo
 
 
 @pytest.mark.parametrize(
@@ -97,7 +97,7 @@ def test_overlap_teacher_with_the_full_kl_is_refused_naming_the_key():
 def test_weight_modes_are_words_yaml_keeps():
     """`off` / `on` would reach the config as booleans; the modes are ppl | uniform | reversed."""
     cfg = load_config(None, ["algo.student_weight=uniform", "algo.teacher_weight=reversed"])
-    assert (cfg.algorithm().student_weight, cfg.algorithm().teacher_weight) == ("uniform", "reversed")
+    assert (cfg.algo.student_weight, cfg.algo.teacher_weight) == ("uniform", "reversed")
     with pytest.raises(ConfigError, match="algo.student_weight"):
         load_config(None, ["algo.student_weight=off"])
 
@@ -109,14 +109,21 @@ def test_truncated_choices_and_the_smallest_temperature_load():
     assert load_config(None, ["rollout.temperature=1e-6"]).rollout.temperature == 1e-6  # not greedy yet
 
 
-def test_the_config_builds_its_algorithm():
-    algo = load_config(None, ["algo.name=grpo", "algo.eps=0.1"]).algorithm()
-    assert (algo.name, algo.eps, algo.kl_coef) == ("grpo", 0.1, 1e-4)
-    cfg = load_config(None, ["algo.tau=0.5"])
-    assert cfg.algo_options() == {"tau": 0.5} and cfg.algorithm().tau == 0.5
-    cfg.algo["tau"] = -1.0
+def test_the_algo_section_is_its_algorithms_typed_options():
+    cfg = load_config(None, ["algo.name=grpo", "algo.eps=0.1"])
+    assert cfg.algo == GRPOOptions(eps=0.1)
+    algo = algorithm_of(cfg.algo)
+    assert isinstance(algo, GRPO) and (algo.name, algo.eps, algo.kl_coef) == ("grpo", 0.1, 1e-4)
+    cfg = load_config(None, ["algo.tau=0.5", "algo.is_cap=2"])
+    assert algorithm_of(cfg.algo).tau == 0.5 and cfg.algo.is_cap == 2.0 and isinstance(cfg.algo.is_cap, float)
+    assert load_config(None, ["algo.is_cap=null"]).algo.is_cap is None
+    with pytest.raises(ConfigError, match="algo.is_cap must be float"):
+        load_config(None, ["algo.is_cap=big"])
+    cfg.algo.tau = -1.0  # set in code: the config's check and the algorithm both refuse it
     with pytest.raises(ConfigError, match="algo.tau must be > 0"):
-        cfg.algorithm()
+        cfg.check()
+    with pytest.raises(ConfigError, match="algo.tau must be > 0"):
+        algorithm_of(cfg.algo)
 
 
 def test_a_bad_choice_set_in_code_is_caught_by_check():

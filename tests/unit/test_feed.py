@@ -11,7 +11,7 @@ import pytest
 from scope_ds.pipeline import collectives
 from scope_ds.pipeline.collectives import PipelineError
 from scope_ds.pipeline.feed import STOP, _Worker, take_or_stop
-from scope_ds.pipeline.stages import Batch
+from scope_ds.records import Batch
 
 
 class _Feed(_Worker):

@@ -25,7 +25,7 @@ from scope_ds.engines.batching import (
     share_units,
 )
 from scope_ds.engines.models import InferenceEngine, StatsHead, _Engine
-from scope_ds.sample import Rollout
+from scope_ds.records import Rollout
 
 VOCAB = 1000
 
@@ -222,19 +222,26 @@ def test_first_fit_packs_tightly():
 
 
 def test_prompts_are_shared_only_where_every_engine_attends_with_ours():
-    from scope_ds.config import load_config
-    from scope_ds.pipeline.run import Run
-    from scope_ds.pipeline.versions import PolicyVersions
+    from scope_ds.algorithms import algorithm_of
+    from scope_ds.config import ConfigError, load_config
+    from scope_ds.engines.learner import Learner
+    from scope_ds.pipeline.build import check_share_prompts
 
-    def run(teacher_attn: str, *overrides: str) -> Run:
+    def learner(teacher_attn: str, *overrides: str) -> Learner:
         cfg = load_config(None, list(overrides))
         student, teacher = _engine(_model(0, attention.register())), _engine(_model(1, teacher_attn), InferenceEngine)
-        return Run(cfg, 0, 1, cfg.algorithm(), None, "s", student, teacher, None, PolicyVersions())
+        return Learner(cfg, algorithm_of(cfg.algo), 0, 1, student, teacher, None)
 
-    assert run(attention.register()).shares_prompts
-    assert not run("sdpa").shares_prompts  # transformers' own SDPA: a shared row would be misread
-    assert not run(attention.register(), "train.share_prompts=false").shares_prompts
-    assert not run(attention.register(), "train.packing=false").shares_prompts
+    assert learner(attention.register()).shares_prompts
+    check_share_prompts(learner(attention.register()).cfg, learner(attention.register()))
+    unable = learner("sdpa")  # transformers' own SDPA: a shared row would be misread
+    assert not unable.shares_prompts and unable.unable_to_share_prompts == [unable.teacher]
+    # refused at start-up, naming the engine, instead of quietly turned off
+    with pytest.raises(ConfigError, match=r"train.share_prompts=true cannot run: the attention of .* \(sdpa\)"):
+        check_share_prompts(unable.cfg, unable)
+    for overrides in (["train.share_prompts=false"], ["train.packing=false"]):
+        assert not learner(attention.register(), *overrides).shares_prompts
+        check_share_prompts(learner("sdpa", *overrides).cfg, learner("sdpa", *overrides))  # nothing to refuse
     # a shared row given to an engine whose attention cannot read it is refused, naming the setting
     rollouts = _rollouts(7, count=4, n=2)
     inputs = collate_packed(rollouts, list(range(4)), 0, share_prompts=True)

@@ -6,17 +6,16 @@ import math
 
 import pytest
 
+from scope_ds.algorithms import algorithm_of
 from scope_ds.config import load_config
-from scope_ds.pipeline.run import Run
-from scope_ds.pipeline.stages import Batch, plan
-from scope_ds.pipeline.versions import PolicyVersions
-from scope_ds.sample import Rollout
+from scope_ds.engines.learner import Learner
+from scope_ds.records import Rollout
 
 
-def _run(*overrides: str) -> Run:
-    """A run with only what planning reads: the config and the algorithm (no engines, no servers)."""
+def _learner(*overrides: str) -> Learner:
+    """A learner with only what planning reads: the config and the algorithm (no engines)."""
     cfg = load_config(None, list(overrides))
-    return Run(cfg, 0, 1, cfg.algorithm(), None, "", None, None, None, 1, PolicyVersions())
+    return Learner(cfg, algorithm_of(cfg.algo), 0, 1, None, None, None)
 
 
 def _rollout(i: int, correct: bool, finish: str = "stop", old: list[float] | None = None) -> Rollout:
@@ -45,8 +44,7 @@ def _student_weights(seq_logps: dict[int, float], lengths: dict[int, int]) -> di
 def test_truncated_answers_are_skipped_and_leave_the_weights_of_the_rest():
     """data.truncated=skip: a cut-off answer is not trained on and joins no weight subset."""
     rs = [_rollout(0, True), _rollout(1, True, finish="length"), _rollout(2, True), _rollout(3, False)]
-    batch = Batch(step=0, records=[], rollouts=rs)
-    plan(_run("data.truncated=skip", "algo.old_logprobs=server"), batch)
+    _learner("data.truncated=skip", "algo.old_logprobs=server").plan(rs)
     assert [r.path for r in rs] == ["mle", "skip", "mle", "opd"]
     assert rs[1].weight == 0.0 and rs[3].weight == pytest.approx(1.0)
     want = _student_weights({i: sum(rs[i].behaviour_logprobs) for i in (0, 2)}, {0: 2, 2: 4})
@@ -55,14 +53,14 @@ def test_truncated_answers_are_skipped_and_leave_the_weights_of_the_rest():
 
 def test_truncated_answers_are_verified_by_default():
     rs = [_rollout(0, True), _rollout(1, True, finish="length")]
-    plan(_run("algo.old_logprobs=server"), Batch(step=0, records=[], rollouts=rs))
+    _learner("algo.old_logprobs=server").plan(rs)
     assert [r.path for r in rs] == ["mle", "mle"] and sum(r.weight for r in rs) == pytest.approx(1.0)
 
 
 def test_the_student_weights_use_the_recomputed_pi_old():
     """Eq. 4's student PPL comes from the trainer's pi_old when it recomputed it, not the server's."""
     rs = [_rollout(0, True, old=[-2.0, -2.0]), _rollout(1, True, old=[-0.1, -0.1, -0.1])]
-    plan(_run(), Batch(step=0, records=[], rollouts=rs))
+    _learner().plan(rs)
     want = _student_weights({0: -4.0, 1: -0.3}, {0: 2, 1: 3})
     assert (rs[0].weight, rs[1].weight) == pytest.approx((want[0], want[1]), abs=1e-12)
     assert rs[0].student_seq_logp == pytest.approx(-4.0)

@@ -10,8 +10,8 @@ import pytest
 
 from scope_ds.config import DataConfig
 from scope_ds.data.prompts import DataError, EmptyDatasetError, load_prompts
-from scope_ds.data.record import PromptRecord
 from scope_ds.data.stream import prompt_source, prompt_stream
+from scope_ds.records import PromptRecord
 
 ROWS = [
     {"question": "1+1?", "answer": "2", "uid": "a"},

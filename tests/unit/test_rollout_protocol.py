@@ -6,9 +6,9 @@ import json
 
 import pytest
 
+from scope_ds.records import Rollout
 from scope_ds.rollout import protocol
 from scope_ds.rollout.protocol import ProtocolError
-from scope_ds.sample import Rollout
 
 
 def answer(prompt_len: int, ids: list[int], lps: list[float], *, reason: str = "length", version: str = "3") -> dict:

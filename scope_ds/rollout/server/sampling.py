@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from scope_ds.rollout.protocol import GREEDY_EPS
+from scope_ds.config import GREEDY_EPS
 
 ORIGINAL_LOGPROB = os.environ.get("SGLANG_RETURN_ORIGINAL_LOGPROB", "").lower() in ("1", "true")
 

@@ -8,8 +8,8 @@ the method checks the servers report it, and raises WeightSyncError (servers lef
 The Hugging Face folder writer is :mod:`scope_ds.hf_folder`.
 """
 
-from scope_ds.rollout.weight_sync.common import WeightSyncError
+from scope_ds.rollout.weight_sync.common import WeightSync, WeightSyncError
 from scope_ds.rollout.weight_sync.disk import DiskWeightSync
 from scope_ds.rollout.weight_sync.distributed import DistributedWeightSync, plan_buckets
 
-__all__ = ["DiskWeightSync", "DistributedWeightSync", "WeightSyncError", "plan_buckets"]
+__all__ = ["DiskWeightSync", "DistributedWeightSync", "WeightSync", "WeightSyncError", "plan_buckets"]

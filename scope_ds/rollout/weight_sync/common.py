@@ -7,13 +7,32 @@ version; the method checks the servers report it (:func:`check_versions`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Protocol
+
+import torch
 
 from scope_ds.rollout.client import SyncRolloutClient
 
 log = logging.getLogger(__name__)
+
+
+class WeightSync(Protocol):
+    """A weight-sync method (disk.DiskWeightSync, distributed.DistributedWeightSync), chosen once
+    when the run is built."""
+
+    def update(
+        self,
+        named_tensors: Iterable[tuple[str, torch.Tensor]],
+        version: int,
+        staged: Callable[[], None] | None = None,
+    ) -> None:
+        """Push the full weights labelled ``version`` to every server and check that each reports
+        exactly it (else WeightSyncError); ``staged()`` runs once they are ready to go."""
+
+    def close(self) -> None:
+        """Release what the method holds (a process group); the servers keep their weights."""
 
 
 class WeightSyncError(RuntimeError):

@@ -65,6 +65,9 @@ class DiskWeightSync:
             check_versions(self.client, version)
         self._prune()
 
+    def close(self) -> None:
+        """Nothing to release: the folders stay for the servers (and the newest ``keep`` for a resume)."""
+
     def _prune(self) -> None:
         suffixes = [p.name.removeprefix("weights_v") for p in self.root.glob("weights_v*")]
         folders = sorted(int(s) for s in suffixes if s.isdigit())

@@ -1,14 +1,25 @@
-"""One record per rollout, from the rollout server to the rollouts log.
+"""The plain records that cross floors: a prompt, one rollout of it, and a batch of them.
 
-The rollout stage fills the first block of fields from the server's answer; each later stage
-(reward, score, update) fills its own block. Keeping every stage's output on one object means a
-rollout can be written to ``OUT/rollouts/step_N.jsonl`` at any point and read back as a whole.
+A prompt source yields ``PromptRecord``; the rollout client makes a ``Rollout`` per sampled answer
+and each later stage (reward, score, update) fills its own block of fields on it, so that a rollout
+can be written to ``OUT/rollouts/step_N.jsonl`` at any point and read back as a whole; a ``Batch``
+carries one global batch through the stages and into a checkpoint. Nothing here imports from the
+package: every floor may use these records.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    """A prompt to roll out and the reference answer its responses are verified against."""
+
+    prompt_id: str  # stable across runs for the same source and row; logged with every rollout
+    prompt: str  # the text the student continues, template already applied
+    answer: str  # reference answer as a string; the verifier decides what counts as equal
 
 
 @dataclass
@@ -66,3 +77,37 @@ class Rollout:
         """Inverse of :meth:`to_json` (derived keys such as response_length are ignored)."""
         names = cls.__dataclass_fields__.keys()
         return cls(**{k: v for k, v in obj.items() if k in names})
+
+
+@dataclass
+class Batch:
+    """One global batch as it moves through the stages."""
+
+    step: int  # the optimizer step this batch trains
+    records: list[PromptRecord]  # the prompts, in group order
+    rollouts: list[Rollout] = field(default_factory=list)  # n per prompt, prompt-major
+    times: dict[str, float] = field(default_factory=dict)  # stage -> busy seconds
+    verify_timeouts: int = 0  # answers the verifier ran out of time on (counted incorrect)
+    # While generating: per prompt, its n samples as they stand (None: not started), filled in by
+    # the rollout client as answers come in; what a checkpoint keeps of a batch in flight.
+    samples: list[list[Rollout | None]] | None = None
+
+    def to_json(self) -> dict:
+        """What a checkpoint keeps of a batch generated ahead: prompts and rollouts as generated
+        and verified (the teacher's scores are recomputed after a resume); of a batch in flight,
+        its samples so far."""
+        out: dict[str, Any] = {"step": self.step, "records": [vars(r) for r in self.records]}
+        if self.samples is not None:  # in flight: the samples hold the rollouts so far
+            out["samples"] = [[None if r is None else r.to_json() for r in group] for group in self.samples]
+            out["rollouts"] = []
+        else:
+            out["rollouts"] = [{**r.to_json(), "teacher_logprobs": None} for r in self.rollouts]
+        return out
+
+    @classmethod
+    def from_json(cls, obj: dict) -> Batch:
+        records = [PromptRecord(**r) for r in obj["records"]]
+        batch = cls(step=obj["step"], records=records, rollouts=[Rollout.from_json(r) for r in obj["rollouts"]])
+        if obj.get("samples") is not None:
+            batch.samples = [[None if r is None else Rollout.from_json(r) for r in g] for g in obj["samples"]]
+        return batch
