@@ -16,6 +16,7 @@ M = response tokens of a packed micro-batch, D = hidden size.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -194,8 +195,8 @@ class _Engine:
         """Every parameter gathered whole, as (Hugging Face name, CPU tensor) on rank 0.
 
         A collective. Rank 0 must iterate to the end; on other ranks the gathering runs at the
-        call and an empty iterator comes back, so only rank 0's consumer decides the pace. This is
-        the one place where ZeRO-3 parameters are gathered (weight sync and export).
+        call and an empty iterator comes back, so only rank 0's consumer decides the pace. Weight
+        sync and export gather here; the teacher's head in ``head_weight``; both through ``whole``.
         """
         if rank != 0:
             for _ in self._gathered(rank, group_size):
@@ -204,12 +205,10 @@ class _Engine:
         return self._gathered(rank, group_size)
 
     def _gathered(self, rank: int, group_size: int) -> Iterator[tuple[str, torch.Tensor]]:
-        import deepspeed
-
         params = list(self.model.named_parameters())
         for start in range(0, len(params), group_size):
             group = params[start : start + group_size]
-            with deepspeed.zero.GatheredParameters([p for _, p in group], modifier_rank=None):
+            with whole([p for _, p in group]):
                 if rank == 0:
                     for name, p in group:
                         yield name, p.data.detach().to("cpu", copy=True)
@@ -317,10 +316,8 @@ class InferenceEngine(_Engine):
     def head_weight(self) -> torch.Tensor:
         """The LM head's weight [V, D], whole: gathered once and kept (it never changes)."""
         if self._head_weight is None:  # a collective, on the first call (every rank's same micro-batch)
-            import deepspeed
-
             w = self.stats_head.head.weight
-            with deepspeed.zero.GatheredParameters([w], modifier_rank=None):
+            with whole([w]):
                 self._head_weight = w.data.detach().clone()
         return self._head_weight
 
@@ -382,6 +379,17 @@ def bind_device(device: Any) -> None:
     from deepspeed.accelerator import get_accelerator
 
     get_accelerator().set_device(device)
+
+
+@contextlib.contextmanager
+def whole(params: list[torch.nn.Parameter]) -> Iterator[None]:
+    """Within the block, ZeRO-3 partitioned ``params`` are whole on every rank (DeepSpeed's
+    GatheredParameters, read-only; a collective); parameters ZeRO-3 does not hold are left as they
+    are. The one place the engines gather ZeRO-3 parameters."""
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield
 
 
 def _gather_on(model: torch.nn.Module, group: Any) -> None:

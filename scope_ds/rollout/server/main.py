@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import uvicorn
 
+from scope_ds.config import ConfigError, load_options
 from scope_ds.openmp import server_threads
 from scope_ds.rollout.server.app import ServerState, build_app
 from scope_ds.rollout.server.engine import Engine
@@ -27,56 +30,45 @@ KEEP_ALIVE_S = 5
 GRACEFUL_SHUTDOWN_S = 5
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m scope_ds.rollout.server", description=__doc__)
-    p.add_argument("--model-path", required=True, help="Hugging Face model folder (config + safetensors)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=30000)
-    p.add_argument("--random-seed", type=int, default=None, help="seed of the sampler (server-wide, as SGLang)")
-    p.add_argument("--weight-version", default="default", help="initial weight_version string")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--context-length", type=int, default=None, help="default: max_position_embeddings")
-    p.add_argument("--max-running-requests", type=int, default=64, help="sequences decoded together at most")
-    p.add_argument(
-        "--batch-wait-ms", type=float, default=5.0, help="idle wait for concurrent requests after a single-prompt one"
-    )
-    p.add_argument(
-        "--num-threads", type=int, default=None, help="torch intra-op threads (default: half the usable CPUs, 1-8)"
-    )
-    p.add_argument(
-        "--transformers-decode",
-        action="store_true",
-        help="decode through transformers' forward even where the lean step serves the model (lean.py)",
-    )
-    p.add_argument(
-        "--sglang-compat",
-        default="0.5.23",
-        help="SGLang version whose endpoint set to expose; < 0.5.21 has no begin/end_weight_update (404)",
-    )
-    p.add_argument(
-        "--api-key",
-        default=None,
-        help="as SGLang: every route but /health wants 'Authorization: Bearer KEY' (default: none)",
-    )
-    lim = RequestLimits()
-    p.add_argument("--max-n", type=int, default=lim.max_n, help="largest sampling_params.n")
-    p.add_argument("--max-new-tokens", type=int, default=lim.max_new_tokens, help="largest max_new_tokens")
-    p.add_argument("--max-prompts", type=int, default=lim.max_prompts, help="prompts per /generate request")
-    p.add_argument("--max-sequences", type=int, default=lim.max_sequences, help="prompts x n per request")
-    p.add_argument("--max-input-tokens", type=int, default=lim.max_input_tokens, help="prompt tokens per request")
-    p.add_argument("--max-body-bytes", type=int, default=lim.max_body_bytes, help="request body size, bytes")
-    p.add_argument(
-        "--weight-group-timeout-s",
-        type=float,
-        default=60.0,
-        help="how long /init_weights_update_group waits for the rendezvous (a request's timeout_s overrides)",
-    )
-    p.add_argument("--log-level", default="info")
-    args = p.parse_args(argv)
-    for key in ("max_n", "max_new_tokens", "max_prompts", "max_sequences", "max_input_tokens", "max_body_bytes"):
-        if getattr(args, key) < 1:
-            p.error(f"--{key.replace('_', '-')} must be at least 1")
-    return args
+@dataclass
+class ServerOptions:
+    """The embedded server's options: ``--flag VALUE``, ``key=value`` or a ``--config`` YAML file
+    (scope_ds.config.load_options); the flags are SGLang's names where SGLang has the option."""
+
+    model_path: str  # Hugging Face model folder (config + safetensors)
+    host: str = "127.0.0.1"
+    port: int = 30000
+    random_seed: int | None = None  # seed of the sampler (server-wide, as SGLang)
+    weight_version: str = "default"  # initial weight_version string
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    context_length: int | None = None  # tokens; default: the model's max_position_embeddings
+    max_running_requests: int = 64  # sequences decoded together at most
+    batch_wait_ms: float = 5.0  # idle wait for concurrent requests after a single-prompt one
+    num_threads: int | None = None  # torch intra-op threads (default: half the usable CPUs, 1-8)
+    # decode through transformers' forward even where the lean step serves the model (lean.py)
+    transformers_decode: bool = False
+    # SGLang version whose endpoint set to expose; < 0.5.21 has no begin/end_weight_update (404)
+    sglang_compat: str = "0.5.23"
+    # as SGLang: every route but /health wants 'Authorization: Bearer KEY' (default: none)
+    api_key: str | None = None
+    max_n: int = RequestLimits.max_n  # largest sampling_params.n
+    max_new_tokens: int = RequestLimits.max_new_tokens  # largest max_new_tokens
+    max_prompts: int = RequestLimits.max_prompts  # prompts per /generate request
+    max_sequences: int = RequestLimits.max_sequences  # prompts x n per request
+    max_input_tokens: int = RequestLimits.max_input_tokens  # prompt tokens per request
+    max_body_bytes: int = RequestLimits.max_body_bytes  # request body size, bytes
+    # seconds /init_weights_update_group waits for the rendezvous (a request's timeout_s overrides)
+    weight_group_timeout_s: float = 60.0
+    log_level: str = "info"
+
+    def check(self) -> None:
+        for key in ("max_n", "max_new_tokens", "max_prompts", "max_sequences", "max_input_tokens", "max_body_bytes"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"--{key.replace('_', '-')} must be at least 1")
+
+
+def parse_args(argv: list[str] | None = None) -> ServerOptions:
+    return load_options(ServerOptions, argv, "python -m scope_ds.rollout.server", __doc__)
 
 
 def _eos_ids(model: torch.nn.Module) -> set[int]:
@@ -100,7 +92,7 @@ def _load_tokenizer(path: str):  # noqa: ANN202 - transformers' tokenizer classe
     return AutoTokenizer.from_pretrained(path)
 
 
-def build_state(args: argparse.Namespace) -> ServerState:
+def build_state(args: ServerOptions) -> ServerState:
     from transformers import AutoModelForCausalLM
 
     # Half the CPUs by default: the server shares the machine with the HTTP thread and, on a CPU
@@ -124,7 +116,7 @@ def build_state(args: argparse.Namespace) -> ServerState:
         weight_version=args.weight_version,
         lean_decode=not args.transformers_decode,
     )
-    server_args = {k: v for k, v in vars(args).items() if k != "api_key"}
+    server_args = {k: v for k, v in dataclasses.asdict(args).items() if k != "api_key"}
     server_args.update(tp_size=1, pp_size=1, dp_size=1, context_length=context_len, pid=os.getpid())
     server_args["weight_update_backend"] = EMBEDDED_BACKEND  # scope_ds extension: the trainer must match it
     return ServerState(
