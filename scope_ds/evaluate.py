@@ -13,17 +13,17 @@ overlaid) and samples_<model>_<benchmark>.jsonl (every sample, verified). See do
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from scope_ds.config import ConfigError, load_options
 from scope_ds.data.benchmarks import Benchmark, BenchmarkError, load_benchmark, parse_benchmarks
 from scope_ds.data.encoding import drop_long_prompts
 from scope_ds.evaluation import report
@@ -32,6 +32,8 @@ from scope_ds.evaluation.sampling import EvalSample, eval_sampling_params, sampl
 from scope_ds.records import PromptRecord
 from scope_ds.rollout.client import RolloutServerError, SyncRolloutClient
 from scope_ds.rollout.launcher import RolloutServers, ServerLaunchError
+
+PROG = "python -m scope_ds.evaluate"
 
 
 class EvalError(RuntimeError):
@@ -45,82 +47,59 @@ class ModelTarget:
     is_url: bool
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m scope_ds.evaluate", description=__doc__.split("\n")[0])
-    p.add_argument(
-        "--model",
-        action="append",
-        required=True,
-        metavar="[LABEL=]DIR_OR_URL",
-        help="model folder (a server is started for it) or rollout server URL; repeat to compare",
-    )
-    p.add_argument(
-        "--benchmarks",
-        required=True,
-        help="comma-separated: aime24, aime25, amc23, math500, minerva, olympiadbench, toy, or NAME=FILE",
-    )
-    p.add_argument(
-        "--source",
-        action="append",
-        default=[],
-        metavar="NAME=SOURCE",
-        help="load a named benchmark from a local file or another hub dataset REPO[@CONFIG][:SPLIT]",
-    )
-    p.add_argument("--question-field", help="question field of local/hub rows (default: question, problem, ...)")
-    p.add_argument("--answer-field", help="answer field of local/hub rows (default: answer, final_answer, ...)")
-    p.add_argument("--n", type=int, default=32, help="samples per prompt (Avg@n, Pass@k for k = 1, 2, 4, ..., n)")
-    p.add_argument("--temperature", type=float, default=0.6)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--top-k", type=int, default=20)
-    p.add_argument("--max-new-tokens", type=int, default=12288, help="capped by the server at the context length")
-    p.add_argument("--limit", type=int, help="first N prompts of each benchmark only (smoke runs)")
-    p.add_argument(
-        "--max-prompt-tokens",
-        type=int,
-        help="skip prompts longer than N tokens as sent (chat template included), counted in the results; "
-        "default: no limit",
-    )
-    p.add_argument("--toy-prompts", type=int, default=128, help="prompts of the toy benchmark (held-out split)")
-    p.add_argument(
-        "--toy-variant", choices=("chain", "any-order"), default="chain", help="the toy task (data.toy_variant)"
-    )
-    p.add_argument("--no-chat-template", action="store_true", help="plain prompts even if the tokenizer has one")
-    p.add_argument("--tokenizer", help="tokenizer folder for URL models (default: the server's tokenizer_path)")
-    p.add_argument("--out", default="eval_out", help="output folder (created)")
-    p.add_argument("--backend", choices=("embedded", "sglang"), default="embedded")
-    p.add_argument("--num-servers", type=int, default=1, help="servers per model folder (data parallel)")
-    p.add_argument("--gpus-per-server", type=int, default=1, help="SGLang tensor-parallel size")
-    p.add_argument("--server-arg", action="append", default=[], help="extra server flag, repeatable")
-    p.add_argument("--server-timeout", type=float, default=900.0, help="seconds to wait for servers to be healthy")
-    p.add_argument(
-        "--api-key", default="", help="API key of attached servers (URL models); launched ones get their own"
-    )
-    p.add_argument("--seed", type=int, default=0, help="server sampling seed, bootstrap seed, toy split seed")
-    p.add_argument(
-        "--seeded",
-        action="store_true",
-        help="a sampling_seed per sample: results independent of batching (sglang: deterministic inference)",
-    )
-    p.add_argument("--bootstrap-resamples", type=int, default=1000)
-    p.add_argument("--no-progress", action="store_true")
-    args = p.parse_args(argv)
-    for name in (
-        "n",
-        "top_k",
-        "max_new_tokens",
-        "num_servers",
-        "gpus_per_server",
-        "toy_prompts",
-        "bootstrap_resamples",
-    ):
-        value = getattr(args, name)
-        if value < 1 and not (name == "top_k" and value == -1):
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    for name in ("limit", "max_prompt_tokens"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    return args
+@dataclass
+class EvalOptions:
+    """The command's options: ``--flag VALUE``, ``key=value`` or a ``--config`` YAML file
+    (scope_ds.config.load_options)."""
+
+    # [LABEL=]DIR_OR_URL: a model folder (a server is started for it) or a rollout server URL; repeat to compare
+    model: list[str]
+    # comma-separated: aime24, aime25, amc23, math500, minerva, olympiadbench, toy, or NAME=FILE
+    benchmarks: str
+    # NAME=SOURCE: load a named benchmark from a local file or another hub dataset REPO[@CONFIG][:SPLIT]
+    source: list[str] = field(default_factory=list)
+    question_field: str | None = None  # question field of local/hub rows (default: question, problem, ...)
+    answer_field: str | None = None  # answer field of local/hub rows (default: answer, final_answer, ...)
+    n: int = 32  # samples per prompt (Avg@n, Pass@k for k = 1, 2, 4, ..., n)
+    temperature: float = 0.6
+    top_p: float = 0.95
+    top_k: int = 20  # -1: the whole vocabulary
+    max_new_tokens: int = 12288  # capped by the server at the context length
+    limit: int | None = None  # first N prompts of each benchmark only (smoke runs)
+    # skip prompts longer than N tokens as sent (chat template included), counted in the results; default: no limit
+    max_prompt_tokens: int | None = None
+    toy_prompts: int = 128  # prompts of the toy benchmark (held-out split)
+    toy_variant: Literal["chain", "any-order"] = "chain"  # the toy task (data.toy_variant)
+    chat_template: bool = True  # wrap prompts in the tokenizer's chat template when it has one
+    tokenizer: str | None = None  # tokenizer folder for URL models (default: the server's tokenizer_path)
+    out: str = "eval_out"  # output folder (created)
+    backend: Literal["embedded", "sglang"] = "embedded"
+    num_servers: int = 1  # servers per model folder (data parallel)
+    gpus_per_server: int = 1  # SGLang tensor-parallel size
+    server_arg: list[str] = field(default_factory=list)  # extra server flag
+    server_timeout: float = 900.0  # seconds to wait for servers to be healthy
+    api_key: str = ""  # API key of attached servers (URL models); launched ones get their own
+    seed: int = 0  # server sampling seed, bootstrap seed, toy split seed
+    # a sampling_seed per sample: results independent of batching (sglang: deterministic inference)
+    seeded: bool = False
+    bootstrap_resamples: int = 1000
+    progress: bool = True  # a progress bar per model and benchmark
+
+    def check(self) -> None:
+        for name in ("n", "top_k", "max_new_tokens", "num_servers", "gpus_per_server", "toy_prompts"):
+            value = getattr(self, name)
+            if value < 1 and not (name == "top_k" and value == -1):
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if self.bootstrap_resamples < 1:
+            raise ConfigError(f"--bootstrap-resamples must be >= 1, got {self.bootstrap_resamples}")
+        for name in ("limit", "max_prompt_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> EvalOptions:
+    return load_options(EvalOptions, None if argv is None else list(argv), PROG, __doc__.split("\n")[0])
 
 
 def model_targets(specs: Sequence[str]) -> list[ModelTarget]:
@@ -169,7 +148,7 @@ def load_tokenizer(target: ModelTarget, tokenizer_dir: str | None, servers: Roll
 
 
 @contextmanager
-def serving(target: ModelTarget, args: argparse.Namespace, log_dir: Path) -> Iterator[RolloutServers]:
+def serving(target: ModelTarget, args: EvalOptions, log_dir: Path) -> Iterator[RolloutServers]:
     """The servers of a model (with the API key they want): attached, or started now (with a key
     of their own) and stopped (by pid) on exit."""
     if target.is_url:
@@ -205,7 +184,7 @@ def write_samples(path: Path, model: str, benchmark: str, groups: list[list[Eval
 
 
 def bench_summary(
-    bench: Benchmark, groups: list[list[EvalSample]], args: argparse.Namespace, skipped: int = 0
+    bench: Benchmark, groups: list[list[EvalSample]], args: EvalOptions, skipped: int = 0
 ) -> dict[str, Any]:
     """The estimators' figures for one benchmark, plus response lengths, the prompts skipped for
     --max-prompt-tokens (not in the figures) and where it came from."""
@@ -223,7 +202,7 @@ def bench_summary(
 Fits = dict[str, tuple[list[PromptRecord], int]]  # benchmark name -> (its prompts that fit, how many did not)
 
 
-def fitting_prompts(benchmarks: Sequence[Benchmark], tokenizer: Any, args: argparse.Namespace, label: str) -> Fits:
+def fitting_prompts(benchmarks: Sequence[Benchmark], tokenizer: Any, args: EvalOptions, label: str) -> Fits:
     """Each benchmark's prompts within --max-prompt-tokens under this model's tokenizer (all without
     the flag), and the count of those skipped, printed. EvalError if a benchmark has none left."""
     fits: Fits = {}
@@ -231,9 +210,7 @@ def fitting_prompts(benchmarks: Sequence[Benchmark], tokenizer: Any, args: argpa
         if args.max_prompt_tokens is None:
             fits[bench.name] = (bench.records, 0)
             continue
-        records, skipped = drop_long_prompts(
-            bench.records, tokenizer, args.max_prompt_tokens, not args.no_chat_template
-        )
+        records, skipped = drop_long_prompts(bench.records, tokenizer, args.max_prompt_tokens, args.chat_template)
         if not records:
             raise EvalError(
                 f"benchmark {bench.name!r}: all {skipped} prompts are longer than --max-prompt-tokens "
@@ -252,7 +229,7 @@ def fitting_prompts(benchmarks: Sequence[Benchmark], tokenizer: Any, args: argpa
 def evaluate_model(
     target: ModelTarget,
     benchmarks: Sequence[Benchmark],
-    args: argparse.Namespace,
+    args: EvalOptions,
     out: Path,
     tokenizer: Any = None,
     fits: Fits | None = None,
@@ -270,14 +247,14 @@ def evaluate_model(
         fits = fits or fitting_prompts(benchmarks, tokenizer, args, target.label)
         params = eval_sampling_params(tokenizer, args.temperature, args.top_p, args.top_k, args.max_new_tokens)
         total = sum(len(records) for records, _ in fits.values()) * args.n
-        bar = tqdm(total=total, unit="sample", desc=target.label, disable=args.no_progress, dynamic_ncols=True)
+        bar = tqdm(total=total, unit="sample", desc=target.label, disable=not args.progress, dynamic_ncols=True)
         with SyncRolloutClient(servers.urls, timeout_s=3600.0, api_key=servers.api_key) as client, bar:
             for bench in benchmarks:
                 bar.set_postfix_str(bench.name)
                 records, skipped = fits[bench.name]
                 groups = sample_and_verify(
                     client, tokenizer, records, bench.verifier, args.n, params,
-                    chat_template=not args.no_chat_template, progress=bar, seed=seed,
+                    chat_template=args.chat_template, progress=bar, seed=seed,
                 )  # fmt: skip
                 path = out / f"samples_{_safe(target.label)}_{_safe(bench.name)}.jsonl"
                 write_samples(path, target.label, bench.name, groups)
@@ -293,7 +270,7 @@ def write_outputs(results: dict[str, Any], names: Sequence[str], n: int, out: Pa
         report.plot_pass_at_k(results, name, out / f"pass_at_k_{_safe(name)}.png")
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: EvalOptions) -> dict[str, Any]:
     """Check every input, then evaluate model after model; outputs are rewritten after each model."""
     targets = model_targets(args.model)
     sources = {}
@@ -312,9 +289,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     keys = (
         "n", "temperature", "top_p", "top_k", "max_new_tokens", "max_prompt_tokens", "seed", "seeded",
-        "no_chat_template",
     )  # fmt: skip
     settings = {k: getattr(args, k) for k in keys}
+    settings["no_chat_template"] = not args.chat_template  # results.json keeps the flag's name
     settings.update(benchmarks={b.name: b.source for b in benchmarks}, bootstrap_resamples=args.bootstrap_resamples)
     results: dict[str, Any] = {"settings": settings, "models": []}
     names = [b.name for b in benchmarks]

@@ -46,3 +46,19 @@ def test_help_is_written_from_the_fields_comments():
     assert docs["transformers_decode"].startswith("decode through transformers' forward")  # the comment above
     text = options_parser(ServerOptions, "p", "d").format_help()
     assert "sequences decoded together at most (default: 64)" in text and "key=value" in text
+
+
+def test_the_evaluation_command_keeps_its_flags():
+    from scope_ds.evaluate import parse_args as eval_args
+
+    opts = eval_args(["--model", "a=x", "--model", "y", "--benchmarks", "toy", "--no-chat-template", "--seeded", "n=4"])
+    assert (opts.model, opts.benchmarks, opts.chat_template, opts.seeded, opts.n) == (
+        ["a=x", "y"],
+        "toy",
+        False,
+        True,
+        4,
+    )
+    assert opts.progress and opts.limit is None and opts.top_k == 20
+    with pytest.raises(SystemExit):
+        eval_args(["--model", "y", "--benchmarks", "toy", "--limit", "0"])
