@@ -22,7 +22,7 @@ def model_paths(cfg: Config) -> tuple[str, str]:
     m = cfg.model
     if not uses_toy(cfg):
         return m.student, m.teacher
-    from scope_ds.data.toy_pretrain import ensure_toy_models  # torch and sentencepiece: only for the toy
+    from scope_ds.toy.models import ensure_toy_models  # torch and sentencepiece: only for the toy
 
     toy = ensure_toy_models(m.toy_cache or None, variant=cfg.data.toy_variant)
     student = str(toy.student) if m.student == "toy" else m.student

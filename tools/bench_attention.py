@@ -29,8 +29,8 @@ def main() -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from scope_ds.data.toy_pretrain import ensure_toy_models
     from scope_ds.engines import attention
+    from scope_ds.toy.models import ensure_toy_models
 
     torch.set_num_threads(args.threads)
     student = str(ensure_toy_models(None).student)

@@ -83,7 +83,7 @@ DEFAULT_CONFIGS = ";".join(
 
 def _llama_pair() -> tuple[str, str]:
     """Random Llama student (hidden 384, 6 layers) and teacher (512, 8) with the toy tokenizer."""
-    from scope_ds.data.toy_pretrain import ensure_toy_models
+    from scope_ds.toy.models import ensure_toy_models
 
     toy = ensure_toy_models(None)
     root = Path.home() / ".cache" / "scope_ds" / "bench_peer" / "llama"
@@ -110,7 +110,7 @@ def _llama_pair() -> tuple[str, str]:
 
 def _pair(shape: str) -> tuple[str, str]:
     if shape == "toy":
-        from scope_ds.data.toy_pretrain import ensure_toy_models
+        from scope_ds.toy.models import ensure_toy_models
 
         toy = ensure_toy_models(None)
         return str(toy.student), str(toy.teacher)
@@ -126,7 +126,7 @@ def trl_child(student: str, teacher: str, steps: int, out: str) -> None:
     from transformers import AutoTokenizer, TrainerCallback
     from trl import DistillationConfig, DistillationTrainer
 
-    from scope_ds.data.toy import toy_records
+    from scope_ds.toy.task import toy_records
 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(student)

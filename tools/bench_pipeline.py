@@ -65,7 +65,7 @@ def long_pair() -> list[str]:
     with the toy tokenizer (its 64 ids; the rest decode to nothing) and a 2304-token context.
     Their logits start near uniform, so EOS (one id of 512) ends a response after a geometric,
     long-tailed number of tokens: about 500 on average, hundreds to a couple of thousand."""
-    from scope_ds.data.toy_pretrain import ensure_toy_models
+    from scope_ds.toy.models import ensure_toy_models
 
     toy = ensure_toy_models(None)
     root = os.path.join(os.path.expanduser("~"), ".cache", "scope_ds", "bench_long")

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch  # noqa: E402
 
-from scope_ds.data.toy_pretrain import (  # noqa: E402
+from scope_ds.toy.models import (  # noqa: E402
     build_folder,
     default_cache_dir,
     ensure_toy_models,

@@ -244,7 +244,7 @@ def load_benchmark(
     """Load one benchmark; ``limit`` keeps its first prompts (smoke runs), ``toy_*`` pick the toy
     split's size, seed and task variant."""
     if spec.source == TOY:
-        from scope_ds.data.toy import toy_records
+        from scope_ds.toy.task import toy_records
 
         records = toy_records("test", toy_prompts, seed=toy_seed, variant=toy_variant)
         variant = "" if toy_variant == "chain" else f", variant {toy_variant}"

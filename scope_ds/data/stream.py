@@ -19,7 +19,7 @@ def prompt_source(data: DataConfig) -> tuple[list[PromptRecord], list[PromptReco
     (``eval_every``) and has more than that; they are never trained on. The toy source draws its
     held-out prompts from the toy test split instead."""
     if data.source == "toy":
-        from scope_ds.data.toy import toy_records
+        from scope_ds.toy.task import toy_records
 
         train = toy_records("train", 4096, seed=data.seed, variant=data.toy_variant)
         held = toy_records("test", data.eval_prompts, seed=data.seed + 1, variant=data.toy_variant)

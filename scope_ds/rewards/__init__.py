@@ -8,7 +8,7 @@ Verifier = Callable[[str, str], float]
 
 
 def _toy() -> Verifier:
-    from scope_ds.rewards.toy import verify_toy
+    from scope_ds.toy.verify import verify_toy
 
     return verify_toy
 

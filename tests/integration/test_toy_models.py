@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from scope_ds.data.toy_pretrain import BUILD_VERSION, default_cache_dir, ensure_toy_models, toy_accuracy
+from scope_ds.toy.models import BUILD_VERSION, default_cache_dir, ensure_toy_models, toy_accuracy
 
 REPO = Path(__file__).resolve().parents[2]
 

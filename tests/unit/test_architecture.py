@@ -24,6 +24,7 @@ FLOORS: dict[str, int] = {
     "openmp": 0,
     "hf_folder": 0,
     "config": 1,  # the typed configuration: a leaf but for choices
+    "toy": 1,  # the toy task, its verifier and models: records only
     "algorithms": 2,  # pure tensor maths
     "ops": 2,
     "rewards": 2,

@@ -9,7 +9,7 @@ import pytest
 
 from scope_ds.data.encoding import decode_and_verify, drop_long_prompts, encode_prompt, sampling_params
 from scope_ds.records import PromptRecord, Rollout
-from scope_ds.rewards.toy import verify_toy
+from scope_ds.toy.verify import verify_toy
 
 
 class _Tokenizer:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from scope_ds.config import load_config
-from scope_ds.data.toy_pretrain import build_folder
+from scope_ds.toy.models import build_folder
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "slurm"))

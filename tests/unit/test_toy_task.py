@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from scope_ds.data.toy import (
+from scope_ds.rewards import VERIFIERS, get_verifier
+from scope_ds.toy.task import (
     MAX_VALUE,
     N_OPS,
     random_order_steps,
@@ -22,8 +23,7 @@ from scope_ds.data.toy import (
     toy_records,
     toy_solution,
 )
-from scope_ds.rewards import VERIFIERS, get_verifier
-from scope_ds.rewards.toy import extract_boxed, verify_toy
+from scope_ds.toy.verify import extract_boxed, verify_toy
 
 
 def test_generation_is_deterministic_per_seed() -> None:
@@ -153,7 +153,7 @@ def test_registry() -> None:
 def test_tokenizer_round_trip_and_prompt_prefix(tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 
-    from scope_ds.data.toy_pretrain import sft_tensors, train_tokenizer
+    from scope_ds.toy.models import sft_tensors, train_tokenizer
 
     train_tokenizer(seed=0).save_pretrained(tmp_path)
     tok = AutoTokenizer.from_pretrained(tmp_path, local_files_only=True)
@@ -187,7 +187,7 @@ def _fake_build(calls: list[Path]):
 
 
 def test_ensure_toy_models_builds_once_and_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from scope_ds.data import toy_pretrain
+    from scope_ds.toy import models as toy_pretrain
 
     calls: list[Path] = []
     monkeypatch.setattr(toy_pretrain, "build_toy_models", _fake_build(calls))
@@ -200,7 +200,7 @@ def test_ensure_toy_models_builds_once_and_atomically(tmp_path: Path, monkeypatc
 
 
 def test_failed_build_leaves_nothing_that_counts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from scope_ds.data import toy_pretrain
+    from scope_ds.toy import models as toy_pretrain
 
     def broken(out, seed: int = 0, progress: bool = True, variant: str = "chain") -> dict:
         (Path(out) / "teacher").mkdir()
@@ -217,7 +217,7 @@ def test_failed_build_leaves_nothing_that_counts(tmp_path: Path, monkeypatch: py
 
 
 def test_cache_dir_default_follows_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from scope_ds.data.toy_pretrain import default_cache_dir
+    from scope_ds.toy.models import default_cache_dir
 
     monkeypatch.setenv("SCOPE_DS_CACHE", str(tmp_path))
     assert default_cache_dir() == tmp_path / "toy"

@@ -1,6 +1,6 @@
 """What a SCOPE run's rollouts say about its task: can the weights differ, are the methods apart?
 
-    python tools/toy_properties.py RUN_DIR [RUN_DIR ...]
+    python -m scope_ds.toy.properties RUN_DIR [RUN_DIR ...]
 
 Reads each run's rollouts/step_*.jsonl and metrics.jsonl (a SCOPE run: both paths weighted) and
 prints a table: the median over groups of the ratio of the largest to the smallest weight within a

@@ -38,8 +38,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from scope_ds.data.toy import ToyProblem, random_order_steps, toy_problems, toy_prompt, toy_solution
-from scope_ds.rewards.toy import verify_toy
+from scope_ds.toy.task import ToyProblem, random_order_steps, toy_problems, toy_prompt, toy_solution
+from scope_ds.toy.verify import verify_toy
 
 BUILD_VERSION = "v2"  # bump when the task or the recipe changes, so old caches are not reused
 VOCAB_SIZE = 64  # sentencepiece BPE: digits one by one, a few whole words ("▁Compute", "▁Answer")
