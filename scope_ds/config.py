@@ -65,8 +65,8 @@ class DataConfig:
     # (the authors' code) | incorrect: it counts as incorrect whatever it holds | skip: not trained on
     truncated: TruncatedPolicy = "verify"
     verify_timeout_s: float = 30.0  # the trainer's verifier may take this long per answer; past it: incorrect, counted
-    eval_every: int = 0  # evaluate on held-out prompts every N steps (0 = never)
-    eval_prompts: int = 64  # number of held-out prompts per evaluation
+    eval_every: int = 20  # evaluate on held-out prompts every N steps, and before the first (0 = never)
+    eval_prompts: int = 128  # number of held-out prompts per evaluation
     eval_n: int = 4  # samples per held-out prompt (Avg@n, Pass@k for k <= n), at rollout.temperature
     seed: int = 0  # order of prompts
     # the toy task (source toy, and the toy models): chain (one solution text per problem) |
@@ -129,11 +129,11 @@ class RolloutConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 8  # optimizer steps (one per global batch)
-    prompts_per_step: int = 8  # prompts per global batch (x rollout.n rollouts)
+    steps: int = 60  # optimizer steps (one per global batch)
+    prompts_per_step: int = 16  # prompts per global batch (x rollout.n rollouts)
     # Micro-batches: rollouts packed padding-free into at most this many tokens (prompt + response)
     # per forward/backward on one rank, the batch balanced over ranks by tokens (docs/pipeline.md)
-    max_tokens_per_micro_batch: int = 8192
+    max_tokens_per_micro_batch: int = 4096
     score_max_tokens_per_micro_batch: int = 16384  # the teacher's (inference-only) forwards: no backward
     packing: bool = True  # false: today's padded micro-batches of micro_batch_size rollouts, full logits
     # packing: a prompt's rollouts in one micro-batch hold the prompt once, each response attending

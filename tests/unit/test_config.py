@@ -11,8 +11,12 @@ import yaml
 from scope_ds.algorithms import GRPO, algorithm_of
 from scope_ds.config import ConfigError, GRPOOptions, OPDOptions, ScopeOptions, load_config, save_config
 
+REPO = Path(__file__).resolve().parents[2]
+
 
 def test_defaults_are_the_toy_scope_run():
+    """Config()'s defaults are what `deepspeed scope_ds/train.py` with no arguments runs (recipes/toy.yaml)."""
+    assert load_config().to_dict() == load_config(str(REPO / "recipes" / "toy.yaml")).to_dict()
     cfg = load_config()
     assert cfg.model.student == cfg.model.teacher == "toy"
     assert cfg.algo == ScopeOptions() and cfg.pipeline.max_staleness == 0

@@ -177,7 +177,7 @@ def test_prompt_stream_is_seeded_epoch_shuffled_and_resumable() -> None:
 def test_prompt_source_holds_out_the_last_prompts_when_evaluating(tmp_path: Path) -> None:
     rows = [{"problem": f"{i}+{i}?", "answer": str(2 * i)} for i in range(6)] + [{"problem": "no answer"}]
     path = str(_write_jsonl(tmp_path / "set.jsonl", rows))
-    train, held, verifier = prompt_source(DataConfig(source=path, template="{prompt}", eval_prompts=2))
+    train, held, verifier = prompt_source(DataConfig(source=path, template="{prompt}", eval_prompts=2, eval_every=0))
     assert ([r.answer for r in train], held, verifier) == (["0", "2", "4", "6", "8", "10"], [], "math")
     train, held, _ = prompt_source(DataConfig(source=path, template="{prompt}", eval_prompts=2, eval_every=5))
     assert [r.answer for r in train] == ["0", "2", "4", "6"] and [r.answer for r in held] == ["8", "10"]
