@@ -178,18 +178,19 @@ def write_block(
     (a missing page is created). Writing the same block twice leaves the page as the first time."""
     start, end = _markers(name)
     path = Path(doc_path)
-    text = path.read_text() if path.exists() else ""
+    text = path.read_bytes().decode() if path.exists() else ""  # bytes: read_text would turn \r\n into \n
     block = (
         f"{start}\n`{command}` · {date or datetime.date.today().isoformat()} · {machine}\n\n"
         f"{table_markdown.strip()}\n{end}"
     )
-    found = [(m.start(), m.group(0)) for m in re.finditer(rf"^(?:{re.escape(start)}|{re.escape(end)})$", text, re.M)]
+    markers = rf"^({re.escape(start)}|{re.escape(end)})\r?$"  # \r: a page with Windows line ends
+    found = [(m.start(1), m.group(1)) for m in re.finditer(markers, text, re.M)]
     if not found:
         if text and not text.endswith("\n"):
             text += "\n"
-        path.write_text(f"{text}\n{block}\n" if text else f"{block}\n")
+        path.write_bytes((f"{text}\n{block}\n" if text else f"{block}\n").encode())
         return
     if [marker for _, marker in found] != [start, end]:
         raise ValueError(f"{path}: the bench:{name} markers are not one start line then one end line")
     (i, _), (j, _) = found
-    path.write_text(text[:i] + block + text[j + len(end) :])
+    path.write_bytes((text[:i] + block + text[j + len(end) :]).encode())
