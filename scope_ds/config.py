@@ -403,13 +403,13 @@ class Config:
 # ---------------------------------------------------------------------------------- loading
 
 
-def _coerce(key: str, value: Any, hint: Any) -> Any:
+def coerce(key: str, value: Any, hint: Any) -> Any:
     """``value`` as type ``hint``, or ConfigError naming ``key`` (an int is a fine float).
 
     A ``Literal[...]`` hint takes a value of its values' type that is one of them."""
     choices = literal_values(hint)
     if choices is not None:
-        value = _coerce(key, value, type(choices[0]))
+        value = coerce(key, value, type(choices[0]))
         check_choice(key, value, choices, ConfigError)
         return value
     origin = typing.get_origin(hint)
@@ -418,12 +418,12 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if value is None:
             return None
         (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(key, value, inner)
+        return coerce(key, value, inner)
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"{key} must be a list, got {value!r}")
         (item,) = typing.get_args(hint)
-        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+        return [coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint is float and isinstance(value, str):
@@ -444,10 +444,10 @@ def _apply(section: Any, name: str, values: dict[str, Any]) -> None:
     for key, value in values.items():
         if key not in hints:
             raise ConfigError(f"unknown key {name}.{key}; allowed: {sorted(hints)}")
-        setattr(section, key, _coerce(f"{name}.{key}", value, hints[key]))
+        setattr(section, key, coerce(f"{name}.{key}", value, hints[key]))
 
 
-def _read_recipe(path: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+def read_recipe(path: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
     """The recipe's mapping, merged over the recipe it names in ``defaults`` (if any)."""
     if not os.path.isfile(path):
         raise ConfigError(f"recipe not found: {path}")
@@ -471,7 +471,7 @@ def _read_recipe(path: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
             f"defaults in {path} must be one recipe path (relative to the recipe), got {base!r}; "
             "to derive from several, chain them: each recipe names one defaults"
         )
-    merged = _read_recipe(os.path.join(os.path.dirname(path), base), (*seen, real))
+    merged = read_recipe(os.path.join(os.path.dirname(path), base), (*seen, real))
     for section, values in data.items():
         if isinstance(values, dict) and isinstance(merged.get(section), dict):
             merged[section] = {**merged[section], **values}
@@ -481,22 +481,30 @@ def _read_recipe(path: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
-    """``section.key=value`` as ([section, key], value): the value read as YAML, except that a key
-    typed ``str`` takes the raw text where YAML would read a mapping or a list (``data.template={prompt}``,
-    ``data.template=Q: {prompt}``), as nobody means those for a string."""
+    """``section.key=value`` as ([section, key], value), the value read as the key's type reads it
+    (``read_value``)."""
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like section.key=value")
     key, raw = item.split("=", 1)
     parts = key.strip().split(".")
     if len(parts) != 2 or not all(parts):
         raise ConfigError(f"override key {key!r} must be section.key (e.g. algo.tau=0.5)")
+    return parts, read_value(raw, _field_hint(*parts))
+
+
+def read_value(raw: str, hint: Any) -> Any:
+    """A command-line value as its option's type reads it: an option typed ``str`` takes the text as
+    written (``data.template=Q: {prompt}``, ``logging.run_name=007``), ``str | None`` too but for
+    ``null``; any other is read as YAML (``8``, ``1e-3``, ``null``, ``[a, b]``), and text YAML cannot
+    read stays text (refused by ``coerce``, naming the key, where the type wants otherwise)."""
+    if hint is str:
+        return raw
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and str in typing.get_args(hint):
+        return None if raw.strip() in ("null", "~") else raw
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        return yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
-        value = raw
-    if isinstance(value, (dict, list)) and _field_hint(*parts) is str:
-        value = raw
-    return parts, value
+        return raw
 
 
 def _field_hint(section: str, key: str) -> Any:
@@ -509,7 +517,7 @@ def _field_hint(section: str, key: str) -> Any:
 
 def load_config(recipe: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Build and validate the config from a recipe (or the toy defaults) and dotted overrides."""
-    data = _read_recipe(recipe) if recipe else {}
+    data = read_recipe(recipe) if recipe else {}
     for item in overrides:
         (section, key), value = parse_override(item)
         data.setdefault(section, {})
@@ -540,7 +548,7 @@ def _apply_algo(cfg: Config, values: Any) -> None:
             f"unknown key(s) {['algo.' + k for k in unknown]} for algo {cls.name!r}; allowed: {sorted(allowed)}"
         )
     hints = typing.get_type_hints(cls)
-    cfg.algo = cls(**{k: _coerce(f"algo.{k}", v, hints[k]) for k, v in values.items() if k != "name"})
+    cfg.algo = cls(**{k: coerce(f"algo.{k}", v, hints[k]) for k, v in values.items() if k != "name"})
 
 
 def save_config(cfg: Config, path: str) -> None:
@@ -548,130 +556,3 @@ def save_config(cfg: Config, path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
-
-
-# ---------------------------------------------------------------------------------- tools' options
-# The evaluation command and the rollout server read their options as the trainer does: a typed
-# dataclass, a YAML file (--config), key=value overrides, with --help written from the fields'
-# comments; each field is also a --flag of its name (the flags users already call).
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """Field name -> its comment in ``cls``'s source: the one on its line, else the comment lines
-    just above it (dataclass fields document themselves that way here)."""
-    import inspect
-    import io
-    import tokenize
-
-    source = inspect.getsource(cls)
-    comments: dict[int, str] = {}
-    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-        if tok.type == tokenize.COMMENT:
-            comments[tok.start[0]] = tok.string.lstrip("#").strip()
-    lines = source.splitlines()
-    docs = {}
-    for name, line in ast_fields(source):
-        text = comments.get(line, "")
-        above, i = [], line - 1
-        while i >= 1 and lines[i - 1].strip().startswith("#"):
-            above.insert(0, comments.get(i, ""))
-            i -= 1
-        docs[name] = " ".join([*above, text]).strip()
-    return docs
-
-
-def ast_fields(source: str) -> list[tuple[str, int]]:
-    """(name, line) of each annotated attribute of the first class in ``source``."""
-    import ast
-    import textwrap
-
-    tree = ast.parse(textwrap.dedent(source))
-    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef))
-    return [
-        (n.target.id, n.lineno) for n in cls.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)
-    ]
-
-
-def options_parser(cls: type, prog: str, description: str) -> Any:
-    """An argparse parser for the options dataclass ``cls``: ``--config FILE``, ``key=value``
-    overrides, and a ``--flag`` per field (``--no-flag`` for a bool that is on by default;
-    repeatable for a list). Flags not given are absent from the namespace."""
-    import argparse
-
-    p = argparse.ArgumentParser(
-        prog=prog,
-        description=description,
-        epilog="Every option is also a key=value override (YAML-typed) and a key of the --config YAML file; "
-        "flags and overrides win over the file (a flag over an override of the same key).",
-    )
-    p.add_argument("--config", help="a YAML file of options (keys as the field names below)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="options as key=value")
-    hints, docs = typing.get_type_hints(cls), field_docs(cls)
-    for f in dataclasses.fields(cls):
-        hint, flag, doc = hints[f.name], "--" + f.name.replace("_", "-"), docs.get(f.name, "")
-        keep = {"dest": f.name, "default": argparse.SUPPRESS}
-        if hint is bool:
-            if f.default is True:
-                p.add_argument("--no-" + flag[2:], action="store_false", help=f"{doc} (on; this turns it off)", **keep)
-            else:
-                p.add_argument(flag, action="store_true", help=doc, **keep)
-        elif typing.get_origin(hint) is list:
-            p.add_argument(flag, action="append", help=f"{doc} (repeatable)", **keep)
-        else:
-            choices = literal_values(hint)
-            default = "" if f.default is dataclasses.MISSING else f" (default: {f.default})"
-            p.add_argument(flag, choices=choices, help=doc + default, **keep)
-    return p
-
-
-def load_options(cls: type, argv: list[str] | None, prog: str, description: str) -> Any:
-    """``cls`` from the command line (see options_parser), checked (its ``check()``, if any); a bad
-    value exits with argparse's one-line error naming the option."""
-    import sys
-
-    p = options_parser(cls, prog, description)
-    args = vars(p.parse_intermixed_args(sys.argv[1:] if argv is None else argv))
-    try:
-        values = _read_recipe(args.pop("config")) if args.get("config") else {}
-        args.pop("config", None)
-        for item in args.pop("overrides"):
-            if "=" not in item:
-                raise ConfigError(f"{item!r}: an option is key=value or --flag VALUE")
-            key, raw = item.split("=", 1)
-            values[key.strip()] = raw
-        values.update(args)
-        return _build_options(cls, values)
-    except ConfigError as e:
-        p.error(str(e))
-
-
-def _build_options(cls: type, values: dict[str, Any]) -> Any:
-    hints = typing.get_type_hints(cls)
-    unknown = sorted(set(values) - set(hints))
-    if unknown:
-        raise ConfigError(f"unknown option(s) {unknown}; allowed: {sorted(f.name for f in dataclasses.fields(cls))}")
-    kwargs = {k: _coerce(k, _typed(v, hints[k]), hints[k]) for k, v in values.items()}
-    missing = [
-        f.name
-        for f in dataclasses.fields(cls)
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in kwargs
-    ]
-    if missing:
-        raise ConfigError("missing " + ", ".join(f"--{n.replace('_', '-')}" for n in missing))
-    out = cls(**kwargs)
-    if hasattr(out, "check"):
-        out.check()
-    return out
-
-
-def _typed(value: Any, hint: Any) -> Any:
-    """A command-line string read as YAML (``8``, ``1e-3``, ``null``), unless the option is text."""
-    if not isinstance(value, str) or hint is str or literal_values(hint) is not None:
-        return value
-    args = typing.get_args(hint)
-    if str in args:  # str | None: null is None, anything else its text
-        return None if value in ("null", "None", "~") else value
-    try:
-        return yaml.safe_load(value)
-    except yaml.YAMLError:
-        return value

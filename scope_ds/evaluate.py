@@ -23,12 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from scope_ds.config import ConfigError, load_options
+from scope_ds.config import ConfigError
 from scope_ds.data.benchmarks import Benchmark, BenchmarkError, load_benchmark, parse_benchmarks
 from scope_ds.data.encoding import drop_long_prompts
 from scope_ds.evaluation import report
 from scope_ds.evaluation.estimators import summarize
 from scope_ds.evaluation.sampling import EvalSample, eval_sampling_params, sample_and_verify
+from scope_ds.options import load_options
 from scope_ds.records import PromptRecord
 from scope_ds.rollout.client import RolloutServerError, SyncRolloutClient
 from scope_ds.rollout.launcher import RolloutServers, ServerLaunchError
@@ -50,7 +51,7 @@ class ModelTarget:
 @dataclass
 class EvalOptions:
     """The command's options: ``--flag VALUE``, ``key=value`` or a ``--config`` YAML file
-    (scope_ds.config.load_options)."""
+    (scope_ds.options.load_options)."""
 
     # [LABEL=]DIR_OR_URL: a model folder (a server is started for it) or a rollout server URL; repeat to compare
     model: list[str]

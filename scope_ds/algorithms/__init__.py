@@ -11,14 +11,14 @@ from scope_ds.algorithms.grpo import GRPO
 from scope_ds.algorithms.kd import KD
 from scope_ds.algorithms.scope import OPD, Scope
 from scope_ds.choices import literal_values
-from scope_ds.config import AlgoOptions
+from scope_ds.config import AlgoOptions, algo_options_class
 
 ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (Scope, OPD, GRPO, KD)}
 
 
 def algorithm_options(name: str) -> dict[str, Any]:
     """The options of algorithm ``name`` with their defaults."""
-    return _lookup(name).keys()
+    return algo_options_class(name).keys()
 
 
 def algorithm_of(options: AlgoOptions) -> Algorithm:
@@ -66,9 +66,7 @@ def _check_type(key: str, value: Any, hint: Any) -> None:
 
 
 def _lookup(name: str) -> type[Algorithm]:
-    if name not in ALGORITHMS:
-        raise ValueError(f"unknown algo.name {name!r}; choose one of {sorted(ALGORITHMS)}")
-    return ALGORITHMS[name]
+    return ALGORITHMS[algo_options_class(name).name]  # the config's registry names the algorithms
 
 
 __all__ = [

@@ -55,7 +55,7 @@ def build_run(cfg: Config) -> Run:
     try:
         engines = build_engines(cfg, algo, world, student_path, teacher_path, teacher_group(cfg, group))
         learner = Learner(cfg, algo, rank, world, *engines, pad_id=pad_id(tokenizer))
-        check_share_prompts(cfg, learner)
+        check_share_prompts(learner)
         if starting is not None:
             save_config(cfg, os.path.join(cfg.logging.run_dir, "config.yaml"))
             rollout = connect_rollout(cfg, algo, student_path, starting)
@@ -86,11 +86,11 @@ def pad_id(tokenizer: Any) -> int:
     return pad if pad is not None else 0
 
 
-def check_share_prompts(cfg: Config, learner: Learner) -> None:
+def check_share_prompts(learner: Learner) -> None:
     """``train.share_prompts=true`` (with packing) needs every engine to attend with engines/attention.py;
     refused at start-up, naming the engines, where one cannot (alike on every rank)."""
-    unable = learner.unable_to_share_prompts
-    if cfg.train.packing and cfg.train.share_prompts and unable:
+    t, unable = learner.cfg.train, learner.unable_to_share_prompts
+    if t.packing and t.share_prompts and unable:
         names = ", ".join(f"{e.path} ({e.model.config._attn_implementation})" for e in unable)
         raise ConfigError(
             f"train.share_prompts=true cannot run: the attention of {names} cannot read a row whose rollouts share "

@@ -1,4 +1,5 @@
-"""What crosses ranks outside the engines: rank 0's objects to every rank, sums, the stop flag.
+"""What crosses ranks outside the engines: rank 0's objects to every rank, and the stop flag (the
+sums and flags over ranks are engines/ranks.py's, shared with the learner).
 
 Rank 0 alone speaks HTTP (rollout servers), so whatever it learns reaches the other ranks here; a
 failure on rank 0 reaches them too, as a PipelineError, instead of leaving them in a collective.

@@ -26,6 +26,7 @@ FLOORS: dict[str, int] = {
     "config": 1,  # the typed configuration: a leaf but for choices
     "toy": 1,  # the toy task, its verifier and models: records only
     "algorithms": 2,  # pure tensor maths
+    "options": 2,  # the tools' options, read with the config's loader
     "ops": 2,
     "rewards": 2,
     "data": 3,

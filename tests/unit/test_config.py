@@ -212,6 +212,8 @@ def test_a_list_of_defaults_is_refused(tmp_path):
         ("data.template=Q: {prompt} A:", "Q: {prompt} A:"),
         ("data.template=[{prompt}]", "[{prompt}]"),
         ("logging.run_name=[a, b]", "[a, b]"),
+        ("logging.run_name=007", "007"),  # text as written, where YAML would read a number
+        ("rollout.api_key=123", "123"),
     ],
 )
 def test_a_str_key_takes_the_raw_text_where_yaml_reads_a_mapping_or_list(override, expected):

@@ -1,11 +1,11 @@
-"""The tools' options loader (config.load_options) on the embedded server's options: flags users
+"""The tools' options loader (options.load_options) on the embedded server's options: flags users
 already call, key=value overrides, a YAML file, --help from the fields' comments, clear refusals."""
 
 from __future__ import annotations
 
 import pytest
 
-from scope_ds.config import field_docs, options_parser
+from scope_ds.options import field_docs, options_parser
 from scope_ds.rollout.server.main import ServerOptions, parse_args
 
 

@@ -232,16 +232,17 @@ def test_prompts_are_shared_only_where_every_engine_attends_with_ours():
         student, teacher = _engine(_model(0, attention.register())), _engine(_model(1, teacher_attn), InferenceEngine)
         return Learner(cfg, algorithm_of(cfg.algo), 0, 1, student, teacher, None)
 
-    assert learner(attention.register()).shares_prompts
-    check_share_prompts(learner(attention.register()).cfg, learner(attention.register()))
+    shared = learner(attention.register())
+    assert shared.shares_prompts
+    check_share_prompts(shared)
     unable = learner("sdpa")  # transformers' own SDPA: a shared row would be misread
     assert not unable.shares_prompts and unable.unable_to_share_prompts == [unable.teacher]
     # refused at start-up, naming the engine, instead of quietly turned off
     with pytest.raises(ConfigError, match=r"train.share_prompts=true cannot run: the attention of .* \(sdpa\)"):
-        check_share_prompts(unable.cfg, unable)
+        check_share_prompts(unable)
     for overrides in (["train.share_prompts=false"], ["train.packing=false"]):
         assert not learner(attention.register(), *overrides).shares_prompts
-        check_share_prompts(learner("sdpa", *overrides).cfg, learner("sdpa", *overrides))  # nothing to refuse
+        check_share_prompts(learner("sdpa", *overrides))  # nothing to refuse
     # a shared row given to an engine whose attention cannot read it is refused, naming the setting
     rollouts = _rollouts(7, count=4, n=2)
     inputs = collate_packed(rollouts, list(range(4)), 0, share_prompts=True)

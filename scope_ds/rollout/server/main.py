@@ -12,8 +12,9 @@ from typing import Literal
 import torch
 import uvicorn
 
-from scope_ds.config import ConfigError, load_options
+from scope_ds.config import ConfigError
 from scope_ds.openmp import server_threads
+from scope_ds.options import load_options
 from scope_ds.rollout.server.app import ServerState, build_app
 from scope_ds.rollout.server.engine import Engine
 from scope_ds.rollout.server.requests import RequestLimits
@@ -33,7 +34,7 @@ GRACEFUL_SHUTDOWN_S = 5
 @dataclass
 class ServerOptions:
     """The embedded server's options: ``--flag VALUE``, ``key=value`` or a ``--config`` YAML file
-    (scope_ds.config.load_options); the flags are SGLang's names where SGLang has the option."""
+    (scope_ds.options.load_options); the flags are SGLang's names where SGLang has the option."""
 
     model_path: str  # Hugging Face model folder (config + safetensors)
     host: str = "127.0.0.1"
