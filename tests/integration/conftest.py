@@ -1,18 +1,36 @@
-"""Shared fixtures for integration tests: tiny model folders and embedded rollout servers.
+"""Shared fixtures for integration tests: tiny model folders, embedded rollout servers, shared runs.
 
 ``tiny_llama_dir`` builds a random Hugging Face Llama (hidden 32, 2 layers, vocab 128, context 64)
 with a character-level tokenizer into tmp_path in well under a second; any test may reuse it. The
 weights come from tools/benchlib.py's build_random_model, the builder of the benchmarks' models.
+
+A run costs its start-up (imports, engines, a rollout server: 15-20 s on CPU), its steps little, so
+tests share runs: ``default_run`` (the default SCOPE run on 2 ranks) and ``zero3_steps`` (every
+zero3_step.py case, one start-up per rank count) are made once per session and read by many
+tests. They are read-only: a test that writes into a run folder works on a copy (``copy_run``).
 """
 
 from __future__ import annotations
 
+import json
 import string
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import torch
+from train_helpers import (
+    DEFAULT_RUN_ARGS,
+    REPO,
+    ZERO3_LENGTHS,
+    ZERO3_STEP,
+    check_ok,
+    launch_ranks,
+    launch_train,
+    run_env,
+    small_run_overrides,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 import benchlib  # noqa: E402
@@ -115,8 +133,103 @@ def embedded_servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Calla
         proc.stop()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def model_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A tiny student and a different, wider tiny teacher with one tokenizer (built once per module)."""
+    """A tiny student and a different, wider tiny teacher with one tokenizer (built once per session,
+    read-only)."""
     root = tmp_path_factory.mktemp("pair")
     return build_tiny_llama(root / "student", seed=0), build_tiny_llama(root / "teacher", seed=1, hidden=48)
+
+
+# ------------------------------------------------------------------------------- shared runs
+
+
+@pytest.fixture(scope="session")
+def default_run(model_pair, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default SCOPE run of the tiny pair on 2 ranks (the ``ranks`` launcher): 6 steps, its
+    checkpoints step_3 and step_6, its metrics, rollouts, logs and HF export. Read by
+    test_regression (the figures of its steps 1-2), test_checkpoint (the straight run a killed and
+    resumed one must equal; convert_ckpt of its checkpoint; resume errors, on a copy) and
+    test_faults (a used folder, on a copy)."""
+    student, teacher = model_pair
+    out = tmp_path_factory.mktemp("default_run") / "run"
+    check_ok(launch_train([*small_run_overrides(student, teacher, out), *DEFAULT_RUN_ARGS], ranks=2, launcher="ranks"))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tied_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A Qwen3-style student and teacher whose LM head is the input embedding (tie_word_embeddings,
+    as in Qwen3-1.7B), vocab 96, with peaked distributions as a trained model's."""
+    root = tmp_path_factory.mktemp("tied_pair")
+    paths = []
+    for name, seed in (("student", 0), ("teacher", 1)):
+        benchlib.build_random_model(
+            root / name,
+            "qwen3",
+            seed,
+            head_scale=20.0,  # the tied head is the embedding: both scaled, peaked as a trained model's
+            vocab_size=96,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            max_position_embeddings=64,
+            tie_word_embeddings=True,
+        )
+        paths.append(root / name)
+    return paths[0], paths[1]
+
+
+# zero3_step.py's layouts: packed token budgets (two micro-batches on a rank, each prompt's
+# rollouts sharing one copy of it: train.share_prompts), and the padded layout with whole logits
+PACKED, PADDED = "train.max_tokens_per_micro_batch=40", "train.packing=false"
+# and ZeRO stages 0 and 2 (train.zero_stage over the JSON's 3): whole weights on every rank; with
+# stage 0 a whole teacher too (train.teacher_zero_stage=0)
+STAGE0 = [PACKED, "train.zero_stage=0", "train.teacher_zero_stage=0"]
+STAGE2 = [PACKED, "train.zero_stage=2"]
+FULL_KL = ["algo.name=opd", "algo.kl=full", "train.max_tokens_per_micro_batch=60"]
+
+
+def zero3_cases(root: Path, pair: tuple[Path, Path], tied: tuple[Path, Path]) -> dict[str, tuple[int, list]]:
+    """Every zero3_step.py case the tests read: name -> (ranks, [STUDENT, TEACHER, *options])."""
+    sgd = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
+    sgd["optimizer"] = {"type": "SGD", "params": {}}
+    sgd["zero_allow_untested_optimizer"] = True  # torch's SGD under ZeRO-3: DeepSpeed asks for the flag
+    (root / "sgd.json").write_text(json.dumps(sgd))
+    # plain SGD: no clipping, no weight decay (test_zero3_step_is_the_same_on_one_and_two_ranks)
+    plain = [f"train.ds_config={root / 'sgd.json'}", "train.grad_clip=0", "train.weight_decay=0", "train.lr=1e-3"]
+    plain += ZERO3_LENGTHS
+    return {
+        "sgd_one_rank": (1, [*pair, "concurrent=0", PACKED, *plain]),
+        "sgd_two_ranks": (2, [*pair, "concurrent=0", PACKED, *plain]),
+        "sgd_scored_beside": (2, [*pair, "concurrent=1", PACKED, *plain]),
+        "sgd_padded": (2, [*pair, "concurrent=0", PADDED, *plain]),
+        "sgd_stage0": (2, [*pair, "concurrent=0", *STAGE0, *plain]),
+        "sgd_stage2": (2, [*pair, "concurrent=0", *STAGE2, *plain]),
+        # OPD with algo.kl=full (test_full_kl_takes_the_teachers_log_probs_from_the_update_pass)
+        "opd_full_kl": (2, [*pair, *FULL_KL, *ZERO3_LENGTHS]),
+        # tied embeddings, packed and padded (test_tied_embeddings_train_the_same_packed_and_padded)
+        "tied_packed": (2, [*tied, "train.max_tokens_per_micro_batch=60", "train.lr=1e-2", *ZERO3_LENGTHS]),
+        "tied_padded": (2, [*tied, PADDED, "train.lr=1e-2", *ZERO3_LENGTHS]),
+        # one incorrect rollout: rank 1 has no teacher work (test_a_rank_with_nothing_to_score_does_not_hang)
+        "one_incorrect": (2, [*pair, "incorrect=1"]),
+    }
+
+
+@pytest.fixture(scope="session")
+def zero3_steps(model_pair, tied_pair, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    """Every case of ``zero3_cases``: name -> what zero3_step.py saved (weights, metrics, teacher
+    log-probs, spans, ZeRO stages). One launch per rank count runs its cases one after another,
+    each on fresh engines (``zero3_step.py --cases``)."""
+    root = tmp_path_factory.mktemp("zero3_steps")
+    cases = zero3_cases(root, model_pair, tied_pair)
+    for ranks in sorted({r for r, _ in cases.values()}):
+        todo = [[str(a) for a in (args[0], args[1], root / f"{name}.pt", *args[2:])]
+                for name, (r, args) in cases.items() if r == ranks]  # fmt: skip
+        (root / f"cases{ranks}.json").write_text(json.dumps(todo))
+        # one intra-op thread: the scorer thread's ops must not change how the step's ops split their work
+        check_ok(launch_ranks(ZERO3_STEP, ["--cases", root / f"cases{ranks}.json"], ranks, run_env(), timeout=600))
+    return {name: torch.load(root / f"{name}.pt") for name in cases}

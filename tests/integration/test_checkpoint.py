@@ -8,16 +8,19 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psutil
 import pytest
 import torch
 from train_helpers import (
+    DEFAULT_RUN_ARGS,
     REPO,
     TRAIN,
     assert_adam_steps_close,
     check_ok,
+    copy_run,
     deepspeed_cmd,
     launch_train,
     load_weights,
@@ -60,11 +63,12 @@ def _latest(out: Path) -> str | None:
     return path.read_text().strip() if path.exists() else None
 
 
-def test_kill9_and_resume_gives_the_straight_run(model_pair, tmp_path):
+def test_kill9_and_resume_gives_the_straight_run(model_pair, default_run, tmp_path):
+    """The straight run is conftest.py's default run (6 steps on 2 ranks, a checkpoint every 3);
+    the same run under the deepspeed launcher, killed after its step-3 save and resumed, equals it."""
     student, teacher = model_pair
-    straight, broken = tmp_path / "straight", tmp_path / "broken"
-    common = ["train.steps=6", "checkpoint.every=3"]
-    check_ok(launch_train([*small_run_overrides(student, teacher, straight), *common], ranks=2, launcher="ranks"))
+    straight, broken = default_run, tmp_path / "broken"
+    common = DEFAULT_RUN_ARGS
 
     proc = _start([*small_run_overrides(student, teacher, broken), *common])
     _wait_for(lambda: _latest(broken) == "step_3", proc, "the step-3 checkpoint")
@@ -269,18 +273,10 @@ def test_a_signal_to_the_launcher_saves_and_ends_every_process(model_pair, tmp_p
     assert got == expected, (got, output[-4000:])
 
 
-@pytest.fixture(scope="module")
-def two_rank_run(model_pair, tmp_path_factory):
-    """A finished 2-rank run (2 steps, its checkpoint and export), for the tests below that read it;
-    the last of them (test_resume_errors_are_clear) adds an incomplete checkpoint folder to it."""
-    student, teacher = model_pair
-    out = tmp_path_factory.mktemp("two_rank") / "run"
-    check_ok(launch_train(small_run_overrides(student, teacher, out), ranks=2, launcher="ranks"))
-    return out
-
-
-def test_convert_ckpt_of_a_two_rank_checkpoint(two_rank_run, tmp_path, embedded_servers):
-    out = two_rank_run
+def test_convert_ckpt_of_a_two_rank_checkpoint(default_run, tmp_path, embedded_servers):
+    """tools/convert_ckpt.py on conftest.py's default run (2 ranks): its latest checkpoint
+    (step_6) gives the run's own export."""
+    out = default_run
     hf = tmp_path / "converted"
     tool = [sys.executable, str(REPO / "tools" / "convert_ckpt.py")]
     proc = subprocess.run(
@@ -314,7 +310,7 @@ def test_convert_ckpt_of_a_two_rank_checkpoint(two_rank_run, tmp_path, embedded_
     corrupt = tmp_path / "corrupt"
     import shutil
 
-    shutil.copytree(out / "checkpoints" / "step_2", corrupt)
+    shutil.copytree(out / "checkpoints" / "step_6", corrupt)
     shards = list((corrupt / "ds").glob("*optim_states.pt"))
     assert len(shards) == 2  # one ZeRO partition per rank
     for f in shards:
@@ -323,17 +319,25 @@ def test_convert_ckpt_of_a_two_rank_checkpoint(two_rank_run, tmp_path, embedded_
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
-def test_resume_errors_are_clear(model_pair, two_rank_run, tmp_path):
+def test_resume_errors_are_clear(model_pair, default_run, tmp_path):
+    """Resumes that cannot work, each on its own copy of conftest.py's default run (a finished
+    2-rank run, its checkpoints step_3 and step_6): each a clear error, the copy's export untouched."""
     student, teacher = model_pair
-    out = two_rank_run
+    runs = [copy_run(default_run, tmp_path / f"run{i}") for i in range(3)]
+    (runs[2] / "checkpoints" / "step_1").mkdir()  # a folder without COMPLETE: a save that died
     cases = {
-        "written by 2 ranks and this run has 1": ["checkpoint.resume=auto", "train.steps=3"],
+        "written by 2 ranks and this run has 1": ["checkpoint.resume=auto", "train.steps=7"],
         "no checkpoint folder": [f"checkpoint.resume={tmp_path / 'none'}"],
+        "is incomplete": [f"checkpoint.resume={runs[2] / 'checkpoints' / 'step_1'}"],
     }
-    (out / "checkpoints" / "step_1").mkdir(exist_ok=True)  # a folder without COMPLETE: a save that died
-    cases["is incomplete"] = [f"checkpoint.resume={out / 'checkpoints' / 'step_1'}"]
-    for message, extra in cases.items():
-        proc = launch_train([*small_run_overrides(student, teacher, out), *extra], launcher="python", timeout=300)
+
+    def attempt(out: Path, extra: list[str]):  # each its own process and folder, two at a time
+        return launch_train([*small_run_overrides(student, teacher, out), *extra], launcher="python", timeout=300)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        procs = list(pool.map(attempt, runs, cases.values()))
+    for message, proc in zip(cases, procs, strict=True):
         assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-3000:]
         assert "Traceback" not in proc.stderr
-    assert load_weights(out / "hf")  # the finished run's export is untouched
+    for out in runs:
+        assert load_weights(out / "hf")  # the finished run's export is untouched

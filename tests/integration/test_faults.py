@@ -15,7 +15,17 @@ import time
 
 import psutil
 import pytest
-from train_helpers import REPO, TRAIN, check_ok, deepspeed_cmd, launch_train, read_jsonl, run_env, small_run_overrides
+from train_helpers import (
+    REPO,
+    TRAIN,
+    check_ok,
+    copy_run,
+    deepspeed_cmd,
+    launch_train,
+    read_jsonl,
+    run_env,
+    small_run_overrides,
+)
 
 CHATTR = shutil.which("chattr")
 needs_chattr = pytest.mark.skipif(CHATTR is None, reason="chattr (e2fsprogs) is not installed")
@@ -140,14 +150,16 @@ def test_a_rank_killed_before_the_first_save_resumes_from_scratch_with_clean_log
     assert _steps(out) == [1, 2, 3]
 
 
-def test_a_fresh_run_into_a_used_folder_is_refused_unless_overwritten(model_pair, tmp_path):
+def test_a_fresh_run_into_a_used_folder_is_refused_unless_overwritten(model_pair, default_run, tmp_path):
+    """The used folder is a copy of conftest.py's default run (6 steps, checkpoints, an export):
+    a fresh run into it is refused, leaving it as it was; with logging.overwrite=true its outputs
+    are replaced by the new run's."""
     student, teacher = model_pair
-    out = tmp_path / "run"
+    out = copy_run(default_run, tmp_path / "run")
     args = [*small_run_overrides(student, teacher, out), "train.steps=1"]
-    check_ok(launch_train(args, launcher="python"))
     proc = launch_train(args, launcher="python")
     assert proc.returncode == 2 and "checkpoint.resume=auto" in proc.stderr and "logging.overwrite=true" in proc.stderr
-    assert _steps(out) == [1]
+    assert _steps(out) == [1, 2, 3, 4, 5, 6]
     check_ok(launch_train([*args, "logging.overwrite=true", "train.steps=2"], launcher="python"))
     assert _steps(out) == [1, 2] and sorted(p.name for p in (out / "rollouts").iterdir()) == [
         "step_1.jsonl",

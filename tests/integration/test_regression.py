@@ -17,7 +17,7 @@ import hashlib
 import json
 
 import pytest
-from train_helpers import check_ok, launch_train, read_jsonl, small_run_overrides
+from train_helpers import read_jsonl
 
 # Per step: a digest of every rollout's response ids (in log order), the rollouts' SCOPE weights,
 # and the update's metrics.
@@ -82,15 +82,10 @@ def figures(out) -> dict[int, dict]:
     return got
 
 
-def test_fixed_seed_scope_run_is_unchanged(model_pair, tmp_path):
-    student, teacher = model_pair
-    out = tmp_path / "run"
-    check_ok(
-        launch_train(
-            [*small_run_overrides(student, teacher, out), "pipeline.max_staleness=0"], ranks=2, launcher="ranks"
-        )
-    )
-    got = figures(out)
+def test_fixed_seed_scope_run_is_unchanged(default_run):
+    """conftest.py's default run (2 ranks, max_staleness=0, 6 steps at a constant learning rate):
+    its first 2 steps are those of the 2-step run the figures were taken from."""
+    got = figures(default_run)
     for step, want in EXPECTED.items():
         assert got[step]["responses"] == want["responses"], f"step {step}: other rollouts than before"
         assert got[step]["weights"] == pytest.approx(want["weights"], abs=1e-5)

@@ -9,16 +9,12 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 from train_helpers import (
-    REPO,
-    ZERO3_STEP,
     assert_adam_steps_close,
     check_ok,
     expected_scope_weights,
-    launch_ranks,
     launch_train,
     load_weights,
     read_jsonl,
-    run_env,
     small_run_overrides,
     token_logprobs_float64,
 )
@@ -171,42 +167,17 @@ def test_baselines_two_ranks(model_pair, tmp_path, algo, request):
             assert all(r["path"] == "pg" and r["weight"] == 1.0 for r in rows if r["response_length"])
 
 
-# zero3_step.py's rollouts: prompts of 4-10 tokens, responses of up to 10
-ZERO3_LENGTHS = ["data.max_prompt_tokens=20", "rollout.max_new_tokens=12"]
-
-
-def test_zero3_step_is_the_same_on_one_and_two_ranks(model_pair, tmp_path):
+def test_zero3_step_is_the_same_on_one_and_two_ranks(model_pair, zero3_steps):
     """The same fixed batch and one SCOPE step with plain SGD (no clipping, no weight decay): on 1
     and on 2 ranks the weight change is -lr times the float64 gradient of Eq. 6, and grad_norm its
     norm, so DeepSpeed's loss scaling and averaging are undone exactly. With 2 ranks the teacher
     scoring the next batch in a thread, beside the step (on its own process group, as
-    feed.ScoredFeed does), changes neither the step nor the scores."""
+    feed.ScoredFeed does), changes neither the step nor the scores. The runs are conftest.py's
+    zero3_cases (sgd_*): packed token budgets, the padded layout, and ZeRO stages 0 and 2."""
 
     student, teacher = model_pair
-    sgd = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
-    sgd["optimizer"] = {"type": "SGD", "params": {}}
-    sgd["zero_allow_untested_optimizer"] = True  # torch's SGD under ZeRO-3: DeepSpeed asks for the flag
-    (tmp_path / "sgd.json").write_text(json.dumps(sgd))
-    plain = [f"train.ds_config={tmp_path / 'sgd.json'}", "train.grad_clip=0", "train.weight_decay=0", "train.lr=1e-3"]
-    plain += ZERO3_LENGTHS
-    outs = {}
-    # packed token budgets (two micro-batches on a rank, each prompt's rollouts sharing one copy of
-    # it: train.share_prompts), and the padded layout with whole logits
-    packed, padded = "train.max_tokens_per_micro_batch=40", "train.packing=false"
-    # and ZeRO stages 0 and 2 (train.zero_stage over the JSON's 3): whole weights on every rank;
-    # with stage 0 a whole teacher too (train.teacher_zero_stage=0)
-    runs = [(1, 0, packed), (2, 0, packed), (2, 1, packed), (2, 0, padded)]
-    stages = [f"{packed} train.zero_stage=0 train.teacher_zero_stage=0", f"{packed} train.zero_stage=2"]
-    runs += [(2, 0, layout) for layout in stages]
-    for i, (ranks, concurrent, layout) in enumerate(runs):
-        out = tmp_path / f"w{i}.pt"
-        args = [student, teacher, out, f"concurrent={concurrent}", *layout.split(), *plain]
-        # one intra-op thread: the scorer thread's ops must not change how the step's ops split their work
-        proc = launch_ranks(ZERO3_STEP, args, ranks, run_env(), timeout=600)
-        check_ok(proc)
-        outs[ranks, concurrent, layout] = torch.load(out)
-    one, two, beside, pad = outs[1, 0, packed], outs[2, 0, packed], outs[2, 1, packed], outs[2, 0, padded]
-    zero_stages = [outs[2, 0, layout] for layout in stages]
+    one, two, beside, pad = (zero3_steps[f"sgd_{c}"] for c in ("one_rank", "two_ranks", "scored_beside", "padded"))
+    zero_stages = [zero3_steps["sgd_stage0"], zero3_steps["sgd_stage2"]]
     assert two["metrics"]["perf/micro_batches"] == 2 and two["metrics"]["perf/padding_share"] == 0
     assert two["metrics"]["perf/shared_prompt_share"] > 0.1 and pad["metrics"]["perf/shared_prompt_share"] == 0
     assert one["metrics"]["loss/total"] == pytest.approx(two["metrics"]["loss/total"], rel=1e-5)
@@ -236,25 +207,14 @@ def test_zero3_step_is_the_same_on_one_and_two_ranks(model_pair, tmp_path):
     assert beside["teacher_logp_after"] == two["teacher_logp_after"] and two["teacher_logp_after"]
 
 
-def test_full_kl_takes_the_teachers_log_probs_from_the_update_pass(model_pair, tmp_path):
+def test_full_kl_takes_the_teachers_log_probs_from_the_update_pass(model_pair, zero3_steps):
     """OPD with algo.kl=full (uniform weights read no teacher value): the scoring stage runs no
     teacher pass, and the update's own KL pass records every rollout's teacher log-probs, equal
-    to a float64 forward of the teacher (2 ZeRO-3 ranks, packed)."""
+    to a float64 forward of the teacher (2 ZeRO-3 ranks, packed: conftest.py's opd_full_kl)."""
     from zero3_step import synthetic_batch
 
     student, teacher = model_pair
-    out = tmp_path / "opd_full.pt"
-    args = [
-        student,
-        teacher,
-        out,
-        "algo.name=opd",
-        "algo.kl=full",
-        "train.max_tokens_per_micro_batch=60",
-        *ZERO3_LENGTHS,
-    ]
-    check_ok(launch_ranks(ZERO3_STEP, args, 2, run_env(), timeout=600))
-    saved = torch.load(out)
+    saved = zero3_steps["opd_full_kl"]
     assert saved["teacher_logp_scored"] == {}  # no scoring pass before the update
     from transformers import AutoConfig
 
@@ -267,42 +227,13 @@ def test_full_kl_takes_the_teachers_log_probs_from_the_update_pass(model_pair, t
     assert saved["metrics"]["ppl/teacher_opd"] > 1
 
 
-def test_tied_embeddings_train_the_same_packed_and_padded(tmp_path):
+def test_tied_embeddings_train_the_same_packed_and_padded(tied_pair, zero3_steps):
     """A Qwen3-style student whose LM head is its input embedding (tie_word_embeddings, as in
     Qwen3-1.7B): one ZeRO-3 step on 2 ranks from hidden states (the head's gradient through the
     chunked statistics, ZeRO-3 gathering the shared weight) equals the whole-logits step."""
-
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    paths = {}
-    for name, seed in (("student", 0), ("teacher", 1)):
-        torch.manual_seed(seed)
-        config = Qwen3Config(
-            vocab_size=96,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=8,
-            max_position_embeddings=64,
-            tie_word_embeddings=True,
-        )
-        model = Qwen3ForCausalLM(config)
-        with torch.no_grad():
-            model.model.embed_tokens.weight.mul_(20.0)  # peaked distributions, as a trained model's
-        paths[name] = tmp_path / name
-        model.save_pretrained(paths[name])
-    outs = {}
-    for layout in ("train.max_tokens_per_micro_batch=60", "train.packing=false"):
-        out = tmp_path / f"{layout[6]}.pt"
-        args = [paths["student"], paths["teacher"], out, layout, "train.lr=1e-2", *ZERO3_LENGTHS]
-        proc = launch_ranks(ZERO3_STEP, args, 2, run_env(), timeout=600)
-        check_ok(proc)
-        outs[layout] = torch.load(out)
-    packed, padded = outs.values()
+    packed, padded = zero3_steps["tied_packed"], zero3_steps["tied_padded"]
     assert "lm_head.weight" not in packed["weights"]  # tied: one tensor, the embedding
-    initial = load_weights(paths["student"])
+    initial = load_weights(tied_pair[0])
     moved = (packed["weights"]["model.embed_tokens.weight"] - initial["model.embed_tokens.weight"]).abs().max()
     assert moved > 1e-4  # the step changed the shared matrix
     # one Adam step of lr 1e-2 from gradients that differ by float32 rounding (packed vs padded)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -18,6 +19,11 @@ from safetensors.torch import load_file
 REPO = Path(__file__).resolve().parents[2]
 TRAIN = REPO / "scope_ds" / "train.py"
 ZERO3_STEP = REPO / "tests" / "integration" / "zero3_step.py"
+# conftest.py's default_run: small_run_overrides (2 prompts x 4 rollouts, SCOPE, synchronous) for
+# 6 steps, a checkpoint every 3 (the learning rate is constant: its steps 1-2 are a 2-step run's)
+DEFAULT_RUN_ARGS = ["train.steps=6", "checkpoint.every=3", "pipeline.max_staleness=0"]
+# zero3_step.py's rollouts: prompts of 4-10 tokens, responses of up to 10
+ZERO3_LENGTHS = ["data.max_prompt_tokens=20", "rollout.max_new_tokens=12"]
 
 
 def free_port() -> int:
@@ -145,6 +151,12 @@ def assert_adam_steps_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tenso
 
 def check_ok(proc) -> None:
     assert proc.returncode == 0, f"training failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+
+
+def copy_run(run: Path, to: Path) -> Path:
+    """A copy of a shared run folder (conftest.py's ``default_run``), for a test that writes into it."""
+    shutil.copytree(run, to, symlinks=True)
+    return to
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -2,6 +2,11 @@
 
     deepspeed --num_gpus N tests/integration/zero3_step.py STUDENT TEACHER OUT.pt [incorrect=K]
         [concurrent=0|1] [key=value ...]
+    deepspeed --num_gpus N tests/integration/zero3_step.py --cases CASES.json
+
+``--cases``: a JSON list of such argument lists, run one after another in the same ranks (fresh
+engines, torch seeded alike, for each), so that many cases pay for one start-up (the session
+fixture ``zero3_steps`` in conftest.py).
 
 The batch's behaviour log-probs are the student's own (float64) plus noise of up to 0.3 nats, as
 a rollout server's would be after a little drift, so that importance ratios stay near 1.
@@ -11,6 +16,8 @@ scores a second batch after the step: with concurrent=1 in a thread while the st
 teacher's own process group, as the pipeline does), with concurrent=0 after it.
 """
 
+import gc
+import json
 import random
 import sys
 import threading
@@ -64,13 +71,23 @@ def synthetic_batch(
 
 def main() -> None:
     args = [a for a in sys.argv[1:] if not a.startswith("--local")]
+    cases = json.loads(Path(args[1]).read_text()) if args[0] == "--cases" else [args]
+    rank, world = ds.init_distributed()
+    for case in cases:
+        print(f"zero3_step case: {' '.join(map(str, case))}", flush=True)
+        run_case(rank, world, [str(a) for a in case])
+        gc.collect()
+        torch.distributed.barrier()
+    ds.end_distributed()
+
+
+def run_case(rank: int, world: int, args: list[str]) -> None:
     student_path, teacher_path, out = args[:3]
     opts = {a.split("=")[0]: int(a.split("=")[1]) for a in args[3:] if a.split("=")[0] in ("incorrect", "concurrent")}
     overrides = [a for a in args[3:] if a.split("=")[0] not in opts]
     cfg = load_config(
         None, ["train.prompts_per_step=4", "rollout.n=4", "train.micro_batch_size=3", "train.lr=1e-3", *overrides]
     )
-    rank, world = ds.init_distributed()
     torch.manual_seed(0)
     algo = algorithm_of(cfg.algo)
     student, teacher, reference = build_engines(cfg, algo, world, student_path, teacher_path, score_group())
@@ -102,7 +119,6 @@ def main() -> None:
         saved["zero_stage"] = student.engine.zero_optimization_stage()
         saved["teacher_zero_stage"] = teacher.engine.zero_optimization_stage()
         torch.save({**saved, "teacher_logp_after": teacher_logp(after)}, out)
-    ds.end_distributed()
 
 
 def teacher_logp(batch: Batch) -> dict[int, list[float]]:
