@@ -1,4 +1,4 @@
-"""python -m scope_ds.study end to end: 2 arms x 2 seeds on the tiny pair, killed and resumed."""
+"""python -m scope_ds.study end to end: 2 arms x 1 seed on the tiny pair, killed and resumed."""
 
 from __future__ import annotations
 
@@ -47,55 +47,54 @@ def _wait(proc: subprocess.Popen, cond, what: str) -> None:
 
 
 def test_a_study_killed_in_the_middle_resumes_and_its_table_follows_the_runs(model_pair, tmp_path):
-    """kill -9 in the second run, SIGTERM in the third (the trainer saves and the study stops), then
-    the same command to the end: finished runs reused, stopped ones resumed from their checkpoints."""
-    study, out = study_file(tmp_path, *model_pair), tmp_path / "out"
-    first, second, third = (out / "runs" / arm / f"seed{s}" for arm, s in (("scope", 0), ("scope", 1), ("opd", 0)))
-    proc = _start(study, out)
+    """Two arms, one seed (the mean and spread over seeds are tests/unit/test_study_table.py's):
+    kill -9 in the first run's training, then the same command resumes it from its checkpoint and
+    goes on to the second run, where SIGTERM to the study stops it (the trainer saves), then the
+    same command to the end: the finished run reused, the stopped one resumed from its checkpoint."""
+    study, out = study_file(tmp_path, *model_pair, seeds=(0,)), tmp_path / "out"
+    first, second = (out / "runs" / arm / "seed0" for arm in ("scope", "opd"))
     ckpt = lambda run: (run / "train" / "checkpoints" / "latest").is_file()  # noqa: E731
-    _wait(proc, lambda: (first / "eval" / "results.json").is_file() and ckpt(second), "its second run")
+    proc = _start(study, out)
+    _wait(proc, lambda: ckpt(first), "its first run's checkpoint")
     _kill9(proc, out)
-    assert not (second / "train" / "hf").exists(), "the second run finished before the kill"
+    assert not (first / "train" / "hf").exists(), "the first run finished before the kill"
 
     proc = _start(study, out)
-    _wait(proc, lambda: ckpt(third), "its third run")
+    _wait(proc, lambda: (first / "eval" / "results.json").is_file() and ckpt(second), "its second run")
     os.kill(proc.pid, signal.SIGTERM)  # to the study alone: it passes the signal on to the trainer
     said, _ = proc.communicate(timeout=300)
     assert proc.returncode == 1 and "stopping after the current run saves" in said, said[-3000:]
-    assert not (third / "train" / "hf").exists() and not (third / "FAILED").exists(), said[-3000:]
-    assert "stopped by a signal" in (third / "train.log").read_text()
+    assert not (second / "train" / "hf").exists() and not (second / "FAILED").exists(), said[-3000:]
+    assert "stopped by a signal" in (second / "train.log").read_text()
 
     done = subprocess.run(
         [sys.executable, "-m", "scope_ds.study", str(study), "--out", str(out), "--no-progress"],
         cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "4 of 4 runs done" in done.stdout
-    # the first run was reused, the second resumed from its checkpoint
-    assert (first / "train.log").read_text().count("\n$ ") == 1 and (first / "eval.log").read_text().count("\n$ ") == 1
-    for run in (second, third):
+    assert "2 of 2 runs done" in done.stdout
+    # each run resumed once from its checkpoint; the first, finished by the second command, was
+    # reused by the third (no third training, no second evaluation)
+    for run in (first, second):
         log = (run / "train.log").read_text()
         assert log.count("\n$ ") == 2 and "checkpoint.resume=auto" in log.split("\n$ ")[-1] and "resumed from" in log
+        assert (run / "eval.log").read_text().count("\n$ ") == 1
 
     results = json.loads((out / "study.json").read_text())
     per_run = {}
     for arm in ("scope", "opd"):
-        for seed in (0, 1):
-            model = json.loads((out / "runs" / arm / f"seed{seed}" / "eval" / "results.json").read_text())["models"][0]
-            per_run[(arm, seed)] = model["benchmarks"]["toy"]
-            assert model["label"] == f"{arm}-seed{seed}"
-    for arm in ("scope", "opd"):
+        model = json.loads((out / "runs" / arm / "seed0" / "eval" / "results.json").read_text())["models"][0]
+        per_run[arm] = model["benchmarks"]["toy"]
+        assert model["label"] == f"{arm}-seed0"
         fig = results["arms"][arm]["figures"]["toy"]
-        avgs = [per_run[(arm, s)]["avg"] for s in (0, 1)]
-        assert fig["avg"]["mean"] == pytest.approx(sum(avgs) / 2)
-        assert fig["pass_at_k"]["2"]["mean"] == pytest.approx(
-            sum(per_run[(arm, s)]["pass_at_k"]["2"] for s in (0, 1)) / 2
-        )
+        assert fig["avg"]["mean"] == pytest.approx(per_run[arm]["avg"])
+        assert fig["pass_at_k"]["2"]["mean"] == pytest.approx(per_run[arm]["pass_at_k"]["2"])
     paired = results["paired"]["scope"]
-    want = sum(per_run[("scope", s)]["avg"] - per_run[("opd", s)]["avg"] for s in (0, 1)) / 2
-    assert paired["seeds"] == [0, 1] and paired["avg"]["diff"] == pytest.approx(want)
+    assert paired["seeds"] == [0] and paired["avg"]["diff"] == pytest.approx(
+        per_run["scope"]["avg"] - per_run["opd"]["avg"]
+    )
     assert paired["avg"]["lo"] <= paired["avg"]["diff"] <= paired["avg"]["hi"]
     table = (out / "study.md").read_text()
-    assert "| scope | 2/2 |" in table and "| opd | 2/2 |" in table and "## Against opd" in table
+    assert "| scope | 1/1 |" in table and "| opd | 1/1 |" in table and "## Against opd" in table
     assert all(len(r["curve"]) == 3 for r in results["runs"])  # held-out accuracy at steps 0, 2, 4
     assert (out / "curves.png").stat().st_size > 0 and (out / "pass_at_k.png").stat().st_size > 0
