@@ -56,7 +56,7 @@ def main() -> None:
         lines.append(f"| {name} | {(time.perf_counter() - t0) / args.repeats * 1e3:.1f} |")
         print(lines[-1], flush=True)
     if args.out:
-        benchlib.write_block(args.out, "attention", "\n".join(lines), benchlib.command_line(), benchlib.machine_line())
+        benchlib.write_block(args.out, "attention", "\n".join(lines))
 
 
 if __name__ == "__main__":

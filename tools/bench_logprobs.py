@@ -125,7 +125,7 @@ def main() -> None:
     table = "\n".join(lines)
     print(f"vocab {args.vocab}, forward + backward from logits, {os.cpu_count()} CPU cores\n{table}")
     if args.out:
-        benchlib.write_block(args.out, "logprobs", table, benchlib.command_line(), benchlib.machine_line())
+        benchlib.write_block(args.out, "logprobs", table)
 
 
 if __name__ == "__main__":

@@ -288,7 +288,7 @@ def main() -> int:
             row(shape, f"scope_ds {name}", ours[name], trls)
         print(f"({shape}: {time.time() - t0:.0f} s)", file=sys.stderr, flush=True)
     if args.out:
-        benchlib.write_block(args.out, "peer", "\n".join(lines), benchlib.command_line(), benchlib.machine_line())
+        benchlib.write_block(args.out, "peer", "\n".join(lines))
     return 0
 
 

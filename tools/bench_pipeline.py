@@ -206,9 +206,7 @@ def main() -> None:
     table = "\n".join(lines)
     print(table + "\n\n" + note)
     if args.out:
-        benchlib.write_block(
-            args.out, "pipeline", table + "\n\n" + note, benchlib.command_line(), benchlib.machine_line()
-        )
+        benchlib.write_block(args.out, "pipeline", table + "\n\n" + note)
 
 
 def long_main(args) -> None:
@@ -235,7 +233,7 @@ def long_main(args) -> None:
     table = "\n".join(lines)
     print(table)
     if args.out:
-        benchlib.write_block(args.out, "pipeline-long", table, benchlib.command_line(), benchlib.machine_line())
+        benchlib.write_block(args.out, "pipeline-long", table)
 
 
 if __name__ == "__main__":

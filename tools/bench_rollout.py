@@ -143,7 +143,7 @@ def main() -> None:
     )
     print("\n" + table)
     if args.out:
-        benchlib.write_block(args.out, "rollout", table, benchlib.command_line(), benchlib.machine_line())
+        benchlib.write_block(args.out, "rollout", table)
 
 
 if __name__ == "__main__":

@@ -261,7 +261,7 @@ def main() -> int:
     table = _table(rows)
     print("\n" + table)
     if args.out:
-        benchlib.write_block(args.out, "step", table, benchlib.command_line(), benchlib.machine_line())
+        benchlib.write_block(args.out, "step", table)
     return 0 if all(parts is not None for _, parts in rows) else 1
 
 

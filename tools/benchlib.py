@@ -170,17 +170,25 @@ def _markers(name: str) -> tuple[str, str]:
 
 
 def write_block(
-    doc_path: str | Path, name: str, table_markdown: str, command: str, machine: str, *, date: str | None = None
+    doc_path: str | Path,
+    name: str,
+    table_markdown: str,
+    command: str | None = None,
+    machine: str | None = None,
+    *,
+    date: str | None = None,
 ) -> None:
     """Replace the block between ``<!-- bench:NAME start -->`` and ``<!-- bench:NAME end -->`` in
-    ``doc_path`` by ``\\`COMMAND\\` · DATE · MACHINE``, a blank line and the table (DATE: today).
+    ``doc_path`` by ``\\`COMMAND\\` · DATE · MACHINE``, a blank line and the table (COMMAND: this
+    process's, ``command_line()``; DATE: today; MACHINE: this one, ``machine_line()``).
     Everything outside the block stays byte for byte; a page without the block gets it at its end
     (a missing page is created). Writing the same block twice leaves the page as the first time."""
     start, end = _markers(name)
     path = Path(doc_path)
     text = path.read_bytes().decode() if path.exists() else ""  # bytes: read_text would turn \r\n into \n
     block = (
-        f"{start}\n`{command}` · {date or datetime.date.today().isoformat()} · {machine}\n\n"
+        f"{start}\n`{command or command_line()}` · {date or datetime.date.today().isoformat()}"
+        f" · {machine or machine_line()}\n\n"
         f"{table_markdown.strip()}\n{end}"
     )
     markers = rf"^({re.escape(start)}|{re.escape(end)})\r?$"  # \r: a page with Windows line ends

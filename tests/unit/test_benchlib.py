@@ -18,10 +18,14 @@ AFTER = "\n\nAfter the block.\n<!-- bench:other start -->\n`python tools/o.py` �
 TINY = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
 
 
-def _block(name: str, table: str, command: str = "python tools/bench_x.py", day: str = "2026-12-07") -> str:
-    return (
-        f"<!-- bench:{name} start -->\n`{command}` · {day} · cpu, 2 cores, 8 GiB\n\n{table}\n<!-- bench:{name} end -->"
-    )
+def _block(
+    name: str,
+    table: str,
+    command: str = "python tools/bench_x.py",
+    day: str = "2026-12-07",
+    machine: str = "cpu, 2 cores, 8 GiB",
+) -> str:
+    return f"<!-- bench:{name} start -->\n`{command}` · {day} · {machine}\n\n{table}\n<!-- bench:{name} end -->"
 
 
 def _write(page: Path, table: str = TABLE, name: str = "x", day: str = "2026-12-07") -> None:
@@ -169,3 +173,12 @@ def test_command_line_and_machine_line(monkeypatch):
     assert benchlib.command_line() == "python tools/bench_x.py --configs 'a b;c' --out d.md"
     line = benchlib.machine_line()
     assert " cores" in line and "\n" not in line and "`" not in line
+
+
+def test_write_block_names_this_command_and_machine_by_default(tmp_path, monkeypatch):
+    """A benchmark passes its table alone: the block says the command it was run with and this machine."""
+    monkeypatch.setattr(sys, "argv", [str(benchlib.ROOT / "tools" / "bench_x.py"), "--out", "p.md"])
+    page = tmp_path / "page.md"
+    benchlib.write_block(page, "x", TABLE, date="2026-12-07")
+    want = _block("x", TABLE, "python tools/bench_x.py --out p.md", machine=benchlib.machine_line())
+    assert want in page.read_text()
