@@ -22,9 +22,13 @@ def model_paths(cfg: Config) -> tuple[str, str]:
     m = cfg.model
     if not uses_toy(cfg):
         return m.student, m.teacher
-    from scope_ds.toy.models import ensure_toy_models  # torch and sentencepiece: only for the toy
+    from scope_ds.toy.cache import find_toy_models
 
-    toy = ensure_toy_models(m.toy_cache or None, variant=cfg.data.toy_variant)
+    toy = find_toy_models(m.toy_cache or None, variant=cfg.data.toy_variant)
+    if toy is None:  # torch and sentencepiece: only to build the toy
+        from scope_ds.toy.models import ensure_toy_models
+
+        toy = ensure_toy_models(m.toy_cache or None, variant=cfg.data.toy_variant)
     student = str(toy.student) if m.student == "toy" else m.student
     teacher = str(toy.teacher) if m.teacher == "toy" else m.teacher
     return student, teacher

@@ -24,11 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch  # noqa: E402
 
-from scope_ds.toy.models import (  # noqa: E402
-    build_folder,
-    default_cache_dir,
-    ensure_toy_models,
-)
+from scope_ds.toy.cache import build_folder, default_cache_dir  # noqa: E402
+from scope_ds.toy.models import ensure_toy_models  # noqa: E402
 
 
 def _table(report: dict, seconds: float) -> str:

@@ -15,6 +15,7 @@ import json
 import os
 import socket
 import sys
+import types
 import warnings
 from typing import Any
 
@@ -257,6 +258,31 @@ def with_zero_stage(cfg: dict[str, Any], stage: int, source: str, key: str = "tr
     if stage < 2:
         zero.pop("overlap_comm", None)
     return {**cfg, "zero_optimization": zero}
+
+
+# DeepSpeed's engine asks whether the optimizer is its Muon (deepspeed.initialize imports the
+# Muon module to see), and importing that module compiles Muon's kernels: torch.compile pulls in
+# inductor, two seconds of every rank's start-up on CPU. Unless the config names Muon, the
+# question is answered by a stand-in module for the length of the call: no optimizer is its class.
+_MUON_MODULE = "deepspeed.runtime.zero.muon.muon_optimizer"
+
+
+def initialize(model: torch.nn.Module, config: dict[str, Any], **kwargs: Any) -> tuple:
+    """``deepspeed.initialize(model=model, config=config, **kwargs)``, without importing DeepSpeed's
+    Muon optimizer unless ``config`` names it (or it is imported already)."""
+    import deepspeed
+
+    optimizer = str((config.get("optimizer") or {}).get("type", "")).lower()
+    if "muon" in optimizer or _MUON_MODULE in sys.modules:
+        return deepspeed.initialize(model=model, config=config, **kwargs)
+    stand_in = types.ModuleType(_MUON_MODULE, "no Muon in this run (scope_ds.engines.ds.initialize)")
+    stand_in.MuonWithAuxAdam = type("MuonWithAuxAdam", (), {})  # type: ignore[attr-defined]
+    sys.modules[_MUON_MODULE] = stand_in
+    try:
+        return deepspeed.initialize(model=model, config=config, **kwargs)
+    finally:
+        if sys.modules.get(_MUON_MODULE) is stand_in:
+            del sys.modules[_MUON_MODULE]
 
 
 def load_causal_lm(path: str, ds_config: dict[str, Any], dtype: str) -> torch.nn.Module:

@@ -228,15 +228,11 @@ class StudentEngine(_Engine):
         chunk: int = 0,
         packing: bool = True,
     ):
-        import deepspeed
-
         super().__init__(path, ds_config, dtype, chunk, packing)
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=self.model, model_parameters=params, config=ds_config
-        )
+        self.engine, self.optimizer, _, self.scheduler = ds.initialize(self.model, ds_config, model_parameters=params)
         # The trainer owns the accumulation boundary (ds.build_ds_config: a step has as many
         # micro-batches as its packing gives); DeepSpeed averages gradients over ranks, and our
         # losses already carry the global normaliser, so undo the average (a plain sum).
@@ -300,13 +296,11 @@ class InferenceEngine(_Engine):
         group: Any = None,
         packing: bool = True,
     ):
-        import deepspeed
-
         super().__init__(path, ds_config, dtype, chunk, packing)
         self._head_weight: torch.Tensor | None = None
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self.engine, *_ = deepspeed.initialize(model=self.model, config=ds_config)
+        self.engine, *_ = ds.initialize(self.model, ds_config)
         self.engine.eval()
         self.group = group
         if group is not None:

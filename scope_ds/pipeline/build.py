@@ -45,14 +45,16 @@ def build_run(cfg: Config) -> Run:
     algo = algorithm_of(cfg.algo)
     student_path, teacher_path = resolve_models(cfg, rank)
     check_run_folder(cfg, algo, student_path, rank)
-    tokenizer = check_compatible(student_path, teacher_path, full_vocab=algo.uses_full_kl)
-    records, eval_records, verifier = prompts(cfg, tokenizer, rank)
-    group = score_group()
-    # the servers start (seconds on CPU, minutes for SGLang) while the engines are built
-    evaluates = bool(cfg.data.eval_every and eval_records)
-    starting = launch_rollout(cfg, algo, student_path, teacher_path, evaluates) if rank == 0 else None
+    # the servers start (seconds on CPU, minutes for SGLang) while the tokenizer, the prompts and
+    # the engines load
+    starting = launch_rollout(cfg, algo, student_path, teacher_path) if rank == 0 else None
     rollout = None
     try:
+        tokenizer = check_compatible(student_path, teacher_path, full_vocab=algo.uses_full_kl)
+        records, eval_records, verifier = prompts(cfg, tokenizer, rank)
+        if starting is not None:
+            launch_eval_rollout(cfg, algo, student_path, starting, bool(cfg.data.eval_every and eval_records))
+        group = score_group()
         engines = build_engines(cfg, algo, world, student_path, teacher_path, teacher_group(cfg, group))
         learner = Learner(cfg, algo, rank, world, *engines, pad_id=pad_id(tokenizer))
         check_share_prompts(learner)
@@ -212,28 +214,28 @@ class StartingServers:
                 servers.stop()
 
 
-def launch_rollout(
-    cfg: Config, algo: Algorithm, student_path: str, teacher_path: str, evaluates: bool
-) -> StartingServers:
+def launch_rollout(cfg: Config, algo: Algorithm, student_path: str, teacher_path: str) -> StartingServers:
     """Launch the rollout servers (rank 0), without waiting for them; the servers of
     ``rollout.servers`` are only named here.
 
     KD trains on the teacher's answers: its servers serve the teacher and never change. With an
-    in-training evaluation (``evaluates``) it also launches one server of the student, which the
-    weight sync keeps up to date, so that evaluation measures the student.
+    in-training evaluation build_run then launches one server of the student (``eval_servers``),
+    which the weight sync keeps up to date, so that evaluation measures the student.
     """
     c = cfg.rollout
     if c.servers:
         return StartingServers(RolloutServers(c.servers, api_key=c.api_key))
     served = served_of(algo, student_path, teacher_path)
-    starting = StartingServers(launch_servers(cfg, served, c.num_servers, "logs"))
-    if algo.uses_teacher_rollouts and evaluates:
-        try:
-            starting.eval_servers = launch_servers(cfg, student_path, 1, os.path.join("logs", "eval"))
-        except BaseException:
-            starting.stop()
-            raise
-    return starting
+    return StartingServers(launch_servers(cfg, served, c.num_servers, "logs"))
+
+
+def launch_eval_rollout(
+    cfg: Config, algo: Algorithm, student_path: str, starting: StartingServers, evaluates: bool
+) -> None:
+    """KD with an in-training evaluation (``evaluates``) and launched servers: one more server,
+    of the student, into ``starting.eval_servers`` (see launch_rollout)."""
+    if algo.uses_teacher_rollouts and evaluates and not cfg.rollout.servers:
+        starting.eval_servers = launch_servers(cfg, student_path, 1, os.path.join("logs", "eval"))
 
 
 def connect_rollout(cfg: Config, algo: Algorithm, student_path: str, starting: StartingServers) -> RolloutSide:

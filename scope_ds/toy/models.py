@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import random
 import shutil
 import tempfile
@@ -38,10 +37,10 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from scope_ds.toy.cache import BUILD_VERSION, ToyModels, build_folder, cache_base, finished_build
 from scope_ds.toy.task import ToyProblem, random_order_steps, toy_problems, toy_prompt, toy_solution
 from scope_ds.toy.verify import verify_toy
 
-BUILD_VERSION = "v2"  # bump when the task or the recipe changes, so old caches are not reused
 VOCAB_SIZE = 64  # sentencepiece BPE: digits one by one, a few whole words ("▁Compute", "▁Answer")
 MAX_NEW_TOKENS = 64  # longest toy solution is under 50 tokens
 MAX_POSITIONS = 128
@@ -72,22 +71,6 @@ TEACHER = ModelSpec(128, 4, 4, 384, 1000, 2e-3, 50, 32, 50, 400, TEACHER_STOP)
 # to 0.08 per evaluation, so the stop lands inside the band. The long cosine keeps the learning rate
 # high whenever that happens: a decayed rate left a slow seed stuck near 0.2.
 STUDENT = ModelSpec(80, 2, 4, 256, 2400, 3e-3, 50, 32, 20, 400, STUDENT_STOP)
-
-
-@dataclass(frozen=True)
-class ToyModels:
-    """Where a finished build lies; every folder loads with the Auto* classes, offline."""
-
-    root: Path  # the build folder, <cache_dir>/<BUILD_VERSION>-seed<seed>
-    teacher: Path  # AutoModelForCausalLM + AutoTokenizer folder
-    student: Path  # same tokenizer as the teacher
-    report: dict  # what build_toy_models measured (accuracies, steps, seconds)
-
-
-def default_cache_dir() -> Path:
-    """$SCOPE_DS_CACHE/toy, or ~/.cache/scope_ds/toy."""
-    root = os.environ.get("SCOPE_DS_CACHE") or Path.home() / ".cache" / "scope_ds"
-    return Path(root) / "toy"
 
 
 def _solutions(problems: Sequence[ToyProblem], seed: int) -> list[str]:
@@ -334,18 +317,6 @@ def build_toy_models(out: str | Path, seed: int = 0, progress: bool = True, vari
     return report
 
 
-def _finished(root: Path) -> ToyModels | None:
-    report_path = root / "build_report.json"
-    if not report_path.is_file():
-        return None
-    return ToyModels(root, root / "teacher", root / "student", json.loads(report_path.read_text()))
-
-
-def build_folder(base: Path, seed: int = 0, variant: str = "chain") -> Path:
-    """Where a build of this version, seed and task variant lives under the cache."""
-    return base / (f"{BUILD_VERSION}-seed{seed}" if variant == "chain" else f"{BUILD_VERSION}-{variant}-seed{seed}")
-
-
 def ensure_toy_models(
     cache_dir: str | Path | None = None, seed: int = 0, progress: bool = True, variant: str = "chain"
 ) -> ToyModels:
@@ -357,14 +328,14 @@ def ensure_toy_models(
     """
     import fcntl  # POSIX only, like the rest of the trainer
 
-    base = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    base = cache_base(cache_dir)
     root = build_folder(base, seed, variant)
-    if found := _finished(root):
+    if found := finished_build(root):
         return found
     base.mkdir(parents=True, exist_ok=True)
     with open(base / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if found := _finished(root):  # built by whoever held the lock before us
+        if found := finished_build(root):  # built by whoever held the lock before us
             return found
         tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=base))
         tmp.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache from other users
@@ -375,6 +346,6 @@ def ensure_toy_models(
             tmp.rename(root)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    if not (found := _finished(root)):
+    if not (found := finished_build(root)):
         raise RuntimeError(f"toy model build finished but {root} holds no build_report.json")
     return found

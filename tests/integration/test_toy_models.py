@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from scope_ds.toy.models import BUILD_VERSION, default_cache_dir, ensure_toy_models, toy_accuracy
+from scope_ds.toy.cache import BUILD_VERSION, default_cache_dir
+from scope_ds.toy.models import ensure_toy_models, toy_accuracy
 
 REPO = Path(__file__).resolve().parents[2]
 

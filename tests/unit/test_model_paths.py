@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from scope_ds.config import load_config
-from scope_ds.toy.models import build_folder
+from scope_ds.toy.cache import build_folder
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "slurm"))
@@ -43,3 +43,25 @@ def test_slurm_servers_serve_the_model_the_trainer_resolves(tmp_path, algo, serv
     assert cmd[cmd.index("--model-path") + 1] == str(expected)
     student, teacher = resolve_models(load_config(recipe, over), rank=0)
     assert {"student": student, "teacher": teacher}[served] == str(expected)
+
+
+def test_a_built_toy_pair_is_found_without_torch(tmp_path):
+    """A finished toy build resolves through scope_ds.toy.cache alone (no torch, no transformers,
+    not the builder), so that rank 0 can launch the rollout servers before its heavy imports."""
+    import subprocess
+
+    cache = tmp_path / "toy"
+    built_toy_cache(cache)
+    code = (
+        "import sys\n"
+        "from scope_ds.config import load_config\n"
+        "from scope_ds.model_paths import model_paths\n"
+        f"print(model_paths(load_config(None, ['model.toy_cache={cache}'])))\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'scope_ds.toy.models') if m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    paths, imported = proc.stdout.splitlines()
+    folder = build_folder(cache)
+    assert paths == str((str(folder / "student"), str(folder / "teacher")))
+    assert imported == "[]"

@@ -217,7 +217,7 @@ def test_failed_build_leaves_nothing_that_counts(tmp_path: Path, monkeypatch: py
 
 
 def test_cache_dir_default_follows_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from scope_ds.toy.models import default_cache_dir
+    from scope_ds.toy.cache import default_cache_dir
 
     monkeypatch.setenv("SCOPE_DS_CACHE", str(tmp_path))
     assert default_cache_dir() == tmp_path / "toy"
