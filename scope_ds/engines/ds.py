@@ -285,8 +285,29 @@ def initialize(model: torch.nn.Module, config: dict[str, Any], **kwargs: Any) ->
             del sys.modules[_MUON_MODULE]
 
 
-def load_causal_lm(path: str, ds_config: dict[str, Any], dtype: str) -> torch.nn.Module:
-    """An AutoModelForCausalLM from a folder or hub name, partitioned at load time under ZeRO-3."""
+_ULYSSES_ENGINES = [0]  # engines given a Ulysses attention in this process: each its own name
+
+
+def _ulysses_attention(path: str, config: Any, chosen: str | None, own: bool, sp: Any) -> str:
+    """The name of a Ulysses attention around engines/attention.py's for this model (sequence.py),
+    after refusing a model whose heads or attention it cannot split."""
+    from scope_ds.engines import sequence
+
+    sequence.check_heads(config, sp.size, path)
+    if not own:
+        why = "materialises a whole [N, N] mask" if chosen == "eager" else "is not the packed SDPA attention"
+        raise ValueError(
+            f"{path}: its attention {chosen!r} {why}; parallel.sequence_parallel_size={sp.size} runs DeepSpeed "
+            "Ulysses around engines/attention.py's, for a model with causal attention over all earlier tokens "
+            "(sdpa, or none named)"
+        )
+    _ULYSSES_ENGINES[0] += 1
+    return sequence.register_ulysses(config, attention.register(), sp, tag=str(_ULYSSES_ENGINES[0]))
+
+
+def load_causal_lm(path: str, ds_config: dict[str, Any], dtype: str, sp: Any = None) -> torch.nn.Module:
+    """An AutoModelForCausalLM from a folder or hub name, partitioned at load time under ZeRO-3.
+    ``sp`` (engines/sequence.SequenceGroup): its attention is Ulysses' around the packed one."""
     from transformers import AutoConfig
     from transformers.integrations import HfDeepSpeedConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
@@ -306,6 +327,8 @@ def load_causal_lm(path: str, ds_config: dict[str, Any], dtype: str) -> torch.nn
     chosen = getattr(config, "_attn_implementation_internal", None) or getattr(config, "attn_implementation", None)
     own = chosen in (None, "sdpa") and attention.plain_causal(config)
     attn = {"attn_implementation": attention.register()} if own else {}
+    if sp is not None:
+        attn = {"attn_implementation": _ulysses_attention(path, config, chosen, own, sp)}
     model = model_cls.from_pretrained(path, dtype=torch_dtype, **attn)
     del hf_ds
     model.config.use_cache = False

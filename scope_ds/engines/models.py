@@ -17,6 +17,7 @@ M = response tokens of a packed micro-batch, D = hidden size.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ import torch
 
 from scope_ds.engines import attention, ds
 from scope_ds.engines.batching import PackedInputs, TokenInputs, gather_response, unpack_response
+from scope_ds.engines.sequence import SequenceGroup, pad_row, slice_grad_fn
 from scope_ds.ops import TEACHER_STATS, TOKEN_STATS, GradFn, chunked_stats
 
 Inputs = TokenInputs | PackedInputs
@@ -91,9 +93,19 @@ class StatsHead:
 class _Engine:
     """What student and teacher share: loading, a forward pass, per-token log-probs."""
 
-    def __init__(self, path: str, ds_config: dict[str, Any], dtype: str, chunk: int = 0, packing: bool = True):
-        self.path, self.ds_config, self.chunk = path, ds_config, chunk or None
-        self.model = ds.load_causal_lm(path, ds_config, dtype)
+    def __init__(
+        self,
+        path: str,
+        ds_config: dict[str, Any],
+        dtype: str,
+        chunk: int = 0,
+        packing: bool = True,
+        sp: SequenceGroup | None = None,
+    ):
+        self.path, self.ds_config, self.chunk, self.sp = path, ds_config, chunk or None, sp
+        if sp is not None and not packing:
+            raise ValueError("parallel.sequence_parallel_size > 1 splits packed rows: set train.packing=true")
+        self.model = ds.load_causal_lm(path, ds_config, dtype, sp=sp)
         self.stats_head = StatsHead(self.model) if packing else None
         self.engine: Any = None
 
@@ -120,6 +132,8 @@ class _Engine:
         """One forward pass of a packed micro-batch whose LM head answers ``request``: [1, M, ...]."""
         if self.stats_head is None:
             raise RuntimeError(f"{self.path}: built without packing (train.packing=false)")
+        if self.sp is not None:
+            return self._packed_slice(inputs, request)
         self.stats_head.request = request
         bounds = {}
         if self.attends_shared_prompts:
@@ -136,6 +150,32 @@ class _Engine:
                 logits_to_keep=inputs.score_pos_M,
                 use_cache=False,
                 **bounds,
+            )
+        finally:
+            self.stats_head.request = None
+        return out.logits
+
+    def _packed_slice(self, inputs: PackedInputs, request: _Request) -> torch.Tensor:
+        """``_packed`` on this rank's slice of the row (engines/sequence.py): [1, C, ...] for the
+        slice's C response tokens (one stand-in position, whose values are dropped, if it has none:
+        the LM head runs on every rank)."""
+        sp = self.sp
+        shard = sp.shard(inputs.score_pos_M, inputs.input_ids_1N.shape[1])
+        ids, pos = pad_row(inputs.input_ids_1N, inputs.position_ids_1N, shard.padded, pad_id=0)
+        real = shard.m_stop > shard.m_start
+        keep = inputs.score_pos_M[shard.m_start : shard.m_stop] - shard.start
+        targets = request.targets_M[shard.m_start : shard.m_stop]
+        if not real:
+            keep, targets = keep.new_zeros(1), targets.new_zeros(1)
+        grad_fn = slice_grad_fn(request.grad_fn, shard.m_start, real)
+        self.stats_head.request = dataclasses.replace(request, targets_M=targets, grad_fn=grad_fn)
+        try:
+            out = self.engine(
+                input_ids=ids[:, shard.start : shard.stop],
+                position_ids=pos[:, shard.start : shard.stop],
+                logits_to_keep=keep,
+                use_cache=False,
+                packed_layout=attention.layout_of(pos),
             )
         finally:
             self.stats_head.request = None
@@ -168,12 +208,17 @@ class _Engine:
             if set(TEACHER_STATS) & set(stats):
                 teacher_x, teacher_w = teacher.hidden(inputs), teacher.head_weight()
             request = _Request(stats, inputs.targets_M, teacher_x, teacher_w, self.chunk, grad_fn)
-            values = self._packed(inputs, request).reshape(-1, len(stats) + (grad_fn is not None))
+            local = self._packed(inputs, request).reshape(-1, len(stats) + (grad_fn is not None))
+            values = local
+            if self.sp is not None:  # this rank's slice: every slice's values, in the row's order
+                if grad_fn is None and torch.is_grad_enabled():
+                    raise ValueError("a sequence-parallel pass takes a loss's gradient only through grad_fn")
+                values = self.sp.gather(local, self.sp.shard(inputs.score_pos_M, inputs.input_ids_1N.shape[1]).counts)
             cols = {k: values[:, i] for i, k in enumerate(stats)}
             plain = grad_fn is not None  # the statistics are values then, their gradient applied
             out = {k: unpack_response(v.detach() if plain or k == "entropy" else v, inputs) for k, v in cols.items()}
             if grad_fn is not None:  # d out / d anchor = 1 (0 for a micro-batch without response tokens)
-                out["anchor"] = values[:, -1].sum() / max(values.shape[0], 1)
+                out["anchor"] = local[:, -1].sum() / max(local.shape[0], 1)
             return out
         if grad_fn is not None:
             raise ValueError("grad_fn needs a packed micro-batch (train.packing=true)")
@@ -227,8 +272,9 @@ class StudentEngine(_Engine):
         gradient_checkpointing: bool = False,
         chunk: int = 0,
         packing: bool = True,
+        sp: SequenceGroup | None = None,
     ):
-        super().__init__(path, ds_config, dtype, chunk, packing)
+        super().__init__(path, ds_config, dtype, chunk, packing, sp)
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -295,8 +341,9 @@ class InferenceEngine(_Engine):
         chunk: int = 0,
         group: Any = None,
         packing: bool = True,
+        sp: SequenceGroup | None = None,
     ):
-        super().__init__(path, ds_config, dtype, chunk, packing)
+        super().__init__(path, ds_config, dtype, chunk, packing, sp)
         self._head_weight: torch.Tensor | None = None
         for p in self.model.parameters():
             p.requires_grad_(False)

@@ -17,7 +17,9 @@ Shape legend: N = positions of the packed row, M = its response tokens.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -68,3 +70,107 @@ def pad_row(
     pad_ids = torch.full((1, extra), pad_id, dtype=ids_1N.dtype, device=ids_1N.device)
     pad_pos = torch.arange(extra, dtype=positions_1N.dtype, device=positions_1N.device)[None]
     return torch.cat([ids_1N, pad_ids], 1), torch.cat([positions_1N, pad_pos], 1)
+
+
+@dataclass(frozen=True)
+class SequenceGroup:
+    """This rank's sequence-parallel group: ``size`` consecutive ranks, this one ``rank`` among them."""
+
+    group: Any  # the process group (one per engine: the teacher may score beside the update)
+    size: int
+    rank: int
+
+    def shard(self, score_pos_M: torch.Tensor, n_positions: int) -> RowShard:
+        return shard_row(score_pos_M, n_positions, self.size, self.rank)
+
+    def gather(self, local_CK: torch.Tensor, counts: tuple[int, ...]) -> torch.Tensor:
+        """[sum(counts), K]: every rank's ``local_CK`` (its first ``counts[rank]`` rows) one after
+        another in group order, on every rank of the group (a collective; no gradient)."""
+        import torch.distributed as dist
+
+        width = max(max(counts), 1)
+        buf = local_CK.new_zeros((width, *local_CK.shape[1:]))
+        buf[: counts[self.rank]] = local_CK[: counts[self.rank]].detach()
+        parts = [torch.empty_like(buf) for _ in range(self.size)]
+        dist.all_gather(parts, buf, group=self.group)
+        return torch.cat([part[:c] for part, c in zip(parts, counts, strict=True)])
+
+
+def new_groups(size: int) -> SequenceGroup | None:
+    """This rank's group of ``size`` consecutive ranks (None for size 1). A collective: every rank
+    creates every group, in the same order."""
+    import torch.distributed as dist
+
+    if size == 1:
+        return None
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if world % size:
+        raise ValueError(f"parallel.sequence_parallel_size={size} does not divide the world size {world}")
+    mine = None
+    for first in range(0, world, size):
+        group = dist.new_group(list(range(first, first + size)))
+        if first <= rank < first + size:
+            mine = SequenceGroup(group, size, rank - first)
+    return mine
+
+
+def check_heads(config: Any, size: int, path: str) -> None:
+    """Refuse a model whose heads Ulysses cannot split over ``size`` ranks, naming the numbers."""
+    text = config.get_text_config()
+    heads = text.num_attention_heads
+    kv = getattr(text, "num_key_value_heads", None) or heads
+    if heads % size:
+        raise ValueError(
+            f"{path}: its {heads} attention heads do not split over parallel.sequence_parallel_size={size}; "
+            "pick a size that divides them"
+        )
+    if kv % size and size % kv:
+        raise ValueError(
+            f"{path}: its {kv} key-value heads neither split over nor divide parallel.sequence_parallel_size="
+            f"{size}; pick a size that divides them or that they divide"
+        )
+
+
+def register_ulysses(config: Any, core: str, sp: SequenceGroup, tag: str) -> str:
+    """An attention for transformers, under a name of its own (one per engine: models' heads
+    differ), that runs DeepSpeed's UlyssesSPAttentionHF around the registered attention ``core``:
+    an all-to-all gives each rank the whole row for its share of the heads, ``core`` attends, a
+    second all-to-all gives back the rank's slice of the sequence. Its name, for
+    ``attn_implementation``. The mask transformers builds is for the slice alone: dropped, the
+    core attention reads the row's layout from its position ids or ``packed_layout``."""
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    text = config.get_text_config()
+    heads = text.num_attention_heads
+    ulysses = UlyssesSPAttentionHF(
+        attn=ALL_ATTENTION_FUNCTIONS[core],
+        batch_size=1,  # a packed micro-batch is one row
+        attn_head_count=heads,
+        attn_head_size=getattr(text, "head_dim", None) or text.hidden_size // heads,
+        kv_head_count=getattr(text, "num_key_value_heads", None) or heads,
+        num_hidden_layers=text.num_hidden_layers,
+        process_group=sp.group,
+        seq_length_is_variable=True,
+    )
+    ulysses.core_attn_implementation = core
+
+    def attend(module: torch.nn.Module, query, key, value, attention_mask, *args: Any, **kwargs: Any):
+        return ulysses(module, query, key, value, None, *args, **kwargs)
+
+    name = f"{core}_ulysses{sp.size}_{tag}"
+    AttentionInterface.register(name, attend)
+    AttentionMaskInterface.register(name, lambda *args, **kwargs: None)
+    return name
+
+
+def slice_grad_fn(grad_fn: Callable | None, m_start: int, real: bool) -> Callable | None:
+    """A per-token loss's gradient function (ops.chunked_stats' ``grad_fn``, over the row's M
+    response tokens) for one slice's tokens, which start at ``m_start``; a slice without response
+    tokens (``real`` false: a stand-in position that the LM head still runs) takes no gradient."""
+    if grad_fn is None:
+        return None
+    if not real:
+        return lambda rows, values: {}
+    return lambda rows, values: grad_fn(slice(rows.start + m_start, rows.stop + m_start), values)
