@@ -93,6 +93,8 @@ class StatsHead:
 class _Engine:
     """What student and teacher share: loading, a forward pass, per-token log-probs."""
 
+    sp: SequenceGroup | None = None  # this engine's sequence-parallel group (None: whole rows)
+
     def __init__(
         self,
         path: str,
