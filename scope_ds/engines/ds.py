@@ -11,6 +11,7 @@ import contextlib
 import copy
 import glob
 import hashlib
+import itertools
 import json
 import os
 import socket
@@ -285,7 +286,7 @@ def initialize(model: torch.nn.Module, config: dict[str, Any], **kwargs: Any) ->
             del sys.modules[_MUON_MODULE]
 
 
-_ULYSSES_ENGINES = [0]  # engines given a Ulysses attention in this process: each its own name
+_ULYSSES_TAGS = itertools.count(1)  # each engine given a Ulysses attention in this process: its own name
 
 
 def _ulysses_attention(path: str, config: Any, chosen: str | None, own: bool, sp: Any) -> str:
@@ -301,8 +302,7 @@ def _ulysses_attention(path: str, config: Any, chosen: str | None, own: bool, sp
             "Ulysses around engines/attention.py's, for a model with causal attention over all earlier tokens "
             "(sdpa, or none named)"
         )
-    _ULYSSES_ENGINES[0] += 1
-    return sequence.register_ulysses(config, attention.register(), sp, tag=str(_ULYSSES_ENGINES[0]))
+    return sequence.register_ulysses(config, attention.register(), sp, tag=str(next(_ULYSSES_TAGS)))
 
 
 def load_causal_lm(path: str, ds_config: dict[str, Any], dtype: str, sp: Any = None) -> torch.nn.Module:

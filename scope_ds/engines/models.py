@@ -27,7 +27,7 @@ import torch
 
 from scope_ds.engines import attention, ds
 from scope_ds.engines.batching import PackedInputs, TokenInputs, gather_response, unpack_response
-from scope_ds.engines.sequence import SequenceGroup, pad_row, slice_grad_fn
+from scope_ds.engines.sequence import RowShard, SequenceGroup, pad_row, slice_grad_fn
 from scope_ds.ops import TEACHER_STATS, TOKEN_STATS, GradFn, chunked_stats
 
 Inputs = TokenInputs | PackedInputs
@@ -130,12 +130,13 @@ class _Engine:
         out = self.engine(input_ids=inputs.input_ids_BL, attention_mask=inputs.attention_mask_BL, use_cache=False)
         return out.logits
 
-    def _packed(self, inputs: PackedInputs, request: _Request) -> torch.Tensor:
-        """One forward pass of a packed micro-batch whose LM head answers ``request``: [1, M, ...]."""
+    def _packed(self, inputs: PackedInputs, request: _Request, shard: RowShard | None = None) -> torch.Tensor:
+        """One forward pass of a packed micro-batch whose LM head answers ``request``: [1, M, ...]
+        (with a sequence-parallel group: this rank's ``shard`` of the row, see ``_packed_slice``)."""
         if self.stats_head is None:
             raise RuntimeError(f"{self.path}: built without packing (train.packing=false)")
         if self.sp is not None:
-            return self._packed_slice(inputs, request)
+            return self._packed_slice(inputs, request, shard or self._shard(inputs))
         self.stats_head.request = request
         bounds = {}
         if self.attends_shared_prompts:
@@ -157,12 +158,14 @@ class _Engine:
             self.stats_head.request = None
         return out.logits
 
-    def _packed_slice(self, inputs: PackedInputs, request: _Request) -> torch.Tensor:
-        """``_packed`` on this rank's slice of the row (engines/sequence.py): [1, C, ...] for the
-        slice's C response tokens (one stand-in position, whose values are dropped, if it has none:
-        the LM head runs on every rank)."""
-        sp = self.sp
-        shard = sp.shard(inputs.score_pos_M, inputs.input_ids_1N.shape[1])
+    def _shard(self, inputs: PackedInputs) -> RowShard:
+        """This rank's slice of a packed row (engines/sequence.py)."""
+        return self.sp.shard(inputs.score_pos_M, inputs.input_ids_1N.shape[1])
+
+    def _packed_slice(self, inputs: PackedInputs, request: _Request, shard: RowShard) -> torch.Tensor:
+        """``_packed`` on this rank's ``shard`` of the row: [1, C, ...] for the slice's C response
+        tokens (one stand-in position, whose values are dropped, if it has none: the LM head runs
+        on every rank)."""
         ids, pos = pad_row(inputs.input_ids_1N, inputs.position_ids_1N, shard.padded, pad_id=0)
         real = shard.m_stop > shard.m_start
         keep = inputs.score_pos_M[shard.m_start : shard.m_stop] - shard.start
@@ -210,12 +213,12 @@ class _Engine:
             if set(TEACHER_STATS) & set(stats):
                 teacher_x, teacher_w = teacher.hidden(inputs), teacher.head_weight()
             request = _Request(stats, inputs.targets_M, teacher_x, teacher_w, self.chunk, grad_fn)
-            local = self._packed(inputs, request).reshape(-1, len(stats) + (grad_fn is not None))
-            values = local
-            if self.sp is not None:  # this rank's slice: every slice's values, in the row's order
-                if grad_fn is None and torch.is_grad_enabled():
-                    raise ValueError("a sequence-parallel pass takes a loss's gradient only through grad_fn")
-                values = self.sp.gather(local, self.sp.shard(inputs.score_pos_M, inputs.input_ids_1N.shape[1]).counts)
+            shard = self._shard(inputs) if self.sp is not None else None
+            if shard is not None and grad_fn is None and torch.is_grad_enabled():
+                raise ValueError("a sequence-parallel pass takes a loss's gradient only through grad_fn")
+            local = self._packed(inputs, request, shard).reshape(-1, len(stats) + (grad_fn is not None))
+            # with a sequence-parallel group: every slice's values, in the row's order
+            values = local if shard is None else self.sp.gather(local, shard.counts)
             cols = {k: values[:, i] for i, k in enumerate(stats)}
             plain = grad_fn is not None  # the statistics are values then, their gradient applied
             out = {k: unpack_response(v.detach() if plain or k == "entropy" else v, inputs) for k, v in cols.items()}
@@ -364,9 +367,9 @@ class InferenceEngine(_Engine):
                 self._head_weight = w.data.detach().clone()
         return self._head_weight
 
-    def _packed(self, inputs: PackedInputs, request: _Request) -> torch.Tensor:
+    def _packed(self, inputs: PackedInputs, request: _Request, shard: RowShard | None = None) -> torch.Tensor:
         self._check_trace()
-        return super()._packed(inputs, request)
+        return super()._packed(inputs, request, shard)
 
     def _check_trace(self) -> None:
         if self.group is not None and not self._trace_complete():
