@@ -194,6 +194,17 @@ class PipelineConfig:
 
 
 @dataclass
+class ParallelConfig:
+    # Ranks per sequence-parallel group (DeepSpeed Ulysses): each packed row is split along the
+    # sequence over sp consecutive ranks, attention all-to-alls heads (docs/cluster.md); the batch
+    # is shared by world / sp data-parallel groups, ZeRO-3 still partitions over every rank
+    sequence_parallel_size: int = 1
+
+    def check(self) -> None:
+        _positive("parallel.sequence_parallel_size", self.sequence_parallel_size)
+
+
+@dataclass
 class CheckpointConfig:
     dir: str = ""  # where checkpoints go ("" = OUT/checkpoints)
     every: int = 0  # save every N steps (0 = only at the end)
@@ -359,6 +370,7 @@ class Config:
     algo: AlgoOptions = field(default_factory=ScopeOptions)  # algo.name's options (ALGO_OPTIONS)
     train: TrainConfig = field(default_factory=TrainConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -392,6 +404,31 @@ class Config:
                 "pipeline.overlap_teacher=true cannot run with algo.kl=full: the update itself runs the teacher "
                 "(its full logits), so there is nothing to score beside it; set pipeline.overlap_teacher=false"
             )
+
+        self._check_sequence_parallel()
+
+    def _check_sequence_parallel(self) -> None:
+        sp, t = self.parallel.sequence_parallel_size, self.train
+        if sp == 1:
+            return
+        key = f"parallel.sequence_parallel_size={sp}"
+        if not t.packing:
+            raise ConfigError(f"{key} splits packed rows along the sequence: set train.packing=true")
+        if t.share_prompts:
+            raise ConfigError(
+                f"{key} cannot split a row whose rollouts share their prompt (each response's first token is "
+                "scored at the prompt's end, away from its other tokens): set train.share_prompts=false"
+            )
+        if self.pipeline.overlap_teacher:
+            raise ConfigError(
+                f"{key}: the teacher's all-to-alls are not run beside the update's; set pipeline.overlap_teacher=false"
+            )
+        for budget in ("max_tokens_per_micro_batch", "score_max_tokens_per_micro_batch"):
+            if getattr(t, budget) < sp:
+                raise ConfigError(
+                    f"train.{budget}={getattr(t, budget)} is smaller than {key}: every rank of a group needs "
+                    f"a slice of the row; raise it to at least {sp}"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         """Every key, defaults included; ``algo`` with its name and the options its algorithm has."""

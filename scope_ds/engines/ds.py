@@ -190,7 +190,6 @@ def _free_port() -> int:
 def build_ds_config(
     json_path: str,
     *,
-    world_size: int,
     dtype: str,
     lr: float | None = None,
     weight_decay: float = 0.0,
@@ -204,8 +203,9 @@ def build_ds_config(
     ``lr`` None builds an inference-only config (no optimizer, no scheduler). A training config
     leaves gradient accumulation to the trainer (``managed_gradient_accumulation: false``): a step
     has as many micro-batches as its packing gives, and the trainer calls ``step()`` once after
-    them. The batch-size keys DeepSpeed requires are set to one rollout per micro-batch; they size
-    nothing (the trainer's micro-batches are token budgets). ``zero_stage`` replaces the JSON's
+    them. The batch-size keys DeepSpeed requires are set to one rollout per micro-batch (DeepSpeed
+    derives ``train_batch_size`` from them and the world size); they size nothing (the trainer's
+    micro-batches are token budgets). ``zero_stage`` replaces the JSON's
     stage (``with_zero_stage``); ``stage_key`` is the config key that set it, for errors.
     """
     path = resolve_path(json_path)
@@ -218,7 +218,7 @@ def build_ds_config(
         cfg = with_zero_stage(cfg, zero_stage, json_path, stage_key)
     cfg["train_micro_batch_size_per_gpu"] = 1
     cfg["gradient_accumulation_steps"] = 1
-    cfg["train_batch_size"] = world_size
+    cfg.pop("train_batch_size", None)
     cfg["bf16"] = {"enabled": dtype == "bfloat16"}
     cfg["fp16"] = {"enabled": False}
     if lr is None:

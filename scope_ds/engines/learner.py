@@ -68,6 +68,20 @@ class Learner:
         engines = (self.student, self.teacher, self.reference)
         return [e for e in engines if e is not None and not e.attends_shared_prompts]
 
+    @property
+    def data_rank_world(self) -> tuple[int, int]:
+        """(this rank's data-parallel rank, their number): a sequence-parallel group of sp
+        consecutive ranks (``parallel.sequence_parallel_size``) runs the same micro-batches, each
+        rank a slice of every row, so the batch is shared by world / sp."""
+        size = self.student.sp.size if self.student.sp is not None else 1
+        return self.rank // size, self.world // size
+
+    @property
+    def _sums_metrics(self) -> bool:
+        """Whether this rank adds its micro-batches' metric sums: the first of its sequence-parallel
+        group only (the group's ranks hold the same gathered values)."""
+        return self.student.sp is None or self.student.sp.rank == 0
+
     # ------------------------------------------------------------------------------ planning
 
     def micro_batches(self, rollouts: list[Rollout], which: list[int], scoring: bool = False) -> list[list[int]]:
@@ -80,13 +94,14 @@ class Learner:
         lengths = [len(rollouts[i].prompt_ids) + rollouts[i].response_length for i in which]
         key = "score_max_tokens_per_micro_batch" if scoring else "max_tokens_per_micro_batch"
         prompts = [rollouts[i].prompt_ids for i in which] if self.shares_prompts else None
+        rank, world = self.data_rank_world
         try:
             if t.packing:
                 budget, what = getattr(t, key), f"train.{key}"
-                plan = plan_micro_batches(lengths, self.rank, self.world, max_tokens=budget, what=what, prompts=prompts)
+                plan = plan_micro_batches(lengths, rank, world, max_tokens=budget, what=what, prompts=prompts)
             else:
                 size = t.score_batch_size if scoring else t.micro_batch_size
-                plan = plan_micro_batches(lengths, self.rank, self.world, size=size)
+                plan = plan_micro_batches(lengths, rank, world, size=size)
         except ValueError as e:  # alike on every rank
             raise PipelineError(str(e)) from None
         return [[which[j] for j in mb] for mb in plan]
@@ -217,6 +232,8 @@ class Learner:
         if "teacher_logp" in out:
             acc.teacher.update(_kept_rows(rollouts, mb, [i in acc.unscored for i in mb], out["teacher_logp"]))
         parts["loss/total"] = float(loss.detach())
+        if not self._sums_metrics:
+            return
         for k, v in _micro_batch_parts(rollouts, mb, inputs, parts, out["entropy"]).items():
             acc.sums[k] = acc.sums.get(k, 0.0) + v
 
@@ -274,7 +291,7 @@ class Learner:
         tokens = max(sums.pop("entropy/tokens", 0.0), 1.0)
         out["entropy/student"] = sums.get("entropy/sum", 0.0) / tokens
         out["is/truncated_share"] = sums.get("is/truncated_tokens", 0.0) / tokens
-        out["perf/micro_batches"] = sums["perf/micro_batches"] / self.world  # per rank
+        out["perf/micro_batches"] = sums["perf/micro_batches"] / self.data_rank_world[1]  # per rank
         out["perf/padding_share"] = sums["padding/positions"] / max(sums["padding/all"], 1.0)
         # the share of the rollouts' prompt + response tokens that a shared prompt spared the forward
         real = sums["padding/all"] - sums["padding/positions"]

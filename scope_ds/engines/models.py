@@ -286,7 +286,11 @@ class StudentEngine(_Engine):
         self.engine, self.optimizer, _, self.scheduler = ds.initialize(self.model, ds_config, model_parameters=params)
         # The trainer owns the accumulation boundary (ds.build_ds_config: a step has as many
         # micro-batches as its packing gives); DeepSpeed averages gradients over ranks, and our
-        # losses already carry the global normaliser, so undo the average (a plain sum).
+        # losses already carry the global normaliser, so undo the average (a plain sum). Under
+        # sequence parallelism the ranks of a group add their slices' parts of their rows'
+        # gradient: the same sum. DeepSpeed is not told of the groups (no ``mpu``): its ZeRO-3
+        # reduce-scatter would average over every rank all the same, its contiguous path over
+        # world / sp, and ZeRO partitions over every rank either way.
         if ds_config.get("managed_gradient_accumulation", True) or ds_config["gradient_accumulation_steps"] != 1:
             raise ValueError("the student's DeepSpeed config must leave gradient accumulation to the trainer")
         self.loss_scale = float(world_size)

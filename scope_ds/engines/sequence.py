@@ -1,4 +1,4 @@
-"""Splitting a packed row along the sequence over a sequence-parallel group (issue 35, in progress).
+"""Splitting a packed row along the sequence over a sequence-parallel group (DeepSpeed Ulysses).
 
 Under sequence parallelism (DeepSpeed Ulysses) the sp ranks of a group run the same packed
 micro-batch, each holding one contiguous 1/sp of its row: those tokens, their position ids (a

@@ -19,7 +19,7 @@ from scope_ds.algorithms.base import Algorithm
 from scope_ds.config import Config, ConfigError, save_config
 from scope_ds.data.encoding import drop_long_prompts
 from scope_ds.data.stream import prompt_source
-from scope_ds.engines import ds
+from scope_ds.engines import ds, sequence
 from scope_ds.engines.compat import check_compatible
 from scope_ds.engines.learner import Learner
 from scope_ds.engines.models import InferenceEngine, StudentEngine
@@ -149,37 +149,60 @@ def build_engines(
     The teacher engine exists only for algorithms that score with it (``algo.needs_teacher``);
     the reference (the initial student) only for GRPO with a KL term. ``group``: the process
     group the teacher gathers its parameters on (see ``teacher_group``); None: the default group.
+    With ``parallel.sequence_parallel_size`` > 1 every engine splits its packed rows over a
+    sequence-parallel group of its own (engines/sequence.py; a collective, in the same order on
+    every rank): the teacher's all-to-alls are not the student's.
     """
     t, chunk, packing = cfg.train, cfg.train.logprob_chunk, cfg.train.packing
-    common = dict(world_size=world, dtype=cfg.model.dtype)
-    student_ds = ds.build_ds_config(
-        t.ds_config,
-        lr=t.lr,
-        weight_decay=t.weight_decay,
-        grad_clip=t.grad_clip,
-        warmup_steps=t.warmup_steps,
-        zero_stage=t.zero_stage,
-        **common,
-    )
+    groups = sequence_groups(cfg.parallel.sequence_parallel_size, world, 1 + algo.needs_teacher + algo.needs_reference)
     student = StudentEngine(
         student_path,
-        student_ds,
+        student_ds_config(cfg),
         cfg.model.dtype,
         world_size=world,
         gradient_checkpointing=cfg.model.gradient_checkpointing,
         chunk=chunk,
         packing=packing,
+        sp=groups.pop(0),
     )
     infer_ds = ds.build_ds_config(
-        t.teacher_ds_config, zero_stage=t.teacher_zero_stage, stage_key="train.teacher_zero_stage", **common
+        t.teacher_ds_config,
+        dtype=cfg.model.dtype,
+        zero_stage=t.teacher_zero_stage,
+        stage_key="train.teacher_zero_stage",
     )
-    teacher = None
+    infer = dict(dtype=cfg.model.dtype, chunk=chunk, packing=packing)
+    teacher = reference = None
     if algo.needs_teacher:
-        teacher = InferenceEngine(teacher_path, infer_ds, cfg.model.dtype, chunk, group=group, packing=packing)
-    reference = None
+        teacher = InferenceEngine(teacher_path, infer_ds, group=group, sp=groups.pop(0), **infer)
     if algo.needs_reference:
-        reference = InferenceEngine(student_path, infer_ds, cfg.model.dtype, chunk, packing=packing)
+        reference = InferenceEngine(student_path, infer_ds, sp=groups.pop(0), **infer)
     return student, teacher, reference
+
+
+def student_ds_config(cfg: Config) -> dict[str, Any]:
+    """The student's DeepSpeed config: ``train.ds_config`` with the optimizer's keys of ``train``."""
+    t = cfg.train
+    return ds.build_ds_config(
+        t.ds_config,
+        dtype=cfg.model.dtype,
+        lr=t.lr,
+        weight_decay=t.weight_decay,
+        grad_clip=t.grad_clip,
+        warmup_steps=t.warmup_steps,
+        zero_stage=t.zero_stage,
+    )
+
+
+def sequence_groups(size: int, world: int, engines: int) -> list[sequence.SequenceGroup | None]:
+    """This rank's sequence-parallel group of ``size`` for each of ``engines`` engines (None for
+    size 1); a ConfigError naming the key where ``size`` does not divide the world."""
+    if world % size:
+        raise ConfigError(
+            f"parallel.sequence_parallel_size={size} does not divide the world size {world}: pick a size that divides "
+            "the number of ranks"
+        )
+    return [sequence.new_groups(size) for _ in range(engines)]
 
 
 def teacher_group(cfg: Config, group: Any) -> Any:

@@ -191,6 +191,8 @@ PACKED, PADDED = "train.max_tokens_per_micro_batch=40", "train.packing=false"
 STAGE0 = [PACKED, "train.zero_stage=0", "train.teacher_zero_stage=0"]
 STAGE2 = [PACKED, "train.zero_stage=2"]
 FULL_KL = ["algo.name=opd", "algo.kl=full", "train.max_tokens_per_micro_batch=60"]
+SP2 = ["parallel.sequence_parallel_size=2", "train.share_prompts=false"]
+GRPO = ["algo.name=grpo", "algo.kl_coef=0.1"]  # a reference policy, its own sequence-parallel pass
 
 
 def zero3_cases(root: Path, pair: tuple[Path, Path], tied: tuple[Path, Path]) -> dict[str, tuple[int, list]]:
@@ -214,6 +216,11 @@ def zero3_cases(root: Path, pair: tuple[Path, Path], tied: tuple[Path, Path]) ->
         # tied embeddings, packed and padded (test_tied_embeddings_train_the_same_packed_and_padded)
         "tied_packed": (2, [*tied, "train.max_tokens_per_micro_batch=60", "train.lr=1e-2", *ZERO3_LENGTHS]),
         "tied_padded": (2, [*tied, PADDED, "train.lr=1e-2", *ZERO3_LENGTHS]),
+        # sequence parallelism: each row split over both ranks (test_sequence_parallel_updates_equal_whole_rows)
+        "sgd_sp2": (2, [*pair, "concurrent=0", PACKED, *plain, *SP2]),
+        "grpo_sp1": (2, [*pair, "concurrent=0", PACKED, *plain, *GRPO, "train.share_prompts=false"]),
+        "grpo_sp2": (2, [*pair, "concurrent=0", PACKED, *plain, *GRPO, *SP2]),
+        "tied_sp2": (2, [*tied, "train.max_tokens_per_micro_batch=60", "train.lr=1e-2", *ZERO3_LENGTHS, *SP2]),
         # one incorrect rollout: rank 1 has no teacher work (test_a_rank_with_nothing_to_score_does_not_hang)
         "one_incorrect": (2, [*pair, "incorrect=1"]),
     }

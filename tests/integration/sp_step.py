@@ -56,7 +56,7 @@ def main() -> None:
     rank, world = ds.init_distributed()
     sp = sequence.new_groups(2)
     cfg = ds.build_ds_config(
-        "ds_configs/teacher.json", world_size=world, dtype="float32", zero_stage=3, stage_key="train.teacher_zero_stage"
+        "ds_configs/teacher.json", dtype="float32", zero_stage=3, stage_key="train.teacher_zero_stage"
     )
     whole = InferenceEngine(student_path, cfg, "float32"), InferenceEngine(teacher_path, cfg, "float32")
     split = InferenceEngine(student_path, cfg, "float32", sp=sp), InferenceEngine(teacher_path, cfg, "float32", sp=sp)

@@ -92,6 +92,31 @@ def test_bad_values_name_the_key(overrides, message):
     assert message in str(e.value)
 
 
+SP2 = ["parallel.sequence_parallel_size=2", "train.share_prompts=false"]
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["parallel.sequence_parallel_size=0"], "parallel.sequence_parallel_size must be > 0"),
+        (["parallel.sequence_parallel_size=2"], "parallel.sequence_parallel_size=2 cannot split a row whose rollouts "
+         "share their prompt (each response's first token is scored at the prompt's end, away from its other "
+         "tokens): set train.share_prompts=false"),
+        ([*SP2, "train.packing=false"], "parallel.sequence_parallel_size=2 splits packed rows along the sequence: set "
+         "train.packing=true"),
+        ([*SP2, "pipeline.overlap_teacher=true"], "set pipeline.overlap_teacher=false"),
+        ([*SP2, "parallel.sequence_parallel_size=4", "data.max_prompt_tokens=1", "rollout.max_new_tokens=1",
+          "train.max_tokens_per_micro_batch=3"], "train.max_tokens_per_micro_batch=3 is smaller than "
+         "parallel.sequence_parallel_size=4: every rank of a group needs a slice of the row; raise it to at least 4"),
+    ],
+)  # fmt: skip
+def test_sequence_parallel_refusals_name_the_numbers_and_the_key(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert message in str(e.value)
+    assert load_config(None, SP2).parallel.sequence_parallel_size == 2
+
+
 def test_overlap_teacher_with_the_full_kl_is_refused_naming_the_key():
     with pytest.raises(ConfigError, match="pipeline.overlap_teacher=true cannot run with algo.kl=full"):
         load_config(None, ["pipeline.overlap_teacher=true", "algo.kl=full"])
@@ -305,7 +330,7 @@ def test_a_token_budget_that_cannot_hold_the_longest_rollout_is_refused_naming_b
 def test_zero_stage_replaces_the_jsons_and_drops_what_only_stage_3_reads():
     from scope_ds.engines.ds import build_ds_config, resolve_path, with_zero_stage
 
-    common = dict(world_size=2, dtype="float32", lr=1e-3)
+    common = dict(dtype="float32", lr=1e-3)
     three = build_ds_config("ds_configs/zero3.json", **common)
     assert three["zero_optimization"]["stage"] == 3 and "stage3_prefetch_bucket_size" in three["zero_optimization"]
     assert build_ds_config("ds_configs/zero3.json", zero_stage=3, **common) == three
