@@ -199,6 +199,9 @@ class ParallelConfig:
     # sequence over sp consecutive ranks, attention all-to-alls heads (docs/cluster.md); the batch
     # is shared by world / sp data-parallel groups, ZeRO-3 still partitions over every rank
     sequence_parallel_size: int = 1
+    # DeepSpeed's TiledMLP around every engine's MLPs: shards of the sequence at a time, recomputed
+    # in backward (one more MLP forward), for rows whose MLP activations do not fit
+    tiled_mlp: bool = False
 
     def check(self) -> None:
         _positive("parallel.sequence_parallel_size", self.sequence_parallel_size)

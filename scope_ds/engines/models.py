@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from scope_ds.engines import attention, ds
+from scope_ds.engines import attention, ds, tiling
 from scope_ds.engines.batching import PackedInputs, TokenInputs, gather_response, unpack_response
 from scope_ds.engines.sequence import RowShard, SequenceGroup, pad_row, slice_grad_fn
 from scope_ds.ops import TEACHER_STATS, TOKEN_STATS, GradFn, chunked_stats
@@ -103,11 +103,14 @@ class _Engine:
         chunk: int = 0,
         packing: bool = True,
         sp: SequenceGroup | None = None,
+        tiled_mlp: bool = False,
     ):
         self.path, self.ds_config, self.chunk, self.sp = path, ds_config, chunk or None, sp
         if sp is not None and not packing:
             raise ValueError("parallel.sequence_parallel_size > 1 splits packed rows: set train.packing=true")
         self.model = ds.load_causal_lm(path, ds_config, dtype, sp=sp)
+        if tiled_mlp:  # parallel.tiled_mlp: DeepSpeed's TiledMLP around each layer's MLP
+            tiling.tile_mlps(self.model, path)
         self.stats_head = StatsHead(self.model) if packing else None
         self.engine: Any = None
 
@@ -278,8 +281,9 @@ class StudentEngine(_Engine):
         chunk: int = 0,
         packing: bool = True,
         sp: SequenceGroup | None = None,
+        tiled_mlp: bool = False,
     ):
-        super().__init__(path, ds_config, dtype, chunk, packing, sp)
+        super().__init__(path, ds_config, dtype, chunk, packing, sp, tiled_mlp)
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -351,8 +355,9 @@ class InferenceEngine(_Engine):
         group: Any = None,
         packing: bool = True,
         sp: SequenceGroup | None = None,
+        tiled_mlp: bool = False,
     ):
-        super().__init__(path, ds_config, dtype, chunk, packing, sp)
+        super().__init__(path, ds_config, dtype, chunk, packing, sp, tiled_mlp)
         self._head_weight: torch.Tensor | None = None
         for p in self.model.parameters():
             p.requires_grad_(False)

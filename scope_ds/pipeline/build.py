@@ -164,6 +164,7 @@ def build_engines(
         chunk=chunk,
         packing=packing,
         sp=groups.pop(0),
+        tiled_mlp=cfg.parallel.tiled_mlp,
     )
     infer_ds = ds.build_ds_config(
         t.teacher_ds_config,
@@ -171,7 +172,7 @@ def build_engines(
         zero_stage=t.teacher_zero_stage,
         stage_key="train.teacher_zero_stage",
     )
-    infer = dict(dtype=cfg.model.dtype, chunk=chunk, packing=packing)
+    infer = dict(dtype=cfg.model.dtype, chunk=chunk, packing=packing, tiled_mlp=cfg.parallel.tiled_mlp)
     teacher = reference = None
     if algo.needs_teacher:
         teacher = InferenceEngine(teacher_path, infer_ds, group=group, sp=groups.pop(0), **infer)

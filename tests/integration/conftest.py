@@ -218,6 +218,8 @@ def zero3_cases(root: Path, pair: tuple[Path, Path], tied: tuple[Path, Path]) ->
         "tied_padded": (2, [*tied, PADDED, "train.lr=1e-2", *ZERO3_LENGTHS]),
         # sequence parallelism: each row split over both ranks (test_sequence_parallel_updates_equal_whole_rows)
         "sgd_sp2": (2, [*pair, "concurrent=0", PACKED, *plain, *SP2]),
+        "sgd_tiled": (2, [*pair, "concurrent=0", PACKED, *plain, "parallel.tiled_mlp=true"]),
+        "sgd_sp2_tiled": (2, [*pair, "concurrent=0", PACKED, *plain, *SP2, "parallel.tiled_mlp=true"]),
         "grpo_sp1": (2, [*pair, "concurrent=0", PACKED, *plain, *GRPO, "train.share_prompts=false"]),
         "grpo_sp2": (2, [*pair, "concurrent=0", PACKED, *plain, *GRPO, *SP2]),
         "tied_sp2": (2, [*tied, "train.max_tokens_per_micro_batch=60", "train.lr=1e-2", *ZERO3_LENGTHS, *SP2]),

@@ -49,9 +49,20 @@ def test_sequence_parallel_statistics_equal_whole_rows(model_pair, tmp_path) -> 
 # (the whole-row case, the split one) of conftest.py's zero3_cases
 SPLIT_STEPS = {
     "scope": ("sgd_two_ranks", "sgd_sp2"),
+    "scope_tiled_mlp": ("sgd_two_ranks", "sgd_sp2_tiled"),
     "grpo": ("grpo_sp1", "grpo_sp2"),
     "tied": ("tied_packed", "tied_sp2"),
 }
+
+
+def test_tiled_mlps_give_the_same_step(zero3_steps) -> None:
+    """parallel.tiled_mlp=true on whole rows (each rank's own lengths: the ranks agree on the
+    shards) gives conftest.py's sgd_two_ranks step: grad_norm, loss and weights to 1e-5."""
+    whole, tiled = zero3_steps["sgd_two_ranks"], zero3_steps["sgd_tiled"]
+    for key in ("grad_norm", "loss/total"):
+        assert tiled["metrics"][key] == pytest.approx(whole["metrics"][key], rel=1e-5), key
+    for name, w in whole["weights"].items():
+        torch.testing.assert_close(tiled["weights"][name], w, atol=1e-5, rtol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("case", sorted(SPLIT_STEPS))
@@ -59,7 +70,8 @@ def test_sequence_parallel_updates_equal_whole_rows(case, zero3_steps) -> None:
     """One ZeRO-3 step on 2 ranks with every row split over both against the same step with whole
     rows (conftest.py's zero3_cases): SCOPE with plain SGD (sgd_two_ranks is checked against the
     float64 gradient of Eq. 6 in test_train.py), GRPO with its reference policy's KL (SGD), and a
-    Qwen3-style student with tied embeddings (one Adam step). Every rollout's path and weight
+    Qwen3-style student with tied embeddings (one Adam step), and SCOPE with DeepSpeed's TiledMLP
+    as well (parallel.tiled_mlp). Every rollout's path and weight
     (Eq. 4 / 5) to 1e-6, grad_norm and the loss to 1e-5 relative, the weights to 1e-5."""
     whole, split = (zero3_steps[name] for name in SPLIT_STEPS[case])
     assert [path for path, _ in split["plan"]] == [path for path, _ in whole["plan"]]
@@ -78,7 +90,7 @@ def test_sequence_parallel_updates_equal_whole_rows(case, zero3_steps) -> None:
     else:
         for name, w in whole["weights"].items():
             torch.testing.assert_close(split["weights"][name], w, atol=1e-5, rtol=1e-5, msg=name)
-    if case == "scope":
+    if case.startswith("scope"):
         assert len(set(weights.tolist())) > 4  # SCOPE's weights differ between rollouts
 
 
