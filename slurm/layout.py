@@ -54,6 +54,7 @@ class Layout:
     startup_timeout_s: float = 300.0  # how long they may take to answer /health
     run_dir: str = ""  # the run folder (logs go to RUN_DIR/logs)
     api_key: str = ""  # the key the job's servers require (they listen beyond loopback: never none)
+    sequence_parallel: str = ""  # how the sequence-parallel groups lie, for the start-up line ("": none)
 
     def shell(self) -> str:
         """Bash assignments for ``eval``: scalars, and arrays SERVER_NODES / SERVER_CMDS / SERVER_URLS."""
@@ -65,6 +66,7 @@ class Layout:
             "STARTUP_TIMEOUT": str(int(self.startup_timeout_s)),
             "RUN_DIR": self.run_dir,
             "API_KEY": self.api_key,
+            "SEQUENCE_PARALLEL": self.sequence_parallel,
         }
         lines = [f"{k}={shlex.quote(v)}" for k, v in out.items()]
         for name, items in (
@@ -173,6 +175,7 @@ def train_layout(recipe: str, overrides: list[str], alloc: Allocation, env: dict
         server_nodes = {node for node, _ in places} if layout == "nodes" else set()
         out.train_nodes = [n for n in alloc.nodes if n not in server_nodes]
         out.ntasks = out.tasks_per_node * len(out.train_nodes)
+    out.sequence_parallel = _sequence_groups(cfg.parallel.sequence_parallel_size, out)
     out.api_key = r.api_key  # attached servers: theirs, or none
     if places:
         # Servers on 0.0.0.0 are reachable from the whole cluster: they always get a key, the
@@ -182,6 +185,25 @@ def train_layout(recipe: str, overrides: list[str], alloc: Allocation, env: dict
         model, seed = served_model(cfg), cfg.train.seed
         out.servers = _servers(r.backend, model, places, r.gpus_per_server, alloc, seed, extra, out.api_key)
     return out
+
+
+def _sequence_groups(sp: int, out: Layout) -> str:
+    """Where the sequence-parallel groups of ``sp`` consecutive ranks lie: within a node, where the
+    all-to-alls of attention have the fastest links. srun numbers a node's tasks consecutively
+    (block distribution), so a group stays within one node when ``sp`` divides the training ranks
+    per node; refused otherwise, naming the numbers and the key."""
+    if sp == 1:
+        return ""
+    if out.tasks_per_node == 0:  # CPU nodes: srun spreads the tasks
+        if out.ntasks % sp:
+            raise LayoutError(f"parallel.sequence_parallel_size={sp} does not divide the job's {out.ntasks} tasks")
+        return f"sequence-parallel groups of {sp} consecutive ranks"
+    if out.tasks_per_node % sp:
+        raise LayoutError(
+            f"parallel.sequence_parallel_size={sp} does not divide the {out.tasks_per_node} training ranks per node: "
+            "a group would span two nodes; pick a size that divides them (or change rollout.num_servers)"
+        )
+    return f"sequence-parallel groups of {sp} ranks, each within a node ({out.tasks_per_node // sp} per node)"
 
 
 def wait_healthy(urls: list[str], pids: list[int], timeout_s: float) -> None:

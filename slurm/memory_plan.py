@@ -19,6 +19,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -56,18 +57,23 @@ class Arch:
     def kv_bytes_per_token(self) -> int:
         return 2 * self.layers * self.kv_heads * self.head_dim * BF16  # K and V, every layer, bf16
 
-    def layer_activation_bytes(self, tokens: int) -> int:
+    def layer_activation_bytes(self, tokens: int, tiled: bool = False) -> int:
         """Tensors one decoder layer keeps for backward (bf16; SDPA / flash attention keeps no T x T
-        scores): norm inputs and outputs, q k v, attention output, residual, gate, up, act, product."""
-        width = 5 * self.hidden + (2 * self.heads + 2 * self.kv_heads) * self.head_dim + 4 * self.intermediate
-        return tokens * width * BF16
+        scores): norm inputs and outputs, q k v, attention output, residual, gate, up, act, product.
+        ``tiled`` (parallel.tiled_mlp): the MLP's four tensors for one shard of ``hidden`` tokens only."""
+        mlp = 4 * self.intermediate * (min(tokens, self.hidden) if tiled else tokens)
+        return (tokens * (5 * self.hidden + (2 * self.heads + 2 * self.kv_heads) * self.head_dim) + mlp) * BF16
 
-    def activation_bytes(self, tokens: int, checkpointing: bool) -> int:
-        """One micro-batch of ``tokens``: every layer's activations, or (with gradient checkpointing)
-        each layer's input plus one layer's activations while it is recomputed."""
+    def activation_bytes(self, tokens: int, checkpointing: bool, tiled: bool = False) -> int:
+        """One micro-batch of ``tokens`` on one rank: every layer's activations, or (with gradient
+        checkpointing) each layer's input plus one layer's activations while it is recomputed."""
         if checkpointing:
-            return self.layers * tokens * self.hidden * BF16 + self.layer_activation_bytes(tokens)
-        return self.layers * self.layer_activation_bytes(tokens)
+            return self.layers * tokens * self.hidden * BF16 + self.layer_activation_bytes(tokens, tiled)
+        return self.layers * self.layer_activation_bytes(tokens, tiled)
+
+    def splits_over(self, sp: int) -> bool:
+        """Whether Ulysses can split this model's heads over ``sp`` ranks (engines/sequence.py)."""
+        return self.heads % sp == 0 and (self.kv_heads % sp == 0 or sp % self.kv_heads == 0)
 
 
 # From each model's config.json (vocab_size, hidden_size, num_hidden_layers, intermediate_size,
@@ -105,32 +111,76 @@ def gib(n: float) -> str:
     return f"{n / GIB:.1f}"
 
 
+# the share of a GPU the training sum may take: the allocator (fragmentation), the CUDA context and
+# NCCL buffers need the rest
+FITS = 0.8
+
+
+def training_bytes(cfg: Any, student: Arch, teacher: Arch, ranks: int, sp: int) -> dict[str, float]:
+    """The per-GPU memory of a training rank at sequence-parallel size ``sp``, by part."""
+    t, longest = cfg.train, cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens
+    # tokens of one micro-batch: the packing budget, or micro_batch_size rollouts padded to the longest
+    tokens = t.max_tokens_per_micro_batch if t.packing else longest * t.micro_batch_size
+    ps, pt = student.params(), teacher.params()
+    # a row split over sp ranks: each holds 1/sp of its positions (and, in attention, all of them for
+    # 1/sp of the heads: the same bytes)
+    mine = -(-tokens // sp)
+    out = {
+        "states": ps * STATE_BYTES / ranks,
+        "teacher": pt * BF16 / ranks,
+        "gathered": max(student.vocab * student.hidden, teacher.vocab * teacher.hidden) * BF16 + 5e7 * BF16,
+        "activations": student.activation_bytes(mine, cfg.model.gradient_checkpointing, cfg.parallel.tiled_mlp),
+        "activations_off": student.activation_bytes(mine, False, cfg.parallel.tiled_mlp),
+        "tokens": tokens,
+        "mine": mine,
+    }
+    # packed: the LM head's statistics a chunk at a time (ops.CHUNK_BYTES, a few buffers), from the
+    # response positions only, and the head's gradient made in that pass (float32 accumulator plus
+    # its bf16 copy, held until backward); padded: whole float32 logits of every position and their gradient
+    out["head_grad"] = student.vocab * student.hidden * (4 + BF16)
+    out["logits"] = 8 * CHUNK_BYTES + out["head_grad"] if t.packing else tokens * student.vocab * 4 * 2
+    out["total"] = sum(out[k] for k in ("states", "teacher", "gathered", "activations", "logits"))
+    return out
+
+
+def needed_sp(cfg: Any, student: Arch, teacher: Arch, ranks: int, gpus_per_node: int, gpu_gib: float) -> int | None:
+    """The smallest sequence-parallel size (within a node, dividing the ranks, splitting both models'
+    heads) at which a training rank's sum fits ``FITS`` of the GPU; None if none does."""
+    for sp in range(1, gpus_per_node + 1):
+        usable = ranks % sp == 0 and student.splits_over(sp) and teacher.splits_over(sp)
+        if usable and training_bytes(cfg, student, teacher, ranks, sp)["total"] <= FITS * gpu_gib * GIB:
+            return sp
+    return None
+
+
 def plan(recipe: str, nodes: int, gpus_per_node: int, gpu_gib: float) -> str:
     cfg = load_config(recipe)
-    r, t = cfg.rollout, cfg.train
+    r, t, sp = cfg.rollout, cfg.train, cfg.parallel.sequence_parallel_size
     student, teacher = arch_of(cfg.model.student), arch_of(cfg.model.teacher)
     server_gpus = r.num_servers * r.gpus_per_server
     ranks = nodes * gpus_per_node - server_gpus
     longest = cfg.data.max_prompt_tokens + r.max_new_tokens
-    # tokens of one micro-batch: the packing budget, or micro_batch_size rollouts padded to the longest
-    tokens = t.max_tokens_per_micro_batch if t.packing else longest * t.micro_batch_size
-    ps, pt = student.params(), teacher.params()
-    states = ps * STATE_BYTES / ranks
-    gathered = max(student.vocab * student.hidden, teacher.vocab * teacher.hidden) * BF16 + 5e7 * BF16
-    teacher_part = pt * BF16 / ranks
-    act = student.activation_bytes(tokens, cfg.model.gradient_checkpointing)
-    act_off = student.activation_bytes(tokens, False)
-    # packed: the LM head's statistics a chunk at a time (ops.CHUNK_BYTES, a few buffers), from the
-    # response positions only, and the head's gradient made in that pass (float32 accumulator plus
-    # its bf16 copy, held until backward); padded: whole float32 logits of every position and their gradient
-    head_grad = student.vocab * student.hidden * (4 + BF16)
-    logits = 8 * CHUNK_BYTES + head_grad if t.packing else tokens * student.vocab * 4 * 2
+    b = training_bytes(cfg, student, teacher, ranks, sp)
+    ps, pt, tokens = student.params(), teacher.params(), b["tokens"]
+    states, teacher_part, gathered, act, act_off = (
+        b[k] for k in ("states", "teacher", "gathered", "activations", "activations_off")
+    )
+    head_grad, logits, total = b["head_grad"], b["logits"], b["total"]
     how = (
         f"{t.max_tokens_per_micro_batch} tokens per micro-batch (train.max_tokens_per_micro_batch)"
         if t.packing
         else f"{t.micro_batch_size} rollouts x {longest} tokens, padded (train.packing=false)"
     )
-    total = states + gathered + teacher_part + act + logits
+    if sp > 1:
+        how += f", split over {sp} ranks (parallel.sequence_parallel_size): {b['mine']} per rank"
+    if cfg.parallel.tiled_mlp:
+        how += ", MLP tiled (parallel.tiled_mlp)"
+    need = needed_sp(cfg, student, teacher, ranks, gpus_per_node, gpu_gib)
+    fit = (
+        f"the smallest parallel.sequence_parallel_size that fits {FITS:.0%} of the GPU: {need}"
+        if need
+        else f"no parallel.sequence_parallel_size up to {gpus_per_node} fits {FITS:.0%} of the GPU"
+    )
     rows = [
         f"### {cfg.logging.run_name}: {nodes} nodes x {gpus_per_node} GPUs of {gpu_gib:.0f} GiB, "
         f"{ranks} training ranks + {r.num_servers} SGLang server(s) x {r.gpus_per_server} GPU",
@@ -151,6 +201,8 @@ def plan(recipe: str, nodes: int, gpus_per_node: int, gpu_gib: float) -> str:
         )
         + " |",
         f"| **sum** | **{gib(total)}** | of {gpu_gib:.0f} GiB, before allocator / CUDA / NCCL overhead |",
+        "",
+        f"Sequence parallelism: {sp} rank(s) per row; {fit} (its longest rollout: {longest} tokens).",
     ]
     served = teacher if cfg.algo.uses_teacher_rollouts else student
     weights = served.params() * BF16 / r.gpus_per_server

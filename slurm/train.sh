@@ -48,7 +48,7 @@ if [ "$TASKS_PER_NODE" -gt 0 ]; then  # GPU nodes: one rank per training GPU
   STEP+=(--nodes="$TRAIN_NNODES" --nodelist="$TRAIN_NODES" --ntasks-per-node="$TASKS_PER_NODE")
   if [ "$SCOPE_DS_GPUS_MANAGED" = 1 ]; then STEP+=(--gres="gpu:$TASKS_PER_NODE"); fi
 fi
-scope_log "training: $NTASKS ranks on $TRAIN_NODES, rendezvous $MASTER_ADDR:$MASTER_PORT; logs $LOG_DIR/train-$LOG_TAG-rank*.log"
+scope_log "training: $NTASKS ranks on $TRAIN_NODES${SEQUENCE_PARALLEL:+, $SEQUENCE_PARALLEL}, rendezvous $MASTER_ADDR:$MASTER_PORT; logs $LOG_DIR/train-$LOG_TAG-rank*.log"
 rc=0
 # shellcheck disable=SC2016  # expanded by each task's shell, not here
 scope_run_main "${STEP[@]}" \

@@ -5,6 +5,8 @@ with whole logits against packed token budgets with statistics from hidden state
     python tools/bench_step.py [--ranks 2] [--rollouts 16] [--mean 700] [--max 2048] [--hidden 128]
         [--layers 2] [--steps 2] [--configs "packing=false micro=1 old=all;packing=true tokens=4096"]
         [--out docs/bench_step.md]
+    python tools/bench_step.py --sp [--lengths 2048,4096,8192] [--configs "sp=1;sp=2;sp=2 tiled=true"]
+        [--out docs/bench_step.md]
 
 Builds a Qwen3-shaped random student and teacher (vocabulary 151,936, tied embeddings, small width
 and depth so that this runs on a CPU) once, into ~/.cache/scope_ds/bench_step/. Each configuration
@@ -20,6 +22,13 @@ does not read it): with ``packing=false micro=1`` it is the step as it was befor
 ``name=opd kl=full`` runs another algorithm; ``score=all`` scores every rollout of the teacher's
 mask before the update even where the update's full-KL pass gives the teacher's log-probs (as
 before that pass did).
+
+``--sp`` (sequence parallelism, docs/cluster.md): each step is one prompt's ``--ranks`` answers of
+exactly L tokens each, one correct and the rest incorrect, for each L of ``--lengths``; ``sp=N``
+splits every row over N ranks (``parallel.sequence_parallel_size``), ``tiled=true`` adds
+``parallel.tiled_mlp``. The table (bench:step_sp block) has each run's figures and, per
+configuration, the growth of the step's memory per answer token (the slope over the lengths) and
+the seconds per trained token, each against sp=1's.
 """
 
 from __future__ import annotations
@@ -41,11 +50,16 @@ ROOT = benchlib.ROOT
 sys.path.insert(0, str(ROOT))
 VOCAB = 151_936
 DEFAULT_CONFIGS = "packing=false micro=1 old=all;packing=false micro=1;packing=false micro=2;packing=true tokens=4096"
+SP_CONFIGS = "sp=1;sp=2;sp=2 tiled=true"
+SP_PROMPT = 20  # prompt tokens of the --sp rows
 
 
-def _models(hidden: int, layers: int) -> tuple[Path, Path]:
-    """Student (hidden) and teacher (1.5 x hidden) Qwen3-shaped random models, cached by shape."""
-    root = Path.home() / ".cache" / "scope_ds" / "bench_step" / f"v{VOCAB}-h{hidden}-l{layers}"
+def _models(hidden: int, layers: int, kv: int | None = None) -> tuple[Path, Path]:
+    """Student (hidden) and teacher (1.5 x hidden) Qwen3-shaped random models, cached by shape.
+    ``kv``: both with that many key-value heads (--sp: 2, which a group of 2 splits; else half the
+    heads) and 32k positions."""
+    shape = f"v{VOCAB}-h{hidden}-l{layers}" + (f"-kv{kv}" if kv else "")
+    root = Path.home() / ".cache" / "scope_ds" / "bench_step" / shape
     out = []
     for name, width, seed in (("student", hidden, 0), ("teacher", hidden * 3 // 2, 1)):
         heads = max(2, width // 32)
@@ -59,9 +73,9 @@ def _models(hidden: int, layers: int) -> tuple[Path, Path]:
             intermediate_size=3 * width,
             num_hidden_layers=layers,
             num_attention_heads=heads,
-            num_key_value_heads=max(1, heads // 2),
+            num_key_value_heads=kv or max(1, heads // 2),
             head_dim=32,
-            max_position_embeddings=4096,
+            max_position_embeddings=32768 if kv else 4096,
             tie_word_embeddings=True,
         )
         out.append(folder)
@@ -95,6 +109,30 @@ def _batch(rollouts: int, group: int, mean: int, cap: int, seed: int = 0):
     return Batch(step=0, records=[], rollouts=out)
 
 
+def _long_batch(answers: int, length: int, seed: int = 0):
+    """One prompt's ``answers`` answers of exactly ``length`` tokens, the first correct."""
+    from scope_ds.records import Batch, Rollout
+
+    rng = random.Random(seed)
+    prompt = [rng.randrange(10, VOCAB) for _ in range(SP_PROMPT)]
+    out = []
+    for i in range(answers):
+        resp = [rng.randrange(10, VOCAB) for _ in range(length)]
+        out.append(
+            Rollout(
+                prompt_id="0",
+                sample_index=i,
+                group_id="0:0",
+                prompt_ids=prompt,
+                response_ids=resp,
+                behaviour_logprobs=[rng.uniform(-13.0, -11.0) for _ in resp],
+                correct=i == 0,
+                reward=float(i == 0),
+            )
+        )
+    return Batch(step=0, records=[], rollouts=out)
+
+
 def _peak_reset() -> None:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM, the peak resident set
@@ -117,6 +155,13 @@ def child(args: argparse.Namespace) -> None:
 
     opts = dict(kv.split("=") for kv in args.config.split())
     packing = opts.get("packing", "true") == "true"
+    if args.length:  # --sp: rows of one answer each, the budget just holds one
+        opts.setdefault("tokens", str(SP_PROMPT + args.length))
+    sp_keys = [
+        f"parallel.sequence_parallel_size={opts.get('sp', 1)}",
+        f"parallel.tiled_mlp={opts.get('tiled', 'false')}",
+        *(["train.share_prompts=false"] if int(opts.get("sp", 1)) > 1 else []),
+    ]
     overrides = [
         f"train.packing={str(packing).lower()}",
         f"train.micro_batch_size={opts.get('micro', 1)}",
@@ -124,12 +169,13 @@ def child(args: argparse.Namespace) -> None:
         f"train.max_tokens_per_micro_batch={opts.get('tokens', 4096)}",
         f"train.logprob_chunk={opts.get('chunk', 0)}",
         f"train.score_max_tokens_per_micro_batch={2 * int(opts.get('tokens', 4096))}",
-        "data.max_prompt_tokens=150",
-        f"rollout.max_new_tokens={args.max}",
+        f"data.max_prompt_tokens={SP_PROMPT if args.length else 150}",
+        f"rollout.max_new_tokens={args.length or args.max}",
         f"rollout.n={args.group}",
         f"train.prompts_per_step={args.rollouts // args.group}",
         "model.dtype=float32",
         *[f"algo.{k}={opts[k]}" for k in ("name", "kl") if k in opts],
+        *sp_keys,
     ]
     cfg = load_config(None, overrides)
     rank, world = ds.init_distributed()
@@ -143,7 +189,9 @@ def child(args: argparse.Namespace) -> None:
     learner = Learner(cfg, algo, rank, world, student, teacher, reference)
     result = {}
     for _ in range(args.steps):
-        batch = _batch(args.rollouts, args.group, args.mean, args.max)
+        batch = (
+            _long_batch(world, args.length) if args.length else _batch(args.rollouts, args.group, args.mean, args.max)
+        )
         torch.distributed.barrier()
         _peak_reset()
         base = _status_kb("VmRSS")
@@ -195,6 +243,48 @@ def _table(rows: list[tuple[str, list[dict] | None]]) -> str:
     return "\n".join(lines)
 
 
+def _sp_table(rows: list[tuple[int, str, list[dict] | None]]) -> str:
+    """The --sp table: each (length, configuration)'s run, then per configuration the slope of the
+    peak memory per rank over the lengths and the seconds per trained token, against sp=1's."""
+    lines = [
+        "| answer tokens | configuration | peak RSS per rank (GiB) | s / step | trained tokens / s |",
+        "| ---: | --- | ---: | ---: | ---: |",
+    ]
+    by_config: dict[str, list[tuple[int, float, float]]] = {}
+    for length, config, parts in rows:
+        if parts is None:
+            lines.append(f"| {length} | {config} | failed | | |")
+            continue
+        peak, wall, tokens = max(p["peak_gib"] for p in parts), max(p["seconds"] for p in parts), parts[0]["tokens"]
+        lines.append(f"| {length} | {config} | {peak:.2f} | {wall:.1f} | {tokens / wall:.0f} |")
+        by_config.setdefault(config, []).append((length, peak, wall / tokens))
+    lines += [
+        "",
+        "| configuration | memory growth (MiB per 1k answer tokens) | vs sp=1 | ms per trained token | vs sp=1 |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    slopes = {c: _slope([(n, gib * 1024) for n, gib, _ in pts]) for c, pts in by_config.items() if len(pts) > 1}
+    per_token = {c: sum(t for _, _, t in pts) / len(pts) for c, pts in by_config.items()}
+    base = next(iter(by_config), None)
+    for config in by_config:
+        if config not in slopes:
+            continue
+        mem = f"{slopes[config] / slopes[base]:.2f}" if slopes.get(base) else "n/a"
+        lines.append(
+            f"| {config} | {slopes[config] * 1000:.1f} | {mem} | {per_token[config] * 1000:.2f} | "
+            f"{per_token[config] / per_token[base]:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def _slope(points: list[tuple[int, float]]) -> float:
+    """Least-squares slope of y over x."""
+    mx = sum(x for x, _ in points) / len(points)
+    my = sum(y for _, y in points) / len(points)
+    var = sum((x - mx) ** 2 for x, _ in points)
+    return sum((x - mx) * (y - my) for x, y in points) / var if var else 0.0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ranks", type=int, default=2)
@@ -211,6 +301,9 @@ def main() -> int:
         help="';'-separated: packing=true|false micro=N tokens=N chunk=N old=all (pi_old recomputed for every "
         "rollout) name=ALGO kl=sampled|full score=all (the teacher scores before the update whatever the plan reads)",
     )
+    ap.add_argument("--sp", action="store_true", help="sequence parallelism: single long answers (see above)")
+    ap.add_argument("--lengths", default="2048,4096,8192", help="--sp: answer lengths, comma-separated")
+    ap.add_argument("--length", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--config", help=argparse.SUPPRESS)
     ap.add_argument("--student", help=argparse.SUPPRESS)
@@ -222,47 +315,67 @@ def main() -> int:
     if args.child:
         child(args)
         return 0
-    student, teacher = _models(args.hidden, args.layers)
+    student, teacher = _models(args.hidden, args.layers, kv=2 if args.sp else None)
+    configs = [c.strip() for c in args.configs.split(";") if c.strip()]
+    shape = (
+        f"{args.ranks} ZeRO-3 ranks (CPU, gloo); Qwen3-shaped student hidden {args.hidden} x {args.layers} layers, "
+        f"teacher hidden {args.hidden * 3 // 2}, vocabulary {VOCAB}, float32"
+    )
+    if args.sp:
+        if args.configs == DEFAULT_CONFIGS:
+            configs = SP_CONFIGS.split(";")
+        args.rollouts = args.group = args.ranks
+        print(f"{shape}; one prompt's {args.ranks} answers of each length per step", flush=True)
+        runs = [(n, c) for n in map(int, args.lengths.split(",")) for c in configs]
+        rows = [(n, c, _run(args, c, student, teacher, n)) for n, c in runs]
+        table = _sp_table(rows)
+        print("\n" + table)
+        if args.out:
+            benchlib.write_block(args.out, "step_sp", table)
+        return 0 if all(parts is not None for *_, parts in rows) else 1
     lengths = [r.response_length for r in _batch(args.rollouts, args.group, args.mean, args.max).rollouts]
     print(
-        f"{args.ranks} ZeRO-3 ranks (CPU, gloo); Qwen3-shaped student hidden {args.hidden} x {args.layers} layers, "
-        f"teacher hidden {args.hidden * 3 // 2}, vocabulary {VOCAB}, float32; {args.rollouts} rollouts per step, "
-        f"responses mean {sum(lengths) / len(lengths):.0f} / max {max(lengths)} tokens",
+        f"{shape}; {args.rollouts} rollouts per step, responses mean {sum(lengths) / len(lengths):.0f} / max "
+        f"{max(lengths)} tokens",
         flush=True,
     )
-    rows = []
-    for config in [c.strip() for c in args.configs.split(";") if c.strip()]:
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "result.json"
-            child_args = [
-                "--child",
-                f"--config={config}",
-                f"--student={student}",
-                f"--teacher={teacher}",
-                f"--out={out}",
-                *[f"--{k}={getattr(args, k)}" for k in ("rollouts", "group", "mean", "max", "steps")],
-            ]
-            threads = str(max(1, (os.cpu_count() or 2) // args.ranks))
-            proc = benchlib.run_child(
-                __file__,
-                child_args,
-                args.ranks,
-                launcher=True,
-                master_port=benchlib.free_port(),
-                env={"OMP_NUM_THREADS": threads},
-            )
-            if proc.returncode or not out.exists():
-                tail = (proc.stdout + proc.stderr)[-3000:]
-                print(f"{config}: failed ({proc.returncode})\n{tail}", file=sys.stderr)
-                rows.append((config, None))
-                continue
-            rows.append((config, json.loads(out.read_text())))
-            print(f"{config}: done", file=sys.stderr, flush=True)
+    rows = [(config, _run(args, config, student, teacher)) for config in configs]
     table = _table(rows)
     print("\n" + table)
     if args.out:
         benchlib.write_block(args.out, "step", table)
     return 0 if all(parts is not None for _, parts in rows) else 1
+
+
+def _run(args: argparse.Namespace, config: str, student: Path, teacher: Path, length: int = 0) -> list[dict] | None:
+    """One configuration's job: every rank's results (None: it failed, its output's end said)."""
+    name = f"{config} at {length} tokens" if length else config
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "result.json"
+        child_args = [
+            "--child",
+            f"--config={config}",
+            f"--student={student}",
+            f"--teacher={teacher}",
+            f"--out={out}",
+            f"--length={length}",
+            *[f"--{k}={getattr(args, k)}" for k in ("rollouts", "group", "mean", "max", "steps")],
+        ]
+        threads = str(max(1, (os.cpu_count() or 2) // args.ranks))
+        proc = benchlib.run_child(
+            __file__,
+            child_args,
+            args.ranks,
+            launcher=True,
+            master_port=benchlib.free_port(),
+            env={"OMP_NUM_THREADS": threads},
+        )
+        if proc.returncode or not out.exists():
+            tail = (proc.stdout + proc.stderr)[-3000:]
+            print(f"{name}: failed ({proc.returncode})\n{tail}", file=sys.stderr)
+            return None
+        print(f"{name}: done", file=sys.stderr, flush=True)
+        return json.loads(out.read_text())
 
 
 if __name__ == "__main__":

@@ -220,6 +220,26 @@ def test_nodes_layout_gives_servers_whole_nodes(tmp_path):
     ]
 
 
+def test_sequence_parallel_groups_lie_within_a_node_and_are_said(tmp_path):
+    """Groups of sp consecutive ranks: within a node when sp divides the training ranks per node
+    (said in the start-up line through SEQUENCE_PARALLEL); refused, naming the numbers, otherwise."""
+    sp = ["parallel.sequence_parallel_size=2", "train.share_prompts=false"]
+    lay = train_layout(None, _sglang(["rollout.num_servers=4", *sp], tmp_path), _alloc(2, 8), env={})
+    assert lay.sequence_parallel == "sequence-parallel groups of 2 ranks, each within a node (3 per node)"
+    assert "SEQUENCE_PARALLEL='sequence-parallel groups of 2 ranks, each within a node (3 per node)'" in lay.shell()
+    assert (
+        train_layout(None, _sglang(["rollout.num_servers=4"], tmp_path), _alloc(2, 8), env={}).sequence_parallel == ""
+    )
+    with pytest.raises(
+        LayoutError, match="parallel.sequence_parallel_size=4 does not divide the 6 training ranks per node"
+    ):
+        train_layout(None, _sglang(["rollout.num_servers=4", *sp, "parallel.sequence_parallel_size=4"], tmp_path),
+                     _alloc(2, 8), env={})  # fmt: skip
+    over = ["model.student=/m/student", "model.teacher=/m/teacher", f"logging.out_dir={tmp_path}", *sp]
+    with pytest.raises(LayoutError, match="parallel.sequence_parallel_size=2 does not divide the job's 3 tasks"):
+        train_layout(None, over, Allocation(["n0"], 0, ntasks=3), env={})
+
+
 def test_layouts_that_do_not_fit_are_refused_with_the_reason(tmp_path):
     cases = {
         "needs GPUs": (_alloc(1, 0), ["rollout.num_servers=1"], "tail"),
