@@ -331,7 +331,8 @@ def main() -> int:
         table = _sp_table(rows)
         print("\n" + table)
         if args.out:
-            benchlib.write_block(args.out, "step_sp", table)
+            block = "step_sp" if args.layers == 2 else f"step_sp_l{args.layers}"  # a block per depth
+            benchlib.write_block(args.out, block, table)
         return 0 if all(parts is not None for *_, parts in rows) else 1
     lengths = [r.response_length for r in _batch(args.rollouts, args.group, args.mean, args.max).rollouts]
     print(
