@@ -1,6 +1,6 @@
 """The memory arithmetic behind docs/cluster.md: GPU memory per training rank and per SGLang server.
 
-    python slurm/memory_plan.py RECIPE [--nodes 2] [--gpus-per-node 8] [--gpu-gib 80]
+    python slurm/memory_plan.py RECIPE [key=value ...] [--nodes 2] [--gpus-per-node 8] [--gpu-gib 80]
 
 Reads the recipe (models, rollout size, servers) and prints Markdown: parameters, bytes per
 training GPU under ZeRO-3 (model states, gathered working set, activations of one micro-batch),
@@ -153,8 +153,8 @@ def needed_sp(cfg: Any, student: Arch, teacher: Arch, ranks: int, gpus_per_node:
     return None
 
 
-def plan(recipe: str, nodes: int, gpus_per_node: int, gpu_gib: float) -> str:
-    cfg = load_config(recipe)
+def plan(recipe: str, nodes: int, gpus_per_node: int, gpu_gib: float, overrides: list[str] | None = None) -> str:
+    cfg = load_config(recipe, overrides or [])
     r, t, sp = cfg.rollout, cfg.train, cfg.parallel.sequence_parallel_size
     student, teacher = arch_of(cfg.model.student), arch_of(cfg.model.teacher)
     server_gpus = r.num_servers * r.gpus_per_server
@@ -230,11 +230,12 @@ def plan(recipe: str, nodes: int, gpus_per_node: int, gpu_gib: float) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("recipe")
+    ap.add_argument("overrides", nargs="*", help="section.key=value, as for scope_ds/train.py")
     ap.add_argument("--nodes", type=int, default=2)
     ap.add_argument("--gpus-per-node", type=int, default=8)
     ap.add_argument("--gpu-gib", type=float, default=80.0, help="memory of one GPU (H100/A100 80GB: 80)")
     args = ap.parse_args(argv)
-    print(plan(args.recipe, args.nodes, args.gpus_per_node, args.gpu_gib))
+    print(plan(args.recipe, args.nodes, args.gpus_per_node, args.gpu_gib, args.overrides))
     return 0
 
 

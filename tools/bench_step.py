@@ -83,7 +83,7 @@ def _models(hidden: int, layers: int, kv: int | None = None) -> tuple[Path, Path
 
 
 def _batch(rollouts: int, group: int, mean: int, cap: int, seed: int = 0):
-    from scope_ds.records import Batch, Rollout
+    from scope_ds.records import Batch
 
     rng = random.Random(seed)
     mu = math.log(mean) - 0.5  # log-normal, sigma 1: mean exp(mu + 1/2) before the cut
@@ -93,44 +93,38 @@ def _batch(rollouts: int, group: int, mean: int, cap: int, seed: int = 0):
             prompt = [rng.randrange(10, VOCAB) for _ in range(rng.randint(20, 150))]
         length = max(1, min(cap, int(rng.lognormvariate(mu, 1.0))))
         resp = [rng.randrange(10, VOCAB) for _ in range(length)]
-        correct = rng.random() < 0.5
-        out.append(
-            Rollout(
-                prompt_id=str(i // group),
-                sample_index=i % group,
-                group_id=f"0:{i // group}",
-                prompt_ids=prompt,
-                response_ids=resp,
-                behaviour_logprobs=[rng.uniform(-13.0, -11.0) for _ in resp],  # ~ log(1 / 151936)
-                correct=correct,
-                reward=float(correct),
-            )
-        )
+        out.append(_rollout(rng, i, group, prompt, resp, correct=rng.random() < 0.5))
     return Batch(step=0, records=[], rollouts=out)
 
 
 def _long_batch(answers: int, length: int, seed: int = 0):
     """One prompt's ``answers`` answers of exactly ``length`` tokens, the first correct."""
-    from scope_ds.records import Batch, Rollout
+    from scope_ds.records import Batch
 
     rng = random.Random(seed)
     prompt = [rng.randrange(10, VOCAB) for _ in range(SP_PROMPT)]
     out = []
     for i in range(answers):
         resp = [rng.randrange(10, VOCAB) for _ in range(length)]
-        out.append(
-            Rollout(
-                prompt_id="0",
-                sample_index=i,
-                group_id="0:0",
-                prompt_ids=prompt,
-                response_ids=resp,
-                behaviour_logprobs=[rng.uniform(-13.0, -11.0) for _ in resp],
-                correct=i == 0,
-                reward=float(i == 0),
-            )
-        )
+        out.append(_rollout(rng, i, answers, prompt, resp, correct=i == 0))
     return Batch(step=0, records=[], rollouts=out)
+
+
+def _rollout(rng: random.Random, i: int, group: int, prompt: list[int], resp: list[int], correct: bool):
+    """Rollout ``i`` of the batch (prompt i // group), with behaviour log-probs near a uniform
+    distribution's."""
+    from scope_ds.records import Rollout
+
+    return Rollout(
+        prompt_id=str(i // group),
+        sample_index=i % group,
+        group_id=f"0:{i // group}",
+        prompt_ids=prompt,
+        response_ids=resp,
+        behaviour_logprobs=[rng.uniform(-13.0, -11.0) for _ in resp],  # ~ log(1 / 151936)
+        correct=correct,
+        reward=float(correct),
+    )
 
 
 def _peak_reset() -> None:

@@ -8,7 +8,8 @@ MLP is the price).
 
 Under ZeRO-3 every call of the MLP's linear layers gathers their weights over the engine's ranks,
 a collective: every rank must run as many shards. Their number is ceil(N / hidden size) (as
-DeepSpeed suggests), the largest over the ranks (one all-reduce of a number per layer and pass),
+DeepSpeed suggests), the largest over those ranks (one all-reduce of a number per layer and pass;
+none for weights kept whole, ZeRO stages 0-2),
 and the row is padded with zeros to a multiple of it, so that each rank's sequence splits into
 exactly that many shards. A zero row's MLP output is zero in the models we train (no biases); it
 is cut off again, and its gradient is zero.
@@ -52,15 +53,17 @@ def _tiled(mlp: torch.nn.Module, plain: Any, hidden: int) -> Any:
 
 
 def agreed(shards: int, params: list[torch.nn.Parameter]) -> int:
-    """The largest ``shards`` over the ranks that gather ``params`` (their ZeRO-3 group; the
-    default group for parameters ZeRO-3 does not hold; a collective), at least 1."""
+    """The largest ``shards`` (at least 1) over the ranks that gather ``params`` (their ZeRO-3
+    group; a collective there). Parameters ZeRO-3 does not partition are gathered by nobody: each
+    rank keeps its own count, and no collective runs (a whole teacher scoring in its own thread
+    must not touch the default group)."""
     import torch.distributed as dist
 
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    group = getattr(params[0], "ds_process_group", None) if params else None
+    if group is None or not dist.is_initialized() or dist.get_world_size(group) == 1:
         return max(1, shards)
     from deepspeed.accelerator import get_accelerator
 
-    group = getattr(params[0], "ds_process_group", None) if params else None
     value = torch.tensor([max(1, shards)], dtype=torch.long, device=get_accelerator().current_device_name())
     dist.all_reduce(value, op=dist.ReduceOp.MAX, group=group)
     return int(value.item())
