@@ -30,6 +30,8 @@ OldLogprobs = Literal["recompute", "server"]
 WeightMode = Literal["ppl", "uniform", "reversed"]  # SCOPE's weights (algorithms/weights.py)
 Normalization = Literal["sum", "mean"]
 KLForm = Literal["sampled", "full"]
+# where the teacher's (and GRPO reference's) weights live (engines/placement.py, docs/cluster.md)
+TeacherPlacement = Literal["auto", "replicated", "tensor", "zero3"]
 
 
 class ConfigError(ValueError):
@@ -48,6 +50,17 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"  # parameter/compute dtype of both engines
     toy_cache: str = ""  # where the toy models are built ("" = $SCOPE_DS_CACHE or ~/.cache/scope_ds)
     gradient_checkpointing: bool = False  # recompute student activations in backward (saves memory)
+    # The teacher's (and GRPO reference's) weights: replicated (whole on every rank, a plain module:
+    # no gathers) | tensor (split by DeepSpeed AutoTP over model.teacher_tp_size ranks of a node) |
+    # zero3 (partitioned over every rank, gathered layer by layer in every pass) | auto (from the
+    # memory plan, engines/placement.py; its choice and numbers are logged at start-up)
+    teacher_placement: TeacherPlacement = "auto"
+    # ranks per tensor-parallel teacher (consecutive ranks of one node); 0: the smallest that fits
+    # (auto), or every rank of the node (tensor)
+    teacher_tp_size: int = 0
+
+    def check(self) -> None:
+        _positive("model.teacher_tp_size", self.teacher_tp_size, strict=False)
 
 
 @dataclass
@@ -147,13 +160,10 @@ class TrainConfig:
     grad_clip: float = 1.0  # global gradient-norm clip (0 = off)
     seed: int = 0  # seeds torch, the data order and the rollout server
     ds_config: str = "ds_configs/zero3.json"  # student DeepSpeed JSON (relative to the repo or absolute)
-    teacher_ds_config: str = "ds_configs/teacher.json"  # teacher DeepSpeed JSON
+    teacher_ds_config: str = "ds_configs/teacher.json"  # the teacher's DeepSpeed JSON (model.teacher_placement=zero3)
     # The student's ZeRO stage, over the JSON's (0-3; null: the JSON's, 3 in zero3.json). 0-2 keep a
     # whole copy of the weights on every rank: no per-layer gathers, for models that fit one device.
     zero_stage: int | None = None
-    # The teacher's (and GRPO reference's) stage, over teacher_ds_config's: 3 partitions it, 0 keeps
-    # it whole on every rank (no gathers in its forward passes); null: the JSON's (3).
-    teacher_zero_stage: int | None = None
     logprob_chunk: int = 0  # tokens per chunk of the log-prob ops (0 = as many as fit in 32 MiB of logits)
 
     def check(self) -> None:
@@ -169,9 +179,6 @@ class TrainConfig:
         _positive("train.lr", self.lr)
         if self.zero_stage is not None and self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"train.zero_stage must be 0, 1, 2, 3 or null, got {self.zero_stage!r}")
-        if self.teacher_zero_stage is not None and self.teacher_zero_stage not in (0, 3):
-            # stages 1 and 2 partition optimizer state and gradients, which an inference engine has none of
-            raise ConfigError(f"train.teacher_zero_stage must be 0, 3 or null, got {self.teacher_zero_stage!r}")
         for key in ("weight_decay", "warmup_steps", "grad_clip", "logprob_chunk"):
             _positive(f"train.{key}", getattr(self, key), strict=False)
 
@@ -409,6 +416,25 @@ class Config:
             )
 
         self._check_sequence_parallel()
+        self._check_teacher_placement()
+
+    def _check_teacher_placement(self) -> None:
+        m = self.model
+        if m.teacher_tp_size > 1 and m.teacher_placement not in ("auto", "tensor"):
+            raise ConfigError(
+                f"model.teacher_tp_size={m.teacher_tp_size} splits a tensor-parallel teacher, and "
+                f"model.teacher_placement={m.teacher_placement} holds none: set model.teacher_placement=tensor (or "
+                "auto), or leave model.teacher_tp_size at 0"
+            )
+        if m.teacher_placement != "tensor":
+            return
+        if not self.train.packing:
+            raise ConfigError("model.teacher_placement=tensor scores packed micro-batches: set train.packing=true")
+        if self.pipeline.overlap_teacher:
+            raise ConfigError(
+                "model.teacher_placement=tensor: the teacher's all-reduces are not run beside the update's; set "
+                "pipeline.overlap_teacher=false, or model.teacher_placement=replicated"
+            )
 
     def _check_sequence_parallel(self) -> None:
         sp, t = self.parallel.sequence_parallel_size, self.train
@@ -477,11 +503,20 @@ def coerce(key: str, value: Any, hint: Any) -> Any:
     return value
 
 
+# keys that were replaced: what to write instead
+MOVED = {
+    "train.teacher_zero_stage": "use model.teacher_placement (replicated for a whole teacher, as stage 0 was; "
+    "zero3 for a partitioned one)",
+}
+
+
 def _apply(section: Any, name: str, values: dict[str, Any]) -> None:
     if not isinstance(values, dict):
         raise ConfigError(f"{name} must be a mapping, got {values!r}")
     hints = typing.get_type_hints(type(section))
     for key, value in values.items():
+        if f"{name}.{key}" in MOVED:
+            raise ConfigError(f"{name}.{key} is gone: {MOVED[f'{name}.{key}']}")
         if key not in hints:
             raise ConfigError(f"unknown key {name}.{key}; allowed: {sorted(hints)}")
         setattr(section, key, coerce(f"{name}.{key}", value, hints[key]))

@@ -13,154 +13,61 @@ the allocator, CUDA context and NCCL buffers need a few GB more on top.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scope_ds.config import load_config  # noqa: E402
-from scope_ds.ops import CHUNK_BYTES  # noqa: E402
-
-GIB = 2**30
-BF16 = 2  # bytes
-# ZeRO-3 model states per parameter (ZeRO paper, Rajbhandari et al. 2020, K = 12 for Adam):
-# bf16 weights 2 + bf16 gradients 2 + fp32 master weights 4 + Adam m 4 + Adam v 4 = 16 bytes,
-# plus DeepSpeed's fp32 gradient partition for the optimizer step: 4 more. All split over the ranks.
-STATE_BYTES = 16 + 4
-
-
-@dataclass(frozen=True)
-class Arch:
-    vocab: int
-    hidden: int
-    layers: int
-    intermediate: int  # SwiGLU MLP width
-    heads: int
-    kv_heads: int
-    head_dim: int
-    tied: bool  # lm_head shares the embedding matrix
-    qkv_bias: bool  # Qwen2 has q/k/v biases; Qwen3 has q/k norms instead
-
-    def params(self) -> int:
-        attn = self.hidden * self.head_dim * (2 * self.heads + 2 * self.kv_heads)  # q, k, v, o
-        attn += self.head_dim * (self.heads + 2 * self.kv_heads) if self.qkv_bias else 2 * self.head_dim
-        mlp = 3 * self.hidden * self.intermediate
-        layer = attn + mlp + 2 * self.hidden  # two RMSNorms
-        embed = self.vocab * self.hidden
-        return self.layers * layer + embed * (1 if self.tied else 2) + self.hidden
-
-    def kv_bytes_per_token(self) -> int:
-        return 2 * self.layers * self.kv_heads * self.head_dim * BF16  # K and V, every layer, bf16
-
-    def layer_activation_bytes(self, tokens: int, tiled: bool = False) -> int:
-        """Tensors one decoder layer keeps for backward (bf16; SDPA / flash attention keeps no T x T
-        scores): norm inputs and outputs, q k v, attention output, residual, gate, up, act, product.
-        ``tiled`` (parallel.tiled_mlp): the MLP's four tensors for one shard of ``hidden`` tokens only."""
-        mlp = 4 * self.intermediate * (min(tokens, self.hidden) if tiled else tokens)
-        return (tokens * (5 * self.hidden + (2 * self.heads + 2 * self.kv_heads) * self.head_dim) + mlp) * BF16
-
-    def activation_bytes(self, tokens: int, checkpointing: bool, tiled: bool = False) -> int:
-        """One micro-batch of ``tokens`` on one rank: every layer's activations, or (with gradient
-        checkpointing) each layer's input plus one layer's activations while it is recomputed."""
-        if checkpointing:
-            return self.layers * tokens * self.hidden * BF16 + self.layer_activation_bytes(tokens, tiled)
-        return self.layers * self.layer_activation_bytes(tokens, tiled)
-
-    def splits_over(self, sp: int) -> bool:
-        """Whether Ulysses can split this model's heads over ``sp`` ranks (engines/sequence.py)."""
-        return self.heads % sp == 0 and (self.kv_heads % sp == 0 or sp % self.kv_heads == 0)
-
-
-# From each model's config.json (vocab_size, hidden_size, num_hidden_layers, intermediate_size,
-# num_attention_heads, num_key_value_heads, head_dim or hidden/heads, tie_word_embeddings).
-ARCHS = {
-    "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B": Arch(151936, 1536, 28, 8960, 12, 2, 128, False, True),
-    "Skywork/Skywork-OR1-7B": Arch(152064, 3584, 28, 18944, 28, 4, 128, False, True),
-    "Qwen/Qwen3-1.7B-Base": Arch(151936, 2048, 28, 6144, 16, 8, 128, True, False),
-    "Qwen/Qwen3-8B": Arch(151936, 4096, 36, 12288, 32, 8, 128, False, False),
-}
-
-
-def arch_of(name: str) -> Arch:
-    if name in ARCHS:
-        return ARCHS[name]
-    path = Path(name) / "config.json"
-    if not path.is_file():
-        raise SystemExit(f"no architecture for {name!r}: add it to ARCHS or give a folder with config.json")
-    c = json.loads(path.read_text())
-    heads = c["num_attention_heads"]
-    return Arch(
-        c["vocab_size"],
-        c["hidden_size"],
-        c["num_hidden_layers"],
-        c["intermediate_size"],
-        heads,
-        c.get("num_key_value_heads", heads),
-        c.get("head_dim") or c["hidden_size"] // heads,
-        bool(c.get("tie_word_embeddings", False)),
-        c.get("model_type") == "qwen2",
-    )
+from scope_ds.engines.placement import (  # noqa: E402
+    BF16,
+    FITS,
+    GIB,
+    STATE_BYTES,
+    Arch,
+    Placement,
+    arch_of,
+    choose_placement,
+    needed_sp,
+    teacher_share,
+    training_bytes,
+)
 
 
 def gib(n: float) -> str:
     return f"{n / GIB:.1f}"
 
 
-# the share of a GPU the training sum may take: the allocator (fragmentation), the CUDA context and
-# NCCL buffers need the rest
-FITS = 0.8
+def _arch(name: str) -> Arch:
+    try:
+        return arch_of(name)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
 
 
-def training_bytes(cfg: Any, student: Arch, teacher: Arch, ranks: int, sp: int) -> dict[str, float]:
-    """The per-GPU memory of a training rank at sequence-parallel size ``sp``, by part."""
-    t, longest = cfg.train, cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens
-    # tokens of one micro-batch: the packing budget, or micro_batch_size rollouts padded to the longest
-    tokens = t.max_tokens_per_micro_batch if t.packing else longest * t.micro_batch_size
-    ps, pt = student.params(), teacher.params()
-    # a row split over sp ranks: each holds 1/sp of its positions (and, in attention, all of them for
-    # 1/sp of the heads: the same bytes)
-    mine = -(-tokens // sp)
-    out = {
-        "states": ps * STATE_BYTES / ranks,
-        "teacher": pt * BF16 / ranks,
-        "gathered": max(student.vocab * student.hidden, teacher.vocab * teacher.hidden) * BF16 + 5e7 * BF16,
-        "activations": student.activation_bytes(mine, cfg.model.gradient_checkpointing, cfg.parallel.tiled_mlp),
-        "activations_off": student.activation_bytes(mine, False, cfg.parallel.tiled_mlp),
-        "tokens": tokens,
-        "mine": mine,
-    }
-    # packed: the LM head's statistics a chunk at a time (ops.CHUNK_BYTES, a few buffers), from the
-    # response positions only, and the head's gradient made in that pass (float32 accumulator plus
-    # its bf16 copy, held until backward); padded: whole float32 logits of every position and their gradient
-    out["head_grad"] = student.vocab * student.hidden * (4 + BF16)
-    out["logits"] = 8 * CHUNK_BYTES + out["head_grad"] if t.packing else tokens * student.vocab * 4 * 2
-    out["total"] = sum(out[k] for k in ("states", "teacher", "gathered", "activations", "logits"))
-    return out
-
-
-def needed_sp(cfg: Any, student: Arch, teacher: Arch, ranks: int, gpus_per_node: int, gpu_gib: float) -> int | None:
-    """The smallest sequence-parallel size (within a node, dividing the ranks, splitting both models'
-    heads) at which a training rank's sum fits ``FITS`` of the GPU; None if none does."""
-    for sp in range(1, gpus_per_node + 1):
-        usable = ranks % sp == 0 and student.splits_over(sp) and teacher.splits_over(sp)
-        if usable and training_bytes(cfg, student, teacher, ranks, sp)["total"] <= FITS * gpu_gib * GIB:
-            return sp
-    return None
+def _placed(p: Placement, ranks: int) -> str:
+    if p.kind == "replicated":
+        return "whole on every rank (model.teacher_placement=replicated)"
+    if p.kind == "tensor":
+        return f"its layers split over {p.tp} ranks, the LM head whole (model.teacher_placement=tensor)"
+    return f"/ {ranks} ranks (model.teacher_placement=zero3)"
 
 
 def plan(recipe: str, nodes: int, gpus_per_node: int, gpu_gib: float, overrides: list[str] | None = None) -> str:
     cfg = load_config(recipe, overrides or [])
     r, t, sp = cfg.rollout, cfg.train, cfg.parallel.sequence_parallel_size
-    student, teacher = arch_of(cfg.model.student), arch_of(cfg.model.teacher)
+    student, teacher = _arch(cfg.model.student), _arch(cfg.model.teacher)
     server_gpus = r.num_servers * r.gpus_per_server
     ranks = nodes * gpus_per_node - server_gpus
     longest = cfg.data.max_prompt_tokens + r.max_new_tokens
-    b = training_bytes(cfg, student, teacher, ranks, sp)
+    placed = choose_placement(cfg, student, teacher, ranks, gpus_per_node, gpu_gib * GIB, BF16)
+    if cfg.model.teacher_placement != "auto":  # the recipe's own
+        tp = cfg.model.teacher_tp_size or gpus_per_node
+        placed = Placement(cfg.model.teacher_placement, tp, "as the recipe says")
+    teacher_bytes = teacher_share(placed.kind, teacher, ranks, placed.tp, BF16)
+    b = training_bytes(cfg, student, teacher, ranks, sp, teacher_bytes)
     ps, pt, tokens = student.params(), teacher.params(), b["tokens"]
     states, teacher_part, gathered, act, act_off = (
         b[k] for k in ("states", "teacher", "gathered", "activations", "activations_off")
@@ -188,7 +95,7 @@ def plan(recipe: str, nodes: int, gpus_per_node: int, gpu_gib: float, overrides:
         "| per training GPU | GiB | how |",
         "| --- | ---: | --- |",
         f"| student model states | {gib(states)} | {ps / 1e9:.2f} B params x {STATE_BYTES} B / {ranks} ranks |",
-        f"| teacher weights | {gib(teacher_part)} | {pt / 1e9:.2f} B params x 2 B (bf16) / {ranks} ranks |",
+        f"| teacher weights | {gib(teacher_part)} | {pt / 1e9:.2f} B params x 2 B (bf16), {_placed(placed, ranks)} |",
         f"| gathered working set | {gib(gathered)} | largest gathered matrix (embedding) + prefetch bucket |",
         f"| student activations | {gib(act)} | {how}, gradient checkpointing "
         f"{'on' if cfg.model.gradient_checkpointing else 'off'} ({gib(act_off)} GiB with it off) |",
@@ -203,6 +110,10 @@ def plan(recipe: str, nodes: int, gpus_per_node: int, gpu_gib: float, overrides:
         f"| **sum** | **{gib(total)}** | of {gpu_gib:.0f} GiB, before allocator / CUDA / NCCL overhead |",
         "",
         f"Sequence parallelism: {sp} rank(s) per row; {fit} (its longest rollout: {longest} tokens).",
+        "",
+        f"Teacher placement (model.teacher_placement={cfg.model.teacher_placement}): {placed.kind}"
+        + (f" over {placed.tp} ranks" if placed.kind == "tensor" else "")
+        + f": {placed.reason}.",
     ]
     served = teacher if cfg.algo.uses_teacher_rollouts else student
     weights = served.params() * BF16 / r.gpus_per_server

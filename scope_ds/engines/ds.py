@@ -99,14 +99,21 @@ def default_threads(world: int, server_threads: int = 0) -> int:
     if os.environ.get("OMP_NUM_THREADS"):
         return torch.get_num_threads()
     host = socket.gethostname()
-    hosts = [host]
-    if world > 1:
-        hosts = [""] * world
-        torch.distributed.all_gather_object(hosts, host)
+    hosts = rank_hosts(world)
     reserved = server_threads if host == hosts[0] else 0
     n = threads_per_rank(len(os.sched_getaffinity(0)), hosts, host, reserved)
     torch.set_num_threads(n)
     return n
+
+
+def rank_hosts(world: int) -> list[str]:
+    """Every rank's host name, in rank order (a collective when ``world`` > 1)."""
+    host = socket.gethostname()
+    if world == 1:
+        return [host]
+    hosts = [""] * world
+    torch.distributed.all_gather_object(hosts, host)
+    return hosts
 
 
 def end_distributed() -> None:
@@ -305,8 +312,9 @@ def _ulysses_attention(path: str, config: Any, chosen: str | None, own: bool, sp
     return sequence.register_ulysses(config, attention.register(), sp, tag=str(next(_ULYSSES_TAGS)))
 
 
-def load_causal_lm(path: str, ds_config: dict[str, Any], dtype: str, sp: Any = None) -> torch.nn.Module:
-    """An AutoModelForCausalLM from a folder or hub name, partitioned at load time under ZeRO-3.
+def load_causal_lm(path: str, ds_config: dict[str, Any] | None, dtype: str, sp: Any = None) -> torch.nn.Module:
+    """An AutoModelForCausalLM from a folder or hub name, partitioned at load time under ZeRO-3
+    (``ds_config`` None: loaded whole, for a placement without a DeepSpeed engine).
     ``sp`` (engines/sequence.SequenceGroup): its attention is Ulysses' around the packed one."""
     from transformers import AutoConfig
     from transformers.integrations import HfDeepSpeedConfig
@@ -321,7 +329,7 @@ def load_causal_lm(path: str, ds_config: dict[str, Any], dtype: str, sp: Any = N
     model_cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]  # imported here, before zero.Init patches torch
     # With a live HfDeepSpeedConfig (ZeRO-3), from_pretrained partitions the weights as it loads
     # them (zero.Init plus gathered initialisation); it is read only while loading.
-    hf_ds = HfDeepSpeedConfig(ds_config)  # noqa: F841
+    hf_ds = HfDeepSpeedConfig(ds_config) if ds_config is not None else None  # noqa: F841
     # SDPA per packed sequence (engines/attention.py) where transformers would run SDPA over the
     # whole packed row; a model whose config names another attention keeps it.
     chosen = getattr(config, "_attn_implementation_internal", None) or getattr(config, "attn_implementation", None)

@@ -77,6 +77,16 @@ class Learner:
         return self.rank // size, self.world // size
 
     @property
+    def scoring_rank_world(self) -> tuple[int, int]:
+        """``data_rank_world`` of the teacher's scoring passes: a tensor-parallel teacher's group
+        (``model.teacher_tp_size`` ranks) runs the same micro-batches, as a sequence-parallel one."""
+        t = self.teacher
+        size = t.tensor.size if t is not None and t.tensor is not None else None
+        if size is None:
+            size = t.sp.size if t is not None and t.sp is not None else 1
+        return self.rank // size, self.world // size
+
+    @property
     def _sums_metrics(self) -> bool:
         """Whether this rank adds its micro-batches' metric sums: the first of its sequence-parallel
         group only (the group's ranks hold the same gathered values)."""
@@ -86,7 +96,7 @@ class Learner:
 
     def micro_batches(self, rollouts: list[Rollout], which: list[int], scoring: bool = False) -> list[list[int]]:
         """This rank's micro-batches (lists of rollout indices) over the rollouts ``which``, as
-        many on every rank: packed into token budgets (``train.max_tokens_per_micro_batch``, or the
+        many on every rank (``scoring``: the teacher's, over ``scoring_rank_world``): packed into token budgets (``train.max_tokens_per_micro_batch``, or the
         ``score_`` one for inference-only forwards; a prompt's rollouts together, the prompt counted
         once, where ``shares_prompts``), or ``train.packing=false``: padded, a fixed number of
         rollouts each."""
@@ -94,7 +104,7 @@ class Learner:
         lengths = [len(rollouts[i].prompt_ids) + rollouts[i].response_length for i in which]
         key = "score_max_tokens_per_micro_batch" if scoring else "max_tokens_per_micro_batch"
         prompts = [rollouts[i].prompt_ids for i in which] if self.shares_prompts else None
-        rank, world = self.data_rank_world
+        rank, world = self.scoring_rank_world if scoring else self.data_rank_world
         try:
             if t.packing:
                 budget, what = getattr(t, key), f"train.{key}"

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from scope_ds.engines import attention, ds, tiling
+from scope_ds.engines import attention, ds, tensor_parallel, tiling
 from scope_ds.engines.batching import PackedInputs, TokenInputs, gather_response, unpack_response
 from scope_ds.engines.sequence import RowShard, SequenceGroup, pad_row, slice_grad_fn
 from scope_ds.ops import TEACHER_STATS, TOKEN_STATS, GradFn, chunked_stats
@@ -98,7 +98,7 @@ class _Engine:
     def __init__(
         self,
         path: str,
-        ds_config: dict[str, Any],
+        ds_config: dict[str, Any] | None,
         dtype: str,
         chunk: int = 0,
         packing: bool = True,
@@ -213,10 +213,12 @@ class _Engine:
         statistics then carry no gradient and ``"anchor"`` is the zero scalar to add to the loss."""
         if isinstance(inputs, PackedInputs):
             teacher_x = teacher_w = None
+            shard = self._shard(inputs) if self.sp is not None else None
             if set(TEACHER_STATS) & set(stats):
                 teacher_x, teacher_w = teacher.hidden(inputs), teacher.head_weight()
+                if shard is not None and teacher.sp is None:  # a teacher of whole rows: this slice's tokens
+                    teacher_x = _slice_rows(teacher_x, shard)
             request = _Request(stats, inputs.targets_M, teacher_x, teacher_w, self.chunk, grad_fn)
-            shard = self._shard(inputs) if self.sp is not None else None
             if shard is not None and grad_fn is None and torch.is_grad_enabled():
                 raise ValueError("a sequence-parallel pass takes a loss's gradient only through grad_fn")
             local = self._packed(inputs, request, shard).reshape(-1, len(stats) + (grad_fn is not None))
@@ -337,48 +339,82 @@ class StudentEngine(_Engine):
 
 
 class InferenceEngine(_Engine):
-    """The teacher (or GRPO's reference policy): ZeRO-3 partitioned (whole on every rank with
-    train.teacher_zero_stage=0), no optimizer, eval mode.
+    """The teacher (or GRPO's reference policy): no optimizer, eval mode, placed as
+    ``model.teacher_placement`` says (engines/placement.py): ``zero3`` a DeepSpeed engine partitioned
+    over every rank, its layers gathered in every pass; ``replicated`` the plain module, whole on
+    every rank (no hooks, no gathers); ``tensor`` split by AutoTP over ``tensor``'s ranks
+    (engines/tensor_parallel.py), whole rows only (``sp`` None).
 
-    ``group``: a process group over the same ranks as the world, in the same order, on which this
-    engine's parameter gathers run instead of the default group. With its own group the teacher
-    can score in one thread while the student trains in another: the two engines' collectives
-    never interleave on one communicator.
+    ``group``: a process group over the same ranks as the world, in the same order, on which a
+    zero3 engine's parameter gathers run instead of the default group, and the scored rows are
+    merged. With its own group the teacher can score in one thread while the student trains in
+    another: the two engines' collectives never interleave on one communicator.
     """
 
     def __init__(
         self,
         path: str,
-        ds_config: dict[str, Any],
+        ds_config: dict[str, Any] | None,
         dtype: str,
         chunk: int = 0,
         group: Any = None,
         packing: bool = True,
         sp: SequenceGroup | None = None,
         tiled_mlp: bool = False,
+        placement: str = "zero3",
+        tensor_group: tensor_parallel.TensorGroup | None = None,
     ):
+        if (placement == "tensor") != (tensor_group is not None) or (placement == "tensor" and sp is not None):
+            raise ValueError(f"{path}: placement {placement!r} takes a tensor group exactly when tensor, and no sp")
+        if (placement == "zero3") != (ds_config is not None):
+            raise ValueError(f"{path}: a DeepSpeed config is for the zero3 placement alone, not {placement!r}")
         super().__init__(path, ds_config, dtype, chunk, packing, sp, tiled_mlp)
+        self.placement, self.tensor = placement, tensor_group
         self._head_weight: torch.Tensor | None = None
         for p in self.model.parameters():
             p.requires_grad_(False)
-        self.engine, *_ = ds.initialize(self.model, ds_config)
+        if placement == "zero3":
+            self.engine, *_ = ds.initialize(self.model, ds_config)
+        elif placement == "tensor":
+            tensor_parallel.check_heads(self.model.config, tensor_group.size, path)
+            self.engine = tensor_parallel.split(self.model, tensor_group, self.model.dtype, current_device_name())
+        else:
+            self.engine = self.model.to(current_device_name())
         self.engine.eval()
         self.group = group
-        if group is not None:
+        if group is not None and placement == "zero3":
             _gather_on(self.model, group)
             self._warm_up()
 
+    @property
+    def device(self) -> torch.device:
+        if self.placement == "zero3":
+            return super().device
+        return torch.device(current_device_name())
+
     def head_weight(self) -> torch.Tensor:
-        """The LM head's weight [V, D], whole: gathered once and kept (it never changes)."""
-        if self._head_weight is None:  # a collective, on the first call (every rank's same micro-batch)
+        """The LM head's weight [V, D], whole: gathered once and kept (it never changes); the
+        module's own where no placement partitions it."""
+        if self._head_weight is None:  # zero3: a collective, on the first call (every rank's same micro-batch)
             w = self.stats_head.head.weight
+            if self.placement != "zero3":
+                return w.detach()
             with whole([w]):
                 self._head_weight = w.data.detach().clone()
         return self._head_weight
 
     def _packed(self, inputs: PackedInputs, request: _Request, shard: RowShard | None = None) -> torch.Tensor:
         self._check_trace()
-        return super()._packed(inputs, request, shard)
+        if self.tensor is None:
+            return super()._packed(inputs, request, shard)
+        # a tensor-parallel pass is the group's: each rank's micro-batch in turn, this rank's kept
+        runs, own = self.tensor.inputs_in_turn(inputs)
+        out = None
+        for j, other in enumerate(runs):
+            other = other.to(self.device)
+            got = super()._packed(other, dataclasses.replace(request, targets_M=other.targets_M))
+            out = got if j == own else out
+        return out
 
     def _check_trace(self) -> None:
         if self.group is not None and not self._trace_complete():
@@ -413,6 +449,14 @@ class InferenceEngine(_Engine):
             self.engine(input_ids=one, attention_mask=one, use_cache=False)
         if not self._trace_complete():
             raise RuntimeError(f"{self.path}: ZeRO-3 did not complete its module trace in two forward passes")
+
+
+def _slice_rows(values_MD: torch.Tensor, shard: RowShard) -> torch.Tensor:
+    """A shard's rows of per-response-token values of the whole row (one stand-in row of zeros for a
+    shard without response tokens, as ``_Engine._packed_slice`` runs one stand-in position)."""
+    if shard.m_stop > shard.m_start:
+        return values_MD[shard.m_start : shard.m_stop]
+    return values_MD.new_zeros((1, *values_MD.shape[1:]))
 
 
 def current_device() -> Any:

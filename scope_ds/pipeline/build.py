@@ -19,10 +19,11 @@ from scope_ds.algorithms.base import Algorithm
 from scope_ds.config import Config, ConfigError, save_config
 from scope_ds.data.encoding import drop_long_prompts
 from scope_ds.data.stream import prompt_source
-from scope_ds.engines import ds, sequence
+from scope_ds.engines import ds, placement, sequence, tensor_parallel
 from scope_ds.engines.compat import check_compatible
 from scope_ds.engines.learner import Learner
 from scope_ds.engines.models import InferenceEngine, StudentEngine
+from scope_ds.engines.ranks import rank_and_world
 from scope_ds.metrics import RunLog
 from scope_ds.model_paths import model_paths, served_of, uses_toy
 from scope_ds.openmp import server_threads
@@ -151,10 +152,16 @@ def build_engines(
     group the teacher gathers its parameters on (see ``teacher_group``); None: the default group.
     With ``parallel.sequence_parallel_size`` > 1 every engine splits its packed rows over a
     sequence-parallel group of its own (engines/sequence.py; a collective, in the same order on
-    every rank): the teacher's all-to-alls are not the student's.
+    every rank): the teacher's all-to-alls are not the student's; a tensor-parallel teacher
+    (``place_teacher``) scores whole rows over its own group instead.
     """
-    t, chunk, packing = cfg.train, cfg.train.logprob_chunk, cfg.train.packing
-    groups = sequence_groups(cfg.parallel.sequence_parallel_size, world, 1 + algo.needs_teacher + algo.needs_reference)
+    chunk, packing = cfg.train.logprob_chunk, cfg.train.packing
+    sp = cfg.parallel.sequence_parallel_size
+    infers = algo.needs_teacher + algo.needs_reference
+    hosts = ds.rank_hosts(world)
+    placed = place_teacher(cfg, hosts, student_path, teacher_path if algo.needs_teacher else student_path, infers)
+    whole_rows = placed.kind == "tensor"  # a tensor-parallel teacher scores whole rows: no group of its own
+    groups = sequence_groups(sp, world, 1 + (0 if whole_rows else infers))
     student = StudentEngine(
         student_path,
         student_ds_config(cfg),
@@ -166,19 +173,54 @@ def build_engines(
         sp=groups.pop(0),
         tiled_mlp=cfg.parallel.tiled_mlp,
     )
-    infer_ds = ds.build_ds_config(
-        t.teacher_ds_config,
-        dtype=cfg.model.dtype,
-        zero_stage=t.teacher_zero_stage,
-        stage_key="train.teacher_zero_stage",
-    )
+    infer_ds = None
+    if placed.kind == "zero3":
+        infer_ds = ds.build_ds_config(cfg.train.teacher_ds_config, dtype=cfg.model.dtype)
+    tp_group = tensor_groups(placed.tp, hosts) if whole_rows else None
     infer = dict(dtype=cfg.model.dtype, chunk=chunk, packing=packing, tiled_mlp=cfg.parallel.tiled_mlp)
+    infer.update(placement=placed.kind, tensor_group=tp_group)
     teacher = reference = None
     if algo.needs_teacher:
-        teacher = InferenceEngine(teacher_path, infer_ds, group=group, sp=groups.pop(0), **infer)
+        sp_group = None if whole_rows else groups.pop(0)
+        teacher = InferenceEngine(teacher_path, infer_ds, group=group, sp=sp_group, **infer)
     if algo.needs_reference:
-        reference = InferenceEngine(student_path, infer_ds, sp=groups.pop(0), **infer)
+        sp_group = None if whole_rows else groups.pop(0)
+        reference = InferenceEngine(student_path, infer_ds, sp=sp_group, **infer)
     return student, teacher, reference
+
+
+def place_teacher(
+    cfg: Config, hosts: list[str], student_path: str, infer_path: str, engines: int
+) -> placement.Placement:
+    """Where the ``engines`` inference engines' weights go (``model.teacher_placement``; ``auto``:
+    from the memory plan, engines/placement.py), alike on every rank (``hosts``: every rank's):
+    rank 0's node and device decide, and it says the choice and its numbers at start-up. A
+    collective under ``auto``."""
+    m, world, rank = cfg.model, len(hosts), rank_and_world()[0]
+    node_ranks = hosts.count(hosts[0])
+    if not engines:
+        return placement.Placement("zero3", reason="no inference engine")
+    if m.teacher_placement != "auto":
+        tp = m.teacher_tp_size or node_ranks
+        chosen = placement.Placement(m.teacher_placement, tp if m.teacher_placement == "tensor" else 1, "as set")
+    else:
+        student, teacher = placement.arch_of(student_path), placement.arch_of(infer_path)
+        weight = 2 if cfg.model.dtype == "bfloat16" else 4
+        device = share(placement.device_bytes(node_ranks) if rank == 0 else None)
+        chosen = placement.choose_placement(cfg, student, teacher, world, node_ranks, device, weight)
+    if rank == 0:
+        over = f" over {chosen.tp} ranks" if chosen.kind == "tensor" else ""
+        print(f"teacher: {chosen.kind}{over} (model.teacher_placement={m.teacher_placement}): {chosen.reason}")
+    return chosen
+
+
+def tensor_groups(size: int, hosts: list[str]) -> tensor_parallel.TensorGroup:
+    """This rank's tensor-parallel teacher group (engines/tensor_parallel.py); a ConfigError naming
+    the key where ``size`` does not divide the world or would span two hosts."""
+    try:
+        return tensor_parallel.new_groups(size, hosts)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def student_ds_config(cfg: Config) -> dict[str, Any]:

@@ -118,7 +118,7 @@ def run_case(rank: int, world: int, args: list[str]) -> None:
         saved["teacher_logp_scored"] = scored
         saved["plan"] = [(r.path, r.weight) for r in batch.rollouts]  # each rollout's path and weight (Eq. 4 / 5)
         saved["zero_stage"] = student.engine.zero_optimization_stage()
-        saved["teacher_zero_stage"] = teacher.engine.zero_optimization_stage() if teacher is not None else None
+        saved["teacher_placement"] = teacher.placement if teacher is not None else None
         # engines/ds.initialize keeps DeepSpeed's Muon unimported (ZeRO-2's step imports it itself)
         saved["muon_imported"] = "deepspeed.runtime.zero.muon.muon_optimizer" in sys.modules
         torch.save({**saved, "teacher_logp_after": teacher_logp(after)}, out)

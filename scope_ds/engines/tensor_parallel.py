@@ -1,0 +1,122 @@
+"""A teacher split by tensor parallelism: DeepSpeed AutoTP over a few consecutive ranks of a node.
+
+``model.teacher_placement=tensor``: each group of ``tp`` ranks holds one copy of the teacher, every
+decoder layer's projections split over the group by DeepSpeed's AutoTP (``deepspeed.init_inference``
+without kernel injection), the LM head whole on every rank (engines/models.StatsHead reads it
+whole, as for the other placements). A forward pass is a collective over the group: its ranks
+run the same input. The learner gives a group's ranks the same scoring micro-batches; where their
+micro-batches differ (the teacher's pass inside the student's update, each rank its own), the
+group runs each rank's in turn (``TensorGroup.inputs_in_turn``), the flops of one whole forward
+per rank all the same.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class TensorGroup:
+    """This rank's tensor-parallel group: ``size`` consecutive ranks, this one ``rank`` among them."""
+
+    group: Any
+    size: int
+    rank: int
+
+    def inputs_in_turn(self, mine: Any) -> tuple[list[Any], int]:
+        """(the group's distinct micro-batches in group order, the index of this rank's): every rank
+        of the group passes its own (a collective); micro-batches with the same rows are run once."""
+        import torch.distributed as dist
+
+        parts: list[Any] = [None] * self.size
+        dist.all_gather_object(parts, mine.to("cpu"), group=self.group)
+        distinct: list[Any] = []
+        keys: list[tuple] = []
+        for p in parts:
+            key = (tuple(p.rows), p.shared_prompts, int(p.input_ids_1N.shape[1]))
+            if key not in keys:
+                keys.append(key)
+                distinct.append(p)
+        own = (tuple(mine.rows), mine.shared_prompts, int(mine.input_ids_1N.shape[1]))
+        return distinct, keys.index(own)
+
+
+def new_groups(size: int, hosts: list[str]) -> TensorGroup:
+    """This rank's group of ``size`` consecutive ranks (``hosts``: every rank's host name), after
+    refusing a size that does not divide the world or a group that would span two hosts. A
+    collective: every rank creates every group, in the same order."""
+    import torch.distributed as dist
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if world % size:
+        raise ValueError(f"model.teacher_tp_size={size} does not divide the world size {world}")
+    for first in range(0, world, size):
+        if len(set(hosts[first : first + size])) > 1:
+            raise ValueError(
+                f"model.teacher_tp_size={size}: ranks {first}-{first + size - 1} are on hosts "
+                f"{sorted(set(hosts[first : first + size]))}; a tensor-parallel teacher runs on one node: pick a size "
+                "that divides the ranks per node"
+            )
+    mine = None
+    for first in range(0, world, size):
+        group = dist.new_group(list(range(first, first + size)))
+        if first <= rank < first + size:
+            mine = TensorGroup(group, size, rank - first)
+    assert mine is not None
+    return mine
+
+
+def check_heads(config: Any, size: int, path: str) -> None:
+    """Refuse a model whose heads or MLP do not split evenly over ``size`` ranks, naming the numbers."""
+    text = config.get_text_config()
+    heads = text.num_attention_heads
+    kv = getattr(text, "num_key_value_heads", None) or heads
+    for what, n in (("attention heads", heads), ("key-value heads", kv), ("MLP width", text.intermediate_size)):
+        if n % size:
+            raise ValueError(
+                f"{path}: its {n} {what} do not split over model.teacher_tp_size={size}; pick a size that divides "
+                "them, or model.teacher_placement=replicated / zero3"
+            )
+
+
+def split(model: torch.nn.Module, tp: TensorGroup, dtype: torch.dtype, device: str) -> Any:
+    """``model`` split over ``tp`` by AutoTP (an inference engine that forwards as the model does),
+    its LM head kept whole: AutoTP would cut the head's input dimension and all-reduce its logits,
+    and the head here returns statistics, not logits (engines/models.StatsHead)."""
+    import deepspeed
+
+    _reduce_over_groups()
+    head = model.get_output_embeddings()
+    name = next((n for n, m in model.named_children() if m is head), None)
+    if name is None:
+        raise ValueError(f"{type(model).__name__}: its LM head is not a child module; AutoTP would split it")
+    holder = torch.nn.Module()  # not a Linear: AutoTP's head pass leaves it alone
+    holder.head = head
+    setattr(model, name, holder)
+    try:
+        engine = deepspeed.init_inference(
+            model,
+            tensor_parallel={"tp_size": tp.size, "tp_group": tp.group},
+            dtype=dtype,
+            replace_with_kernel_inject=False,
+        )
+    finally:
+        setattr(model, name, head)
+    head.to(device)
+    return engine
+
+
+def _reduce_over_groups() -> None:
+    """AutoTP's all-reduces on torch.distributed, over the teacher's group. On CPU DeepSpeed's
+    shared-memory kernel would take them, and it reduces over every rank of the host whatever the
+    group, after setting itself up only where ``LOCAL_SIZE`` (set by the deepspeed launcher, not by
+    srun or mpirun) equals the world size: without it the kernel writes to buffers that were never
+    made. Our groups are smaller than the world, and the process group's all-reduce is correct."""
+    from deepspeed import comm
+
+    backend = getattr(comm.comm, "cdb", None)
+    if backend is not None and hasattr(backend, "shm_vector_kernel_level"):
+        backend.shm_vector_kernel_level = 0
