@@ -11,7 +11,8 @@ setup(
     install_requires=[
         # 2.13.0 is what .ci/run installs first (a CPU build); any newer CUDA build works on GPUs.
         "torch>=2.4",
-        "deepspeed>=0.16",
+        # the first release with everything scope_ds calls (engines/ds.py DEEPSPEED_FLOOR says what)
+        "deepspeed>=0.19.4",
         "transformers>=4.46",
         "datasets>=3.0",
         "safetensors>=0.4",

@@ -17,7 +17,8 @@ TRL run of its own round, and the table gives the medians over rounds with the r
 that a slow minute of a noisy machine moves one round, not the verdict. TRL runs in one process; each
 scope_ds row is a ``train.py`` run (its ranks and the embedded rollout server on this machine).
 Row names: ``k=1`` is ``pipeline.max_staleness=1`` (``k=0``, ``k=2`` likewise), ``zero0``
-``train.zero_stage=0``, ``t0`` ``train.teacher_zero_stage=0``, ``overlap`` ``pipeline.overlap_teacher=true`` (the teacher scores
+``train.zero_stage=0``, ``t0`` ``model.teacher_placement=replicated`` (what ``auto`` picks here), ``tz3``
+``model.teacher_placement=zero3`` (the teacher partitioned, as before the placements), ``overlap`` ``pipeline.overlap_teacher=true`` (the teacher scores
 the next batch beside the update), a trailing ``1t`` (``2t``) the trainer at ``OMP_NUM_THREADS=1`` (``=2``), a
 trailing ``active`` the trainer and server at ``OMP_WAIT_POLICY=ACTIVE`` (spinning idle threads;
 scope_ds's default is PASSIVE), a trailing ``unshared`` ``train.share_prompts=false`` (each rollout
@@ -65,9 +66,11 @@ ENDINGS = {
     " 2t": ({"OMP_NUM_THREADS": "2"}, []),
     " active": ({"OMP_WAIT_POLICY": "ACTIVE"}, []),
     " unshared": ({}, ["train.share_prompts=false"]),
+    " tz3": ({}, ["model.teacher_placement=zero3"]),
+    " tensor": ({}, ["model.teacher_placement=tensor"]),
 }
 # whole student and teacher on the rank (no ZeRO-3 gathers)
-WHOLE = ["pipeline.max_staleness=1", "train.zero_stage=0", "train.teacher_zero_stage=0"]
+WHOLE = ["pipeline.max_staleness=1", "train.zero_stage=0", "model.teacher_placement=replicated"]
 for _name, _overrides in {"opd 1 rank k=1": OPD, "scope n=4 1 rank k=1": ["algo.name=scope", "rollout.n=4"]}.items():
     CONFIGS[f"{_name} zero0 t0"] = (1, [*_overrides, *WHOLE])
 for _k in (0, 2):  # the same whole-weights OPD row, synchronous and with two batches under way

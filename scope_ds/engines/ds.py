@@ -56,6 +56,28 @@ class MasterPortInUseError(ValueError):
     A ValueError, as the other bad-setting errors the entry points print in one line."""
 
 
+# The first DeepSpeed release with everything scope_ds calls: ``managed_gradient_accumulation``
+# (the trainer owns the accumulation boundary: build_ds_config) came in 0.19.4; an older release
+# ignores the key and accumulates its own way, silently. Ulysses' HF attention with variable
+# lengths and TiledMLP (0.17.6), AutoTP's ``tp_group`` are older. setup.py says the same.
+DEEPSPEED_FLOOR = "0.19.4"
+
+
+def check_deepspeed(version: str | None = None) -> None:
+    """Refuse a DeepSpeed older than DEEPSPEED_FLOOR, naming the installed and the needed release."""
+    from packaging.version import Version
+
+    if version is None:
+        import deepspeed
+
+        version = deepspeed.__version__
+    if Version(version.split("+")[0]) < Version(DEEPSPEED_FLOOR):
+        raise RuntimeError(
+            f"DeepSpeed {version} is installed; scope_ds needs {DEEPSPEED_FLOOR} or newer (its "
+            f"managed_gradient_accumulation): pip install 'deepspeed>={DEEPSPEED_FLOOR}'"
+        )
+
+
 def init_distributed() -> tuple[int, int]:
     """Join (or create) the process group DeepSpeed uses; returns (rank, world size).
 
@@ -66,6 +88,7 @@ def init_distributed() -> tuple[int, int]:
     """
     import deepspeed
 
+    check_deepspeed(deepspeed.__version__)
     _env_from_launcher()
     try:
         deepspeed.init_distributed(dist_backend=None, auto_mpi_discovery=False)
@@ -203,7 +226,6 @@ def build_ds_config(
     grad_clip: float = 0.0,
     warmup_steps: int = 0,
     zero_stage: int | None = None,
-    stage_key: str = "train.zero_stage",
 ) -> dict[str, Any]:
     """The DeepSpeed config dict: the JSON file, completed from our config.
 
@@ -213,7 +235,7 @@ def build_ds_config(
     them. The batch-size keys DeepSpeed requires are set to one rollout per micro-batch (DeepSpeed
     derives ``train_batch_size`` from them and the world size); they size nothing (the trainer's
     micro-batches are token budgets). ``zero_stage`` replaces the JSON's
-    stage (``with_zero_stage``); ``stage_key`` is the config key that set it, for errors.
+    stage (``with_zero_stage``; errors name ``train.zero_stage``).
     """
     path = resolve_path(json_path)
     if not os.path.isfile(path):
@@ -222,7 +244,7 @@ def build_ds_config(
         cfg = json.load(f)
     cfg = copy.deepcopy(cfg)
     if zero_stage is not None:
-        cfg = with_zero_stage(cfg, zero_stage, json_path, stage_key)
+        cfg = with_zero_stage(cfg, zero_stage, json_path)
     cfg["train_micro_batch_size_per_gpu"] = 1
     cfg["gradient_accumulation_steps"] = 1
     cfg.pop("train_batch_size", None)

@@ -77,8 +77,8 @@ class Arch:
         return self.heads % sp == 0 and (self.kv_heads % sp == 0 or sp % self.kv_heads == 0)
 
     def splits_tensor(self, tp: int) -> bool:
-        """Whether AutoTP can split this model's heads and MLP evenly over ``tp`` ranks."""
-        return self.heads % tp == 0 and self.kv_heads % tp == 0 and self.intermediate % tp == 0
+        """Whether AutoTP can split this model's heads evenly over ``tp`` ranks."""
+        return self.heads % tp == 0 and self.kv_heads % tp == 0
 
 
 # From each model's config.json (vocab_size, hidden_size, num_hidden_layers, intermediate_size,

@@ -51,15 +51,7 @@ def new_groups(size: int, hosts: list[str]) -> TensorGroup:
     import torch.distributed as dist
 
     world, rank = dist.get_world_size(), dist.get_rank()
-    if world % size:
-        raise ValueError(f"model.teacher_tp_size={size} does not divide the world size {world}")
-    for first in range(0, world, size):
-        if len(set(hosts[first : first + size])) > 1:
-            raise ValueError(
-                f"model.teacher_tp_size={size}: ranks {first}-{first + size - 1} are on hosts "
-                f"{sorted(set(hosts[first : first + size]))}; a tensor-parallel teacher runs on one node: pick a size "
-                "that divides the ranks per node"
-            )
+    check_hosts(size, hosts)
     mine = None
     for first in range(0, world, size):
         group = dist.new_group(list(range(first, first + size)))
@@ -69,12 +61,28 @@ def new_groups(size: int, hosts: list[str]) -> TensorGroup:
     return mine
 
 
+def check_hosts(size: int, hosts: list[str]) -> None:
+    """Refuse groups of ``size`` consecutive ranks (``hosts``: each rank's host) that do not divide
+    the ranks or that would span two hosts, naming the ranks."""
+    world = len(hosts)
+    if world % size:
+        raise ValueError(f"model.teacher_tp_size={size} does not divide the world size {world}")
+    for first in range(0, world, size):
+        on = sorted(set(hosts[first : first + size]))
+        if len(on) > 1:
+            raise ValueError(
+                f"model.teacher_tp_size={size}: ranks {first}-{first + size - 1} are on hosts {on}; a "
+                "tensor-parallel teacher runs within one node: pick a size that divides the ranks per node"
+            )
+
+
 def check_heads(config: Any, size: int, path: str) -> None:
-    """Refuse a model whose heads or MLP do not split evenly over ``size`` ranks, naming the numbers."""
+    """Refuse a model whose heads do not split evenly over ``size`` ranks, naming the numbers (AutoTP
+    splits an MLP of any width, in grains of 64 columns)."""
     text = config.get_text_config()
     heads = text.num_attention_heads
     kv = getattr(text, "num_key_value_heads", None) or heads
-    for what, n in (("attention heads", heads), ("key-value heads", kv), ("MLP width", text.intermediate_size)):
+    for what, n in (("attention heads", heads), ("key-value heads", kv)):
         if n % size:
             raise ValueError(
                 f"{path}: its {n} {what} do not split over model.teacher_tp_size={size}; pick a size that divides "
@@ -114,9 +122,17 @@ def _reduce_over_groups() -> None:
     shared-memory kernel would take them, and it reduces over every rank of the host whatever the
     group, after setting itself up only where ``LOCAL_SIZE`` (set by the deepspeed launcher, not by
     srun or mpirun) equals the world size: without it the kernel writes to buffers that were never
-    made. Our groups are smaller than the world, and the process group's all-reduce is correct."""
+    made. The process group's all-reduce is correct for any group, with any launcher."""
+    import torch.distributed as dist
     from deepspeed import comm
 
-    backend = getattr(comm.comm, "cdb", None)
-    if backend is not None and hasattr(backend, "shm_vector_kernel_level"):
-        backend.shm_vector_kernel_level = 0
+    backend = comm.comm.cdb
+    if getattr(backend, "_scope_ds_group_reduce", False):
+        return
+
+    def inference_all_reduce(tensor: torch.Tensor, op: Any = dist.ReduceOp.SUM, group: Any = None) -> torch.Tensor:
+        dist.all_reduce(tensor, op=backend._reduce_op(op), group=group)
+        return tensor
+
+    backend.inference_all_reduce = inference_all_reduce
+    backend._scope_ds_group_reduce = True

@@ -187,12 +187,14 @@ def tied_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 # rollouts sharing one copy of it: train.share_prompts), and the padded layout with whole logits
 PACKED, PADDED = "train.max_tokens_per_micro_batch=40", "train.packing=false"
 # and ZeRO stages 0 and 2 (train.zero_stage over the JSON's 3): whole weights on every rank; with
-# stage 0 a whole teacher too (train.teacher_zero_stage=0)
-STAGE0 = [PACKED, "train.zero_stage=0", "train.teacher_zero_stage=0"]
-STAGE2 = [PACKED, "train.zero_stage=2"]
+# stage 0 the teacher whole as the default's (auto: replicated here), with stage 2 partitioned
+STAGE0 = [PACKED, "train.zero_stage=0", "model.teacher_placement=replicated"]
+STAGE2 = [PACKED, "train.zero_stage=2", "model.teacher_placement=zero3"]
 FULL_KL = ["algo.name=opd", "algo.kl=full", "train.max_tokens_per_micro_batch=60"]
 SP2 = ["parallel.sequence_parallel_size=2", "train.share_prompts=false"]
 GRPO = ["algo.name=grpo", "algo.kl_coef=0.1"]  # a reference policy, its own sequence-parallel pass
+PLACES = ("zero3", "replicated", "tensor")  # model.teacher_placement, each set explicitly
+TENSOR = "model.teacher_placement=tensor"
 
 
 def zero3_cases(root: Path, pair: tuple[Path, Path], tied: tuple[Path, Path]) -> dict[str, tuple[int, list]]:
@@ -223,6 +225,11 @@ def zero3_cases(root: Path, pair: tuple[Path, Path], tied: tuple[Path, Path]) ->
         "grpo_sp1": (2, [*pair, "concurrent=0", PACKED, *plain, *GRPO, "train.share_prompts=false"]),
         "grpo_sp2": (2, [*pair, "concurrent=0", PACKED, *plain, *GRPO, *SP2]),
         "tied_sp2": (2, [*tied, "train.max_tokens_per_micro_batch=60", "train.lr=1e-2", *ZERO3_LENGTHS, *SP2]),
+        # the teacher's placements (test_teacher_placement.py): ragged packed rows, full KL, sp = 2
+        **{f"place_{p}": (2, [*pair, "concurrent=0", PACKED, *plain, f"model.teacher_placement={p}"]) for p in PLACES},
+        **{f"kl_{p}": (2, [*pair, *FULL_KL, *ZERO3_LENGTHS, f"model.teacher_placement={p}"]) for p in PLACES},
+        "sp2_tensor": (2, [*pair, "concurrent=0", PACKED, *plain, *SP2, TENSOR]),
+        "grpo_tensor": (2, [*pair, "concurrent=0", PACKED, *plain, *GRPO, "train.share_prompts=false", TENSOR]),
         # one incorrect rollout: rank 1 has no teacher work (test_a_rank_with_nothing_to_score_does_not_hang)
         "one_incorrect": (2, [*pair, "incorrect=1"]),
     }

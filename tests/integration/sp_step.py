@@ -55,9 +55,7 @@ def main() -> None:
     student_path, teacher_path, out = args[:3]
     rank, world = ds.init_distributed()
     sp = sequence.new_groups(2)
-    cfg = ds.build_ds_config(
-        "ds_configs/teacher.json", dtype="float32", zero_stage=3, stage_key="train.teacher_zero_stage"
-    )
+    cfg = ds.build_ds_config("ds_configs/teacher.json", dtype="float32")
     whole = InferenceEngine(student_path, cfg, "float32"), InferenceEngine(teacher_path, cfg, "float32")
     split = InferenceEngine(student_path, cfg, "float32", sp=sp), InferenceEngine(teacher_path, cfg, "float32", sp=sp)
     saved = {}

@@ -149,8 +149,10 @@ def assert_adam_steps_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tenso
         assert float(diff.max()) < 2 * lr * steps, f"{k}: an element differs by {float(diff.max()):.3g}"
 
 
-def check_ok(proc) -> None:
+def check_ok(proc):
+    """``proc`` (a CompletedProcess), after asserting that it ended well (its output's tails if not)."""
     assert proc.returncode == 0, f"training failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    return proc
 
 
 def copy_run(run: Path, to: Path) -> Path:

@@ -119,6 +119,10 @@ def run_case(rank: int, world: int, args: list[str]) -> None:
         saved["plan"] = [(r.path, r.weight) for r in batch.rollouts]  # each rollout's path and weight (Eq. 4 / 5)
         saved["zero_stage"] = student.engine.zero_optimization_stage()
         saved["teacher_placement"] = teacher.placement if teacher is not None else None
+        inference = teacher if teacher is not None else reference
+        saved["inference_shapes"] = (
+            {n: tuple(p.shape) for n, p in inference.model.named_parameters()} if inference else {}
+        )
         # engines/ds.initialize keeps DeepSpeed's Muon unimported (ZeRO-2's step imports it itself)
         saved["muon_imported"] = "deepspeed.runtime.zero.muon.muon_optimizer" in sys.modules
         torch.save({**saved, "teacher_logp_after": teacher_logp(after)}, out)

@@ -72,7 +72,15 @@ def test_resolved_config_is_written_with_every_key(tmp_path):
         (["data.template=no placeholder"], "data.template must contain {prompt}"),
         (["train.steps=1.5"], "train.steps must be int"),
         (["train.zero_stage=4"], "train.zero_stage must be 0, 1, 2, 3 or null, got 4"),
-        (["train.teacher_zero_stage=2"], "train.teacher_zero_stage must be 0, 3 or null, got 2"),
+        (["train.teacher_zero_stage=0"], "train.teacher_zero_stage is gone: use model.teacher_placement"),
+        (["model.teacher_tp_size=-1"], "model.teacher_tp_size must be >= 0"),
+        (["model.teacher_placement=whole"], "model.teacher_placement"),
+        (["model.teacher_tp_size=2", "model.teacher_placement=zero3"], "model.teacher_tp_size=2 splits a tensor-par"),
+        (["model.teacher_placement=tensor", "train.packing=false"], "placement=tensor scores packed micro-batches"),
+        (
+            ["model.teacher_placement=tensor", "pipeline.overlap_teacher=true"],
+            "placement=tensor: the teacher's all-reduces are not run beside",
+        ),
         (["rollout"], "must look like section.key=value"),
         (["a.b.c=1"], "must be section.key"),
         (["rollout.top_k=0"], "rollout.top_k must be -1 (whole vocabulary) or >= 1, got 0"),
@@ -342,10 +350,6 @@ def test_zero_stage_replaces_the_jsons_and_drops_what_only_stage_3_reads():
         ValueError, match="zero3_offload.json: offload_param needs ZeRO stage 3, not train.zero_stage=2"
     ):
         build_ds_config("ds_configs/zero3_offload.json", zero_stage=2, **common)
-    teacher = build_ds_config("ds_configs/teacher.json", zero_stage=0, stage_key="train.teacher_zero_stage", **common)
-    assert teacher["zero_optimization"]["stage"] == 0 and not any(
-        k.startswith("stage3_") for k in teacher["zero_optimization"]
-    )
     offload = json.loads(Path(resolve_path("ds_configs/zero3_offload.json")).read_text())
-    with pytest.raises(ValueError, match="offload_param needs ZeRO stage 3, not train.teacher_zero_stage=0"):
-        with_zero_stage(offload, 0, "teacher.json", "train.teacher_zero_stage")
+    with pytest.raises(ValueError, match="offload_param needs ZeRO stage 3, not train.zero_stage=0"):
+        with_zero_stage(offload, 0, "zero3_offload.json")

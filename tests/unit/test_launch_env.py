@@ -158,3 +158,17 @@ def test_the_trainer_and_the_embedded_server_wait_passively_unless_told_otherwis
     )
     assert proc.returncode == 0 and proc.stdout.split() == [want, "False"], proc.stdout + proc.stderr[-2000:]
     assert _with_our_package(env)["OMP_WAIT_POLICY"] == want
+
+
+def test_an_old_deepspeed_is_refused_naming_both_releases() -> None:
+    import deepspeed
+    import pytest
+
+    from scope_ds.engines.ds import DEEPSPEED_FLOOR, check_deepspeed
+
+    with pytest.raises(RuntimeError, match=rf"DeepSpeed 0\.18\.0 is installed; scope_ds needs {DEEPSPEED_FLOOR}"):
+        check_deepspeed("0.18.0")
+    check_deepspeed(DEEPSPEED_FLOOR)
+    check_deepspeed(deepspeed.__version__)  # the installed one passes
+    setup = open(os.path.join(_REPO, "setup.py")).read()
+    assert f'"deepspeed>={DEEPSPEED_FLOOR}"' in setup
