@@ -84,33 +84,6 @@ DEFAULT_CONFIGS = ";".join(
 )
 
 
-def _llama_pair() -> tuple[str, str]:
-    """Random Llama student (hidden 384, 6 layers) and teacher (512, 8) with the toy tokenizer."""
-    from scope_ds.toy.models import ensure_toy_models
-
-    toy = ensure_toy_models(None)
-    root = Path.home() / ".cache" / "scope_ds" / "bench_peer" / "llama"
-    out = []
-    for name, width, layers, inner, seed in (("student", 384, 6, 1024, 0), ("teacher", 512, 8, 1536, 1)):
-        folder = benchlib.build_random_model(
-            root / name,
-            "llama",
-            seed,
-            tokenizer_from=toy.student,
-            cached=True,
-            **benchlib.token_ids(toy.student, ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")),
-            hidden_size=width,
-            intermediate_size=inner,
-            num_hidden_layers=layers,
-            num_attention_heads=width // 64,
-            num_key_value_heads=width // 64,
-            max_position_embeddings=256,
-            tie_word_embeddings=True,
-        )
-        out.append(str(folder))
-    return out[0], out[1]
-
-
 def _pair(shape: str) -> tuple[str, str]:
     if shape == "toy":
         from scope_ds.toy.models import ensure_toy_models
@@ -118,7 +91,7 @@ def _pair(shape: str) -> tuple[str, str]:
         toy = ensure_toy_models(None)
         return str(toy.student), str(toy.teacher)
     if shape == "llama":
-        return _llama_pair()
+        return benchlib.llama_pair()
     raise SystemExit(f"unknown shape {shape!r} (toy, llama)")
 
 

@@ -7,6 +7,7 @@ with whole logits against packed token budgets with statistics from hidden state
         [--out docs/bench_step.md]
     python tools/bench_step.py --sp [--lengths 2048,4096,8192] [--configs "sp=1;sp=2;sp=2 tiled=true"]
         [--out docs/bench_step.md]
+    python tools/bench_step.py --placements [--shapes qwen3,llama] [--out docs/bench_step.md]
 
 Builds a Qwen3-shaped random student and teacher (vocabulary 151,936, tied embeddings, small width
 and depth so that this runs on a CPU) once, into ~/.cache/scope_ds/bench_step/. Each configuration
@@ -29,6 +30,11 @@ splits every row over N ranks (``parallel.sequence_parallel_size``), ``tiled=tru
 ``parallel.tiled_mlp``. The table (bench:step_sp block) has each run's figures and, per
 configuration, the growth of the step's memory per answer token (the slope over the lengths) and
 the seconds per trained token, each against sp=1's.
+
+``--placements`` (the teacher's, docs/cluster.md): the teacher alone scoring every rollout of the
+batch, once per ``model.teacher_placement`` (zero3, replicated, tensor over the ranks), on the
+Qwen3-shaped pair above and on bench_peer's random Llama pair (10.7M / 27.3M parameters, the toy
+tokenizer): seconds per 1,000 scored tokens, and against zero3's (bench:step_placements block).
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ VOCAB = 151_936
 DEFAULT_CONFIGS = "packing=false micro=1 old=all;packing=false micro=1;packing=false micro=2;packing=true tokens=4096"
 SP_CONFIGS = "sp=1;sp=2;sp=2 tiled=true"
 SP_PROMPT = 20  # prompt tokens of the --sp rows
+PLACEMENTS = ("zero3", "replicated", "tensor")
 
 
 def _models(hidden: int, layers: int, kv: int | None = None) -> tuple[Path, Path]:
@@ -82,7 +89,7 @@ def _models(hidden: int, layers: int, kv: int | None = None) -> tuple[Path, Path
     return out[0], out[1]
 
 
-def _batch(rollouts: int, group: int, mean: int, cap: int, seed: int = 0):
+def _batch(rollouts: int, group: int, mean: int, cap: int, seed: int = 0, vocab: int = VOCAB):
     from scope_ds.records import Batch
 
     rng = random.Random(seed)
@@ -90,9 +97,9 @@ def _batch(rollouts: int, group: int, mean: int, cap: int, seed: int = 0):
     out = []
     for i in range(rollouts):
         if i % group == 0:
-            prompt = [rng.randrange(10, VOCAB) for _ in range(rng.randint(20, 150))]
+            prompt = [rng.randrange(10, vocab) for _ in range(rng.randint(20, 150))]
         length = max(1, min(cap, int(rng.lognormvariate(mu, 1.0))))
-        resp = [rng.randrange(10, VOCAB) for _ in range(length)]
+        resp = [rng.randrange(10, vocab) for _ in range(length)]
         out.append(_rollout(rng, i, group, prompt, resp, correct=rng.random() < 0.5))
     return Batch(step=0, records=[], rollouts=out)
 
@@ -170,6 +177,7 @@ def child(args: argparse.Namespace) -> None:
         "model.dtype=float32",
         *[f"algo.{k}={opts[k]}" for k in ("name", "kl") if k in opts],
         *sp_keys,
+        f"model.teacher_placement={opts.get('place', 'auto')}",
     ]
     cfg = load_config(None, overrides)
     rank, world = ds.init_distributed()
@@ -179,12 +187,16 @@ def child(args: argparse.Namespace) -> None:
         algo.reads_student_logp = lambda correct_B: torch.ones_like(correct_B, dtype=torch.bool)
     if opts.get("score") == "all":  # every rollout the teacher is needed for scored before the update, as before
         algo.reads_teacher_logp = algo.teacher_mask
+    if "place" in opts:  # --placements: the teacher scores every rollout, and no update runs
+        algo.reads_teacher_logp = lambda correct_B: torch.ones_like(correct_B, dtype=torch.bool)
     student, teacher, reference = build_engines(cfg, algo, world, args.student, args.teacher, score_group())
     learner = Learner(cfg, algo, rank, world, student, teacher, reference)
     result = {}
     for _ in range(args.steps):
         batch = (
-            _long_batch(world, args.length) if args.length else _batch(args.rollouts, args.group, args.mean, args.max)
+            _long_batch(world, args.length)
+            if args.length
+            else _batch(args.rollouts, args.group, args.mean, args.max, vocab=student.vocab_size)
         )
         torch.distributed.barrier()
         _peak_reset()
@@ -192,6 +204,10 @@ def child(args: argparse.Namespace) -> None:
         t0 = time.perf_counter()
         learner.score_teacher(batch.rollouts)
         t1 = time.perf_counter()
+        if "place" in opts:
+            scored = sum(r.response_length for r in batch.rollouts if r.teacher_logprobs is not None)
+            result = {"score_s": t1 - t0, "scored_tokens": scored, "peak_gib": _status_kb("VmHWM") / 2**20}
+            continue
         metrics = learner.update(batch.rollouts, batch.times)
         torch.distributed.barrier()
         wall = time.perf_counter() - t0
@@ -271,6 +287,26 @@ def _sp_table(rows: list[tuple[int, str, list[dict] | None]]) -> str:
     return "\n".join(lines)
 
 
+def _placements_table(rows: list[tuple[str, str, list[dict] | None]]) -> str:
+    """The --placements table: each (shape, placement)'s scoring seconds per 1,000 tokens, and
+    against zero3's on the same shape."""
+    lines = [
+        "| shape | model.teacher_placement | s / 1k scored tokens | vs zero3 | peak RSS per rank (GiB) |",
+        "| --- | --- | ---: | ---: | ---: |",
+    ]
+    base: dict[str, float] = {}
+    for shape, place, parts in rows:
+        if parts is None:
+            lines.append(f"| {shape} | {place} | failed | | |")
+            continue
+        per_1k = max(p["score_s"] for p in parts) / parts[0]["scored_tokens"] * 1000
+        base.setdefault(shape, per_1k) if place == "zero3" else None
+        ratio = f"{per_1k / base[shape]:.2f}" if shape in base else "n/a"
+        peak = max(p["peak_gib"] for p in parts)
+        lines.append(f"| {shape} | {place} | {per_1k:.3f} | {ratio} | {peak:.2f} |")
+    return "\n".join(lines)
+
+
 def _slope(points: list[tuple[int, float]]) -> float:
     """Least-squares slope of y over x."""
     mx = sum(x for x, _ in points) / len(points)
@@ -296,6 +332,8 @@ def main() -> int:
         "rollout) name=ALGO kl=sampled|full score=all (the teacher scores before the update whatever the plan reads)",
     )
     ap.add_argument("--sp", action="store_true", help="sequence parallelism: single long answers (see above)")
+    ap.add_argument("--placements", action="store_true", help="the teacher's scoring at each placement (see above)")
+    ap.add_argument("--shapes", default="qwen3,llama", help="--placements: model pairs, comma-separated")
     ap.add_argument("--lengths", default="2048,4096,8192", help="--sp: answer lengths, comma-separated")
     ap.add_argument("--length", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -309,6 +347,8 @@ def main() -> int:
     if args.child:
         child(args)
         return 0
+    if args.placements:
+        return _placements(args)
     student, teacher = _models(args.hidden, args.layers, kv=2 if args.sp else None)
     configs = [c.strip() for c in args.configs.split(";") if c.strip()]
     shape = (
@@ -340,6 +380,27 @@ def main() -> int:
     if args.out:
         benchlib.write_block(args.out, "step", table)
     return 0 if all(parts is not None for _, parts in rows) else 1
+
+
+def _placements(args: argparse.Namespace) -> int:
+    """--placements: every placement on every shape, one job each, and their table."""
+    pairs = {
+        "qwen3": (_models(args.hidden, args.layers), f"Qwen3-shaped, hidden {args.hidden} / {args.hidden * 3 // 2}"),
+        "llama": (tuple(map(Path, benchlib.llama_pair())), "random Llama, 10.7M / 27.3M parameters"),
+    }
+    rows = []
+    for shape in args.shapes.split(","):
+        if shape not in pairs:
+            raise SystemExit(f"unknown shape {shape!r}: choose from {sorted(pairs)}")
+        (student, teacher), name = pairs[shape]
+        print(f"{name}: {args.rollouts} rollouts, every one scored by the teacher, {args.ranks} ranks", flush=True)
+        for place in PLACEMENTS:
+            rows.append((name, place, _run(args, f"place={place}", student, teacher)))
+    table = _placements_table(rows)
+    print("\n" + table)
+    if args.out:
+        benchlib.write_block(args.out, "step_placements", table)
+    return 0 if all(parts is not None for *_, parts in rows) else 1
 
 
 def _run(args: argparse.Namespace, config: str, student: Path, teacher: Path, length: int = 0) -> list[dict] | None:

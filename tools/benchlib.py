@@ -131,6 +131,34 @@ def token_ids(model_folder: str | Path, keys: Sequence[str] = ("bos_token_id", "
 # --- tables in the docs -------------------------------------------------------------------------
 
 
+def llama_pair() -> tuple[str, str]:
+    """Random Llama student (hidden 384, 6 layers; 10.7M parameters) and teacher (512, 8; 27.3M) with
+    the toy tokenizer, built once into ~/.cache/scope_ds/bench_peer/llama (bench_peer, bench_step)."""
+    from scope_ds.toy.models import ensure_toy_models
+
+    toy = ensure_toy_models(None)
+    root = Path.home() / ".cache" / "scope_ds" / "bench_peer" / "llama"
+    out = []
+    for name, width, layers, inner, seed in (("student", 384, 6, 1024, 0), ("teacher", 512, 8, 1536, 1)):
+        folder = build_random_model(
+            root / name,
+            "llama",
+            seed,
+            tokenizer_from=toy.student,
+            cached=True,
+            **token_ids(toy.student, ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")),
+            hidden_size=width,
+            intermediate_size=inner,
+            num_hidden_layers=layers,
+            num_attention_heads=width // 64,
+            num_key_value_heads=width // 64,
+            max_position_embeddings=256,
+            tie_word_embeddings=True,
+        )
+        out.append(str(folder))
+    return out[0], out[1]
+
+
 def command_line() -> str:
     """This process's command as one would type it from the repository root: ``python tools/X.py ARGS``."""
     script = Path(sys.argv[0]).resolve()

@@ -229,6 +229,7 @@ def zero3_cases(root: Path, pair: tuple[Path, Path], tied: tuple[Path, Path]) ->
         **{f"place_{p}": (2, [*pair, "concurrent=0", PACKED, *plain, f"model.teacher_placement={p}"]) for p in PLACES},
         **{f"kl_{p}": (2, [*pair, *FULL_KL, *ZERO3_LENGTHS, f"model.teacher_placement={p}"]) for p in PLACES},
         "sp2_tensor": (2, [*pair, "concurrent=0", PACKED, *plain, *SP2, TENSOR]),
+        "kl_sp2_tensor": (2, [*pair, *FULL_KL, *ZERO3_LENGTHS, *SP2, TENSOR]),
         "grpo_tensor": (2, [*pair, "concurrent=0", PACKED, *plain, *GRPO, "train.share_prompts=false", TENSOR]),
         # one incorrect rollout: rank 1 has no teacher work (test_a_rank_with_nothing_to_score_does_not_hang)
         "one_incorrect": (2, [*pair, "incorrect=1"]),

@@ -81,6 +81,8 @@ def test_a_tensor_parallel_teacher_scores_whole_rows_under_sequence_parallelism(
     tensor-parallel against the default."""
     assert zero3_steps["sgd_sp2"]["teacher_placement"] == "replicated"
     assert_same_step(zero3_steps["sp2_tensor"], zero3_steps["sgd_sp2"])
+    # the full KL: each rank's slice of the tensor-parallel teacher's hidden states of the whole row
+    assert_same_step(zero3_steps["kl_sp2_tensor"], zero3_steps["kl_zero3"])
     ours, theirs = zero3_steps["grpo_tensor"], zero3_steps["grpo_sp1"]
     for name, w in theirs["weights"].items():
         torch.testing.assert_close(ours["weights"][name], w, rtol=1e-5, atol=1e-5, msg=name)
