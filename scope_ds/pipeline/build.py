@@ -173,12 +173,28 @@ def build_engines(
         sp=groups.pop(0),
         tiled_mlp=cfg.parallel.tiled_mlp,
     )
+    return (student, *inference_engines(cfg, algo, placed, hosts, groups, student_path, teacher_path, group))
+
+
+def inference_engines(
+    cfg: Config,
+    algo: Algorithm,
+    placed: placement.Placement,
+    hosts: list[str],
+    groups: list[sequence.SequenceGroup | None],
+    student_path: str,
+    teacher_path: str,
+    group: Any,
+) -> tuple[InferenceEngine | None, InferenceEngine | None]:
+    """(teacher or None, reference or None) at ``placed``, each taking its sequence-parallel group
+    from ``groups`` unless tensor-parallel (whole rows); see build_engines."""
+    whole_rows = placed.kind == "tensor"
     infer_ds = None
     if placed.kind == "zero3":
         infer_ds = ds.build_ds_config(cfg.train.teacher_ds_config, dtype=cfg.model.dtype)
     tp_group = tensor_groups(placed.tp, hosts) if whole_rows else None
-    infer = dict(dtype=cfg.model.dtype, chunk=chunk, packing=packing, tiled_mlp=cfg.parallel.tiled_mlp)
-    infer.update(placement=placed.kind, tensor_group=tp_group)
+    infer = dict(dtype=cfg.model.dtype, chunk=cfg.train.logprob_chunk, packing=cfg.train.packing)
+    infer.update(tiled_mlp=cfg.parallel.tiled_mlp, placement=placed.kind, tensor_group=tp_group)
     teacher = reference = None
     if algo.needs_teacher:
         sp_group = None if whole_rows else groups.pop(0)
@@ -186,7 +202,7 @@ def build_engines(
     if algo.needs_reference:
         sp_group = None if whole_rows else groups.pop(0)
         reference = InferenceEngine(student_path, infer_ds, sp=sp_group, **infer)
-    return student, teacher, reference
+    return teacher, reference
 
 
 def place_teacher(
