@@ -94,6 +94,8 @@ class _Engine:
     """What student and teacher share: loading, a forward pass, per-token log-probs."""
 
     sp: SequenceGroup | None = None  # this engine's sequence-parallel group (None: whole rows)
+    tensor: tensor_parallel.TensorGroup | None = None  # a tensor-parallel teacher's group (InferenceEngine)
+    placement: str = "zero3"  # where an inference engine's weights are (model.teacher_placement)
 
     def __init__(
         self,

@@ -158,6 +158,7 @@ def build_engines(
     chunk, packing = cfg.train.logprob_chunk, cfg.train.packing
     sp = cfg.parallel.sequence_parallel_size
     infers = algo.needs_teacher + algo.needs_reference
+    check_sequence_world(sp, world)  # before any collective: a world it cannot split is refused alike
     hosts = ds.rank_hosts(world)
     placed = place_teacher(cfg, hosts, student_path, teacher_path if algo.needs_teacher else student_path, infers)
     whole_rows = placed.kind == "tensor"  # a tensor-parallel teacher scores whole rows: no group of its own
@@ -256,12 +257,17 @@ def student_ds_config(cfg: Config) -> dict[str, Any]:
 def sequence_groups(size: int, world: int, engines: int) -> list[sequence.SequenceGroup | None]:
     """This rank's sequence-parallel group of ``size`` for each of ``engines`` engines (None for
     size 1); a ConfigError naming the key where ``size`` does not divide the world."""
+    check_sequence_world(size, world)
+    return [sequence.new_groups(size) for _ in range(engines)]
+
+
+def check_sequence_world(size: int, world: int) -> None:
+    """A ConfigError naming the key where the sequence-parallel ``size`` does not divide the world."""
     if world % size:
         raise ConfigError(
             f"parallel.sequence_parallel_size={size} does not divide the world size {world}: pick a size that divides "
             "the number of ranks"
         )
-    return [sequence.new_groups(size) for _ in range(engines)]
 
 
 def teacher_group(cfg: Config, group: Any) -> Any:
