@@ -385,7 +385,11 @@ def main() -> int:
 def _placements(args: argparse.Namespace) -> int:
     """--placements: every placement on every shape, one job each, and their table."""
     pairs = {
-        "qwen3": (_models(args.hidden, args.layers), f"Qwen3-shaped, hidden {args.hidden} / {args.hidden * 3 // 2}"),
+        # two key-value heads, which a tensor-parallel group of 2 splits (the default pair has 3)
+        "qwen3": (
+            _models(args.hidden, args.layers, kv=2),
+            f"Qwen3-shaped, hidden {args.hidden} / {args.hidden * 3 // 2}",
+        ),
         "llama": (tuple(map(Path, benchlib.llama_pair())), "random Llama, 10.7M / 27.3M parameters"),
     }
     rows = []
