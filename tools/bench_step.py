@@ -300,7 +300,8 @@ def _placements_table(rows: list[tuple[str, str, list[dict] | None]]) -> str:
             lines.append(f"| {shape} | {place} | failed | | |")
             continue
         per_1k = max(p["score_s"] for p in parts) / parts[0]["scored_tokens"] * 1000
-        base.setdefault(shape, per_1k) if place == "zero3" else None
+        if place == "zero3":
+            base[shape] = per_1k
         ratio = f"{per_1k / base[shape]:.2f}" if shape in base else "n/a"
         peak = max(p["peak_gib"] for p in parts)
         lines.append(f"| {shape} | {place} | {per_1k:.3f} | {ratio} | {peak:.2f} |")

@@ -88,7 +88,7 @@ def _zero_padding(t: torch.Tensor | None, m: torch.Tensor) -> torch.Tensor | Non
 
 
 class Algorithm:
-    """Base of the registered algorithms: each is a dataclass of its options (scope_ds/config.py's
+    """Base of the registered algorithms: each is a dataclass of its options (scope_ds/config/algo.py's
     ``*Options``, checked at construction) with this maths."""
 
     def __post_init__(self):

@@ -63,14 +63,10 @@ class MasterPortInUseError(ValueError):
 DEEPSPEED_FLOOR = "0.19.4"
 
 
-def check_deepspeed(version: str | None = None) -> None:
-    """Refuse a DeepSpeed older than DEEPSPEED_FLOOR, naming the installed and the needed release."""
+def check_deepspeed(version: str) -> None:
+    """Refuse a DeepSpeed ``version`` older than DEEPSPEED_FLOOR, naming it and the needed release."""
     from packaging.version import Version
 
-    if version is None:
-        import deepspeed
-
-        version = deepspeed.__version__
     if Version(version.split("+")[0]) < Version(DEEPSPEED_FLOOR):
         raise RuntimeError(
             f"DeepSpeed {version} is installed; scope_ds needs {DEEPSPEED_FLOOR} or newer (its "

@@ -73,17 +73,14 @@ class Learner:
         """(this rank's data-parallel rank, their number): a sequence-parallel group of sp
         consecutive ranks (``parallel.sequence_parallel_size``) runs the same micro-batches, each
         rank a slice of every row, so the batch is shared by world / sp."""
-        size = self.student.sp.size if self.student.sp is not None else 1
+        size = self.student.ranks_per_batch
         return self.rank // size, self.world // size
 
     @property
     def scoring_rank_world(self) -> tuple[int, int]:
         """``data_rank_world`` of the teacher's scoring passes: a tensor-parallel teacher's group
         (``model.teacher_tp_size`` ranks) runs the same micro-batches, as a sequence-parallel one."""
-        t = self.teacher
-        size = t.tensor.size if t is not None and t.tensor is not None else None
-        if size is None:
-            size = t.sp.size if t is not None and t.sp is not None else 1
+        size = self.teacher.ranks_per_batch if self.teacher is not None else 1
         return self.rank // size, self.world // size
 
     @property
@@ -96,8 +93,8 @@ class Learner:
 
     def micro_batches(self, rollouts: list[Rollout], which: list[int], scoring: bool = False) -> list[list[int]]:
         """This rank's micro-batches (lists of rollout indices) over the rollouts ``which``, as
-        many on every rank (``scoring``: the teacher's, over ``scoring_rank_world``): packed into token budgets (``train.max_tokens_per_micro_batch``, or the
-        ``score_`` one for inference-only forwards; a prompt's rollouts together, the prompt counted
+        many on every rank (``scoring``: the teacher's, over ``scoring_rank_world``): packed into
+        token budgets (``train.max_tokens_per_micro_batch``, or the ``score_`` one for inference-only forwards; a prompt's rollouts together, the prompt counted
         once, where ``shares_prompts``), or ``train.packing=false``: padded, a fixed number of
         rollouts each."""
         t = self.cfg.train

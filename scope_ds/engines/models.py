@@ -117,6 +117,13 @@ class _Engine:
         self.engine: Any = None
 
     @property
+    def ranks_per_batch(self) -> int:
+        """The ranks that run this engine's micro-batches together: its sequence- or tensor-parallel
+        group's (1: each rank its own)."""
+        group = self.tensor or self.sp
+        return group.size if group is not None else 1
+
+    @property
     def vocab_size(self) -> int:
         return int(self.model.config.vocab_size)
 
@@ -397,10 +404,10 @@ class InferenceEngine(_Engine):
     def head_weight(self) -> torch.Tensor:
         """The LM head's weight [V, D], whole: gathered once and kept (it never changes); the
         module's own where no placement partitions it."""
-        if self._head_weight is None:  # zero3: a collective, on the first call (every rank's same micro-batch)
-            w = self.stats_head.head.weight
-            if self.placement != "zero3":
-                return w.detach()
+        w = self.stats_head.head.weight
+        if self.placement != "zero3":
+            return w.detach()
+        if self._head_weight is None:  # a collective, on the first call (every rank's same micro-batch)
             with whole([w]):
                 self._head_weight = w.data.detach().clone()
         return self._head_weight

@@ -96,22 +96,28 @@ class SequenceGroup:
         return torch.cat([part[:c] for part, c in zip(parts, counts, strict=True)])
 
 
-def new_groups(size: int) -> SequenceGroup | None:
-    """This rank's group of ``size`` consecutive ranks (None for size 1). A collective: every rank
-    creates every group, in the same order."""
+def consecutive_group(size: int) -> tuple[Any, int]:
+    """(this rank's process group of ``size`` consecutive ranks, its rank there). A collective:
+    every rank creates every group, in the same order (the sequence- and tensor-parallel groups)."""
     import torch.distributed as dist
 
-    if size == 1:
-        return None
     world, rank = dist.get_world_size(), dist.get_rank()
     if world % size:
-        raise ValueError(f"parallel.sequence_parallel_size={size} does not divide the world size {world}")
+        raise ValueError(f"groups of {size} consecutive ranks do not divide the world size {world}")
     mine = None
     for first in range(0, world, size):
         group = dist.new_group(list(range(first, first + size)))
         if first <= rank < first + size:
-            mine = SequenceGroup(group, size, rank - first)
-    return mine
+            mine = group
+    return mine, rank % size
+
+
+def new_groups(size: int) -> SequenceGroup | None:
+    """This rank's group of ``size`` consecutive ranks (None for size 1). A collective."""
+    if size == 1:
+        return None
+    group, rank = consecutive_group(size)
+    return SequenceGroup(group, size, rank)
 
 
 def check_heads(config: Any, size: int, path: str) -> None:

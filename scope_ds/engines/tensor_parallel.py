@@ -33,32 +33,25 @@ class TensorGroup:
 
         parts: list[Any] = [None] * self.size
         dist.all_gather_object(parts, mine.to("cpu"), group=self.group)
-        distinct: list[Any] = []
-        keys: list[tuple] = []
-        for p in parts:
-            key = (tuple(p.rows), p.shared_prompts, int(p.input_ids_1N.shape[1]))
-            if key not in keys:
-                keys.append(key)
-                distinct.append(p)
-        own = (tuple(mine.rows), mine.shared_prompts, int(mine.input_ids_1N.shape[1]))
-        return distinct, keys.index(own)
+        by_rows = {_rows_of(p): p for p in reversed(parts)}  # the first of equal micro-batches
+        keys = list(dict.fromkeys(_rows_of(p) for p in parts))
+        return [by_rows[k] for k in keys], keys.index(_rows_of(mine))
+
+
+def _rows_of(inputs: Any) -> tuple:
+    """What tells two packed micro-batches of one global batch apart: their rollouts and layout."""
+    return tuple(inputs.rows), inputs.shared_prompts, int(inputs.input_ids_1N.shape[1])
 
 
 def new_groups(size: int, hosts: list[str]) -> TensorGroup:
     """This rank's group of ``size`` consecutive ranks (``hosts``: every rank's host name), after
     refusing a size that does not divide the world or a group that would span two hosts. A
     collective: every rank creates every group, in the same order."""
-    import torch.distributed as dist
+    from scope_ds.engines.sequence import consecutive_group
 
-    world, rank = dist.get_world_size(), dist.get_rank()
     check_hosts(size, hosts)
-    mine = None
-    for first in range(0, world, size):
-        group = dist.new_group(list(range(first, first + size)))
-        if first <= rank < first + size:
-            mine = TensorGroup(group, size, rank - first)
-    assert mine is not None
-    return mine
+    group, rank = consecutive_group(size)
+    return TensorGroup(group, size, rank)
 
 
 def check_hosts(size: int, hosts: list[str]) -> None:
