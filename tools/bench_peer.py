@@ -45,10 +45,13 @@ SCOPE_K1 = ["algo.name=scope", "rollout.n=4", "pipeline.max_staleness=1"]
 # name -> (ranks, overrides)
 CONFIGS = {
     "opd 2 ranks": (2, OPD),
+    "opd 1 rank": (1, OPD),
+    "opd 1 rank zero0": (1, [*OPD, "train.zero_stage=0"]),
     "opd 1 rank k=1": (1, [*OPD, "pipeline.max_staleness=1"]),
     "opd 1 rank k=1 zero0": (1, [*OPD, "pipeline.max_staleness=1", "train.zero_stage=0"]),
     "scope n=4 1 rank k=1": (1, SCOPE_K1),
     "scope n=4 2 ranks": (2, ["algo.name=scope", "rollout.n=4"]),
+    "scope n=4 1 rank": (1, ["algo.name=scope", "rollout.n=4"]),
     # ZeRO-3 knobs (ds_configs/README.md): ds_configs/zero3.json with these zero_optimization keys
     "opd 2 ranks persist 1e6": (2, OPD, {"stage3_param_persistence_threshold": 1e6}),
     "opd 2 ranks persist 1e8": (2, OPD, {"stage3_param_persistence_threshold": 1e8}),

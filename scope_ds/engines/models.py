@@ -61,6 +61,7 @@ class StatsHead:
         if getattr(model.config, "final_logit_softcapping", None):
             raise ValueError(f"{name} soft-caps its logits after the head: set train.packing=false for this model")
         self.head, self._plain, self.request = head, head.forward, None
+        self.rows_over: tensor_parallel.TensorGroup | None = None  # a tensor-parallel teacher's group
         head.forward = self._forward
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -71,6 +72,14 @@ class StatsHead:
             return x
         h_MD = x.reshape(-1, x.shape[-1])
         tokens = req.targets_M if set(TOKEN_STATS) & set(req.stats) else None
+        if self.rows_over is not None and req.grad_fn is None and req.teacher_x is None:
+            # a tensor-parallel group's ranks hold the same hidden states: each computes the
+            # statistics of its share of the tokens, and the group gathers them
+            return self.rows_over.split_rows(lambda h, t: self._stats(req, h, t), h_MD, tokens)[None]
+        return self._stats(req, h_MD, tokens)[None]
+
+    def _stats(self, req: _Request, h_MD: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor:
+        """[M, k] statistics of hidden states ``h_MD`` (the anchor, if any, as a last column)."""
         out = chunked_stats(
             req.stats,
             h_MD,
@@ -87,7 +96,7 @@ class StatsHead:
         cols = [v.detach() if k == "entropy" else v for k, v in out.items()]
         if anchor is not None:
             cols.append(anchor.expand(h_MD.shape[0]))
-        return torch.stack(cols, -1)[None]
+        return torch.stack(cols, -1)
 
 
 class _Engine:
@@ -387,6 +396,8 @@ class InferenceEngine(_Engine):
         elif placement == "tensor":
             tensor_parallel.check_heads(self.model.config, tensor_group.size, path)
             self.engine = tensor_parallel.split(self.model, tensor_group, self.model.dtype, current_device_name())
+            if self.stats_head is not None:
+                self.stats_head.rows_over = tensor_group
         else:
             self.engine = self.model.to(current_device_name())
         self.engine.eval()

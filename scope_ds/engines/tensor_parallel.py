@@ -3,7 +3,8 @@
 ``model.teacher_placement=tensor``: each group of ``tp`` ranks holds one copy of the teacher, every
 decoder layer's projections split over the group by DeepSpeed's AutoTP (``deepspeed.init_inference``
 without kernel injection), the LM head whole on every rank (engines/models.StatsHead reads it
-whole, as for the other placements). A forward pass is a collective over the group: its ranks
+whole, as for the other placements); the group's ranks share its statistics' work, each the
+tokens of its share of the rows (``TensorGroup.split_rows``). A forward pass is a collective over the group: its ranks
 run the same input. The learner gives a group's ranks the same scoring micro-batches; where their
 micro-batches differ (the teacher's pass inside the student's update, each rank its own), the
 group runs each rank's in turn (``TensorGroup.inputs_in_turn``), the flops of one whole forward
@@ -36,6 +37,23 @@ class TensorGroup:
         by_rows = {_rows_of(p): p for p in reversed(parts)}  # the first of equal micro-batches
         keys = list(dict.fromkeys(_rows_of(p) for p in parts))
         return [by_rows[k] for k in keys], keys.index(_rows_of(mine))
+
+
+    def split_rows(self, fn: Any, h_MD: torch.Tensor, tokens_M: torch.Tensor | None) -> torch.Tensor:
+        """``fn(h, tokens)`` -> [m, k] of every row of ``h_MD`` [M, D], the same on each rank of the
+        group (a collective): each rank runs ``fn`` on its share of the M rows, the group gathers."""
+        import torch.distributed as dist
+
+        M = h_MD.shape[0]
+        per = max(-(-M // self.size), 1)
+        lo, hi = min(self.rank * per, M), min((self.rank + 1) * per, M)
+        own = slice(lo, hi) if hi > lo else slice(0, min(M, 1))  # a stand-in row, dropped, if none
+        part = fn(h_MD[own], tokens_M[own] if tokens_M is not None else None)
+        padded = part.new_zeros((per, *part.shape[1:]))
+        padded[: hi - lo] = part[: hi - lo]
+        parts = [torch.empty_like(padded) for _ in range(self.size)]
+        dist.all_gather(parts, padded, group=self.group)
+        return torch.cat(parts)[:M]
 
 
 def _rows_of(inputs: Any) -> tuple:

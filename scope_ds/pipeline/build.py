@@ -345,9 +345,11 @@ def connect_rollout(cfg: Config, algo: Algorithm, student_path: str, starting: S
 def launched_server_threads(cfg: Config) -> int:
     """The intra-op threads of the embedded rollout servers that rank 0 launches on its host (0:
     none): the trainer's ranks there leave them these cores (ds.default_threads). KD's evaluation
-    server is not counted: it generates only while the trainer evaluates, never beside an update."""
+    server is not counted: it generates only while the trainer evaluates, never beside an update;
+    nor are the servers of the synchronous schedule (``pipeline.max_staleness=0``), which generate
+    only while the ranks wait for their batch."""
     c = cfg.rollout
-    if c.servers or c.backend != "embedded":
+    if c.servers or c.backend != "embedded" or not cfg.pipeline.max_staleness:
         return 0
     return c.num_servers * server_threads(len(os.sched_getaffinity(0)))
 

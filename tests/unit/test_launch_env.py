@@ -77,19 +77,22 @@ def test_threads_share_the_cores_among_the_ranks_of_a_host() -> None:
 
 def test_a_launched_embedded_server_keeps_its_cores_from_the_trainer(monkeypatch) -> None:
     """The trainer's ranks on rank 0's host leave the embedded servers it launches their threads
-    (half the cores, 1-8, as the server takes them by default); attached servers and SGLang's
-    GPUs take none of the trainer's cores."""
+    (half the cores, 1-8, as the server takes them by default) when the servers generate beside
+    the update (max_staleness >= 1); synchronous servers, attached servers and SGLang's GPUs take
+    none of the trainer's cores."""
     from scope_ds.config import load_config
     from scope_ds.openmp import server_threads
     from scope_ds.pipeline.build import launched_server_threads
 
     assert [server_threads(c) for c in (1, 2, 3, 16, 64)] == [1, 1, 1, 8, 8]
     cores = len(os.sched_getaffinity(0))
+    beside = "pipeline.max_staleness=1"
     cases = {
-        (): server_threads(cores),
-        ("rollout.num_servers=2",): 2 * server_threads(cores),
-        ("rollout.servers=[http://127.0.0.1:1]",): 0,
-        ("rollout.backend=sglang",): 0,
+        (beside,): server_threads(cores),
+        (beside, "rollout.num_servers=2"): 2 * server_threads(cores),
+        (beside, "rollout.servers=[http://127.0.0.1:1]"): 0,
+        (beside, "rollout.backend=sglang"): 0,
+        (): 0,  # the synchronous default
     }
     for overrides, want in cases.items():
         cfg = load_config(None, list(overrides))
