@@ -38,7 +38,6 @@ class TensorGroup:
         keys = list(dict.fromkeys(_rows_of(p) for p in parts))
         return [by_rows[k] for k in keys], keys.index(_rows_of(mine))
 
-
     def split_rows(self, fn: Any, h_MD: torch.Tensor, tokens_M: torch.Tensor | None) -> torch.Tensor:
         """``fn(h, tokens)`` -> [m, k] of every row of ``h_MD`` [M, D], the same on each rank of the
         group (a collective): each rank runs ``fn`` on its share of the M rows, the group gathers."""
