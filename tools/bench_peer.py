@@ -41,7 +41,8 @@ ROOT = benchlib.ROOT
 sys.path.insert(0, str(ROOT))
 PROMPTS, MAX_NEW, LR = 16, 64, 5e-5
 OPD = ["algo.name=opd", "algo.kl=full", "rollout.n=1"]
-SCOPE_K1 = ["algo.name=scope", "rollout.n=4", "pipeline.max_staleness=1"]
+SCOPE = ["algo.name=scope", "rollout.n=4"]
+SCOPE_K1 = [*SCOPE, "pipeline.max_staleness=1"]
 # name -> (ranks, overrides)
 CONFIGS = {
     "opd 2 ranks": (2, OPD),
@@ -50,8 +51,8 @@ CONFIGS = {
     "opd 1 rank k=1": (1, [*OPD, "pipeline.max_staleness=1"]),
     "opd 1 rank k=1 zero0": (1, [*OPD, "pipeline.max_staleness=1", "train.zero_stage=0"]),
     "scope n=4 1 rank k=1": (1, SCOPE_K1),
-    "scope n=4 2 ranks": (2, ["algo.name=scope", "rollout.n=4"]),
-    "scope n=4 1 rank": (1, ["algo.name=scope", "rollout.n=4"]),
+    "scope n=4 2 ranks": (2, SCOPE),
+    "scope n=4 1 rank": (1, SCOPE),
     # ZeRO-3 knobs (ds_configs/README.md): ds_configs/zero3.json with these zero_optimization keys
     "opd 2 ranks persist 1e6": (2, OPD, {"stage3_param_persistence_threshold": 1e6}),
     "opd 2 ranks persist 1e8": (2, OPD, {"stage3_param_persistence_threshold": 1e8}),
@@ -74,7 +75,7 @@ ENDINGS = {
 }
 # whole student and teacher on the rank (no ZeRO-3 gathers)
 WHOLE = ["pipeline.max_staleness=1", "train.zero_stage=0", "model.teacher_placement=replicated"]
-for _name, _overrides in {"opd 1 rank k=1": OPD, "scope n=4 1 rank k=1": ["algo.name=scope", "rollout.n=4"]}.items():
+for _name, _overrides in {"opd 1 rank k=1": OPD, "scope n=4 1 rank k=1": SCOPE}.items():
     CONFIGS[f"{_name} zero0 t0"] = (1, [*_overrides, *WHOLE])
 for _k in (0, 2):  # the same whole-weights OPD row, synchronous and with two batches under way
     CONFIGS[f"opd 1 rank k={_k} zero0 t0"] = (1, [*OPD, f"pipeline.max_staleness={_k}", *WHOLE[1:]])

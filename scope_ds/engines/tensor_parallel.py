@@ -3,9 +3,9 @@
 ``model.teacher_placement=tensor``: each group of ``tp`` ranks holds one copy of the teacher, every
 decoder layer's projections split over the group by DeepSpeed's AutoTP (``deepspeed.init_inference``
 without kernel injection), the LM head whole on every rank (engines/models.StatsHead reads it
-whole, as for the other placements); the group's ranks share its statistics' work, each the
-tokens of its share of the rows (``TensorGroup.split_rows``). A forward pass is a collective over the group: its ranks
-run the same input. The learner gives a group's ranks the same scoring micro-batches; where their
+whole, as for the other placements; the group's ranks share its statistics' work, each its share
+of the tokens: ``TensorGroup.split_rows``). A forward pass is a collective over the group: its
+ranks run the same input. The learner gives a group's ranks the same scoring micro-batches; where their
 micro-batches differ (the teacher's pass inside the student's update, each rank its own), the
 group runs each rank's in turn (``TensorGroup.inputs_in_turn``), the flops of one whole forward
 per rank all the same.
